@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv/ inside the clone and installs the pinned stack plus fqvit-det (editable).
+# Idempotent: a stamp keyed on this script, requirements.txt and setup.py makes a re-run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.fqvit-install-stamp
+want=$(cat tools/install.sh requirements.txt setup.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+echo "[install] creating $VENV and installing the pinned stack (first run: ~30-40 min, mostly building mmcv ops)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade "pip==24.2" "setuptools==75.1.0" "wheel==0.44.0"
+# torch===2.13.0 (arbitrary equality) skips the machine-local +cpu wheel: torchvision exists only as
+# CUDA builds, and those need the matching CUDA torch build (which runs fine on a CPU-only machine).
+if ! $VENV/bin/python -c "import torch, torchvision; assert torch.__version__ == '2.13.0' and torchvision.__version__.startswith('0.28.0')" 2>/dev/null; then
+  $PIP install -q "torch===2.13.0" "torchvision===0.28.0"
+fi
+$PIP install -q -r requirements.txt
+# mmcv 2.1.0 has no reachable wheel: build its compiled ops from source against the installed torch.
+# pip caches the built wheel, so a second venv on this machine does not rebuild.
+if ! $VENV/bin/python -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
+  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=0 \
+    $PIP install --no-build-isolation "mmcv==2.1.0"
+fi
+$PIP install -q --no-build-isolation --no-deps -e .
+$VENV/bin/python -c "import torch, torchvision, mmcv.ops, mmdet, timm, fqvit_det; print('[install] ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'timm', timm.__version__)"
+echo "$want" > "$STAMP"
