@@ -13,7 +13,7 @@ fi
 echo "[install] creating $VENV and installing the pinned stack (first run: ~30-40 min, mostly building mmcv ops)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade "pip==24.2" "setuptools==75.1.0" "wheel==0.44.0"
+$PIP install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
 # torch===2.13.0 (arbitrary equality) skips the machine-local +cpu wheel: torchvision exists only as
 # CUDA builds, and those need the matching CUDA torch build (which runs fine on a CPU-only machine).
 if ! $VENV/bin/python -c "import torch, torchvision; assert torch.__version__ == '2.13.0' and torchvision.__version__.startswith('0.28.0')" 2>/dev/null; then

@@ -1,0 +1,4 @@
+"""mmengine / mmdet glue. Importing it (``custom_imports=dict(imports=['fqvit_det'])``) registers
+the dataset, models, metric and hooks in the mmengine registries."""
+from . import registry  # noqa: F401
+from . import cls, hooks  # noqa: F401

@@ -1,0 +1,134 @@
+"""Quantizer base class: the contract every quantizer family implements.
+
+Life cycle (driven by the calibration runner through ``set_mode``):
+
+* ``'float'``   – identity; the module behaves like the float model.
+* ``'observe'`` – calibration: ``observe(x)`` collects statistics, the input passes through unchanged.
+* ``'quant'``   – simulated quantization: ``fake_quant(x) == dequantize(quantize(x))``.
+
+``finalize()`` turns the collected statistics into parameters. Every calibrated parameter is a
+buffer, so ``state_dict()`` holds the whole calibrated state (safetensors-friendly: plain tensors).
+Buffers may change shape at ``finalize`` or ``load_state_dict`` (e.g. per-channel scales), which
+``_load_from_state_dict`` below allows.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+MODES = ('float', 'observe', 'quant')
+# Smallest scale any quantizer may use: a zero range (constant or all-zero tensor) falls back to it.
+MIN_SCALE = float(torch.finfo(torch.float32).eps)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient (so gradients can flow through fake-quant)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def reduce_dims(x: torch.Tensor, ch_axis: Optional[int]):
+    """Dimensions to reduce over for per-tensor (``ch_axis=None``) or per-channel statistics."""
+    if ch_axis is None:
+        return tuple(range(x.dim()))
+    axis = ch_axis % x.dim()
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def broadcast_param(p: torch.Tensor, x: torch.Tensor, ch_axis: Optional[int]) -> torch.Tensor:
+    """Reshape a per-channel parameter (shape ``[C]``) so it broadcasts against ``x`` on ``ch_axis``."""
+    if ch_axis is None or p.dim() == 0:
+        return p
+    shape = [1] * x.dim()
+    shape[ch_axis % x.dim()] = -1
+    return p.reshape(shape)
+
+
+def check_finite(x: torch.Tensor, who: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f'{who}: calibration batch contains {bad} NaN/Inf values; '
+                         'quantization parameters cannot be computed from non-finite activations')
+
+
+def resize_buffers_for_load(module: nn.Module, state_dict, prefix: str) -> None:
+    """Resize ``module``'s own buffers to the shapes stored in ``state_dict`` before loading.
+
+    Calibrated buffers may have a shape only known after calibration (per-channel, per-head), so a
+    freshly built module (scalar defaults) must accept them. Used by quantizers and observers.
+    """
+    for name, buf in list(module._buffers.items()):
+        key = prefix + name
+        if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+            module._buffers[name] = torch.empty(state_dict[key].shape, dtype=buf.dtype,
+                                                device=buf.device)
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses implement ``observe``, ``finalize``, ``quantize``, ``dequantize``."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f'{type(self).__name__}: bits must be an int in [2, 16], got {bits!r}')
+        self.bits = bits
+        self.mode = 'float'
+        # Name used in error messages; the model converter sets it to the module path.
+        self.qname = type(self).__name__
+        self.register_buffer('calibrated', torch.tensor(False))
+
+    # --- life cycle -------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f'{self.qname}: mode must be one of {MODES}, got {mode!r}')
+        if mode == 'quant' and not bool(self.calibrated):
+            raise RuntimeError(f'{self.qname}: cannot quantize before calibration (call finalize() '
+                               'after observing data, or load a calibrated state)')
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == 'float':
+            return x
+        if self.mode == 'observe':
+            with torch.no_grad():
+                check_finite(x, self.qname)
+                self.observe(x.detach())
+            return x
+        return self.fake_quant(x)
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        """Compute parameters from observed statistics; must set ``self.calibrated``."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget observed statistics (e.g. before re-calibrating weights changed by a reparameterization)."""
+        for mod in self.modules():
+            if mod is not self and hasattr(mod, 'reset_stats'):
+                mod.reset_stats()
+        self.calibrated.fill_(False)
+
+    def mark_calibrated(self) -> None:
+        self.calibrated.fill_(True)
+
+    # --- quantization -----------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (an integer dtype tensor)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x)).to(x.dtype)
+
+    # --- state ------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        resize_buffers_for_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, mode={self.mode}'

@@ -1,0 +1,465 @@
+"""Logarithmic quantizers for post-softmax attention probabilities.
+
+* ``Log2Quantizer``      – FQ-ViT's plain log2 quantizer: q = clamp(⌊−log2(x/Δ)⌉, 0, 2^b − 1),
+  x̂ = Δ·2^−q.
+* ``LogSqrt2Quantizer``  – RepQ-ViT's log√2 quantizer: q = clamp(⌊−2·log2(x/Δ)⌉, 0, 2^b − 1),
+  x̂ = Δ·2^(−q/2), Δ from a percentile search; with the exact reparameterization to log2 codes
+  plus a parity scale (``log_sqrt2_to_log2`` / ``log_sqrt2_matmul``).
+* ``int_exp`` / ``LogIntSoftmax`` – FQ-ViT's Log-Int-Softmax (LIS): 8-bit logits, I-BERT integer
+  exp,
+  integer ratio Σexp/exp_i and a log2 code, replacing softmax + probability quantization.
+
+Zero code
+---------
+Every entry whose code would be ≥ 2^b (this includes an input of exactly 0, negative inputs and NaN)
+dequantizes to exactly 0. That state is stored as the dedicated code value ``ZERO_CODE = −1`` in the
+integer code tensor (codes are ``int32``; valid codes are 0 … 2^b − 1). A log code therefore needs
+b bits plus one zero flag in hardware, which is what FQ-ViT's mask after the clamp amounts to.
+Choosing −1 (rather than 2^b) keeps the helpers below (matmuls, reparameterization) independent
+of b.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .base import MIN_SCALE, Quantizer, check_finite
+from .observers import quantile_kth
+from .registry import register_quantizer
+from .uniform import UniformQuantizer
+
+ZERO_CODE = -1
+CODE_DTYPE = torch.int32
+SQRT2 = math.sqrt(2.0)
+
+# I-BERT i-exp constants (FQ-ViT LIS): exp(r) ≈ 0.35815147·r² + 0.96963238·r + 1 on r ∈ (−ln2, 0].
+EXP_POLY = (0.35815147, 0.96963238, 1.0)
+EXP_X0 = -0.6931          # −ln 2 as written in the published algorithm (4 digits)
+EXP_N = 30                # exponent range: inputs are clamped at n·x0
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def finish_log_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Turn rounded real-valued log codes into int32 codes: ≥ 2^b, +inf (input 0) and NaN (negative
+    input) become ``ZERO_CODE``; negative codes (input above Δ) clamp to 0."""
+    zero = ~(c < 2 ** bits)
+    c = torch.where(zero, torch.full_like(c, ZERO_CODE), c.clamp(min=0))
+    return c.to(CODE_DTYPE)
+
+
+def sample_pool_append(pool: list, x: torch.Tensor, max_samples: int) -> None:
+    """Keep at most ``max_samples`` flattened float samples (a strided subsample of a large batch;
+    the oldest batches are dropped first). Used by the searches at ``finalize``."""
+    flat = x.detach().reshape(-1).float()
+    if flat.numel() > max_samples:
+        stride = -(-flat.numel() // max_samples)
+        flat = flat[::stride]
+    pool.append(flat.clone())
+    total = sum(p.numel() for p in pool)
+    while len(pool) > 1 and total - pool[0].numel() >= max_samples:
+        total -= pool.pop(0).numel()
+
+
+def pooled_samples(pool: list, max_samples: int) -> torch.Tensor:
+    flat = torch.cat(pool)
+    return flat[-max_samples:] if flat.numel() > max_samples else flat
+
+
+# ---------------------------------------------------------------------------------------------
+# log2 / log√2 code formulas (pure functions, broadcast over candidate Δ tensors)
+# ---------------------------------------------------------------------------------------------
+def log2_quantize(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+    """q = clamp(⌊−log2(x/Δ)⌉, 0, 2^b − 1); ``ZERO_CODE`` where the code would be ≥ 2^b."""
+    x = _as_float(x)
+    return finish_log_codes(torch.round(-torch.log2(x / delta)), bits)
+
+
+def log2_dequantize(codes: torch.Tensor, delta) -> torch.Tensor:
+    """Δ·2^−q, and 0 for ``ZERO_CODE``."""
+    valid = codes >= 0
+    val = torch.exp2(-codes.clamp(min=0).to(torch.float32)) * delta
+    return torch.where(valid, val, torch.zeros_like(val))
+
+
+def log_sqrt2_quantize(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+    """q = clamp(⌊−2·log2(x/Δ)⌉, 0, 2^b − 1); ``ZERO_CODE`` where the code would be ≥ 2^b."""
+    x = _as_float(x)
+    return finish_log_codes(torch.round(-2.0 * torch.log2(x / delta)), bits)
+
+
+def log_sqrt2_dequantize(codes: torch.Tensor, delta) -> torch.Tensor:
+    """Δ·2^(−q/2), and 0 for ``ZERO_CODE``."""
+    valid = codes >= 0
+    val = torch.exp2(-0.5 * codes.clamp(min=0).to(torch.float32)) * delta
+    return torch.where(valid, val, torch.zeros_like(val))
+
+
+def log_sqrt2_fake_quant(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
+    return log_sqrt2_dequantize(log_sqrt2_quantize(x, delta, bits), delta)
+
+
+def log_sqrt2_to_log2(codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact reparameterization of log√2 codes into log2 shifts with a parity scale.
+
+    shift = ⌈q/2⌉, parity = q mod 2, so that Δ·2^(−q/2) = Δ·2^−shift·(√2 if parity else 1).
+    ``ZERO_CODE`` entries keep shift = ``ZERO_CODE`` and parity 0.
+    """
+    valid = codes >= 0
+    shift = torch.where(valid, torch.div(codes + 1, 2, rounding_mode='floor'),
+                        torch.full_like(codes, ZERO_CODE))
+    parity = torch.where(valid, torch.remainder(codes, 2), torch.zeros_like(codes))
+    return shift, parity
+
+
+def log_sqrt2_matmul(codes: torch.Tensor, delta, v: torch.Tensor) -> torch.Tensor:
+    """P·V for log√2-coded P, computed as Δ·[(Σ_even V·2^−shift) + √2·(Σ_odd V·2^−shift)].
+
+    The even-code and odd-code terms are accumulated separately (each is a pure shift-accumulate in
+    hardware) and the odd accumulator is scaled by √2 once. Equals ``dequantize(codes) @ v`` up to
+    float rounding.
+    """
+    shift, parity = log_sqrt2_to_log2(codes)
+    valid = shift >= 0
+    pow2 = torch.exp2(-shift.clamp(min=0).to(torch.float32)).to(v.dtype)
+    zero = torch.zeros_like(pow2)
+    even = torch.where(valid & (parity == 0), pow2, zero)
+    odd = torch.where(valid & (parity == 1), pow2, zero)
+    return (even @ v + SQRT2 * (odd @ v)) * delta
+
+
+def log2_shift_matmul(codes: torch.Tensor, v: torch.Tensor, frac_bits: Optional[int] = None):
+    """P·V for log2-coded P (x̂ = 2^−q): Σ_j v_j·2^−q_j.
+
+    * float ``v``: returns the float result (``ZERO_CODE`` entries contribute nothing).
+    * integer ``v`` (e.g. uint8/int8 value codes): bit-shift semantics in int64. Returns
+      ``(acc, frac_bits)`` with the real result ``acc·2^−frac_bits``. For each code value c the
+      partial sum S_c = Σ_{j: q_j = c} v_j is shifted once: ``S_c << (frac_bits − c)`` (exact) or,
+      for c > frac_bits, ``S_c >> (c − frac_bits)`` (floor). ``frac_bits`` defaults to
+      min(largest code present, 32); with frac_bits ≥ every code the result is exact.
+    """
+    valid = codes >= 0
+    if v.is_floating_point():
+        w = torch.exp2(-codes.clamp(min=0).to(torch.float32)).to(v.dtype)
+        return torch.where(valid, w, torch.zeros_like(w)) @ v
+    v64 = v.to(torch.int64)
+    present = torch.unique(codes[valid]).tolist()
+    if frac_bits is None:
+        frac_bits = min(max(present, default=0), 32)
+    batch = torch.broadcast_shapes(codes.shape[:-2], v.shape[:-2])
+    out_shape = batch + (codes.shape[-2], v.shape[-1])
+    acc = torch.zeros(out_shape, dtype=torch.int64, device=v.device)
+    for c in present:
+        part = (codes == c).to(torch.int64) @ v64
+        acc += (part << (frac_bits - c)) if c <= frac_bits else (part >> (c - frac_bits))
+    return acc, frac_bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizers
+# ---------------------------------------------------------------------------------------------
+@register_quantizer()
+class Log2Quantizer(Quantizer):
+    """FQ-ViT log2 quantizer for non-negative inputs (post-softmax).
+
+    Args:
+        bits: code bit-width (codes 0 … 2^b − 1, plus ``ZERO_CODE``).
+        delta: fixed Δ (default 1.0, the softmax upper bound; ``finalize`` keeps it). ``None``:
+            ``finalize`` sets Δ to the smallest power of two ≥ the observed maximum (1 if the
+            maximum is ≤ 0), so Δ itself stays a shift.
+    """
+
+    def __init__(self, bits: int = 4, delta: Optional[float] = 1.0):
+        super().__init__(bits)
+        self.fixed_delta = delta is not None
+        self.register_buffer('delta', torch.tensor(float(delta) if delta is not None else 1.0))
+        self.register_buffer('max_val', torch.tensor(float('-inf')))
+        self.register_buffer('num_batches', torch.tensor(0))
+
+    def observe(self, x):
+        self.max_val = torch.maximum(self.max_val, x.detach().max().float())
+        self.num_batches += 1
+
+    def reset(self):
+        super().reset()
+        self.max_val.fill_(float('-inf'))
+        self.num_batches.zero_()
+
+    def finalize(self):
+        if not self.fixed_delta:
+            if int(self.num_batches) == 0:
+                raise RuntimeError(f'{self.qname}: no calibration data was observed')
+            m = float(self.max_val)
+            self.delta.fill_(2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0)
+        self.mark_calibrated()
+
+    def set_params(self, delta):
+        self.delta = torch.as_tensor(float(delta), dtype=torch.float32).clamp(min=MIN_SCALE).clone()
+        self.mark_calibrated()
+
+    def quantize(self, x):
+        return log2_quantize(x, self.delta, self.bits)
+
+    def dequantize(self, codes):
+        return log2_dequantize(codes, self.delta)
+
+    def extra_repr(self):
+        return f'bits={self.bits}, delta={float(self.delta):g}, mode={self.mode}'
+
+
+@register_quantizer()
+class LogSqrt2Quantizer(Quantizer):
+    """RepQ-ViT log√2 quantizer for post-softmax probabilities.
+
+    Δ is chosen at ``finalize`` from the pooled calibration samples: candidates are the p-quantiles
+    for p in ``percentiles`` plus the maximum, each capped at ``max_delta`` (1 for softmax inputs);
+    the candidate with the least MSE wins (ties → the earlier candidate). ``search=False`` uses the
+    capped maximum. Pooled samples are capped at ``max_samples`` (strided subsample of large
+    batches, oldest batches dropped first).
+    """
+
+    def __init__(self, bits: int = 4, search: bool = True,
+                 percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
+                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20):
+        super().__init__(bits)
+        self.search = search
+        self.percentiles = tuple(percentiles)
+        self.max_delta = max_delta
+        self.max_samples = int(max_samples)
+        self.register_buffer('delta', torch.tensor(1.0))
+        self.register_buffer('max_val', torch.tensor(float('-inf')))
+        self.register_buffer('num_batches', torch.tensor(0))
+        self._pool = []
+
+    def observe(self, x):
+        self.max_val = torch.maximum(self.max_val, x.detach().max().float())
+        self.num_batches += 1
+        if self.search:
+            sample_pool_append(self._pool, x, self.max_samples)
+
+    def reset(self):
+        super().reset()
+        self.max_val.fill_(float('-inf'))
+        self.num_batches.zero_()
+        self._pool = []
+
+    def _cap(self, d: float) -> float:
+        if self.max_delta is not None:
+            d = min(d, float(self.max_delta))
+        return max(d, MIN_SCALE)
+
+    def delta_candidates(self, flat: torch.Tensor):
+        cands = [self._cap(float(quantile_kth(flat, p))) for p in self.percentiles]
+        cands.append(self._cap(float(flat.max())))
+        return cands
+
+    def finalize(self):
+        if int(self.num_batches) == 0:
+            raise RuntimeError(f'{self.qname}: no calibration data was observed')
+        if not self.search or not self._pool:
+            self.delta.fill_(self._cap(float(self.max_val)))
+        else:
+            flat = pooled_samples(self._pool, self.max_samples)
+            cands = self.delta_candidates(flat)
+            deltas = torch.tensor(cands, dtype=torch.float32, device=flat.device).unsqueeze(1)
+            err = ((log_sqrt2_fake_quant(flat.unsqueeze(0), deltas, self.bits) - flat) ** 2).mean(1)
+            self.delta.fill_(cands[int(torch.argmin(err))])
+            self._pool = []
+        self.mark_calibrated()
+
+    def set_params(self, delta):
+        self.delta = torch.as_tensor(float(delta), dtype=torch.float32).clamp(min=MIN_SCALE).clone()
+        self.mark_calibrated()
+
+    def quantize(self, x):
+        return log_sqrt2_quantize(x, self.delta, self.bits)
+
+    def dequantize(self, codes):
+        return log_sqrt2_dequantize(codes, self.delta)
+
+    def to_log2(self, codes):
+        """(shift, parity) codes of the log2 reparameterization; see ``log_sqrt2_to_log2``."""
+        return log_sqrt2_to_log2(codes)
+
+    def matmul(self, codes, v):
+        return log_sqrt2_matmul(codes, self.delta, v)
+
+    def extra_repr(self):
+        return (f'bits={self.bits}, delta={float(self.delta):g}, search={self.search}, '
+                f'mode={self.mode}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer exp and Log-Int-Softmax (FQ-ViT LIS)
+# ---------------------------------------------------------------------------------------------
+def int_exp_constants(scale: float):
+    """Integer constants of the i-exp for logit scale S.
+
+    x0_int = ⌊x0/S⌋ with x0 = −0.6931. FQ-ViT (after I-BERT) *floors* this constant, so the
+    effective ln2 step is |x0_int|·S ≥ 0.6931: after q steps the result is too large by
+    e^{q·(|x0_int|·S − ln2)} < e^{q·S}, biasing small probabilities upward. This is part of the published integer algorithm
+    and kept on purpose.
+    The polynomial a·r² + b·r + c is renormalised by its leading coefficient, a·(r·(r + b/a) + c/a),
+    and evaluated on the integer r_int (r = r_int·S) as z = r_int·(r_int + b_int) + c_int with
+    b_int = ⌊(b/a)/S⌋, c_int = ⌊(c/a)/S²⌋; the output scale is a·S².
+    """
+    a, b, c = EXP_POLY
+    x0_int = math.floor(EXP_X0 / scale)
+    b_int = math.floor(b / a / scale)
+    c_int = math.floor(c / a / scale ** 2)
+    return x0_int, b_int, c_int, a * scale ** 2
+
+
+def int_exp_parts(x_int: torch.Tensor, scale: float, n: int = EXP_N):
+    """i-exp before the final shift: (z, q, poly_scale) with exp(x_int·S) ≈ z·poly_scale·2^−q.
+
+    ``x_int`` must be ≤ 0 (max-subtracted). Inputs are clamped at n·x0_int, q = ⌊x/x0_int⌋
+    (integer floor division) and r = x − q·x0_int ∈ (x0_int, 0].
+    """
+    scale = float(scale)
+    if not scale > 0:
+        raise ValueError(f'int_exp: scale must be positive, got {scale}')
+    x0_int, b_int, c_int, poly_scale = int_exp_constants(scale)
+    if c_int >= 2 ** 62:
+        raise OverflowError(f'int_exp: logit scale {scale:g} is too small for int64 arithmetic')
+    x = x_int.to(torch.int64)
+    if bool((x > 0).any()):
+        raise ValueError('int_exp: integer logits must be ≤ 0 (subtract the row maximum first)')
+    x = torch.clamp(x, min=n * x0_int)
+    q = torch.div(x, x0_int, rounding_mode='floor')
+    r = x - q * x0_int
+    z = torch.clamp(r * (r + b_int) + c_int, min=0)
+    return z, q, poly_scale
+
+
+def int_exp(x_int: torch.Tensor, scale, n: int = EXP_N):
+    """I-BERT / FQ-ViT integer exp of the real value x_int·scale (x_int ≤ 0).
+
+    Returns ``(exp_int, exp_scale)`` (int64, float) with exp(x_int·scale) ≈ exp_int·exp_scale, where
+    exp_int = z << (n − q) and exp_scale = a·S²/2^n (see ``int_exp_parts``). Raises OverflowError
+    where z·2^n would not fit in int64 (logit scales below ≈ 1.8e-5 at n = 30); ``LogIntSoftmax``
+    avoids that by shifting relative to the row's largest q instead of n.
+    """
+    scale = float(scale)
+    z, q, poly_scale = int_exp_parts(x_int, scale, n)
+    if (int(z.max()) if z.numel() else 0) >= 2 ** (63 - n):
+        raise OverflowError(f'int_exp: z·2^{n} overflows int64 at logit scale {scale:g}')
+    return torch.bitwise_left_shift(z, n - q), poly_scale / 2 ** n
+
+
+def ilog2_floor(x: torch.Tensor) -> torch.Tensor:
+    """⌊log2 x⌋ for int64 x ≥ 1, by a binary search on shifts (exact, no float conversion)."""
+    f = torch.zeros_like(x)
+    for s in (32, 16, 8, 4, 2, 1):
+        f = f + s * (torch.bitwise_right_shift(x, f + s) > 0).to(x.dtype)
+    return f
+
+
+def log2_round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """round(log2 x) as ⌊log2 x⌋ + [x − 2^⌊log2 x⌋ ≥ 2^(⌊log2 x⌋−1)] for int64 x ≥ 1.
+
+    The condition is bit ⌊log2 x⌋ − 1 of x, so this stays in integers.
+    """
+    f = ilog2_floor(x)
+    half = torch.bitwise_and(torch.bitwise_right_shift(x, (f - 1).clamp(min=0)), 1)
+    return f + torch.where(f >= 1, half, torch.zeros_like(half))
+
+
+def int_ratio_round(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """⌊num/den⌉ (half up) for int64 num ≥ 0, den > 0: ⌊(2·num + den) / (2·den)⌋."""
+    return torch.div(2 * num + den, 2 * den, rounding_mode='floor')
+
+
+@register_quantizer()
+class LogIntSoftmax(Quantizer):
+    """FQ-ViT Log-Int-Softmax: integer softmax with b-bit log2 output codes.
+
+    Replaces ``softmax(logits, −1)`` followed by the probability quantizer. The module owns the
+    8-bit per-tensor uniform quantizer of the attention logits (``logit_quant``, asymmetric, MinMax
+    observer by default). In 'quant' mode:
+
+    1. x_int = logit codes, minus the row maximum (the zero point cancels);
+    2. i-exp (``int_exp_parts``): exp_j ∝ z_j·2^(n − q_j);
+    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, half up);
+    4. code_i = round-half-up(log2 R_i) in integers, clamp to [0, 2^b − 1]; codes ≥ 2^b (and
+       exp_i = 0) → ``ZERO_CODE``; dequant 2^−code.
+
+    Overflow guard: the ratio only needs the exps up to a common factor, so each row uses
+    e_j = z_j·2^(q_ref − q_j) with q_ref the row's largest q, which equals the published
+    z_j·2^(n − q_j) divided by 2^(n − q_ref) exactly. (With n = 30, the published values summed
+    over a row of 3136 tokens already exceed int64 at a logit scale of ~1e-3.) If N·max e_j could
+    still reach 2^61, all e_j are right-shifted by the few bits needed (floor; lossy only in that
+    extreme case, e.g. 16-bit logits over a wide range).
+    """
+
+    replaces_softmax = True   # consumes the attention logits; the converter drops the logits role
+
+    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None):
+        super().__init__(bits)
+        self.n = n
+        self.logit_quant = UniformQuantizer(bits=logit_bits, symmetric=False, ch_axis=None,
+                                            observer=logit_observer)
+        self.logit_quant.qname = f'{self.qname}.logit_quant (attention logits)'
+
+    def forward(self, x):
+        if self.mode == 'float':
+            return F.softmax(x, dim=-1)
+        if self.mode == 'observe':
+            with torch.no_grad():
+                check_finite(x, self.qname)
+                self.observe(x.detach())
+            return F.softmax(x, dim=-1)
+        return self.fake_quant(x)
+
+    def observe(self, x):
+        # The logit quantizer is driven through this module (its own mode is not used).
+        self.logit_quant.qname = f'{self.qname}.logit_quant (attention logits)'
+        self.logit_quant.observe(x)
+
+    def finalize(self):
+        self.logit_quant.finalize()
+        self.mark_calibrated()
+
+    @property
+    def logit_scale(self) -> float:
+        if self.logit_quant.scale.numel() != 1:
+            raise ValueError(f'{self.qname}: the logit quantizer must be per-tensor')
+        return float(self.logit_quant.scale)
+
+    def exp_ratios(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Integer row-relative exps e (int64) and R = ⌊Σe/e⌉ (int64, 0 where e = 0)."""
+        x_int = self.logit_quant.quantize(logits).to(torch.int64)
+        x_int = x_int - x_int.amax(dim=-1, keepdim=True)
+        z, q, _ = int_exp_parts(x_int, self.logit_scale, self.n)
+        q_ref = q.amax(dim=-1, keepdim=True)
+        e = torch.bitwise_left_shift(z, q_ref - q)
+        n_tok = e.shape[-1]
+        e_max = int(e.max()) if e.numel() else 0
+        k = 0
+        while (e_max >> k) * n_tok >= 2 ** 61:
+            k += 1
+        if k:
+            e = torch.bitwise_right_shift(e, k)
+        total = e.sum(dim=-1, keepdim=True)
+        pos = e > 0
+        ratio = int_ratio_round(total, torch.where(pos, e, torch.ones_like(e)))
+        return e, torch.where(pos, ratio, torch.zeros_like(ratio))
+
+    def quantize(self, logits):
+        e, ratio = self.exp_ratios(logits)
+        pos = ratio > 0
+        code = log2_round_half_up(torch.where(pos, ratio, torch.ones_like(ratio)))
+        zero = (~pos) | (code >= 2 ** self.bits)
+        return torch.where(zero, torch.full_like(code, ZERO_CODE), code).to(CODE_DTYPE)
+
+    def dequantize(self, codes):
+        return log2_dequantize(codes, 1.0)
+
+    def matmul(self, codes, v, frac_bits=None):
+        return log2_shift_matmul(codes, v, frac_bits)
+
+    def extra_repr(self):
+        return f'bits={self.bits}, logit_bits={self.logit_quant.bits}, n={self.n}, mode={self.mode}'

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Evaluate a (quantized) model from an mmengine config: mmdet detectors and timm classifiers.
+
+    python tools/test.py configs/cascade_swin_s_w8a8a4.py [--checkpoint ckpt.pth]
+    python tools/test.py configs/cls/deit_tiny_w8a8a4.py --compare-float
+
+The config's ``quant_cfg`` (top level or inside the model) selects the method. The model is
+calibrated by ``CalibrationHook`` before testing and the calibrated state is saved as
+``<work_dir>/quant_state.safetensors``; ``--quant-state`` evaluates from such a file instead.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Evaluate a quantized detector or classifier')
+    p.add_argument('config', help='config file path')
+    p.add_argument('--checkpoint', help='float weights (.safetensors or .pth, loaded weights-only)')
+    p.add_argument('--work-dir', help='directory for logs, metrics and the calibrated state')
+    p.add_argument('--out', help='dump raw predictions to this pickle file')
+    p.add_argument('--show-dir', help='detection: draw predictions into <work_dir>/<show_dir>')
+    p.add_argument('--quant-state', help='evaluate from a saved calibrated state (no calibration)')
+    p.add_argument('--float', action='store_true', help='evaluate the float model only')
+    p.add_argument('--compare-float', action='store_true',
+                   help='evaluate the float model first, then the quantized one, and print both')
+    p.add_argument('--calib-images', type=int, help='override the number of calibration images')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                   help='override config keys, e.g. test_dataloader.batch_size=2')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+from mmengine.config import Config, DictAction  # noqa: E402
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from fqvit_det.mm.launch import prepare_config, run_eval
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
+                         calib_images=args.calib_images, out=args.out, show_dir=args.show_dir)
+    results = {}
+    if args.compare_float or args.float:
+        results['float'] = run_eval(cfg, float_eval=True)
+    if not args.float:
+        results['quant'] = run_eval(cfg, float_eval=False)
+    summary_path = osp.join(cfg.work_dir, 'summary.json')
+    if int(os.environ.get('RANK', '0')) == 0:
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        with open(summary_path + '.tmp', 'w') as f:
+            json.dump(results, f, indent=2)
+        os.replace(summary_path + '.tmp', summary_path)
+        print('\n==== fqvit-det summary ({}) ====' .format(osp.basename(args.config)))
+        for kind, res in results.items():
+            metrics = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                                for k, v in res['metrics'].items())
+            print(f'{kind:>6}: {metrics} | eval {res["eval_seconds"]:.1f}s'
+                  + (f' | calibration {res["calib_seconds"]:.1f}s' if res.get('calib_seconds') else ''))
+        print(f'summary: {summary_path}')
+    return results
+
+
+if __name__ == '__main__':
+    main()
