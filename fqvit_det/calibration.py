@@ -126,7 +126,7 @@ class CalibrationRunner:
 
     def reparameterize(self) -> List[str]:
         """RepQ-ViT: fold channel-wise LayerNorm-output scales into the norm and the next Linears."""
-        from .quantizers.reparam import repq_reparameterize
+        from .quantizers.reparam import repq_reparameterize_modules
         done = []
         for norm_path, linear_paths in getattr(self.model, 'fqvit_reparam_pairs', []):
             norm = self.model.get_submodule(norm_path)
@@ -136,21 +136,10 @@ class CalibrationRunner:
                 continue
             linears = [self.model.get_submodule(p) for p in linear_paths]
             with torch.no_grad():
-                res = repq_reparameterize(norm.weight.data, norm.bias.data,
-                                          [(l.weight.data, None if l.bias is None else l.bias.data)
-                                           for l in linears],
-                                          outq.scale, outq.zero_point)
-                new_w, new_b, new_lins, tgt_scale, tgt_zp = res
-                norm.weight.data.copy_(new_w)
-                norm.bias.data.copy_(new_b)
-                for lin, (w, b) in zip(linears, new_lins):
-                    lin.weight.data.copy_(w)
-                    if b is not None:
-                        if lin.bias is None:
-                            lin.bias = nn.Parameter(b.clone())
-                        else:
-                            lin.bias.data.copy_(b)
-                    lin.calibrate_weight()
+                tgt_scale, tgt_zp = repq_reparameterize_modules(norm, linears, outq.scale,
+                                                                outq.zero_point)
+            for lin in linears:
+                lin.calibrate_weight()  # weights changed: the only lossy step of RepQ
             outq.ch_axis = None
             outq.observer.ch_axis = None
             outq.set_params(tgt_scale, tgt_zp)

@@ -86,6 +86,13 @@ def load_quant_state(model: nn.Module, path: str, spec=None) -> None:
                 norm.out_quantizer.observer.ch_axis = None
     model.fqvit_reparam_done = [(n, list(ps)) for n, ps in reparam]
     state = load_file(path)
+    # The reparameterization gives bias-free Linears (e.g. Swin's patch-merging reduction) a bias.
+    for _, linear_paths in reparam:
+        for lin_path in linear_paths:
+            lin = model.get_submodule(lin_path)
+            key = f'{lin_path}.bias'
+            if getattr(lin, 'bias', None) is None and key in state:
+                lin.bias = nn.Parameter(torch.zeros_like(state[key]), requires_grad=False)
     expected = set(quant_state_dict(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

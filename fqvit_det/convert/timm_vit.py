@@ -28,9 +28,9 @@ def _adapt(mod):
     swap_class(mod, QuantTimmAttention)
 
 
-def vit_rules():
+def vit_rules(prefix: str = ''):
     block_norm = dict(input='ln_input', output='ln_output')
-    return [
+    rules = [
         Rule('patch_embed.proj', 'conv', dict(weight='patch_embed_weight', input='patch_embed_input')),
         Rule('blocks.*.norm1', 'layernorm', block_norm, feeds=('attn.qkv',)),
         Rule('blocks.*.norm2', 'layernorm', block_norm, feeds=('mlp.fc1',)),
@@ -43,6 +43,9 @@ def vit_rules():
         Rule('fc_norm', 'layernorm', dict(input='ln_input')),
         Rule('head', 'linear', dict(weight='head_weight', input='head_input')),
     ]
+    for r in rules:
+        r.pattern = prefix + r.pattern
+    return rules
 
 
 def is_timm_vit(model) -> bool:

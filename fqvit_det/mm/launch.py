@@ -45,9 +45,7 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
         if model_type in CLASSIFIERS or model_type == 'QuantizedDetector':
             cfg.model.quant_cfg = quant_cfg
         else:  # a plain mmdet detector config + quant_cfg
-            cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg,
-                                   data_preprocessor=cfg.model.get('data_preprocessor'))
-            cfg.model.detector.pop('data_preprocessor', None)
+            cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg)
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
         split_quant_cfg(qcfg.to_dict() if hasattr(qcfg, 'to_dict') else dict(qcfg))  # validate now

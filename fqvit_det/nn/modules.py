@@ -124,12 +124,10 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
 
     def forward(self, x):
         if self._integer_ready():
-            from ..quantizers.ptf import int_layernorm
-            codes = int_layernorm(self.in_quantizer.shifted_codes(x), self.in_quantizer.base_scale,
-                                  self.weight, self.bias, self.out_quantizer.scale,
-                                  self.out_quantizer.zero_point, out_bits=self.out_quantizer.bits,
-                                  eps=self.eps)
-            return self.out_quantizer.dequantize(codes).to(x.dtype)
+            # = out_quantizer.dequantize(int_layernorm(in_quantizer.shifted_codes(x), ...)), fused
+            from ..quantizers.ptf import int_layernorm_fake_quant
+            return int_layernorm_fake_quant(x, self.in_quantizer, self.weight, self.bias,
+                                            self.out_quantizer, eps=self.eps)
         x = _apply(self.in_quantizer, x)
         y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return _apply(self.out_quantizer, y)
@@ -141,6 +139,11 @@ class AttentionQuantizers(QuantModule):
     ``probs`` may be a ``LogIntSoftmax``, which consumes the logits itself (FQ-ViT LIS) and then
     replaces both the logits quantizer and the softmax.
     """
+
+    # Layer-search hook (``fqvit_det.search_runner``): when set, a callable
+    # ``_recorder(aq, q, k, v, scale, bias, mask, mask_fn)`` sees the unquantized operands of every
+    # ``attend`` call. Class-level None, so the normal path costs one attribute test.
+    _recorder = None
 
     def __init__(self, q=None, k=None, v=None, logits=None, probs=None, rel_pos_bias=None,
                  mask=None):
@@ -158,6 +161,8 @@ class AttentionQuantizers(QuantModule):
 
         ``mask_fn(logits, mask)`` lets callers apply masks of their own shape (Swin windows).
         """
+        if self._recorder is not None:
+            self._recorder(self, q, k, v, scale, bias, mask, mask_fn)
         q, k, v = _apply(self.q, q), _apply(self.k, k), _apply(self.v, v)
         logits = (q @ k.transpose(-2, -1)) * scale
         if bias is not None:

@@ -11,6 +11,8 @@ buffer, so ``state_dict()`` holds the whole calibrated state (safetensors-friend
 Buffers may change shape at ``finalize`` or ``load_state_dict`` (e.g. per-channel scales), which
 ``_load_from_state_dict`` below allows.
 """
+import math
+import threading
 from typing import Optional
 
 import torch
@@ -19,6 +21,56 @@ from torch import nn
 MODES = ('float', 'observe', 'quant')
 # Smallest scale any quantizer may use: a zero range (constant or all-zero tensor) falls back to it.
 MIN_SCALE = float(torch.finfo(torch.float32).eps)
+
+
+# Simulated-quantization kernels (``fake_quant_uniform``, ``LogIntSoftmax``, integer LayerNorm)
+# process large tensors in row chunks of about this many elements: the chains of elementwise ops
+# then stay in the CPU cache instead of streaming every intermediate through memory (an order of
+# magnitude faster on CPU). Results are per element / per row, so chunking never changes them.
+CHUNK_ELEMS = 1 << 17
+
+
+def chunk_step(row_elems: int, target: Optional[int] = None, device=None) -> int:
+    """Rows per chunk for rows of ``row_elems`` elements (at least one). Off the CPU (where one
+    large kernel beats many small ones) a single chunk of up to 2^62 elements."""
+    if device is not None and torch.device(device).type != 'cpu':
+        target = 1 << 62
+    return max(1, (target or CHUNK_ELEMS) // max(1, row_elems))
+
+
+class _Workspace(threading.local):
+    def __init__(self):
+        self.buffers = {}
+
+
+_WORKSPACE = _Workspace()
+
+
+def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable per-thread scratch tensor (uninitialised) for chunk intermediates.
+
+    Fresh large CPU allocations are page-faulted on first touch, which costs as much as the
+    arithmetic in these op chains; reusing one buffer per name avoids that. A buffer is only
+    valid until the next ``scratch`` call with the same name (callers use distinct names).
+    """
+    n = int(math.prod(shape))
+    key = (name, dtype, str(device))
+    buf = _WORKSPACE.buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+        _WORKSPACE.buffers[key] = buf
+    return buf[:n].view(shape)
+
+
+def needs_autograd(*tensors) -> bool:
+    """True when a fake-quant must keep its straight-through-estimator graph."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tensors)
+
+
+def is_integral(t: torch.Tensor) -> bool:
+    """Every entry is a finite integer value (e.g. a zero point stored as float)."""
+    return bool(torch.isfinite(t).all()) and bool((t == torch.round(t)).all())
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import MIN_SCALE, Quantizer, check_finite
+from .base import MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral
 from .observers import quantile_kth
 from .registry import register_quantizer
 from .uniform import UniformQuantizer
@@ -448,15 +448,102 @@ class LogIntSoftmax(Quantizer):
         ratio = int_ratio_round(total, torch.where(pos, e, torch.ones_like(e)))
         return e, torch.where(pos, ratio, torch.zeros_like(ratio))
 
-    def quantize(self, logits):
+    def quantize_exact(self, logits):
+        """Codes by the literal int64 algorithm (``exp_ratios`` + ``log2_round_half_up``): the
+        specification that ``quantize`` / ``fake_quant`` reproduce bit for bit, faster."""
         e, ratio = self.exp_ratios(logits)
         pos = ratio > 0
         code = log2_round_half_up(torch.where(pos, ratio, torch.ones_like(ratio)))
         zero = (~pos) | (code >= 2 ** self.bits)
         return torch.where(zero, torch.full_like(code, ZERO_CODE), code).to(CODE_DTYPE)
 
+    def quantize(self, logits):
+        codes = self._fast(logits, want_codes=True)
+        return codes if codes is not None else self.quantize_exact(logits)
+
     def dequantize(self, codes):
         return log2_dequantize(codes, 1.0)
+
+    def fake_quant(self, x):
+        out = self._fast(x, want_codes=False)
+        if out is not None:
+            return out
+        return self.dequantize(self.quantize_exact(x)).to(x.dtype)
+
+    # --- fast path ------------------------------------------------------------------------
+    # With b_l-bit logits, a row-max-subtracted logit d = max − x_int takes only 2^b_l values, so
+    # the i-exp is a table: T[d] = z(d)·2^(Q − q(d)) with Q the largest q in the table. A row's
+    # exps of ``exp_ratios`` are e_j = T[d_j] / 2^(Q − q_ref) exactly (q_ref ≤ Q), and the ratio
+    # R_i = ⌊(2·Σe + e_i) / (2·e_i)⌋ is unchanged by that common power of two, so
+    # R_i = ⌊(Σ_j T_j + T_i/2) / T_i⌋. While (2·N + 1)·max T < 2^53 every sum is an exact float64
+    # integer, no headroom shift k is needed (max e·N < 2^61), and the float64 quotient's floor
+    # is exact (the quotient is > 1/(2T) away from any integer it is not equal to, more than its
+    # rounding error). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
+    # 6, 12, …), i.e. 2^−code = 1 / (largest power of two ≤ R / 0.75); R/0.75 is compared with
+    # powers of two only at integer R, so its rounding cannot cross one. T = 0 gives R = inf →
+    # 2^−code = 0, the zero code, as do codes ≥ 2^b.
+    def _fast_tables(self, n_tok: int, device):
+        lq = self.logit_quant
+        if lq.scale.numel() != 1 or lq.zero_point.numel() != 1:
+            return None
+        scale = float(lq.scale)
+        key = (scale, float(lq.zero_point), lq.qmin, lq.qmax, self.n, self.bits, n_tok, str(device))
+        cache = getattr(self, '_fast_cache', None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        tables = None
+        if scale > 0 and math.isfinite(scale) and is_integral(lq.zero_point):
+            x0_int, b_int, c_int, _ = int_exp_constants(scale)
+            if 0 < c_int < 2 ** 62:
+                d = torch.arange(lq.qmax - lq.qmin + 1, dtype=torch.int64)
+                z, q, _ = int_exp_parts(-d, scale, self.n)
+                q_top = int(q.max())
+                if int(z.max()) * 2 ** q_top * (2 * n_tok + 1) < 2 ** 53:
+                    t = torch.bitwise_left_shift(z, q_top - q).to(torch.float64)
+                    zp = float(lq.zero_point)
+                    tables = dict(T=t.to(device), lo=lq.qmin - zp, hi=lq.qmax - zp,
+                                  p_zero=2.0 ** -(2 ** self.bits) if self.bits < 10 else 0.0)
+        self._fast_cache = (key, tables)
+        return tables
+
+    def _fast(self, x: torch.Tensor, want_codes: bool):
+        """Codes (int32) or dequantized values (x.dtype) equal to the exact path, or ``None``."""
+        if (x.dim() == 0 or x.numel() == 0 or not x.is_floating_point()
+                or x.dtype != self.logit_quant.scale.dtype):
+            return None
+        n_tok = x.shape[-1]
+        tb = self._fast_tables(n_tok, x.device)
+        if tb is None:
+            return None
+        s = self.logit_quant.scale.reshape(())
+        x2 = x.contiguous().view(-1, n_tok)
+        out = torch.empty(x2.shape, dtype=torch.int32 if want_codes else torch.float32,
+                          device=x.device)
+        step = chunk_step(n_tok)
+        for i in range(0, x2.shape[0], step):
+            # logit codes (zero point folded into the clamp bounds; it cancels in max − x)
+            c = torch.div(x2[i:i + step], s).round_().clamp_(tb['lo'], tb['hi'])
+            mx = c.amax(dim=-1, keepdim=True)
+            if not bool(torch.isfinite(mx).all()):
+                return None                               # NaN logits: leave them to the exact path
+            idx = torch.sub(mx, c, out=c).to(torch.int32)
+            t = tb['T'].index_select(0, idx.view(-1)).view(idx.shape)
+            tot = t.sum(dim=-1, keepdim=True)
+            r = torch.add(tot, t, alpha=0.5).div_(t).floor_()           # R (inf where T = 0)
+            w = r.div_(0.75)
+            pw = torch.bitwise_and(w.view(torch.int64), 0x7FF0000000000000).view(torch.float64)
+            o = out[i:i + step]
+            if want_codes:
+                # ⌊log2 w⌋ from the exponent field; R ≥ 3·2^(2^b − 2) or inf → ZERO_CODE
+                code = torch.bitwise_right_shift(pw.view(torch.int64), 52).sub_(1023)
+                code.masked_fill_(code >= min(2 ** self.bits, 1024), ZERO_CODE)
+                o.copy_(code)
+            else:
+                torch.reciprocal(pw, out=o)
+                torch.nn.functional.threshold_(o, tb['p_zero'], 0.0)
+        if want_codes:
+            return out.view(x.shape)
+        return out.view(x.shape).to(x.dtype)
 
     def matmul(self, codes, v, frac_bits=None):
         return log2_shift_matmul(codes, v, frac_bits)

@@ -30,6 +30,23 @@ def quantile_kth(flat: torch.Tensor, q: float) -> torch.Tensor:
     return flat.float().kthvalue(k, dim=-1).values
 
 
+def tail_quantiles(flat: torch.Tensor, probs: Sequence[float]):
+    """[(q_{1-p}, q_p) for p in probs], the same order statistics as ``quantile_kth``.
+
+    Only the tails are needed, so one ``topk`` per side replaces a selection per quantile.
+    """
+    flat = flat.float()
+    n = flat.shape[-1]
+    k_lo = [min(max(int(round((1 - p) * (n - 1))) + 1, 1), n) for p in probs]
+    k_hi = [n - min(max(int(round(p * (n - 1))) + 1, 1), n) + 1 for p in probs]
+    k_max = max(k_lo + k_hi)
+    if 4 * k_max >= n:
+        return [(quantile_kth(flat, 1 - p), quantile_kth(flat, p)) for p in probs]
+    smallest = flat.topk(k_max, dim=-1, largest=False, sorted=True).values
+    largest = flat.topk(k_max, dim=-1, largest=True, sorted=True).values
+    return [(smallest[..., kl - 1], largest[..., kh - 1]) for kl, kh in zip(k_lo, k_hi)]
+
+
 class Observer(nn.Module):
     def __init__(self, ch_axis: Optional[int] = None):
         super().__init__()
@@ -125,7 +142,7 @@ class PercentileObserver(EMAObserver):
 
     def batch_range(self, x):
         flat = channels_first_flat(x, self.ch_axis)
-        return quantile_kth(flat, self.tail), quantile_kth(flat, 1 - self.tail)
+        return tail_quantiles(flat, [1 - self.tail])[0]
 
 
 class LastBatchMixin:
@@ -213,8 +230,7 @@ class PercentileSearchObserver(Observer):
             p = self.percentiles[-1]
             return quantile_kth(flat, 1 - p), quantile_kth(flat, p)
         best = None
-        for p in self.percentiles:
-            lo, hi = quantile_kth(flat, 1 - p), quantile_kth(flat, p)
+        for lo, hi in tail_quantiles(flat, self.percentiles):
             err = range_error(lo, hi, flat, None if self.ch_axis is None else 0)
             if best is None:
                 best = (err, lo, hi)

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MIN_SCALE, Quantizer, broadcast_param, round_ste
+from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
+                   round_ste, scratch)
 from .registry import build_observer, register_quantizer
-from .uniform import UniformQuantizer
+from .uniform import UniformQuantizer, fake_quant_chunked
 
 
 @register_quantizer()
@@ -104,6 +105,11 @@ class PTFQuantizer(Quantizer):
         return (codes.to(s.dtype) - self.zero_point) * s
 
     def fake_quant(self, x):
+        if not needs_autograd(x, self.base_scale):
+            out = fake_quant_chunked(x, self.channel_scale, self.zero_point, self.qmin, self.qmax,
+                                     self.ch_axis)
+            if out is not None:
+                return out.to(x.dtype)
         s = self._scale_for(x)
         z = self.zero_point
         return ((torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax) - z) * s).to(x.dtype)
@@ -119,10 +125,14 @@ class PTFQuantizer(Quantizer):
                 f'mode={self.mode}')
 
 
-def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torch.Tensor],
-                  bias: Optional[torch.Tensor], out_scale, out_zero_point, out_bits: int = 8,
-                  eps: float = 1e-5, dyadic_bits: int = 8, fold_mean: bool = True) -> torch.Tensor:
+def int_layernorm_reference(shifted_codes: torch.Tensor, base_scale, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], out_scale, out_zero_point,
+                            out_bits: int = 8, eps: float = 1e-5, dyadic_bits: int = 8,
+                            fold_mean: bool = True) -> torch.Tensor:
     """FQ-ViT integer LayerNorm over the last dim; returns unsigned output codes (int32).
+
+    This is the literal int64 implementation (the specification); ``int_layernorm`` computes the
+    same codes bit for bit, faster.
 
     Input x_c are integer codes in units of Δ_1 (``PTFQuantizer.shifted_codes``): x = Δ_1 · x_c.
     Derivation (per token, channel c; C channels, S1 = Σ x_c, S2 = Σ x_c²):
@@ -183,6 +193,218 @@ def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torc
     return torch.clamp(y + z_out, 0, 2 ** out_bits - 1).to(torch.int32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast integer LayerNorm: the same integer codes as ``int_layernorm_reference``, bit for bit
+# ---------------------------------------------------------------------------------------------
+# Every integer of the reference is carried exactly in float64 (integers below 2^53 are exact, and
+# +, −, · of such integers stay exact while the results stay below 2^53); division by 2^n is an
+# exact power-of-two scaling. Every other float64 step repeats the reference's own expression in
+# the same order. Bounds are checked per chunk of rows; a chunk that could leave the exact range
+# (or holds NaN) is computed by the reference instead, so the result never differs.
+#
+# ⌊log2 |a|⌋ of the reference is read from the float64 exponent field of |a| (2^⌊log2 |a|⌋ is a
+# bit mask). torch.log2 is accurate to about one ulp, so its floor can only differ from the
+# exponent when |a| lies within a relative ~2^−42 of a power of two; a chunk where some |a|·2^n
+# falls within 2^−36 of either end of [2^(d−1), 2^d) takes the literal log2 route instead, as
+# does a chunk where n is clamped for some entry (tiny or huge multipliers, γ = 0).
+_EXACT_LIMIT = 2.0 ** 52
+_EXP_MASK = 0x7FF0000000000000
+_EDGE = 2.0 ** -36
+_TWO_POW = torch.exp2(torch.arange(0, 32, dtype=torch.float64))
+# exp2 of small integers is exact on every CPU we know of; checked once, else a table lookup.
+_EXP2_EXACT = bool(torch.equal(_TWO_POW, torch.tensor([2.0 ** k for k in range(32)],
+                                                      dtype=torch.float64)))
+
+
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """2^n for integer-valued float64 n in [0, 31], exactly."""
+    if _EXP2_EXACT:
+        return torch.exp2(n)
+    return _TWO_POW.to(n.device)[n.to(torch.int64)]
+
+
+def _ln_params(base_scale, weight, bias, out_scale, C: int, device):
+    delta1 = torch.as_tensor(base_scale, dtype=torch.float64, device=device)
+    delta_out = torch.as_tensor(out_scale, dtype=torch.float64, device=device)
+    gamma = (torch.ones(C, dtype=torch.float64, device=device) if weight is None
+             else weight.detach().to(torch.float64))
+    beta = (torch.zeros(C, dtype=torch.float64, device=device) if bias is None
+            else bias.detach().to(torch.float64))
+    ok = (delta1.numel() == 1 and delta_out.numel() == 1 and gamma.shape == (C,)
+          and beta.shape == (C,) and bool(torch.isfinite(gamma).all())
+          and bool(torch.isfinite(beta).all()) and float(delta1) > 0 and float(delta_out) > 0
+          and math.isfinite(float(delta1)) and math.isfinite(float(delta_out)))
+    if not ok:
+        return None
+    # sign(a) = sign(γ) (Δ_1/σ > 0, Δ_out > 0) and IEEE ·, / are sign-symmetric, so |a| is
+    # computed exactly from |γ| and the sign of M is a per-channel factor (None: all γ ≥ 0)
+    neg = gamma < 0
+    beta_out = beta / delta_out
+    return dict(delta1=delta1, delta_out=delta_out, gamma=gamma, beta=beta,
+                gamma_abs=gamma.abs(), gamma_absmax=float(gamma.abs().max()),
+                beta_absmax=float(beta.abs().max()), beta_out=beta_out,
+                beta_out_absmax=float(beta_out.abs().max()),
+                sign=torch.where(neg, -1.0, 1.0).to(torch.float64) if bool(neg.any()) else None)
+
+
+def _int_layernorm_rows(x: torch.Tensor, params, eps: float, dyadic_bits: int, fold_mean: bool):
+    """Integer LayerNorm of the rows of ``x`` (float64 (rows, C) holding exact integer codes).
+
+    Returns y = ⌊(M·x + B + 2^(N−1)) / 2^N⌋ (float64, integer-valued, before the output zero
+    point) in a scratch buffer, or ``None`` where an exactness bound fails (the caller then uses
+    the reference for these rows).
+    """
+    dev = x.device
+    delta1, delta_out, gamma = params['delta1'], params['delta_out'], params['gamma']
+    C = x.shape[-1]
+    s1 = x.sum(dim=-1, keepdim=True)
+    s2 = torch.mul(x, x, out=scratch('ln_sq', x.shape, torch.float64, dev)).sum(dim=-1,
+                                                                                 keepdim=True)
+    s2_max = float(s2.max())
+    if not s2_max * C < _EXACT_LIMIT:        # also False for NaN: C·S2 and S1² ≤ C·S2 exact
+        return None
+    d = C * s2 - s1 * s1                     # = the reference's exact int64 value, as float64
+    sigma = delta1 / C * torch.sqrt(d + eps * C * C / (delta1 * delta1))
+    mu = delta1 * s1 / C
+    if not bool((sigma > 0).all()):
+        return None
+    top = 2.0 ** dyadic_bits
+    # |B| ≤ (max|β| + |μ/σ|·max|γ|)/Δ_out·2^31 (+ rounding), |M·x_in| ≤ 2^d·max|x_in|
+    if fold_mean:
+        mu_sigma = mu / sigma
+        b_bound = ((params['beta_absmax'] + float(mu_sigma.abs().max()) * params['gamma_absmax'])
+                   / float(delta_out))
+    else:
+        b_bound = params['beta_out_absmax']
+    x_bound = math.sqrt(s2_max) * (1 if fold_mean else 2 * C) + 1
+    if not b_bound * (1 + 2.0 ** -20) * 2.0 ** 31 + 1 + top * x_bound < _EXACT_LIMIT:
+        return None
+
+    def abs_a(out):                          # |a| = Δ_1/σ·|γ|/Δ_out (/C), exactly as the reference
+        torch.mul(delta1 / sigma, params['gamma_abs'], out=out).div_(delta_out)
+        return out.div_(C) if not fold_mean else out
+
+    a = abs_a(scratch('ln_a', x.shape, torch.float64, dev))
+    two_n = scratch('ln_two_n', x.shape, torch.float64, dev)
+    torch.bitwise_and(a.view(torch.int64), _EXP_MASK, out=two_n.view(torch.int64))
+    two_n.reciprocal_().mul_(top / 2).clamp_(1.0, 2.0 ** 31)     # 2^(d−1−⌊log2|a|⌋), clamped
+    m = a.mul_(two_n)                        # |a|·2^n ∈ [2^(d−1), 2^d) unless n is clamped
+    m_lo, m_hi = torch.aminmax(m)
+    if float(m_lo) >= top / 2 * (1 + _EDGE) and float(m_hi) <= top * (1 - _EDGE):
+        m.floor_()                           # M = ⌊|a|·2^n⌋ ≤ 2^d − 1: the clamp is a no-op
+    else:                                    # literal route: n from torch.log2 as the reference
+        a = abs_a(a)
+        n = a.clamp(min=torch.finfo(torch.float64).tiny).log2_().floor_()
+        n.neg_().add_(dyadic_bits - 1).clamp_(0, 31)
+        two_n = _pow2(n)
+        m = a.mul_(two_n).floor_().clamp_(0, top - 1)
+    b = scratch('ln_b', x.shape, torch.float64, dev)
+    if fold_mean:                            # round((β − μ/σ·γ)/Δ_out·2^n)
+        torch.mul(mu_sigma, gamma, out=b)
+        torch.sub(params['beta'], b, out=b).div_(delta_out).mul_(two_n)
+        xin = x
+    else:                                    # round(β/Δ_out·2^n); x_in = C·x − S1
+        torch.mul(params['beta_out'], two_n, out=b)
+        xin = torch.mul(x, C, out=scratch('ln_xin', x.shape, torch.float64, dev)).sub_(s1)
+    b.round_()
+    if params['sign'] is not None:
+        m.mul_(params['sign'])               # M = sign(γ)·⌊|a|·2^n⌋ (a zero M's sign is irrelevant)
+    # y = ⌊(M·x + B + ⌊2^n/2⌋) / 2^n⌋ = ⌊(M·x + B)/2^n + 1/2⌋ (every step exact below 2^52)
+    return b.addcmul_(m, xin).div_(two_n).add_(0.5).floor_()
+
+
+def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], out_scale, out_zero_point, out_bits: int = 8,
+                  eps: float = 1e-5, dyadic_bits: int = 8, fold_mean: bool = True) -> torch.Tensor:
+    """FQ-ViT integer LayerNorm over the last dim; returns unsigned output codes (int32).
+
+    Bit-identical to ``int_layernorm_reference`` (see there for the algorithm), computed in
+    cache-sized row chunks with exact float64 integer arithmetic.
+    """
+    def reference(codes):
+        return int_layernorm_reference(codes, base_scale, weight, bias, out_scale,
+                                       out_zero_point, out_bits, eps, dyadic_bits, fold_mean)
+
+    x = shifted_codes
+    if x.dim() == 0 or x.numel() == 0 or x.is_complex():
+        return reference(x)
+    C = x.shape[-1]
+    params = _ln_params(base_scale, weight, bias, out_scale, C, x.device)
+    z_out = torch.as_tensor(out_zero_point, device=x.device).round()
+    if params is None or z_out.numel() != 1:
+        return reference(x)
+    z_out = float(z_out)
+    x2 = x.reshape(-1, C)
+    out = torch.empty(x2.shape, dtype=torch.int32, device=x.device)
+    step = chunk_step(C, device=x.device)
+    for i in range(0, x2.shape[0], step):
+        xc = x2[i:i + step]
+        xf = scratch('lni_x', xc.shape, torch.float64, x.device)
+        y = _int_layernorm_rows(xf.copy_(xc), params, eps, dyadic_bits, fold_mean)
+        if y is None:
+            out[i:i + step] = reference(xc)
+        else:
+            out[i:i + step] = y.add_(z_out).clamp_(0, 2 ** out_bits - 1)
+    return out.reshape(x.shape)
+
+
+def int_layernorm_fake_quant(x: torch.Tensor, in_quantizer: 'PTFQuantizer', weight, bias,
+                             out_quantizer: UniformQuantizer, eps: float = 1e-5,
+                             dyadic_bits: int = 8, fold_mean: bool = True) -> torch.Tensor:
+    """``out_quantizer.dequantize(int_layernorm(in_quantizer.shifted_codes(x), …)).to(x.dtype)``.
+
+    The PTF input codes, the integer LayerNorm and the dequantization are fused per chunk of
+    tokens (bit-identical to composing the reference pieces).
+    """
+    iq, oq = in_quantizer, out_quantizer
+
+    def reference(xc):
+        codes = int_layernorm_reference(iq.shifted_codes(xc), iq.base_scale, weight, bias,
+                                        oq.scale, oq.zero_point, out_bits=oq.bits, eps=eps,
+                                        dyadic_bits=dyadic_bits, fold_mean=fold_mean)
+        return oq.dequantize(codes)
+
+    C = x.shape[-1] if x.dim() else 0
+    s_in = iq.channel_scale
+    fast = (x.dim() >= 1 and x.numel() > 0 and x.is_floating_point()
+            and iq.ch_axis % x.dim() == x.dim() - 1 and s_in.numel() in (1, C)
+            and iq.zero_point.numel() == 1 and is_integral(iq.zero_point)
+            and iq.alpha.numel() in (1, C) and bool((iq.alpha >= 0).all())
+            and iq.bits + int(iq.alpha.max()) < 24
+            and oq.scale.numel() == 1 and oq.zero_point.numel() == 1
+            and oq.scale.dtype == oq.zero_point.dtype == torch.float32
+            and is_integral(oq.zero_point))
+    params = _ln_params(iq.base_scale, weight, bias, oq.scale, C, x.device) if fast else None
+    if params is None:
+        return reference(x).to(x.dtype)
+    zp_in = float(iq.zero_point)
+    lo_in, hi_in = 0.0 - zp_in, iq.qmax - zp_in        # clamp(q + z, 0, qmax) − z, z integral
+    factor = torch.pow(2.0, iq.alpha.to(torch.float64)).reshape(-1)
+    z_out = float(oq.zero_point)                         # integral: round(z) = z
+    lo_out, hi_out = 0.0 - z_out, (2 ** oq.bits - 1) - z_out
+    s_out = float(oq.scale)                              # float32 value, exact as a double
+    x2 = x.reshape(-1, C)
+    out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+    step = chunk_step(C, device=x.device)
+    for i in range(0, x2.shape[0], step):
+        xc = x2[i:i + step]
+        # PTF shifted codes (q − z)·2^α: the float32 quotient x/Δ_c (stored as float64), then
+        # exact integer arithmetic
+        codes = scratch('lnf_codes', xc.shape, torch.float64, x.device)
+        torch.div(xc, s_in, out=codes)
+        codes.round_().clamp_(lo_in, hi_in).mul_(factor)
+        y = _int_layernorm_rows(codes, params, eps, dyadic_bits, fold_mean)
+        o = out[i:i + step]
+        if y is None:
+            o.copy_(reference(xc))
+        else:
+            # (clamp(y + z, 0, 2^b − 1) − z)·Δ_out = clamp(y, −z, 2^b − 1 − z)·Δ_out: the float64
+            # product of these two float32 values is exact, so rounding it once to float32 equals
+            # the float32 multiplication of the reference
+            torch.mul(y.clamp_(lo_out, hi_out), s_out, out=o)
+    return out.reshape(x.shape).to(x.dtype)
+
+
 class IntLayerNorm(nn.Module):
     """LayerNorm over the last dim run as FQ-ViT's integer LayerNorm once both quantizers are in
     ``'quant'`` mode. Otherwise (float / observe) it runs the float LayerNorm between the two
@@ -228,10 +450,8 @@ class IntLayerNorm(nn.Module):
         if iq.mode == 'quant' and oq.mode == 'quant':
             if iq.ch_axis % x.dim() != x.dim() - 1:
                 raise ValueError(f'{iq.qname}: IntLayerNorm needs PTF factors on the last dim')
-            codes = int_layernorm(iq.shifted_codes(x), iq.base_scale, self.weight, self.bias,
-                                  oq.scale, oq.zero_point, out_bits=oq.bits, eps=self.eps,
-                                  dyadic_bits=self.dyadic_bits, fold_mean=self.fold_mean)
-            return oq.dequantize(codes).to(x.dtype)
+            return int_layernorm_fake_quant(x, iq, self.weight, self.bias, oq, eps=self.eps,
+                                            dyadic_bits=self.dyadic_bits, fold_mean=self.fold_mean)
         y = F.layer_norm(iq(x), self.normalized_shape, self.weight, self.bias, self.eps)
         return oq(y)
 

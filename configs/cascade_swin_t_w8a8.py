@@ -1,0 +1,3 @@
+# Cascade Mask R-CNN Swin-T, RepQ-ViT, W8A8; backbone + neck + RPN + RoI heads (scope='full').
+_base_ = './_base_/cascade_swin_t.py'
+quant_cfg = dict(method='repq', w_bits=8, a_bits=8)

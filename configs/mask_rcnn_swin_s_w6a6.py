@@ -1,0 +1,3 @@
+# Mask R-CNN Swin-S, RepQ-ViT, W6A6; backbone + neck + RPN + RoI heads (scope='full').
+_base_ = './_base_/mask_rcnn_swin_s.py'
+quant_cfg = dict(method='repq', w_bits=6, a_bits=6)

@@ -1,0 +1,1132 @@
+"""Layer-wise quantizer search after calibration: PTQ4ViT (Hessian-guided grid) and AdaLog (FPCS).
+
+``CalibrationRunner.run`` calls ``run_layer_search(model, spec, batches, forward_fn)`` once every
+quantizer is calibrated and in 'quant' mode (reference §1.2, §1.3, §7).
+
+Protocol (parallel, as in both papers)
+--------------------------------------
+1. **Capture** with every quantizer switched to 'float' (the float model), from at most
+   ``images`` calibration images:
+
+   * every searched ``QuantLinear`` / ``QuantConv2d``: a deterministic random subsample of its input
+     rows (Conv: the input patches of sampled output positions), about ``max_rows / images`` rows
+     per image and at most ``max_rows`` per module. Outputs are not stored: O = X·Wᵀ is recomputed.
+   * every searched attention (``AttentionQuantizers``): the unquantized q, k, v (+ bias, mask) of
+     the first ``attn_images`` images, through the ``_recorder`` hook of ``attend``. Queries are
+     subsampled to ``attn_rows`` when longer (not with window masks, whose shape fixes N).
+   * ``spec.search == 'hessian'``: in the same passes g = ∂L/∂(layer output) on the float model
+     (``output_gradients`` with ``pseudo_label_loss``, sub-batches of ``grad_batch`` images; the
+     gradients are multiplied by the sub-batch size, i.e. taken of the per-image loss), kept for
+     the sampled rows only. If ``forward_fn`` does not return a tensor (detectors) the output-MSE
+     metric is used instead, logged once.
+
+2. **Search** every module on its own captured data (no quantization error from earlier layers
+   reaches it), then ``module.refresh()``.
+
+Metrics (higher is better)
+--------------------------
+* Linear / Conv, O = X·Wᵀ (float), Ô = q_in(X)·q_w(W)ᵀ (bias cancels):
+  'hessian' → ``hessian_guided_score(O, Ô, g)`` = −mean((g ⊙ (O − Ô))²);
+  'fpcs' (AdaLog) and detectors → −mean((O − Ô)²).
+  Per-channel weight scales use the per-output-channel part of the same sum (an output channel's
+  error depends on its own weight row only), so channels are chosen independently.
+* Attention, always MSE (documented choice; the papers search the matmul operands on the matmul
+  output too): q and k on the logits error scale·(q̂k̂ᵀ − qkᵀ) (an unquantized bias or mask is
+  additive and cancels); the probabilities on the attention output P̂·v̂ − P·v; v on the same
+  output. Per-head quantizers (``ch_axis=1``) choose per head.
+
+Errors are evaluated in "difference form" (e.g. Ô − O = (X̂ − X)·Ŵᵀ + X·(Ŵ − W)ᵀ) so nothing
+cancels catastrophically, and for MSE through Gram matrices when that is cheaper (exact: e.g.
+Σ‖D·Ŵᵀ + E‖² = Σ D·(ŴᵀŴ)·Dᵀ + 2⟨D, E·Ŵ⟩ + ‖E‖²).
+
+Candidates
+----------
+* ``UniformQuantizer``: candidate α maps to the range [α·min, α·max] of the range calibrated
+  before the search (min/max recovered from scale and zero point) through ``scale_zero_point``;
+  symmetric: Δ = α·Δ₀. 'hessian' (PTQ4ViT): α from ``ptq4vit_candidates`` (0.01 … 1.2, n = 100,
+  101 values). 'fpcs' (AdaLog): FPCS over α, a coarse grid of ``eq_n`` values in
+  [``alpha_min``, ``alpha_max``], ``top_k`` survivors, ``levels`` levels
+  (``fast_progressive_combining_search``; per-channel / per-head scales run the same FPCS
+  independently per channel, vectorised in ``_fpcs_columns``). Weight scales are per output
+  channel when the quantizer is (``ch_axis=0``); activation scales share one α.
+* ``TwinUniformSoftmaxQuantizer``: split exponent in ``candidate_exps()`` (0 … 19);
+  ``TwinUniformGeluQuantizer``: m ∈ −5 … 24 (grids, both methods).
+* ``AdaLogQuantizer``: post-softmax (Δ fixed): q over ``adalog_base_candidates()`` (10 … 137, an
+  integer FPCS, i.e. the full grid); post-GELU (shift ≠ 0) or ``search_scale``: (Δ, q) FPCS from a
+  16 × 8 grid, Δ ∈ [0.25, 1.2]·max(x + η), q ∈ 8 values of 10 … 137. Scored with
+  ``subtract_shift=True`` (a folded fc2 bias makes both equal).
+* Not searched: Log2, LogSqrt2, LogIntSoftmax, PTF, ``None``.
+
+Every search step also scores the current parameters and keeps them unless a candidate is strictly
+better, so a layer's score never decreases. Rounds alternate (weight, input) for Linear / Conv and
+(q, k, probs, v) for attention, ``rounds`` times, stopping early when a round changes nothing.
+
+``spec.search_cfg`` keys (defaults in ``DEFAULTS``): images, max_rows, rounds, attn_images,
+attn_rows, grad_batch, alpha_min, alpha_max, grid_n (PTQ4ViT n), eq_n, top_k, levels (FPCS),
+chunk_elems (candidate batching budget, elements), seed (row sampling).
+
+Not handled (logged, left as calibrated): grouped convolutions, Linear inputs whose per-channel
+quantizer axis is not the feature axis.
+"""
+import logging
+import math
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn.modules import AttentionQuantizers, QuantConv2d, QuantLinear
+from .quantizers.adalog import ADALOG_Q_MAX, ADALOG_Q_MIN, AdaLogQuantizer, adalog_base_candidates, \
+    adalog_fake_quant
+from .quantizers.base import MIN_SCALE, Quantizer
+from .quantizers.search import (fast_progressive_combining_search, grid_search,
+                                hessian_guided_score, output_gradients, pseudo_label_loss,
+                                ptq4vit_candidates)
+from .quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
+                              twin_gelu_fake_quant, twin_softmax_fake_quant)
+from .quantizers.uniform import UniformQuantizer, scale_zero_point
+
+logger = logging.getLogger('fqvit_det')
+
+DEFAULTS = dict(images=32, max_rows=2048, rounds=3, attn_images=4, attn_rows=256, grad_batch=8,
+                alpha_min=0.01, alpha_max=1.2, grid_n=100, eq_n=128, top_k=16, levels=6,
+                chunk_elems=1 << 24, seed=0)
+_POSITIVE_INTS = ('images', 'max_rows', 'rounds', 'attn_rows', 'grad_batch', 'grid_n', 'eq_n',
+                  'top_k', 'levels', 'chunk_elems')
+ALPHA_FLOOR = 1e-4          # FPCS lower bound for α (a scale must stay positive)
+ADALOG_GELU_GRID = (16, 8)  # (Δ values, q values) of the post-GELU coarse grid
+
+
+def search_config(spec) -> dict:
+    """``DEFAULTS`` overridden by ``spec.search_cfg``; unknown keys and bad values raise."""
+    cfg = dict(DEFAULTS)
+    for key, value in (getattr(spec, 'search_cfg', None) or {}).items():
+        if key not in DEFAULTS:
+            raise ValueError(f'quant_cfg.search_cfg.{key}: unknown key; expected one of '
+                             f'{sorted(DEFAULTS)}')
+        cfg[key] = value
+    for key in _POSITIVE_INTS:
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f'quant_cfg.search_cfg.{key} must be a positive int, got {v!r}')
+    v = cfg['attn_images']
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f'quant_cfg.search_cfg.attn_images must be an int >= 0, got {v!r}')
+    if not 0 < float(cfg['alpha_min']) < float(cfg['alpha_max']):
+        raise ValueError('quant_cfg.search_cfg: need 0 < alpha_min < alpha_max, got '
+                         f'{cfg["alpha_min"]!r}, {cfg["alpha_max"]!r}')
+    if not isinstance(cfg['seed'], int):
+        raise ValueError(f'quant_cfg.search_cfg.seed must be an int, got {cfg["seed"]!r}')
+    return cfg
+
+
+# =================================================================================================
+# Batches
+# =================================================================================================
+def _batch_size(batch) -> Optional[int]:
+    """Images in a calibration batch, when it can be told from its structure."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, dict):
+        inp = batch.get('inputs')
+        if torch.is_tensor(inp) and inp.dim() > 0:
+            return int(inp.shape[0])
+        if isinstance(inp, (list, tuple)):
+            return len(inp)
+        return None
+    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]) \
+            and batch[0].dim() >= 2:
+        return int(batch[0].shape[0])       # (images, labels)
+    return None
+
+
+def _slice_batch(batch, start: int, stop: int, total: int):
+    """Images [start, stop) of a batch of ``total``: tensors and lists of length ``total`` are
+    sliced, dicts and tuples recursed into, anything else is shared."""
+    if torch.is_tensor(batch):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == total else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, _slice_batch(v, start, stop, total)) for k, v in batch.items())
+    if isinstance(batch, list):
+        if len(batch) == total:
+            return batch[start:stop]
+        return [_slice_batch(v, start, stop, total) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(_slice_batch(v, start, stop, total) for v in batch)
+    return batch
+
+
+def _output_count(out) -> int:
+    if torch.is_tensor(out):
+        return int(out.shape[0]) if out.dim() > 0 else 1
+    if isinstance(out, (list, tuple)):
+        return len(out)
+    return 1
+
+
+# =================================================================================================
+# Candidate spaces: a quantizer's candidate parameters as tensors with a leading candidate dim
+# =================================================================================================
+def _pview(p: torch.Tensor, ndim: int, axis: Optional[int], repeat: int = 1) -> torch.Tensor:
+    """Parameters (n,) or (n, C) → broadcastable against candidate data (n, *data), data.dim()=ndim,
+    with C on ``axis`` of the data (each entry repeated ``repeat`` times: conv patch columns)."""
+    n = p.shape[0]
+    if p.dim() == 1 or axis is None:
+        return p.reshape(n, *([1] * ndim))
+    if repeat > 1:
+        p = p.repeat_interleave(repeat, dim=1)
+    shape = [n] + [1] * ndim
+    shape[1 + axis] = p.shape[1]
+    return p.reshape(shape)
+
+
+def _take(p, idx):
+    return tuple(t[idx] for t in p)
+
+
+def _cat(*ps):
+    return tuple(torch.cat(ts) for ts in zip(*ps))
+
+
+class _Space:
+    """Candidates of one quantizer applied to data with ``ndim`` dims (channels on ``axis``)."""
+    per_channel = False
+    channels = 1
+
+    def __init__(self, q: Quantizer, ndim: int, axis: Optional[int] = None, repeat: int = 1):
+        self.q, self.ndim, self.axis, self.repeat = q, ndim, axis, repeat
+
+    def current(self):
+        raise NotImplementedError
+
+    def fq(self, x: torch.Tensor, p) -> torch.Tensor:
+        """Fake-quantize ``x`` with every candidate in ``p``: (n, *x.shape)."""
+        raise NotImplementedError
+
+    def apply(self, p) -> None:
+        raise NotImplementedError
+
+    def apply_current(self, x):
+        return self.fq(x, self.current())[0]
+
+
+class _UniformSpace(_Space):
+    """α ↦ range [α·min₀, α·max₀] of the pre-search calibrated range (symmetric: Δ = α·Δ₀)."""
+
+    def __init__(self, q: UniformQuantizer, ndim, axis=None, repeat=1, per_channel=False):
+        super().__init__(q, ndim, axis if q.scale.dim() == 1 else None, repeat)
+        self.s0 = q.scale.detach().float().clone()
+        z0 = q.zero_point.detach().float().clone()
+        self.per_channel = bool(per_channel and self.s0.dim() == 1 and self.s0.numel() > 1)
+        self.channels = self.s0.numel() if self.per_channel else 1
+        if not q.symmetric:
+            self.min0 = (q.qmin - z0) * self.s0
+            self.max0 = (q.qmax - z0) * self.s0
+
+    def from_alpha(self, a: torch.Tensor):
+        """α (n,) shared by all channels, or (n, C) one per channel → (scale, zero_point)."""
+        q = self.q
+        a = a.to(device=self.s0.device, dtype=torch.float32)
+        n = a.shape[0]
+        if a.dim() == 1:
+            a = a.reshape(n, *([1] * self.s0.dim()))
+        if q.symmetric:
+            s = (a * self.s0).clamp(min=MIN_SCALE)
+            z = torch.zeros_like(s)
+        else:
+            s, z = scale_zero_point(a * self.min0, a * self.max0, q.bits, False, q.signed)
+        shape = (n, *self.s0.shape)
+        return s.expand(shape).contiguous(), z.expand(shape).contiguous()
+
+    def current(self):
+        return (self.q.scale.detach().float()[None].clone(),
+                self.q.zero_point.detach().float()[None].clone())
+
+    def fq(self, x, p):
+        s = _pview(p[0], self.ndim, self.axis, self.repeat)
+        z = _pview(p[1], self.ndim, self.axis, self.repeat)
+        return (torch.clamp(torch.round(x / s) + z, self.q.qmin, self.q.qmax) - z) * s
+
+    def apply(self, p):
+        self.q.set_params(p[0][0], p[1][0])
+
+
+class _ExpSpace(_Space):
+    """PTQ4ViT twin uniform: one integer exponent (softmax split i, or GELU m)."""
+
+    def __init__(self, q, ndim):
+        super().__init__(q, ndim)
+        if isinstance(q, TwinUniformSoftmaxQuantizer):
+            self.fn, self.attr = twin_softmax_fake_quant, 'split_exp'
+        else:
+            self.fn, self.attr = twin_gelu_fake_quant, 'pos_exp'
+
+    def grid(self):
+        return (torch.tensor(self.q.candidate_exps(), dtype=torch.int64),)
+
+    def current(self):
+        return (getattr(self.q, self.attr).detach().reshape(1).to(torch.int64).cpu().clone(),)
+
+    def fq(self, x, p):
+        e = p[0].to(x.device).reshape(-1, *([1] * self.ndim))
+        return self.fn(x, e, self.q.bits)
+
+    def apply(self, p):
+        self.q.set_params(int(p[0][0]))
+
+
+class _AdaLogSpace(_Space):
+    """AdaLog: (Δ, q); Δ stays fixed unless the quantizer searches it (post-GELU)."""
+
+    def __init__(self, q: AdaLogQuantizer, ndim):
+        super().__init__(q, ndim)
+        self.two_d = q.searches_delta
+
+    def current(self):
+        return (self.q.delta.detach().float().reshape(1).cpu().clone(),
+                self.q.q.detach().reshape(1).to(torch.int64).cpu().clone())
+
+    def fq(self, x, p):
+        shape = (-1, *([1] * self.ndim))
+        d = p[0].to(device=x.device, dtype=torch.float32).reshape(shape)
+        qq = p[1].to(x.device).reshape(shape)
+        q = self.q
+        return adalog_fake_quant(x, d, qq, q.bits, q.r, q.shift, True, q.lut.to(x.device))
+
+    def apply(self, p):
+        self.q.set_params(delta=float(p[0][0]), q=int(p[1][0]))
+
+
+def _active(q) -> bool:
+    return q is not None and q.mode == 'quant' and bool(q.calibrated)
+
+
+def _searchable_type(q) -> bool:
+    return isinstance(q, (UniformQuantizer, TwinUniformSoftmaxQuantizer, TwinUniformGeluQuantizer,
+                          AdaLogQuantizer))
+
+
+# =================================================================================================
+# Search of one quantizer given a scorer: scorer(params) -> (n, channels) scores, higher is better
+# =================================================================================================
+def _nan_low(s: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(s, nan=float('-inf'))
+
+
+def _top_cols(rows, scores, k):
+    order = torch.sort(_nan_low(scores), dim=0, descending=True, stable=True).indices[:k]
+    return torch.gather(rows, 0, order), torch.gather(scores, 0, order)
+
+
+def _fpcs_columns(init, spacing, score_fn, channels, top_k, levels, eq_n, lower):
+    """``fast_progressive_combining_search`` for d = 1, run independently for ``channels`` columns
+    whose scores are independent (per-output-channel / per-head scales), vectorised: candidate rows
+    are (m, C), one value per column, ``score_fn`` returns (m, C). Same grid rule as the library
+    (m = eq_n // top_k points per survivor at offsets (t − (m−1)/2)·δ/(m − 0.5), survivors kept,
+    δ ← δ/(m − 0.5)); returns the best value and score per column."""
+    init = init.to(torch.float64)
+    cands = init.reshape(-1, 1).expand(-1, channels).contiguous()
+    scores = score_fn(cands)
+    surv, surv_s = _top_cols(cands, scores, top_k)
+    m = max(1, eq_n // top_k)
+    delta = float(spacing)
+    for _ in range(1, levels):
+        if m < 2:
+            break
+        step = delta / (m - 0.5)
+        offs = (torch.arange(m, dtype=torch.float64) - (m - 1) / 2) * step
+        offs = offs[offs != 0]
+        new = (surv[:, None, :] + offs[None, :, None]).reshape(-1, channels).clamp(min=lower)
+        pool = torch.cat([surv, new])
+        pool_s = torch.cat([surv_s, score_fn(new)])
+        surv, surv_s = _top_cols(pool, pool_s, top_k)
+        delta = step
+    return surv[0], surv_s[0]
+
+
+def _pick_columns(space, cand, scores):
+    """Per channel, the best candidate row (ties → the earliest row)."""
+    idx = torch.argmax(_nan_low(scores), dim=0).to(cand[0].device)
+    cols = torch.arange(scores.shape[1], device=cand[0].device)
+    return tuple(t[idx, cols][None] for t in cand)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
+
+
+def search_quantizer(space: _Space, scorer: Callable, method: str, cfg: dict) -> bool:
+    """One coordinate step: choose ``space.q``'s parameters by ``scorer``; True if they changed.
+
+    ``method``: 'grid' (PTQ4ViT grids) or 'fpcs' (AdaLog). The current parameters are always a
+    candidate and win ties."""
+    cur = space.current()
+    per_ch = space.per_channel
+
+    def total(p):
+        return scorer(p).sum(dim=1)
+
+    if isinstance(space, _UniformSpace):
+        if method == 'grid':
+            alphas = ptq4vit_candidates(torch.tensor(1.0, dtype=torch.float64), cfg['alpha_min'],
+                                        cfg['alpha_max'], cfg['grid_n'])
+            cand = _cat(cur, space.from_alpha(alphas))
+            if per_ch:
+                best = _pick_columns(space, cand, scorer(cand))
+            else:
+                idx, _, _ = grid_search(torch.arange(cand[0].shape[0]),
+                                        lambda i: total(_take(cand, i.to(cand[0].device))))
+                best = _take(cand, slice(int(idx), int(idx) + 1))
+        else:
+            a0, a1, n = float(cfg['alpha_min']), float(cfg['alpha_max']), cfg['eq_n']
+            init = torch.linspace(a0, a1, n, dtype=torch.float64)
+            spacing = (a1 - a0) / max(n - 1, 1)
+            if per_ch:
+                alpha, _ = _fpcs_columns(init, spacing, lambda a: scorer(space.from_alpha(a)),
+                                         space.channels, cfg['top_k'], cfg['levels'], n,
+                                         ALPHA_FLOOR)
+                cand = _cat(cur, space.from_alpha(alpha[None]))
+                best = _pick_columns(space, cand, scorer(cand))
+            else:
+                alpha, _ = fast_progressive_combining_search(
+                    init, spacing, lambda a: total(space.from_alpha(a[:, 0])), top_k=cfg['top_k'],
+                    levels=cfg['levels'], eq_n=n, lower=ALPHA_FLOOR)
+                cand = _cat(cur, space.from_alpha(alpha.reshape(1)))
+                s = total(cand)
+                best = _take(cand, slice(1, 2)) if bool(s[1] > s[0]) else cur
+    elif isinstance(space, _ExpSpace):
+        cand = _cat(cur, space.grid())
+        idx, _, _ = grid_search(torch.arange(cand[0].shape[0]), lambda i: total(_take(cand, i)))
+        best = _take(cand, slice(int(idx), int(idx) + 1))
+    elif isinstance(space, _AdaLogSpace):
+        qs = adalog_base_candidates().to(torch.float64)
+        if not space.two_d:
+            d = cur[0]
+
+            def score_q(a):
+                q = torch.round(a[:, 0]).to(torch.int64)
+                return total((d.expand(q.shape[0]).clone(), q))
+            best_q, _ = fast_progressive_combining_search(
+                qs, 1.0, score_q, top_k=cfg['top_k'], levels=cfg['levels'], eq_n=cfg['eq_n'],
+                integer_dims=(0,), lower=1.0)
+            cand = _cat(cur, (d.clone(), torch.round(best_q).to(torch.int64).reshape(1)))
+        else:
+            top = space.top
+            nd, nq = ADALOG_GELU_GRID
+            ds = torch.linspace(0.25, 1.2, nd, dtype=torch.float64) * top
+            qv = torch.round(torch.linspace(ADALOG_Q_MIN, ADALOG_Q_MAX, nq, dtype=torch.float64))
+            init = torch.cartesian_prod(ds, qv)
+            spacing = [float(ds[1] - ds[0]), float(qv[1] - qv[0])]
+
+            def score_dq(a):
+                return total((a[:, 0].float().clamp(min=MIN_SCALE),
+                              torch.round(a[:, 1]).to(torch.int64)))
+            best_dq, _ = fast_progressive_combining_search(
+                init, spacing, score_dq, top_k=cfg['top_k'], levels=cfg['levels'],
+                eq_n=cfg['eq_n'], integer_dims=(1,), lower=[MIN_SCALE, 1.0])
+            cand = _cat(cur, (best_dq[0].float().clamp(min=MIN_SCALE).reshape(1),
+                              torch.round(best_dq[1]).to(torch.int64).reshape(1)))
+        s = total(cand)
+        best = _take(cand, slice(1, 2)) if bool(s[1] > s[0]) else cur
+    else:  # pragma: no cover - filtered by _searchable_type
+        return False
+    if _same(best, cur):
+        return False
+    space.apply(best)
+    return True
+
+
+def _chunks(n: int, per_candidate: int, budget: int):
+    step = max(1, budget // max(per_candidate, 1))
+    for i in range(0, n, step):
+        yield slice(i, min(n, i + step))
+
+
+# =================================================================================================
+# Capture
+# =================================================================================================
+class _RowCapture:
+    """Forward hook of a Linear / Conv: keeps a random subsample of input rows (Conv: patches)."""
+
+    def __init__(self, mod: nn.Module, index: int, seed: int):
+        self.mod, self.index, self.seed = mod, index, seed
+        self.is_conv = isinstance(mod, nn.Conv2d)
+        self.quota = 1
+        self.xs: List[torch.Tensor] = []
+        self.gs: List[torch.Tensor] = []
+        self.pending: List[torch.Tensor] = []
+        self.want_grad = False
+        self.calls = 0
+        self.in_ndim = None
+
+    def _choose(self, total: int, device) -> torch.Tensor:
+        if total <= self.quota:
+            return torch.arange(total, device=device)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index * 7919 + self.calls)
+        return torch.randperm(total, generator=g)[:self.quota].sort().values.to(device)
+
+    def hook(self, mod, args, out):
+        x = args[0].detach()
+        with torch.no_grad():
+            if self.in_ndim is None:
+                self.in_ndim = x.dim()
+            if self.is_conv:
+                if x.dim() == 3:
+                    x, out = x.unsqueeze(0), out.unsqueeze(0)
+                b, _, oh, ow = out.shape
+                idx = self._choose(b * oh * ow, x.device)
+                rows = self._patches(x, idx, oh, ow)
+            else:
+                flat = x.reshape(-1, x.shape[-1])
+                idx = self._choose(flat.shape[0], x.device)
+                rows = flat[idx]
+            self.xs.append(rows.float().clone())
+        if self.want_grad:
+            self.pending.append(idx)
+        self.calls += 1
+
+    def _patches(self, x, idx, oh, ow):
+        m = self.mod
+        if m.padding_mode == 'zeros':
+            xp = F.pad(x, m._reversed_padding_repeated_twice)
+        else:
+            xp = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+        kh, kw = m.kernel_size
+        sh, sw = m.stride
+        dh, dw = m.dilation
+        b = idx // (oh * ow)
+        rem = idx % (oh * ow)
+        hi = (rem // ow)[:, None] * sh + torch.arange(kh, device=x.device) * dh
+        wi = (rem % ow)[:, None] * sw + torch.arange(kw, device=x.device) * dw
+        p = xp[b[:, None, None], :, hi[:, :, None], wi[:, None, :]]   # (R, kh, kw, C)
+        return p.permute(0, 3, 1, 2).reshape(idx.shape[0], -1)
+
+    def add_grads(self, grads: List[torch.Tensor], factor: float):
+        if len(grads) != len(self.pending):
+            raise RuntimeError('gradient / call count mismatch')
+        for idx, g in zip(self.pending, grads):
+            g = g.detach()
+            if self.is_conv:
+                if g.dim() == 3:
+                    g = g.unsqueeze(0)
+                g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+            else:
+                g = g.reshape(-1, g.shape[-1])
+            self.gs.append((g[idx] * factor).float().clone())
+        self.pending = []
+
+    def result(self, max_rows: int, with_grads: bool):
+        X = torch.cat(self.xs) if self.xs else None
+        G = torch.cat(self.gs) if with_grads and self.gs else None
+        if X is not None and X.shape[0] > max_rows:
+            keep = torch.linspace(0, X.shape[0] - 1, max_rows).round().long().to(X.device)
+            X = X[keep]
+            G = None if G is None else G[keep]
+        self.xs, self.gs = [], []
+        return X, G
+
+
+class _AttnRecorder:
+    """``AttentionQuantizers._recorder``: keeps the float operands of the first images."""
+
+    def __init__(self, max_queries: int, seed: int, index: int):
+        self.records: List[dict] = []
+        self.frac = 0.0
+        self.max_queries, self.seed, self.index = max_queries, seed, index
+
+    def __call__(self, aq, q, k, v, scale, bias, mask, mask_fn):
+        if self.frac <= 0:
+            return
+        with torch.no_grad():
+            B = q.shape[0]
+            rows = min(B, math.ceil(B * self.frac - 1e-9))
+            if mask is not None and mask_fn is not None and mask.dim() >= 1:
+                nw = mask.shape[0]
+                rows = min(B, -(-rows // nw) * nw)
+            n = q.shape[-2]
+            qidx = None
+            if n > self.max_queries and mask_fn is None:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index * 7919
+                                                  + len(self.records))
+                qidx = torch.randperm(n, generator=g)[:self.max_queries].sort().values.to(q.device)
+
+            def rows_of(t):
+                return t[:rows].detach().float().clone()
+            rec = dict(q=rows_of(q), k=rows_of(k), v=rows_of(v), scale=scale, mask_fn=mask_fn,
+                       bias=None if bias is None else bias.detach().float().clone(), mask=None)
+            if mask is not None:
+                mk = mask.detach()
+                if mask_fn is None and mk.dim() == 4 and mk.shape[0] == B:
+                    mk = mk[:rows]
+                rec['mask'] = mk.clone()
+            if qidx is not None:
+                rec['q'] = rec['q'][:, :, qidx]
+                if rec['bias'] is not None and rec['bias'].dim() >= 2 and rec['bias'].shape[-2] == n:
+                    rec['bias'] = rec['bias'][..., qidx, :]
+                if rec['mask'] is not None and rec['mask'].dim() >= 2 and rec['mask'].shape[-2] == n:
+                    rec['mask'] = rec['mask'][..., qidx, :]
+            self.records.append(rec)
+
+
+class _NonTensorOutput(Exception):
+    def __init__(self, count):
+        super().__init__('model output is not a tensor')
+        self.count = count
+
+
+class _ForwardFn(nn.Module):
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+def _capture(model, lin_mods, attn_mods, batches, forward_fn, cfg, hessian):
+    """Float-model capture. Returns ({mod: (X, G)}, {aq: [records]}, metric, images)."""
+    from .calibration import named_quantizers, refresh, set_quant_mode
+    caps = {m: _RowCapture(m, i, cfg['seed']) for i, m in enumerate(lin_mods)}
+    recs = {a: _AttnRecorder(cfg['attn_rows'], cfg['seed'], i) for i, a in enumerate(attn_mods)}
+    images, attn_images = cfg['images'], cfg['attn_images']
+    use_grad = bool(hessian and lin_mods)
+    metric = 'hessian' if hessian else 'mse'
+    saved_modes = [(q, q.mode) for _, q in named_quantizers(model)]
+    was_training = model.training
+    handles = [m.register_forward_hook(c.hook) for m, c in caps.items()]
+    for a, r in recs.items():
+        a._recorder = r
+    wrapper = _ForwardFn(model, forward_fn)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    saved_req = [p.requires_grad for p in params]
+
+    state = dict(count=None)
+
+    def loss_fn(outputs, ref):
+        state['count'] = _output_count(outputs)
+        if not torch.is_tensor(outputs):
+            raise _NonTensorOutput(_output_count(outputs))
+        return pseudo_label_loss(outputs, ref)
+
+    def run_piece(piece, count):
+        nonlocal use_grad, metric
+        share = count if count is not None else images
+        for c in caps.values():
+            c.quota = max(1, math.ceil(cfg['max_rows'] * share / images))
+            c.want_grad = use_grad
+            c.pending = []
+        if use_grad:
+            leaf = torch.is_tensor(piece) and piece.is_floating_point()
+            for p in params:
+                p.requires_grad_(not leaf)
+            try:
+                grads = output_gradients(wrapper, (piece,), list(caps), loss_fn=loss_fn)
+                n = count if count is not None else state['count']
+                for m, c in caps.items():
+                    c.add_grads(grads[m], float(n))
+                return n
+            except _NonTensorOutput as err:
+                logger.info('layer search: the model output is not a tensor (a detector?); using '
+                            'the layer-output MSE instead of the Hessian-guided metric')
+                use_grad, metric = False, 'mse'
+                return count if count is not None else err.count
+            except RuntimeError as err:
+                logger.warning('layer search: output gradients unavailable (%s); using the '
+                               'layer-output MSE instead of the Hessian-guided metric', err)
+                use_grad, metric = False, 'mse'
+                return count if count is not None else 1
+            finally:
+                for p, r in zip(params, saved_req):
+                    p.requires_grad_(r)
+        with torch.no_grad():
+            out = forward_fn(model, piece)
+        return count if count is not None else _output_count(out)
+
+    try:
+        set_quant_mode(model, 'float')
+        model.eval()
+        seen = 0
+        for batch in batches:
+            if seen >= images:
+                break
+            n = _batch_size(batch)
+            if n is None:
+                pieces = [(batch, None)]
+            else:
+                take = min(n, images - seen)
+                step = cfg['grad_batch'] if use_grad else take
+                pieces = []
+                for s in range(0, take, step):
+                    e = min(take, s + step)
+                    pieces.append((batch if (s == 0 and e == n) else
+                                   _slice_batch(batch, s, e, n), e - s))
+            for piece, count in pieces:
+                left = attn_images - seen
+                for r in recs.values():
+                    r.frac = (min(1.0, left / count) if count else 1.0) if left > 0 else 0.0
+                seen += run_piece(piece, count)
+        if seen == 0:
+            raise ValueError('layer search received no calibration batches')
+    finally:
+        for h in handles:
+            h.remove()
+        for a in recs:
+            a.__dict__.pop('_recorder', None)
+        for q, mode in saved_modes:
+            q.mode = mode
+        refresh(model)
+        model.train(was_training)
+    rows = {m: c.result(cfg['max_rows'], metric == 'hessian') for m, c in caps.items()}
+    for m, c in caps.items():
+        rows[m] = rows[m] + (c.in_ndim,)
+    return rows, {a: r.records for a, r in recs.items()}, metric, seen
+
+
+# =================================================================================================
+# Linear / Conv
+# =================================================================================================
+class _LinearProblem:
+    """Search data of one Linear / Conv: X (R, K) rows, optional g (R, C), float W (C, K)."""
+
+    def __init__(self, mod, X, G, metric, in_apply, in_space, w_space, budget):
+        self.mod, self.X, self.G, self.metric = mod, X, G, metric
+        self.W = mod.weight.detach().float().reshape(mod.weight.shape[0], -1)
+        self.in_apply, self.in_space, self.w_space, self.budget = in_apply, in_space, w_space, budget
+        self.R, self.K = X.shape
+        self.C = self.W.shape[0]
+
+    def x_hat(self):
+        return self.X if self.in_apply is None else self.in_apply(self.X)
+
+    def w_hat(self):
+        wq = self.mod.w_quantizer
+        if _active(wq):
+            return wq.fake_quant(self.mod.weight.detach()).float().reshape(self.C, -1)
+        return self.W
+
+    def score(self) -> float:
+        """The layer's current score (−mean error, Hessian-weighted for 'hessian')."""
+        O = self.X @ self.W.t()
+        Oh = self.x_hat() @ self.w_hat().t()
+        if self.G is not None:
+            return float(hessian_guided_score(O, Oh, self.G))
+        return -float(((O - Oh) ** 2).mean())
+
+    def weight_scorer(self):
+        X, W, G = self.X, self.W, self.G
+        Xh = self.x_hat()
+        E0 = (Xh - X) @ W.t()                                   # (R, C)
+        R, K, C = self.R, self.K, self.C
+        gram = G is None and K < R
+        if gram:
+            Gx = Xh.t() @ Xh                                    # (K, K)
+            H = E0.t() @ Xh                                     # (C, K)
+            c0 = (E0 * E0).sum(0)                               # (C,)
+        norm = float(R * C)
+        space = self.w_space
+
+        def scorer(p):
+            n, out = p[0].shape[0], []
+            per = 3 * C * K if gram else C * K + 2 * R * C
+            for sl in _chunks(n, per, self.budget):
+                dW = space.fq(W, _take(p, sl)) - W              # (m, C, K)
+                if gram:
+                    err = ((dW @ Gx) * dW).sum(-1) + 2 * (dW * H).sum(-1) + c0
+                else:
+                    E = torch.matmul(Xh, dW.transpose(1, 2)) + E0   # (m, R, C)
+                    if G is not None:
+                        E = E * G
+                    err = (E * E).sum(1)
+                out.append(-err.double() / norm)
+            return torch.cat(out)                               # (n, C)
+        return scorer
+
+    def input_scorer(self):
+        X, W, G = self.X, self.W, self.G
+        Wh = self.w_hat()
+        Ew = X @ (Wh - W).t()                                   # (R, C)
+        R, K, C = self.R, self.K, self.C
+        gram = G is None and K < C
+        if gram:
+            M = Wh.t() @ Wh                                     # (K, K)
+            T = Ew @ Wh                                         # (R, K)
+            c = float((Ew * Ew).sum())
+        zeros = torch.zeros_like(Ew) if G is not None else None
+        norm = float(R * C)
+        space = self.in_space
+
+        def scorer(p):
+            n, out = p[0].shape[0], []
+            per = 3 * R * K if gram else R * K + 3 * R * C
+            for sl in _chunks(n, per, self.budget):
+                D = space.fq(X, _take(p, sl)) - X               # (m, R, K)
+                if gram:
+                    err = ((D @ M) * D).sum((1, 2)) + 2 * (D * T).sum((1, 2)) + c
+                    out.append(-err.double() / norm)
+                else:
+                    E = D @ Wh.t() + Ew                         # (m, R, C) = Ô − O
+                    if G is not None:
+                        # hessian_guided_score depends on O − Ô only: pass (0, Ô − O).
+                        out.append(hessian_guided_score(zeros, E, G).double())
+                    else:
+                        out.append(-(E * E).sum((1, 2)).double() / norm)
+            return torch.cat(out)[:, None]                      # (n, 1)
+        return scorer
+
+
+def _row_layout(q, mod, in_ndim):
+    """(axis, repeat) placing an input quantizer's channels on X's columns, or None if impossible."""
+    ch = getattr(q, 'ch_axis', None)
+    if ch is None or (isinstance(q, UniformQuantizer) and q.scale.dim() == 0):
+        return (None, 1)
+    if not isinstance(q, UniformQuantizer):
+        return None
+    if isinstance(mod, nn.Conv2d):
+        if in_ndim in (3, 4) and ch % in_ndim == in_ndim - 3:
+            return (1, mod.kernel_size[0] * mod.kernel_size[1])
+        return None
+    if in_ndim and ch % in_ndim == in_ndim - 1:
+        return (1, 1)
+    return None
+
+
+def _make_space(q, ndim, axis=None, repeat=1, per_channel=False):
+    if isinstance(q, UniformQuantizer):
+        return _UniformSpace(q, ndim, axis, repeat, per_channel)
+    if isinstance(q, (TwinUniformSoftmaxQuantizer, TwinUniformGeluQuantizer)):
+        return _ExpSpace(q, ndim)
+    if isinstance(q, AdaLogQuantizer):
+        return _AdaLogSpace(q, ndim)
+    return None
+
+
+def _weight_space(mod):
+    wq = mod.w_quantizer
+    if not (_active(wq) and isinstance(wq, UniformQuantizer)):
+        return None
+    if wq.ch_axis is not None and wq.scale.dim() == 1 and wq.scale.numel() > 1:
+        if wq.ch_axis % mod.weight.dim() != 0 or wq.scale.numel() != mod.weight.shape[0]:
+            return None
+        return _UniformSpace(wq, 2, 0, 1, per_channel=True)
+    return _UniformSpace(wq, 2)
+
+
+def _search_linear(mod, X, G, in_ndim, metric, in_q, search_in, method, cfg):
+    """Alternating weight / input search of one Linear / Conv. Returns a report dict."""
+    w_space = _weight_space(mod)
+    in_space, in_apply = None, None
+    if _active(in_q):
+        layout = _row_layout(in_q, mod, in_ndim)
+        if layout is None:
+            return dict(skipped='its input quantizer\'s channel axis is not the feature axis')
+        searchable = search_in and _searchable_type(in_q)
+        if searchable or isinstance(in_q, UniformQuantizer):
+            sp = _make_space(in_q, 2, layout[0], layout[1], per_channel=False)
+            in_apply = sp.apply_current
+            if searchable:
+                in_space = sp
+                if isinstance(sp, _AdaLogSpace) and sp.two_d:
+                    sp.top = max(float(X.max()) + in_q.shift, MIN_SCALE)
+        else:
+            def in_apply(x):
+                return in_q.fake_quant(x).float()
+    prob = _LinearProblem(mod, X, G, metric, in_apply, in_space, w_space, cfg['chunk_elems'])
+    before = prob.score()
+    rounds = 0
+    for _ in range(cfg['rounds']):
+        rounds += 1
+        changed = False
+        if w_space is not None:
+            changed |= search_quantizer(w_space, prob.weight_scorer(), method, cfg)
+        if in_space is not None:
+            changed |= search_quantizer(in_space, prob.input_scorer(), method, cfg)
+        if not changed:
+            break
+    mod.refresh()
+    rep = dict(before=before, after=prob.score(), rows=prob.R, rounds=rounds,
+               searched=[n for n, s in (('weight', w_space), ('input', in_space)) if s is not None])
+    if G is not None:
+        rep['grad_rms'] = float(G.pow(2).mean().sqrt())
+    return rep
+
+
+# =================================================================================================
+# Attention
+# =================================================================================================
+def _att_logits(aq, q, k, scale, bias, mask, mask_fn, quant: bool):
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + (aq.rel_pos_bias(bias) if quant and _active(aq.rel_pos_bias) else bias)
+    if mask is not None:
+        if quant and _active(aq.mask):
+            mask = aq.mask(mask)
+        logits = mask_fn(logits, mask) if mask_fn is not None else logits + mask
+    return logits
+
+
+class _AttnProblem:
+    def __init__(self, aq: AttentionQuantizers, records, budget):
+        self.aq, self.records, self.budget = aq, records, budget
+        self.heads = records[0]['q'].shape[1]
+        for r in records:
+            logits = _att_logits(aq, r['q'], r['k'], r['scale'], r['bias'], r['mask'],
+                                 r['mask_fn'], False)
+            r['P'] = logits.softmax(dim=-1)
+            r['O'] = r['P'] @ r['v']
+        self.n_logits = float(sum(r['q'].shape[0] * r['q'].shape[1] * r['q'].shape[2]
+                                  * r['k'].shape[2] for r in records))
+        self.n_out = float(sum(r['O'].numel() for r in records))
+
+    @staticmethod
+    def _cur(q, x):
+        return q(x) if _active(q) else x
+
+    def probs_from_logits(self, r, qh, kh, apply_probs=True):
+        aq = self.aq
+        logits = _att_logits(aq, qh, kh, r['scale'], r['bias'], r['mask'], r['mask_fn'], True)
+        if aq.fused_softmax:
+            return aq.probs(logits) if _active(aq.probs) else logits.softmax(dim=-1)
+        if _active(aq.logits):
+            logits = aq.logits(logits)
+        s = logits.softmax(dim=-1)
+        return self._cur(aq.probs, s) if apply_probs else s
+
+    def score(self) -> float:
+        aq, err = self.aq, 0.0
+        for r in self.records:
+            qh, kh, vh = self._cur(aq.q, r['q']), self._cur(aq.k, r['k']), self._cur(aq.v, r['v'])
+            Oh = self.probs_from_logits(r, qh, kh) @ vh
+            err += float(((Oh - r['O']) ** 2).sum())
+        return -err / self.n_out
+
+    def operand_scorer(self, role: str, space):
+        """q (role 'q') or k ('k') on the logits error scale·(âb̂ᵀ − abᵀ), per head."""
+        aq = self.aq
+        other = 'k' if role == 'q' else 'q'
+        pre = []
+        for r in self.records:
+            a, b = r[role], r[other]
+            bh = self._cur(getattr(aq, other), b)
+            db = bh - b
+            Gb = bh.transpose(-2, -1) @ bh                          # (B, H, d, d)
+            T = a @ (db.transpose(-2, -1) @ bh)                     # (B, H, Na, d)
+            c = ((a @ (db.transpose(-2, -1) @ db)) * a).sum((0, 2, 3))   # (H,)
+            s2 = float(r['scale']) ** 2
+            pre.append((a, Gb, T, c, s2))
+        norm = self.n_logits
+
+        def scorer(p):
+            n = p[0].shape[0]
+            total = torch.zeros(n, self.heads, dtype=torch.float64)
+            for a, Gb, T, c, s2 in pre:
+                parts = []
+                for sl in _chunks(n, 3 * a.numel(), self.budget):
+                    D = space.fq(a, _take(p, sl)) - a               # (m, B, H, Na, d)
+                    e = ((D @ Gb) * D).sum((1, 3, 4)) + 2 * (D * T).sum((1, 3, 4)) + c
+                    parts.append(e.double() * s2)
+                total += torch.cat(parts).cpu()
+            return -total / norm
+        return scorer
+
+    def probs_scorer(self, space):
+        aq = self.aq
+        pre = []
+        for r in self.records:
+            qh, kh, vh = self._cur(aq.q, r['q']), self._cur(aq.k, r['k']), self._cur(aq.v, r['v'])
+            S = self.probs_from_logits(r, qh, kh, apply_probs=False)
+            F2 = r['P'] @ (vh - r['v'])                              # (B, H, Nq, d)
+            pre.append((S, vh, F2, r['P']))
+        norm = self.n_out
+
+        def scorer(p):
+            n = p[0].shape[0]
+            total = torch.zeros(n, self.heads, dtype=torch.float64)
+            for S, vh, F2, P in pre:
+                parts = []
+                for sl in _chunks(n, 3 * S.numel(), self.budget):
+                    E = (space.fq(S, _take(p, sl)) - P) @ vh + F2   # (m, B, H, Nq, d)
+                    parts.append((E * E).sum((1, 3, 4)).double())
+                total += torch.cat(parts).cpu()
+            return -total / norm
+        return scorer
+
+    def v_scorer(self, space):
+        aq = self.aq
+        pre = []
+        for r in self.records:
+            qh, kh = self._cur(aq.q, r['q']), self._cur(aq.k, r['k'])
+            Ph = self.probs_from_logits(r, qh, kh)
+            F3 = (Ph - r['P']) @ r['v']
+            pre.append((Ph, F3, r['v']))
+        norm = self.n_out
+
+        def scorer(p):
+            n = p[0].shape[0]
+            total = torch.zeros(n, self.heads, dtype=torch.float64)
+            for Ph, F3, v in pre:
+                parts = []
+                for sl in _chunks(n, 2 * v.numel() + F3.numel(), self.budget):
+                    E = Ph @ (space.fq(v, _take(p, sl)) - v) + F3   # (m, B, H, Nq, d)
+                    parts.append((E * E).sum((1, 3, 4)).double())
+                total += torch.cat(parts).cpu()
+            return -total / norm
+        return scorer
+
+
+def _attn_space(q, heads):
+    if not (_active(q) and _searchable_type(q)):
+        return None
+    if isinstance(q, UniformQuantizer):
+        axis = None if q.ch_axis is None or q.scale.dim() == 0 else q.ch_axis % 4
+        per_head = axis == 1 and q.scale.numel() == heads
+        return _UniformSpace(q, 4, axis, 1, per_channel=per_head)
+    if getattr(q, 'ch_axis', None) is not None:
+        return None
+    return _make_space(q, 4)
+
+
+def _search_attention(aq, records, method, cfg):
+    prob = _AttnProblem(aq, records, cfg['chunk_elems'])
+    H = prob.heads
+    spaces = dict(q=_attn_space(aq.q, H), k=_attn_space(aq.k, H),
+                  probs=None if aq.fused_softmax else _attn_space(aq.probs, H),
+                  v=_attn_space(aq.v, H))
+    if spaces['probs'] is not None and isinstance(spaces['probs'], _AdaLogSpace) \
+            and spaces['probs'].two_d:
+        spaces['probs'].top = max(1.0 + aq.probs.shift, MIN_SCALE)
+    before = prob.score()
+    rounds = 0
+    for _ in range(cfg['rounds']):
+        rounds += 1
+        changed = False
+        for role in ('q', 'k', 'probs', 'v'):
+            sp = spaces[role]
+            if sp is None:
+                continue
+            if role in ('q', 'k'):
+                scorer = prob.operand_scorer(role, sp)
+            elif role == 'probs':
+                scorer = prob.probs_scorer(sp)
+            else:
+                scorer = prob.v_scorer(sp)
+            changed |= search_quantizer(sp, scorer, method, cfg)
+        if not changed:
+            break
+    aq.refresh()
+    return dict(before=before, after=prob.score(), rounds=rounds,
+                images_rows=sum(r['q'].shape[0] for r in records),
+                searched=[k for k, s in spaces.items() if s is not None])
+
+
+# =================================================================================================
+# Driver
+# =================================================================================================
+def _feeders(model) -> Dict[str, tuple]:
+    """Linear path → (LayerNorm output quantizer, searched-here) for Linears without an input
+    quantizer of their own (qkv / fc1 / patch-merging reduction: the norm's output quantizer
+    quantizes their input). A norm feeding several Linears is searched with the first."""
+    out = {}
+    for norm_path, lin_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
+        try:
+            norm = model.get_submodule(norm_path)
+        except AttributeError:
+            continue
+        oq = getattr(norm, 'out_quantizer', None)
+        if oq is None or getattr(norm, 'integer', False):
+            continue
+        for i, p in enumerate(lin_paths):
+            out[p] = (oq, i == 0)
+    return out
+
+
+def _targets(model):
+    feeders = _feeders(model)
+    lins, attns = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            if isinstance(mod, QuantConv2d) and mod.groups != 1:
+                logger.info('layer search: %s is a grouped convolution; not searched', name)
+                continue
+            in_q, own = mod.in_quantizer, True
+            if in_q is None and name in feeders:
+                in_q, own = feeders[name]
+            w_ok = _weight_space(mod) is not None
+            i_ok = own and _active(in_q) and _searchable_type(in_q)
+            if w_ok or i_ok:
+                lins.append((name, mod, in_q, bool(i_ok)))
+        elif isinstance(mod, AttentionQuantizers):
+            roles = [mod.q, mod.k, mod.v] + ([] if mod.fused_softmax else [mod.probs])
+            if any(_active(q) and _searchable_type(q) for q in roles):
+                attns.append((name, mod))
+    return lins, attns
+
+
+def run_layer_search(model: nn.Module, spec, batches, forward_fn: Callable = None,
+                     progress: bool = True) -> dict:
+    """Search the quantizer parameters of every Linear / Conv / attention of a calibrated model.
+
+    Args:
+        model: converted and calibrated model (quantizers in 'quant' mode).
+        spec: its ``QuantSpec``; ``spec.search`` is 'hessian' (PTQ4ViT) or 'fpcs' (AdaLog),
+            ``spec.search_cfg`` overrides ``DEFAULTS``.
+        batches: the calibration batches (re-iterated; the first ``images`` images are used).
+        forward_fn: ``forward_fn(model, batch) -> output`` (default ``model(batch)``).
+        progress: one log line per module.
+
+    Returns a report: ``dict(metric=..., images=..., capture_s=..., modules={name: dict(before,
+    after, ...)})`` with each module's score (higher is better) before and after its search.
+    """
+    cfg = search_config(spec)
+    if spec.search not in ('hessian', 'fpcs'):
+        raise ValueError(f'run_layer_search: spec.search must be "hessian" or "fpcs", got '
+                         f'{spec.search!r}')
+    forward_fn = forward_fn or (lambda m, b: m(b))
+    method = 'grid' if spec.search == 'hessian' else 'fpcs'
+    lins, attns = _targets(model)
+    report = dict(metric=None, images=0, capture_s=0.0, modules={})
+    if not lins and not attns:
+        logger.info('layer search: nothing to search')
+        return report
+    if cfg['attn_images'] == 0:
+        attns = []
+    t0 = time.time()
+    rows, records, metric, seen = _capture(model, [m for _, m, _, _ in lins],
+                                           [a for _, a in attns], batches, forward_fn, cfg,
+                                           spec.search == 'hessian')
+    report.update(metric=metric, images=seen, capture_s=time.time() - t0)
+    if progress:
+        logger.info('layer search (%s, metric %s): %d Linear/Conv + %d attention modules, '
+                    '%d images captured in %.1fs', spec.search, metric, len(lins), len(attns),
+                    seen, report['capture_s'])
+    order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+    jobs = [(order[id(m)], 'lin', (n, m, q, s)) for n, m, q, s in lins] + \
+           [(order[id(a)], 'attn', (n, a)) for n, a in attns]
+    jobs.sort(key=lambda j: j[0])
+    total = len(jobs)
+    for i, (_, kind, job) in enumerate(jobs, 1):
+        t1 = time.time()
+        if kind == 'lin':
+            name, mod, in_q, search_in = job
+            X, G, in_ndim = rows.pop(mod)
+            if X is None:
+                rep = dict(skipped='module never ran on the calibration data')
+            else:
+                rep = _search_linear(mod, X, G, in_ndim, metric, in_q, search_in, method, cfg)
+        else:
+            name, aq = job
+            recs = records.pop(aq)
+            rep = (_search_attention(aq, recs, method, cfg) if recs
+                   else dict(skipped='attention never ran on the calibration data'))
+        rep['seconds'] = time.time() - t1
+        report['modules'][name] = rep
+        if progress:
+            if 'skipped' in rep:
+                logger.info('layer search [%d/%d] %s: skipped (%s)', i, total, name, rep['skipped'])
+            else:
+                logger.info('layer search [%d/%d] %s (%s): score %.4g -> %.4g, %d round(s), %.1fs',
+                            i, total, name, '+'.join(rep['searched']), rep['before'],
+                            rep['after'], rep['rounds'], rep['seconds'])
+    report['total_s'] = time.time() - t0
+    return report
