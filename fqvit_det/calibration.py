@@ -53,15 +53,16 @@ def refresh(model: nn.Module) -> None:
 
 
 class Progress:
-    def __init__(self, total: Optional[int], desc: str, enabled: bool = True):
+    def __init__(self, total: Optional[int], desc: str, enabled: bool = True, log_fn=None):
         self.total, self.desc, self.enabled, self.n = total, desc, enabled, 0
+        self.log_fn = log_fn or logger.info
         self.start = time.time()
 
     def step(self, k: int = 1):
         self.n += k
         if self.enabled:
             total = f'/{self.total}' if self.total else ''
-            logger.info('%s %d%s (%.1fs)', self.desc, self.n, total, time.time() - self.start)
+            self.log_fn(f'{self.desc} {self.n}{total} ({time.time() - self.start:.1f}s)')
 
 
 class CalibrationRunner:
@@ -74,15 +75,17 @@ class CalibrationRunner:
         reduce_fn: optional ``reduce_fn(model)`` called after observation, before finalize
             (distributed calibration reduces observer statistics across ranks here).
         progress: log one line per calibration batch.
+        log_fn: where progress lines go (default: the ``fqvit_det`` logger).
     """
 
     def __init__(self, model: nn.Module, spec, forward_fn: Callable = None,
-                 reduce_fn: Callable = None, progress: bool = True):
+                 reduce_fn: Callable = None, progress: bool = True, log_fn: Callable = None):
         self.model = model
         self.spec = spec
         self.forward_fn = forward_fn or (lambda m, b: m(b))
         self.reduce_fn = reduce_fn
         self.progress = progress
+        self.log_fn = log_fn
         self.timings = {}
 
     # --- steps ------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ class CalibrationRunner:
         for _, q in acts:
             q.reset()
             q.set_mode('observe')
-        prog = Progress(total, 'calibration batch', self.progress)
+        prog = Progress(total, 'calibration batch', self.progress, self.log_fn)
         n = 0
         was_training = self.model.training
         self.model.eval()

@@ -86,7 +86,8 @@ class CalibrationHook(Hook):
                            f'(attn {spec.attn_bits}) on {num} images')
         t0 = time.time()
         calib = CalibrationRunner(target, spec, forward_fn=model.calib_forward,
-                                  reduce_fn=reduce_observers, progress=True)
+                                  reduce_fn=reduce_observers, progress=True,
+                                  log_fn=runner.logger.info)
         self.result = calib.run(batches, total=total)
         runner.logger.info(f'CalibrationHook: calibrated in {time.time() - t0:.1f}s ({self.result})')
         if self.save_state and runner.rank == 0:

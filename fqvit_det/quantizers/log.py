@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral
+from .base import MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral, scratch
 from .observers import quantile_kth
 from .registry import register_quantizer
 from .uniform import UniformQuantizer
@@ -100,6 +100,44 @@ def log_sqrt2_dequantize(codes: torch.Tensor, delta) -> torch.Tensor:
 
 def log_sqrt2_fake_quant(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
     return log_sqrt2_dequantize(log_sqrt2_quantize(x, delta, bits), delta)
+
+
+def log_sqrt2_fake_quant_chunked(x: torch.Tensor, delta: torch.Tensor, bits: int):
+    """``log_sqrt2_dequantize(log_sqrt2_quantize(x, Δ, b), Δ)`` for float32 x, bit for bit, in
+    cache-sized chunks with in-place ops; ``None`` where that does not apply.
+
+    The same float32 ops run in the same order (x/Δ, log2, ·(−2), round, clamp at 0, ·(−1/2),
+    exp2, ·Δ). A NaN code (negative or NaN input) is replaced by 2^b, and the zero code (code ≥ 2^b)
+    is applied afterwards with a threshold on the value: v(c) = 2^(−c/2)·Δ is strictly decreasing in the integer code c, so c ≥ 2^b exactly when
+    v(c) ≤ v(2^b) (checked once on the table of all codes; otherwise ``None``).
+    """
+    if (not isinstance(delta, torch.Tensor) or delta.numel() != 1 or x.dim() == 0
+            or x.numel() == 0 or x.dtype != torch.float32 or delta.dtype != torch.float32
+            or not math.isfinite(float(delta))):
+        return None
+    d = delta.reshape(())
+    table = torch.exp2(-0.5 * torch.arange(2 ** bits + 1, dtype=torch.float32,
+                                           device=x.device)) * d
+    v_zero = table[-1]
+    if not bool((table[:-1] > v_zero).all()):
+        return None
+    v_zero = float(v_zero)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if x.is_contiguous():
+        xv, ov = x.view(-1), out.view(-1)
+        step = chunk_step(1, device=x.device)
+    else:
+        xv, ov = x, out
+        step = chunk_step(x[0].numel(), device=x.device)
+    for i in range(0, xv.shape[0], step):
+        o = ov[i:i + step]
+        torch.div(xv[i:i + step], d, out=o)
+        o.log2_().mul_(-2.0).round_()
+        # NaN codes (negative or NaN inputs) are zero codes: send them to 2^b like the threshold
+        torch.nan_to_num_(o, nan=2.0 ** bits, posinf=float('inf'), neginf=float('-inf'))
+        o.clamp_(min=0).mul_(-0.5).exp2_().mul_(d)
+        F.threshold_(o, v_zero, 0.0)
+    return out
 
 
 def log_sqrt2_to_log2(codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +317,10 @@ class LogSqrt2Quantizer(Quantizer):
 
     def dequantize(self, codes):
         return log_sqrt2_dequantize(codes, self.delta)
+
+    def fake_quant(self, x):
+        out = log_sqrt2_fake_quant_chunked(x, self.delta, self.bits)
+        return out if out is not None else self.dequantize(self.quantize(x)).to(x.dtype)
 
     def to_log2(self, codes):
         """(shift, parity) codes of the log2 reparameterization; see ``log_sqrt2_to_log2``."""
@@ -516,30 +558,33 @@ class LogIntSoftmax(Quantizer):
         if tb is None:
             return None
         s = self.logit_quant.scale.reshape(())
-        x2 = x.contiguous().view(-1, n_tok)
-        out = torch.empty(x2.shape, dtype=torch.int32 if want_codes else torch.float32,
-                          device=x.device)
-        step = chunk_step(n_tok)
+        x2 = x.reshape(-1, n_tok)
+        dev = x.device
+        out = torch.empty(x2.shape, dtype=torch.int32 if want_codes else torch.float32, device=dev)
+        step = chunk_step(n_tok, device=dev)
         for i in range(0, x2.shape[0], step):
+            xc = x2[i:i + step]
             # logit codes (zero point folded into the clamp bounds; it cancels in max − x)
-            c = torch.div(x2[i:i + step], s).round_().clamp_(tb['lo'], tb['hi'])
+            c = torch.div(xc, s, out=scratch('lis_c', xc.shape, xc.dtype, dev))
+            c.round_().clamp_(tb['lo'], tb['hi'])
             mx = c.amax(dim=-1, keepdim=True)
             if not bool(torch.isfinite(mx).all()):
                 return None                               # NaN logits: leave them to the exact path
-            idx = torch.sub(mx, c, out=c).to(torch.int32)
-            t = tb['T'].index_select(0, idx.view(-1)).view(idx.shape)
+            idx = scratch('lis_idx', xc.shape, torch.int32, dev)
+            idx.copy_(torch.sub(mx, c, out=c))            # d = max − x_int ∈ [0, 2^b_l − 1]
+            t = scratch('lis_t', xc.shape, torch.float64, dev)
+            torch.index_select(tb['T'], 0, idx.view(-1), out=t.view(-1))
             tot = t.sum(dim=-1, keepdim=True)
-            r = torch.add(tot, t, alpha=0.5).div_(t).floor_()           # R (inf where T = 0)
-            w = r.div_(0.75)
-            pw = torch.bitwise_and(w.view(torch.int64), 0x7FF0000000000000).view(torch.float64)
+            r = torch.add(tot, t, alpha=0.5, out=scratch('lis_r', xc.shape, torch.float64, dev))
+            r.div_(t).floor_().div_(0.75)                 # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
+            r.view(torch.int64).bitwise_and_(0x7FF0000000000000)   # 2^code
             o = out[i:i + step]
             if want_codes:
-                # ⌊log2 w⌋ from the exponent field; R ≥ 3·2^(2^b − 2) or inf → ZERO_CODE
-                code = torch.bitwise_right_shift(pw.view(torch.int64), 52).sub_(1023)
+                code = torch.bitwise_right_shift(r.view(torch.int64), 52).sub_(1023)
                 code.masked_fill_(code >= min(2 ** self.bits, 1024), ZERO_CODE)
                 o.copy_(code)
             else:
-                torch.reciprocal(pw, out=o)
+                o.copy_(r.reciprocal_())
                 torch.nn.functional.threshold_(o, tb['p_zero'], 0.0)
         if want_codes:
             return out.view(x.shape)

@@ -66,10 +66,10 @@ def fake_quant_chunked(x, scale, zero_point, qmin, qmax, ch_axis=None):
 
     Runs in row chunks (cache-resident) with in-place ops. With an integral zero point z (the
     usual case) it uses clamp(⌊x/Δ⌉ + z, q_min, q_max) − z = clamp(⌊x/Δ⌉, q_min − z, q_max − z)
-    (exact: integers below 2^24 in float32), then ·Δ and + 0.0, which turns the −0.0 a rounded
-    tiny negative input would give into the +0.0 the reference returns; every other value is
-    untouched. Returns ``None`` where the shortcut does not apply (mixed dtypes, a non-positive
-    scale, broadcasting that changes the shape); the caller then uses the reference.
+    (exact: integers below 2^24 in float32), then ·Δ. A final − 0·x reproduces the reference's
+    special values: +0.0 where rounding a tiny negative input gave −0.0, NaN for ±inf inputs.
+    Returns ``None`` where the shortcut does not apply (mixed dtypes, a non-positive scale,
+    broadcasting that changes the shape); the caller then uses the reference.
     """
     if not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor)):
         return None
@@ -83,21 +83,24 @@ def fake_quant_chunked(x, scale, zero_point, qmin, qmax, ch_axis=None):
         return None
     if ch_axis is None and (s.numel() != 1 or z.numel() != 1):
         return None
-    x = x.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if s.numel() == 1 and z.numel() == 1:
-        xv, ov = x.view(-1, 1), out.view(-1, 1)
         sv, zv = s.reshape(()), z.reshape(())
-        step = chunk_step(1)
+        if x.is_contiguous():
+            xv, ov = x.view(-1, 1), out.view(-1, 1)
+            step = chunk_step(1, device=x.device)
+        else:                                 # strided views (q, k, v): chunk the first dim
+            xv, ov = x, out
+            step = chunk_step(x[0].numel(), device=x.device)
     else:
         axis = ch_axis % x.dim()
         P = int(math.prod(x.shape[:axis]))
         C = x.shape[axis]
-        xv, ov = x.view(P, C, -1), out.view(P, C, -1)
+        xv, ov = x.reshape(P, C, -1), out.view(P, C, -1)
         # broadcasting kept x's shape, so each parameter has 1 or C entries
         sv = s.reshape(()) if s.numel() == 1 else s.reshape(1, C, 1)
         zv = z.reshape(()) if z.numel() == 1 else z.reshape(1, C, 1)
-        step = chunk_step(xv.shape[1] * xv.shape[2])
+        step = chunk_step(xv.shape[1] * xv.shape[2], device=x.device)
     integral = is_integral(zv)
     if integral:
         lo, hi = qmin - zv, qmax - zv
@@ -108,9 +111,13 @@ def fake_quant_chunked(x, scale, zero_point, qmin, qmax, ch_axis=None):
         torch.div(xv[i:i + step], sv, out=o)
         o.round_()
         if integral:
-            o.clamp_(lo, hi).mul_(sv).add_(0.0)
+            o.clamp_(lo, hi).mul_(sv)
         else:
             o.add_(zv).clamp_(qmin, qmax).sub_(zv).mul_(sv)
+        # − 0·x: +0.0 for finite x (turns a −0.0 from rounding a tiny negative input into the
+        # reference's +0.0; every other value is unchanged) and NaN for x = ±inf, as the
+        # reference's straight-through round gives (inf + (round(inf) − inf) = NaN)
+        o.sub_(xv[i:i + step], alpha=0.0)
     return out
 
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Classification fidelity benchmark: DeiT-Tiny (real weights) on real ImageNet images.
+
+    python benchmarks/cls_fidelity.py [--data ../shared/data] [--rows all] [--val-images 1300]
+
+Calibrates each method on imagenet/calib1000 (32 images for search methods and RepQ-ViT, 1000 for
+the FQ-ViT observers, as in the papers), evaluates on imagenet/val1300, and writes
+benchmarks/results/cls_fidelity.json and benchmarks/RESULTS.md.
+"""
+import argparse
+import datetime
+import json
+import os
+import os.path as osp
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fqvit_det.calibration import CalibrationRunner  # noqa: E402
+from fqvit_det.convert import quantize_model  # noqa: E402
+from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
+from fqvit_det.mm.cls import ImageNetDataset  # noqa: E402
+from fqvit_det.presets import make_spec  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from results_md import render  # noqa: E402
+
+MODEL = 'deit_tiny_patch16_224'
+# name: (quant_cfg, calibration images, target top-1 drop or None)
+ROWS = {
+    'fqvit_minmax_888': (dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=8, ptf=False, lis=False), 1000, None),
+    'fqvit_ptf_888': (dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=8, ptf=True, lis=False), 1000, 0.4),
+    'fqvit_ptf_lis_884': (dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4), 1000, 0.8),
+    'ptq4vit_w8a8': (dict(method='ptq4vit', w_bits=8, a_bits=8), 32, None),
+    'ptq4vit_w6a6': (dict(method='ptq4vit', w_bits=6, a_bits=6), 32, None),
+    'repq_w6a6': (dict(method='repq', w_bits=6, a_bits=6), 32, 1.0),
+    'repq_w4a4': (dict(method='repq', w_bits=4, a_bits=4), 32, 10.0),
+    'adalog_w6a6': (dict(method='adalog', w_bits=6, a_bits=6), 32, 0.6),
+    'adalog_w4a4': (dict(method='adalog', w_bits=4, a_bits=4), 32, 7.0),
+    # Best W4A4 mix: RepQ's reparameterized uniform quantizers with AdaLog's log quantizers for
+    # the two skewed tensors (post-softmax, post-GELU) and FPCS on every layer.
+    'mix_w4a4': (dict(method='adalog', w_bits=4, a_bits=4), 32, 6.0),
+}
+
+
+def load_images(root, n, batch=100):
+    ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
+    xs, ys = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        xs.append(item['inputs'])
+        ys.append(item['data_samples']['gt_label'])
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def evaluate(model, x, y, batch=100):
+    t0 = time.time()
+    logits = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits.append(model(x[i:i + batch]))
+    logits = torch.cat(logits)
+    top5 = logits.topk(5, dim=-1).indices
+    top1 = (top5[:, 0] == y).float().mean().item() * 100
+    top5 = (top5 == y[:, None]).any(-1).float().mean().item() * 100
+    return top1, top5, time.time() - t0
+
+
+def fresh_model(ckpt):
+    import timm
+    model = timm.create_model(MODEL)
+    model.load_state_dict(load_weights(ckpt))
+    return model.eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
+    p.add_argument('--rows', default='all', help=f'comma list of {sorted(ROWS)} or "all"')
+    p.add_argument('--val-images', type=int, default=1300)
+    p.add_argument('--batch', type=int, default=100)
+    args = p.parse_args(argv)
+    ckpt = osp.join(args.data, 'deit_tiny', 'deit_tiny_patch16_224.safetensors')
+    for path in (ckpt, osp.join(args.data, 'imagenet', 'calib1000', 'labels.txt'),
+                 osp.join(args.data, 'imagenet', 'val1300', 'labels.txt')):
+        if not osp.isfile(path):
+            raise SystemExit(f'missing {path}: pass --data pointing at the shared data folder')
+    rows = list(ROWS) if args.rows == 'all' else args.rows.split(',')
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f'unknown rows {unknown}; choose from {sorted(ROWS)}')
+    torch.manual_seed(0)
+    t0 = time.time()
+    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'), 1000)
+    val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
+    print(f'loaded {len(calib_x)} calibration and {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
+
+    fp_model = fresh_model(ckpt)
+    fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
+    fp_calib_fwd = {}
+    records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
+                    fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
+                    fp_eval_seconds=fp_eval, target_drop=None)]
+    print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
+    for name in rows:
+        cfg, n_calib, target = ROWS[name]
+        if n_calib not in fp_calib_fwd:
+            _, _, fp_calib_fwd[n_calib] = evaluate(fp_model, calib_x[:n_calib], torch.zeros(n_calib, dtype=torch.long), args.batch)
+        model = fresh_model(ckpt)
+        spec = make_spec(**cfg)
+        quantize_model(model, spec)
+        batches = [calib_x[i:i + args.batch] for i in range(0, n_calib, args.batch)]
+        t1 = time.time()
+        CalibrationRunner(model, spec, progress=False).run(batches)
+        calib_s = time.time() - t1
+        top1, top5, eval_s = evaluate(model, val_x, val_y, args.batch)
+        bits = f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}'
+        rec = dict(method=name, bits=bits, calib_images=n_calib, top1=top1, top5=top5,
+                   fp_top1=fp_top1, drop=fp_top1 - top1, calib_seconds=calib_s, eval_seconds=eval_s,
+                   fp_eval_seconds=fp_eval, fp_calib_forward_seconds=fp_calib_fwd[n_calib],
+                   target_drop=target, quant_cfg=cfg)
+        records.append(rec)
+        print(f'{name}: top-1 {top1:.2f} (drop {fp_top1 - top1:.2f}) calib {calib_s:.1f}s '
+              f'(float forward over the same images {fp_calib_fwd[n_calib]:.1f}s) eval {eval_s:.1f}s', flush=True)
+        write(records, args, rows_done=True)
+    write(records, args, rows_done=True)
+
+
+def write(records, args, rows_done):
+    doc = dict(command='python benchmarks/cls_fidelity.py ' + ' '.join(sys.argv[1:]),
+               machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
+                       f'{torch.get_num_threads()} threads',
+               date=datetime.date.today().isoformat(), val_images=args.val_images, records=records,
+               notes=['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.',
+                      'float eval s is the float model over the same evaluation images; the observer-'
+                      'calibration cost compares with `fp_calib_forward_seconds` in the JSON.'])
+    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results', 'cls_fidelity.json')
+    with open(out + '.tmp', 'w') as f:
+        json.dump(doc, f, indent=1)
+    os.replace(out + '.tmp', out)
+    render()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,65 @@
+"""Render benchmarks/RESULTS.md from the JSON files in benchmarks/results/ (atomic write)."""
+import json
+import os
+import os.path as osp
+
+HERE = osp.dirname(osp.abspath(__file__))
+
+
+def _load(name):
+    path = osp.join(HERE, 'results', name)
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def cls_section(doc):
+    rows = doc['records']
+    out = ['## Classification fidelity: DeiT-Tiny (real weights), ImageNet',
+           '',
+           f'Command: `{doc["command"]}`  ',
+           f'Machine: {doc["machine"]}; date {doc["date"]}.  ',
+           f'Calibration images from `imagenet/calib1000`, evaluation on {doc["val_images"]} images of '
+           '`imagenet/val1300` (resize 248 bicubic, center crop 224). Drop = float top-1 − quantized '
+           'top-1 on the same images.',
+           '',
+           '| method | bits (W/A/attn) | calib images | top-1 | top-5 | drop | target | calib s | eval s | float eval s |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        target = r.get('target_drop')
+        status = '' if target is None else (f'≤ {target} ✓' if r['drop'] <= target else f'≤ {target} ✗')
+        out.append(f'| {r["method"]} | {r["bits"]} | {r["calib_images"]} | {r["top1"]:.2f} | '
+                   f'{r["top5"]:.2f} | {r["drop"]:.2f} | {status} | {r["calib_seconds"]:.1f} | '
+                   f'{r["eval_seconds"]:.1f} | {r["fp_eval_seconds"]:.1f} |')
+    if doc.get('notes'):
+        out += [''] + [f'- {n}' for n in doc['notes']]
+    return '\n'.join(out)
+
+
+def det_section(doc):
+    out = ['## Detection: coco_mini', '', f'Command: `{doc["command"]}`  ',
+           f'Machine: {doc["machine"]}; date {doc["date"]}.', '']
+    out += doc.get('markdown', [])
+    return '\n'.join(out)
+
+
+def render():
+    parts = ['# Benchmark results', '',
+             'Produced by the scripts in `benchmarks/`; each section names the command that wrote it. '
+             'Numbers are measured on the CPU machine named in each section.', '']
+    cls = _load('cls_fidelity.json')
+    if cls:
+        parts += [cls_section(cls), '']
+    det = _load('det_benchmark.json')
+    if det:
+        parts += [det_section(det), '']
+    path = osp.join(HERE, 'RESULTS.md')
+    with open(path + '.tmp', 'w') as f:
+        f.write('\n'.join(parts))
+    os.replace(path + '.tmp', path)
+    return path
+
+
+if __name__ == '__main__':
+    print(render())
