@@ -78,7 +78,10 @@ class CalibrationHook(Hook):
         dl_cfg = self.dataloader or model.quant_glue.get('calib_dataloader') or runner.cfg.test_dataloader
         loader = Runner.build_dataloader(dl_cfg, seed=0)
         num = self.num_images or spec.calib_images
-        batches = take_images(loader, num)
+        # DefaultSampler (shuffle=False) gives rank r the images r, r + W, ...: taking this rank's
+        # share of the first `num` makes the union over ranks the single-process calibration set.
+        world, rank = runner.world_size, runner.rank
+        batches = take_images(loader, len(range(rank, num, world)))
         if spec.search:  # the layer search re-reads the calibration batches
             batches = list(batches)
         total = -(-num // max(getattr(loader, 'batch_size', None) or 1, 1))
