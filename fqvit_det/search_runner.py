@@ -92,9 +92,9 @@ logger = logging.getLogger('fqvit_det')
 
 DEFAULTS = dict(images=32, max_rows=2048, rounds=3, attn_images=4, attn_rows=256, grad_batch=8,
                 alpha_min=0.01, alpha_max=1.2, grid_n=100, eq_n=128, top_k=16, levels=6,
-                chunk_elems=1 << 24, seed=0)
+                fpcs_tol=1e-3, screen_rows=512, confirm=8, chunk_elems=1 << 24, seed=0)
 _POSITIVE_INTS = ('images', 'max_rows', 'rounds', 'attn_rows', 'grad_batch', 'grid_n', 'eq_n',
-                  'top_k', 'levels', 'chunk_elems')
+                  'top_k', 'levels', 'confirm', 'chunk_elems')
 ALPHA_FLOOR = 1e-4          # FPCS lower bound for α (a scale must stay positive)
 ADALOG_GELU_GRID = (16, 8)  # (Δ values, q values) of the post-GELU coarse grid
 
@@ -111,12 +111,17 @@ def search_config(spec) -> dict:
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f'quant_cfg.search_cfg.{key} must be a positive int, got {v!r}')
+    v = cfg['screen_rows']
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f'quant_cfg.search_cfg.screen_rows must be an int >= 0, got {v!r}')
     v = cfg['attn_images']
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f'quant_cfg.search_cfg.attn_images must be an int >= 0, got {v!r}')
     if not 0 < float(cfg['alpha_min']) < float(cfg['alpha_max']):
         raise ValueError('quant_cfg.search_cfg: need 0 < alpha_min < alpha_max, got '
                          f'{cfg["alpha_min"]!r}, {cfg["alpha_max"]!r}')
+    if not isinstance(cfg['fpcs_tol'], (int, float)) or cfg['fpcs_tol'] < 0:
+        raise ValueError(f'quant_cfg.search_cfg.fpcs_tol must be a number >= 0, got {cfg["fpcs_tol"]!r}')
     if not isinstance(cfg['seed'], int):
         raise ValueError(f'quant_cfg.search_cfg.seed must be an int, got {cfg["seed"]!r}')
     return cfg
@@ -245,9 +250,13 @@ class _UniformSpace(_Space):
                 self.q.zero_point.detach().float()[None].clone())
 
     def fq(self, x, p):
+        # (clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ, as UniformQuantizer.fake_quant, in place
         s = _pview(p[0], self.ndim, self.axis, self.repeat)
+        t = torch.round(x / s)
+        if self.q.symmetric:
+            return t.clamp_(self.q.qmin, self.q.qmax).mul_(s)
         z = _pview(p[1], self.ndim, self.axis, self.repeat)
-        return (torch.clamp(torch.round(x / s) + z, self.q.qmin, self.q.qmax) - z) * s
+        return t.add_(z).clamp_(self.q.qmin, self.q.qmax).sub_(z).mul_(s)
 
     def apply(self, p):
         self.q.set_params(p[0][0], p[1][0])
@@ -278,22 +287,47 @@ class _ExpSpace(_Space):
 
 
 class _AdaLogSpace(_Space):
-    """AdaLog: (Δ, q); Δ stays fixed unless the quantizer searches it (post-GELU)."""
+    """AdaLog: (Δ, q); Δ stays fixed unless the quantizer searches it (post-GELU).
+
+    Candidates are scored with log2(x + η) computed once per data tensor and a per-candidate
+    (2^b)-entry table Δ·2^(−⌊c·q/r⌋)·T̂[(c·q) mod r] (the LUT dequantization of every code c):
+    code c = ⌊(log2 Δ − log2(x + η))·r/q⌉, an algebraically equal form of the quantizer's
+    ⌊−log2((x + η)/Δ)·r/q⌉ (it may differ by one code at exact rounding ties)."""
 
     def __init__(self, q: AdaLogQuantizer, ndim):
         super().__init__(q, ndim)
         self.two_d = q.searches_delta
+        self._key, self._log = None, None
 
     def current(self):
         return (self.q.delta.detach().float().reshape(1).cpu().clone(),
                 self.q.q.detach().reshape(1).to(torch.int64).cpu().clone())
 
+    def _log2(self, x):
+        if self._key is not x:
+            xs = x.float() + self.q.shift if self.q.shift else x.float()
+            self._key, self._log = x, torch.log2(xs)
+        return self._log
+
     def fq(self, x, p):
-        shape = (-1, *([1] * self.ndim))
-        d = p[0].to(device=x.device, dtype=torch.float32).reshape(shape)
-        qq = p[1].to(x.device).reshape(shape)
         q = self.q
-        return adalog_fake_quant(x, d, qq, q.bits, q.r, q.shift, True, q.lut.to(x.device))
+        n, levels = p[0].shape[0], 2 ** q.bits
+        shape = (n, *([1] * self.ndim))
+        delta = p[0].to(device=x.device, dtype=torch.float32)
+        qi = p[1].to(x.device).to(torch.int64)
+        if bool((qi <= 0).any()):
+            raise ValueError(f'AdaLog: q must be positive, got {qi}')
+        e = torch.arange(levels, device=x.device)[None, :] * qi[:, None]          # (n, 2^b)
+        hi = torch.div(e, q.r, rounding_mode='floor')
+        tab = torch.exp2(-hi.to(torch.float32)) * q.lut.to(x.device)[e - hi * q.r]
+        tab = (tab * delta[:, None]).reshape(-1)
+        c = torch.log2(delta).reshape(shape) - self._log2(x)
+        c.mul_((q.r / qi.to(torch.float32)).reshape(shape)).round_()
+        zero = ~(c < levels)                                    # also NaN (x + η < 0)
+        idx = c.masked_fill_(zero, 0).clamp_(min=0).to(torch.int64)
+        idx += (torch.arange(n, device=x.device) * levels).reshape(shape)
+        val = tab.take(idx).masked_fill_(zero, 0.0)
+        return val.sub_(q.shift) if q.shift else val
 
     def apply(self, p):
         self.q.set_params(delta=float(p[0][0]), q=int(p[1][0]))
@@ -309,7 +343,8 @@ def _searchable_type(q) -> bool:
 
 
 # =================================================================================================
-# Search of one quantizer given a scorer: scorer(params) -> (n, channels) scores, higher is better
+# Search of one quantizer. A "step" scores candidates: step.scores(p) -> (n, channels), higher is
+# better.
 # =================================================================================================
 def _nan_low(s: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(s, nan=float('-inf'))
@@ -320,12 +355,17 @@ def _top_cols(rows, scores, k):
     return torch.gather(rows, 0, order), torch.gather(scores, 0, order)
 
 
-def _fpcs_columns(init, spacing, score_fn, channels, top_k, levels, eq_n, lower):
+def _improved(new: float, old: float, tol: float) -> bool:
+    return new - old > tol * abs(old)
+
+
+def _fpcs_columns(init, spacing, score_fn, channels, top_k, levels, eq_n, lower, tol=0.0):
     """``fast_progressive_combining_search`` for d = 1, run independently for ``channels`` columns
     whose scores are independent (per-output-channel / per-head scales), vectorised: candidate rows
     are (m, C), one value per column, ``score_fn`` returns (m, C). Same grid rule as the library
     (m = eq_n // top_k points per survivor at offsets (t − (m−1)/2)·δ/(m − 0.5), survivors kept,
-    δ ← δ/(m − 0.5)); returns the best value and score per column."""
+    δ ← δ/(m − 0.5)). Stops before ``levels`` once a level improves the summed best score by no
+    more than ``tol`` (relative). Returns the final survivors, best first: (top_k, C)."""
     init = init.to(torch.float64)
     cands = init.reshape(-1, 1).expand(-1, channels).contiguous()
     scores = score_fn(cands)
@@ -335,6 +375,7 @@ def _fpcs_columns(init, spacing, score_fn, channels, top_k, levels, eq_n, lower)
     for _ in range(1, levels):
         if m < 2:
             break
+        prev = float(surv_s[0].sum())
         step = delta / (m - 0.5)
         offs = (torch.arange(m, dtype=torch.float64) - (m - 1) / 2) * step
         offs = offs[offs != 0]
@@ -343,7 +384,37 @@ def _fpcs_columns(init, spacing, score_fn, channels, top_k, levels, eq_n, lower)
         pool_s = torch.cat([surv_s, score_fn(new)])
         surv, surv_s = _top_cols(pool, pool_s, top_k)
         delta = step
-    return surv[0], surv_s[0]
+        if not _improved(float(surv_s[0].sum()), prev, tol):
+            break
+    return surv
+
+
+def _fpcs(init, spacing, score_fn, cfg, integer_dims=(), lower=None):
+    """``fast_progressive_combining_search`` with the level count grown one at a time (scores are
+    memoised, so every candidate is scored once) until a level improves the best score by no more
+    than ``fpcs_tol`` (relative) or ``levels`` is reached. Returns the memo {candidate bytes:
+    score} of every scored candidate."""
+    cache: Dict[bytes, float] = {}
+
+    def cached(a):
+        a = a.detach().to(torch.float64).cpu()
+        keys = [r.numpy().tobytes() for r in a]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        if todo:
+            for i, v in zip(todo, score_fn(a[todo]).tolist()):
+                cache[keys[i]] = v
+        return torch.tensor([cache[k] for k in keys], dtype=torch.float64)
+
+    prev = None
+    for levels in range(1, cfg['levels'] + 1):
+        _, score = fast_progressive_combining_search(
+            init, spacing, cached, top_k=cfg['top_k'], levels=levels, eq_n=cfg['eq_n'],
+            integer_dims=integer_dims, lower=lower)
+        score = float(score)
+        if prev is not None and not _improved(score, prev, cfg['fpcs_tol']):
+            break
+        prev = score
+    return cache
 
 
 def _pick_columns(space, cand, scores):
@@ -357,81 +428,83 @@ def _same(a, b) -> bool:
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
 
 
-def search_quantizer(space: _Space, scorer: Callable, method: str, cfg: dict) -> bool:
-    """One coordinate step: choose ``space.q``'s parameters by ``scorer``; True if they changed.
+def search_quantizer(space: _Space, step, method: str, cfg: dict, screen=None) -> bool:
+    """One coordinate step: choose ``space.q``'s parameters by ``step``; True if they changed.
 
-    ``method``: 'grid' (PTQ4ViT grids) or 'fpcs' (AdaLog). The current parameters are always a
-    candidate and win ties."""
+    ``method``: 'grid' (PTQ4ViT grids) or 'fpcs' (AdaLog). With ``screen`` (the same error on a
+    subset of the rows) the grid / FPCS runs on ``screen`` and its ``confirm`` best candidates are
+    re-scored with ``step`` (all rows) together with the current parameters; otherwise the search
+    runs on ``step`` directly. The current parameters are always a candidate and win ties."""
     cur = space.current()
-    per_ch = space.per_channel
+    search = screen if screen is not None else step
+    k = cfg['confirm'] if screen is not None else 1
 
-    def total(p):
-        return scorer(p).sum(dim=1)
+    def total(p, st=search):
+        return st.scores(p).sum(dim=1)
+
+    def top_rows(cand, scores):          # the k best candidates (per channel when per-channel)
+        if space.per_channel:
+            idx = torch.sort(_nan_low(scores), dim=0, descending=True, stable=True).indices[:k]
+            idx = idx.to(cand[0].device)
+            return tuple(torch.gather(t, 0, idx) for t in cand)
+        order = torch.sort(_nan_low(scores.sum(dim=1)), descending=True, stable=True).indices[:k]
+        return _take(cand, order.to(cand[0].device))
+
+    def from_cache(cache, to_params):    # memoised FPCS candidates → the k best
+        keys = sorted(cache, key=lambda key: -cache[key] if cache[key] == cache[key] else math.inf)
+        rows = torch.stack([torch.frombuffer(bytearray(key), dtype=torch.float64)
+                            for key in keys[:k]])
+        return to_params(rows)
 
     if isinstance(space, _UniformSpace):
         if method == 'grid':
             alphas = ptq4vit_candidates(torch.tensor(1.0, dtype=torch.float64), cfg['alpha_min'],
                                         cfg['alpha_max'], cfg['grid_n'])
             cand = _cat(cur, space.from_alpha(alphas))
-            if per_ch:
-                best = _pick_columns(space, cand, scorer(cand))
-            else:
-                idx, _, _ = grid_search(torch.arange(cand[0].shape[0]),
-                                        lambda i: total(_take(cand, i.to(cand[0].device))))
-                best = _take(cand, slice(int(idx), int(idx) + 1))
+            shortlist = top_rows(cand, search.scores(cand))
         else:
             a0, a1, n = float(cfg['alpha_min']), float(cfg['alpha_max']), cfg['eq_n']
             init = torch.linspace(a0, a1, n, dtype=torch.float64)
             spacing = (a1 - a0) / max(n - 1, 1)
-            if per_ch:
-                alpha, _ = _fpcs_columns(init, spacing, lambda a: scorer(space.from_alpha(a)),
-                                         space.channels, cfg['top_k'], cfg['levels'], n,
-                                         ALPHA_FLOOR)
-                cand = _cat(cur, space.from_alpha(alpha[None]))
-                best = _pick_columns(space, cand, scorer(cand))
+            if space.per_channel:
+                fn, channels = (lambda a: search.scores(space.from_alpha(a))), space.channels
             else:
-                alpha, _ = fast_progressive_combining_search(
-                    init, spacing, lambda a: total(space.from_alpha(a[:, 0])), top_k=cfg['top_k'],
-                    levels=cfg['levels'], eq_n=n, lower=ALPHA_FLOOR)
-                cand = _cat(cur, space.from_alpha(alpha.reshape(1)))
-                s = total(cand)
-                best = _take(cand, slice(1, 2)) if bool(s[1] > s[0]) else cur
+                fn, channels = (lambda a: total(space.from_alpha(a[:, 0]))[:, None]), 1
+            surv = _fpcs_columns(init, spacing, fn, channels, cfg['top_k'], cfg['levels'], n,
+                                 ALPHA_FLOOR, cfg['fpcs_tol'])[:k]
+            shortlist = space.from_alpha(surv if space.per_channel else surv[:, 0])
     elif isinstance(space, _ExpSpace):
         cand = _cat(cur, space.grid())
-        idx, _, _ = grid_search(torch.arange(cand[0].shape[0]), lambda i: total(_take(cand, i)))
-        best = _take(cand, slice(int(idx), int(idx) + 1))
+        shortlist = top_rows(cand, search.scores(cand))
     elif isinstance(space, _AdaLogSpace):
-        qs = adalog_base_candidates().to(torch.float64)
         if not space.two_d:
             d = cur[0]
 
-            def score_q(a):
-                q = torch.round(a[:, 0]).to(torch.int64)
-                return total((d.expand(q.shape[0]).clone(), q))
-            best_q, _ = fast_progressive_combining_search(
-                qs, 1.0, score_q, top_k=cfg['top_k'], levels=cfg['levels'], eq_n=cfg['eq_n'],
-                integer_dims=(0,), lower=1.0)
-            cand = _cat(cur, (d.clone(), torch.round(best_q).to(torch.int64).reshape(1)))
+            def params_q(a):
+                return (d.expand(a.shape[0]).clone(), torch.round(a[:, 0]).to(torch.int64))
+            cache = _fpcs(adalog_base_candidates().to(torch.float64), 1.0,
+                          lambda a: total(params_q(a)), cfg, integer_dims=(0,), lower=1.0)
+            shortlist = from_cache(cache, params_q)
         else:
-            top = space.top
             nd, nq = ADALOG_GELU_GRID
-            ds = torch.linspace(0.25, 1.2, nd, dtype=torch.float64) * top
+            ds = torch.linspace(0.25, 1.2, nd, dtype=torch.float64) * space.top
             qv = torch.round(torch.linspace(ADALOG_Q_MIN, ADALOG_Q_MAX, nq, dtype=torch.float64))
-            init = torch.cartesian_prod(ds, qv)
-            spacing = [float(ds[1] - ds[0]), float(qv[1] - qv[0])]
 
-            def score_dq(a):
-                return total((a[:, 0].float().clamp(min=MIN_SCALE),
-                              torch.round(a[:, 1]).to(torch.int64)))
-            best_dq, _ = fast_progressive_combining_search(
-                init, spacing, score_dq, top_k=cfg['top_k'], levels=cfg['levels'],
-                eq_n=cfg['eq_n'], integer_dims=(1,), lower=[MIN_SCALE, 1.0])
-            cand = _cat(cur, (best_dq[0].float().clamp(min=MIN_SCALE).reshape(1),
-                              torch.round(best_dq[1]).to(torch.int64).reshape(1)))
-        s = total(cand)
-        best = _take(cand, slice(1, 2)) if bool(s[1] > s[0]) else cur
+            def params_dq(a):
+                return (a[:, 0].float().clamp(min=MIN_SCALE), torch.round(a[:, 1]).to(torch.int64))
+            cache = _fpcs(torch.cartesian_prod(ds, qv), [float(ds[1] - ds[0]), float(qv[1] - qv[0])],
+                          lambda a: total(params_dq(a)), cfg, integer_dims=(1,),
+                          lower=[MIN_SCALE, 1.0])
+            shortlist = from_cache(cache, params_dq)
     else:  # pragma: no cover - filtered by _searchable_type
         return False
+    full = _cat(cur, tuple(t.to(c.device) for t, c in zip(shortlist, cur)))
+    scores = step.scores(full)
+    if space.per_channel:
+        best = _pick_columns(space, full, scores)
+    else:
+        i = int(torch.argmax(_nan_low(scores.sum(dim=1))))
+        best = _take(full, slice(i, i + 1))
     if _same(best, cur):
         return False
     space.apply(best)
@@ -687,18 +760,31 @@ def _capture(model, lin_mods, attn_mods, batches, forward_fn, cfg, hessian):
 # =================================================================================================
 # Linear / Conv
 # =================================================================================================
-class _LinearProblem:
-    """Search data of one Linear / Conv: X (R, K) rows, optional g (R, C), float W (C, K)."""
+class _Step:
+    """Scores of one search step: ``scores(params) -> (n, channels)``, higher is better."""
 
-    def __init__(self, mod, X, G, metric, in_apply, in_space, w_space, budget):
-        self.mod, self.X, self.G, self.metric = mod, X, G, metric
+    def __init__(self, scores: Callable):
+        self.scores = scores
+
+
+class _LinearProblem:
+    """Search data of one Linear / Conv: X (R, K) rows, optional g (R, C), float W (C, K).
+
+    Step errors are sums over (rows, output channels) of (g ⊙ (Ô − O))² ('hessian') or
+    (Ô − O)²; scores are their negated means, i.e. ``hessian_guided_score`` / −MSE, split by
+    output channel (weight steps) so per-channel weight scales can be chosen channel by channel.
+    A step can be built on a subset of the rows (screening)."""
+
+    def __init__(self, mod, X, G, in_apply, in_space, w_space, budget):
+        self.mod, self.X, self.G = mod, X, G
         self.W = mod.weight.detach().float().reshape(mod.weight.shape[0], -1)
         self.in_apply, self.in_space, self.w_space, self.budget = in_apply, in_space, w_space, budget
         self.R, self.K = X.shape
         self.C = self.W.shape[0]
 
-    def x_hat(self):
-        return self.X if self.in_apply is None else self.in_apply(self.X)
+    def x_hat(self, X=None):
+        X = self.X if X is None else X
+        return X if self.in_apply is None else self.in_apply(X)
 
     def w_hat(self):
         wq = self.mod.w_quantizer
@@ -707,73 +793,89 @@ class _LinearProblem:
         return self.W
 
     def score(self) -> float:
-        """The layer's current score (−mean error, Hessian-weighted for 'hessian')."""
+        """The layer's current score: ``hessian_guided_score(O, Ô, g)`` or −MSE(O, Ô)."""
         O = self.X @ self.W.t()
         Oh = self.x_hat() @ self.w_hat().t()
         if self.G is not None:
             return float(hessian_guided_score(O, Oh, self.G))
         return -float(((O - Oh) ** 2).mean())
 
-    def weight_scorer(self):
-        X, W, G = self.X, self.W, self.G
-        Xh = self.x_hat()
+    def _rows(self, rows):
+        if rows is None:
+            return self.X, self.G
+        return self.X[rows], None if self.G is None else self.G[rows]
+
+    def weight_gram(self, rows=None) -> bool:
+        """Whether the weight step on these rows goes through the Gram matrix (MSE, K < rows)."""
+        n = self.R if rows is None else len(rows)
+        return self.G is None and self.K < n
+
+    def weight_step(self, rows=None) -> _Step:
+        """Ô − O = X̂·(Ŵ_cand − W)ᵀ + (X̂ − X)·Wᵀ with X̂ at its current quantization."""
+        X, G = self._rows(rows)
+        W, space = self.W, self.w_space
+        Xh = self.x_hat(X)
         E0 = (Xh - X) @ W.t()                                   # (R, C)
-        R, K, C = self.R, self.K, self.C
-        gram = G is None and K < R
-        if gram:
+        R, K, C = X.shape[0], self.K, self.C
+        norm = float(R * C)
+        if self.weight_gram(rows):     # MSE through the Gram matrix of X̂ (exact)
             Gx = Xh.t() @ Xh                                    # (K, K)
             H = E0.t() @ Xh                                     # (C, K)
             c0 = (E0 * E0).sum(0)                               # (C,)
-        norm = float(R * C)
-        space = self.w_space
 
-        def scorer(p):
-            n, out = p[0].shape[0], []
-            per = 3 * C * K if gram else C * K + 2 * R * C
-            for sl in _chunks(n, per, self.budget):
-                dW = space.fq(W, _take(p, sl)) - W              # (m, C, K)
-                if gram:
+            def scores(p):
+                out = []
+                for sl in _chunks(p[0].shape[0], 3 * C * K, self.budget):
+                    dW = space.fq(W, _take(p, sl)).sub_(W)      # (m, C, K)
                     err = ((dW @ Gx) * dW).sum(-1) + 2 * (dW * H).sum(-1) + c0
-                else:
-                    E = torch.matmul(Xh, dW.transpose(1, 2)) + E0   # (m, R, C)
-                    if G is not None:
-                        E = E * G
-                    err = (E * E).sum(1)
-                out.append(-err.double() / norm)
-            return torch.cat(out)                               # (n, C)
-        return scorer
+                    out.append(-err.double() / norm)
+                return torch.cat(out)
+            return _Step(scores)
 
-    def input_scorer(self):
-        X, W, G = self.X, self.W, self.G
+        def scores(p):                                          # (m, C)
+            out = []
+            for sl in _chunks(p[0].shape[0], C * K + 2 * R * C, self.budget):
+                dW = space.fq(W, _take(p, sl)).sub_(W)
+                E = torch.matmul(Xh, dW.transpose(1, 2)).add_(E0)   # (m, R, C)
+                if G is not None:
+                    E.mul_(G)
+                out.append(-E.pow_(2).sum(1).double() / norm)
+            return torch.cat(out)
+        return _Step(scores)
+
+    def input_step(self, rows=None) -> _Step:
+        """Ô − O = (X̂_cand − X)·Ŵᵀ + X·(Ŵ − W)ᵀ with Ŵ at its current quantization."""
+        X, G = self._rows(rows)
+        W, space = self.W, self.in_space
         Wh = self.w_hat()
         Ew = X @ (Wh - W).t()                                   # (R, C)
-        R, K, C = self.R, self.K, self.C
-        gram = G is None and K < C
-        if gram:
+        R, K, C = X.shape[0], self.K, self.C
+        norm = float(R * C)
+        if G is None and K < C:      # MSE through the Gram matrix of Ŵ (exact)
             M = Wh.t() @ Wh                                     # (K, K)
             T = Ew @ Wh                                         # (R, K)
             c = float((Ew * Ew).sum())
-        zeros = torch.zeros_like(Ew) if G is not None else None
-        norm = float(R * C)
-        space = self.in_space
 
-        def scorer(p):
-            n, out = p[0].shape[0], []
-            per = 3 * R * K if gram else R * K + 3 * R * C
-            for sl in _chunks(n, per, self.budget):
-                D = space.fq(X, _take(p, sl)) - X               # (m, R, K)
-                if gram:
+            def scores(p):
+                out = []
+                for sl in _chunks(p[0].shape[0], 3 * R * K, self.budget):
+                    D = space.fq(X, _take(p, sl)).sub_(X)       # (m, R, K)
                     err = ((D @ M) * D).sum((1, 2)) + 2 * (D * T).sum((1, 2)) + c
                     out.append(-err.double() / norm)
-                else:
-                    E = D @ Wh.t() + Ew                         # (m, R, C) = Ô − O
-                    if G is not None:
-                        # hessian_guided_score depends on O − Ô only: pass (0, Ô − O).
-                        out.append(hessian_guided_score(zeros, E, G).double())
-                    else:
-                        out.append(-(E * E).sum((1, 2)).double() / norm)
-            return torch.cat(out)[:, None]                      # (n, 1)
-        return scorer
+                return torch.cat(out)[:, None]
+            return _Step(scores)
+        WhT = Wh.t().contiguous()
+
+        def scores(p):                                          # (m, 1)
+            out = []
+            for sl in _chunks(p[0].shape[0], R * (K + 2 * C), self.budget):
+                D = space.fq(X, _take(p, sl)).sub_(X)
+                E = torch.matmul(D, WhT).add_(Ew)               # (m, R, C)
+                if G is not None:
+                    E.mul_(G)
+                out.append(-E.pow_(2).sum((1, 2)).double() / norm)
+            return torch.cat(out)[:, None]
+        return _Step(scores)
 
 
 def _row_layout(q, mod, in_ndim):
@@ -832,16 +934,23 @@ def _search_linear(mod, X, G, in_ndim, metric, in_q, search_in, method, cfg):
         else:
             def in_apply(x):
                 return in_q.fake_quant(x).float()
-    prob = _LinearProblem(mod, X, G, metric, in_apply, in_space, w_space, cfg['chunk_elems'])
+    prob = _LinearProblem(mod, X, G, in_apply, in_space, w_space, cfg['chunk_elems'])
+    screen = None
+    if 0 < cfg['screen_rows'] < prob.R:
+        screen = torch.linspace(0, prob.R - 1, cfg['screen_rows']).round().long().to(X.device)
     before = prob.score()
     rounds = 0
     for _ in range(cfg['rounds']):
         rounds += 1
         changed = False
         if w_space is not None:
-            changed |= search_quantizer(w_space, prob.weight_scorer(), method, cfg)
+            # screen unless the screen step would use the Gram matrix too (same cost as all rows)
+            ws = (prob.weight_step(screen) if screen is not None and not prob.weight_gram(screen)
+                  else None)
+            changed |= search_quantizer(w_space, prob.weight_step(), method, cfg, ws)
         if in_space is not None:
-            changed |= search_quantizer(in_space, prob.input_scorer(), method, cfg)
+            ins = prob.input_step(screen) if screen is not None else None
+            changed |= search_quantizer(in_space, prob.input_step(), method, cfg, ins)
         if not changed:
             break
     mod.refresh()
@@ -1011,7 +1120,7 @@ def _search_attention(aq, records, method, cfg):
                 scorer = prob.probs_scorer(sp)
             else:
                 scorer = prob.v_scorer(sp)
-            changed |= search_quantizer(sp, scorer, method, cfg)
+            changed |= search_quantizer(sp, _Step(scorer), method, cfg)
         if not changed:
             break
     aq.refresh()

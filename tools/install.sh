@@ -16,13 +16,15 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade "pip==24.2" "setuptools==80.9.0" "wheel==0.44.0"
 # torch===2.13.0 (arbitrary equality) skips the machine-local +cpu wheel: torchvision exists only as
 # CUDA builds, and those need the matching CUDA torch build (which runs fine on a CPU-only machine).
-if ! $VENV/bin/python -c "import torch, torchvision; assert torch.__version__ == '2.13.0' and torchvision.__version__.startswith('0.28.0')" 2>/dev/null; then
+# (the registry's torch 2.13.0 CUDA wheel reports torch.__version__ '2.12.1+cu130': check the
+# installed distribution's metadata, not __version__)
+if ! $VENV/bin/python -c "from importlib.metadata import version as v; import torch, torchvision; assert v('torch') == '2.13.0' and v('torchvision') == '0.28.0'" 2>/dev/null; then
   $PIP install -q "torch===2.13.0" "torchvision===0.28.0"
 fi
 $PIP install -q -r requirements.txt
 # mmcv 2.1.0 has no reachable wheel: build its compiled ops from source against the installed torch.
 # pip caches the built wheel, so a second venv on this machine does not rebuild.
-if ! $VENV/bin/python -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
+if ! $VENV/bin/python -c "import mmcv, mmcv.ops; from mmcv.ops import nms, RoIAlign; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=0 \
     $PIP install --no-build-isolation "mmcv==2.1.0"
 fi
