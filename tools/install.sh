@@ -23,10 +23,21 @@ if ! $VENV/bin/python -c "from importlib.metadata import version as v; import to
 fi
 $PIP install -q -r requirements.txt
 # mmcv 2.1.0 has no reachable wheel: build its compiled ops from source against the installed torch.
-# pip caches the built wheel, so a second venv on this machine does not rebuild.
-if ! $VENV/bin/python -c "import mmcv, mmcv.ops; from mmcv.ops import nms, RoIAlign; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
-  MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=0 \
-    $PIP install --no-build-isolation "mmcv==2.1.0"
+# The wheel is kept in a folder keyed by the exact torch build (a wheel compiled against another
+# torch has a different C++ ABI and fails at run time), so a rebuild happens only when torch changes.
+MMCV_OK="import torch, mmcv; from mmcv.ops import nms; assert mmcv.__version__ == '2.1.0'; b = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]]); nms(b, torch.tensor([0.9, 0.8]), 0.5)"
+if ! $VENV/bin/python -c "$MMCV_OK" 2>/dev/null; then
+  TORCH_TAG=$($VENV/bin/python -c "import torch; print(torch.__version__.replace('+', '_'))")
+  WHEELS=${FQVIT_WHEEL_CACHE:-$HOME/.cache/fqvit-det}/mmcv-2.1.0-torch-$TORCH_TAG
+  if ! ls "$WHEELS"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
+    echo "[install] building mmcv 2.1.0 ops against torch $TORCH_TAG (about 25 min on 2 cores)"
+    mkdir -p "$WHEELS"
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=0 \
+      $PIP wheel --no-build-isolation --no-deps --no-cache-dir -w "$WHEELS.tmp" "mmcv==2.1.0"
+    mv "$WHEELS.tmp"/mmcv-2.1.0-*.whl "$WHEELS"/ && rm -rf "$WHEELS.tmp"
+  fi
+  $PIP install -q --no-deps --force-reinstall "$WHEELS"/mmcv-2.1.0-*.whl
+  $VENV/bin/python -c "$MMCV_OK" || { echo "[install] mmcv ops do not work with this torch" >&2; exit 1; }
 fi
 $PIP install -q --no-build-isolation --no-deps -e .
 $VENV/bin/python -c "import torch, torchvision, mmcv.ops, mmdet, timm, fqvit_det; print('[install] ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'timm', timm.__version__)"

@@ -48,7 +48,11 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg)
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
-        split_quant_cfg(qcfg.to_dict() if hasattr(qcfg, 'to_dict') else dict(qcfg))  # validate now
+        qdict = qcfg.to_dict() if hasattr(qcfg, 'to_dict') else dict(qcfg)
+        split_quant_cfg(qdict)  # validate now, before any model or data is built
+        scope = qdict.get('scope', 'full')
+        if cfg.model.get('type') == 'QuantizedDetector' and scope not in ('full', 'backbone'):
+            raise ValueError(f"quant_cfg.scope must be 'full' or 'backbone', got {scope!r}")
     if checkpoint:
         _check_path(checkpoint, 'checkpoint', '--checkpoint')
         if cfg.model.get('type') in WRAPPERS:
