@@ -11,6 +11,7 @@ buffer, so ``state_dict()`` holds the whole calibrated state (safetensors-friend
 Buffers may change shape at ``finalize`` or ``load_state_dict`` (e.g. per-channel scales), which
 ``_load_from_state_dict`` below allows.
 """
+import functools
 import math
 import threading
 from typing import Optional
@@ -38,6 +39,33 @@ def chunk_step(row_elems: int, target: Optional[int] = None, device=None) -> int
     return max(1, (target or CHUNK_ELEMS) // max(1, row_elems))
 
 
+# Intra-op threads for the chunked kernels (``None``: the caller's ``torch.get_num_threads()``).
+CHUNK_THREADS: Optional[int] = 1
+
+
+def single_threaded(fn):
+    """Run ``fn`` with ``CHUNK_THREADS`` intra-op threads (restored afterwards).
+
+    The chunked kernels issue many small ops; letting each of them fork and join the OpenMP pool
+    costs more than it saves, and on a loaded machine every join can wait for a descheduled
+    worker (measured with 2 threads on 2 busy cores: a DeiT-Tiny forward 3× slower than with the
+    kernels single-threaded). The large ops around them (matmuls) keep the caller's thread count.
+    On an idle many-core machine ``CHUNK_THREADS = None`` may be faster; results are identical.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        n = torch.get_num_threads()
+        k = CHUNK_THREADS
+        if k is None or k == n:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(k)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+    return wrapper
+
+
 class _Workspace(threading.local):
     def __init__(self):
         self.buffers = {}
@@ -53,6 +81,8 @@ def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     arithmetic in these op chains; reusing one buffer per name avoids that. A buffer is only
     valid until the next ``scratch`` call with the same name (callers use distinct names).
     """
+    if torch.device(device).type != 'cpu':   # one whole-tensor chunk; the caching allocator
+        return torch.empty(shape, dtype=dtype, device=device)   # reuses memory by itself
     n = int(math.prod(shape))
     key = (name, dtype, str(device))
     buf = _WORKSPACE.buffers.get(key)

@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral, scratch
+from .base import (MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral, scratch,
+                   single_threaded)
 from .observers import quantile_kth
 from .registry import register_quantizer
 from .uniform import UniformQuantizer
@@ -102,6 +103,8 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
     return log_sqrt2_dequantize(log_sqrt2_quantize(x, delta, bits), delta)
 
 
+@torch.no_grad()
+@single_threaded
 def log_sqrt2_fake_quant_chunked(x: torch.Tensor, delta: torch.Tensor, bits: int):
     """``log_sqrt2_dequantize(log_sqrt2_quantize(x, Δ, b), Δ)`` for float32 x, bit for bit, in
     cache-sized chunks with in-place ops; ``None`` where that does not apply.
@@ -548,6 +551,8 @@ class LogIntSoftmax(Quantizer):
         self._fast_cache = (key, tables)
         return tables
 
+    @torch.no_grad()   # integer codes: the exact path's output carries no gradient either
+    @single_threaded
     def _fast(self, x: torch.Tensor, want_codes: bool):
         """Codes (int32) or dequantized values (x.dtype) equal to the exact path, or ``None``."""
         if (x.dim() == 0 or x.numel() == 0 or not x.is_floating_point()

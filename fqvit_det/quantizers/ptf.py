@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
-                   round_ste, scratch)
+                   round_ste, scratch, single_threaded)
 from .registry import build_observer, register_quantizer
 from .uniform import UniformQuantizer, fake_quant_chunked
 
@@ -313,6 +313,8 @@ def _int_layernorm_rows(x: torch.Tensor, params, eps: float, dyadic_bits: int, f
     return b.addcmul_(m, xin).div_(two_n).add_(0.5).floor_()
 
 
+@torch.no_grad()   # integer codes: no gradient, as in the reference
+@single_threaded
 def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], out_scale, out_zero_point, out_bits: int = 8,
                   eps: float = 1e-5, dyadic_bits: int = 8, fold_mean: bool = True) -> torch.Tensor:
@@ -348,6 +350,8 @@ def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torc
     return out.reshape(x.shape)
 
 
+@torch.no_grad()   # integer codes: no gradient, as in the reference
+@single_threaded
 def int_layernorm_fake_quant(x: torch.Tensor, in_quantizer: 'PTFQuantizer', weight, bias,
                              out_quantizer: UniformQuantizer, eps: float = 1e-5,
                              dyadic_bits: int = 8, fold_mean: bool = True) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
-                   round_ste)
+                   round_ste, single_threaded)
 from .registry import build_observer, register_quantizer
 
 
@@ -61,10 +61,13 @@ def fake_quant_uniform(x, scale, zero_point, qmin, qmax, ch_axis=None):
     return fake_quant_uniform_reference(x, scale, zero_point, qmin, qmax, ch_axis)
 
 
+@torch.no_grad()
+@single_threaded
 def fake_quant_chunked(x, scale, zero_point, qmin, qmax, ch_axis=None):
     """No-grad fake quantization, bit-identical to ``fake_quant_uniform_reference``.
 
-    Runs in row chunks (cache-resident) with in-place ops. With an integral zero point z (the
+    Runs in row chunks (cache-resident) with in-place ops, without autograd (the caller keeps
+    the straight-through-estimator reference for that). With an integral zero point z (the
     usual case) it uses clamp(⌊x/Δ⌉ + z, q_min, q_max) − z = clamp(⌊x/Δ⌉, q_min − z, q_max − z)
     (exact: integers below 2^24 in float32), then ·Δ. A final − 0·x reproduces the reference's
     special values: +0.0 where rounding a tiny negative input gave −0.0, NaN for ±inf inputs.

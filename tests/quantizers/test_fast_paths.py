@@ -363,6 +363,60 @@ def test_ptf_fake_quant_equals_formula(K, chunks):
     assert xg.grad is not None
 
 
+def test_integer_paths_under_autograd():
+    """Inputs that require grad (grad mode on): the fast paths run, and like the references
+    (integer codes) their outputs carry no gradient."""
+    g = torch.Generator().manual_seed(13)
+    logits = attention_like_logits(g, 1, 2, 20)
+    m = calibrate(LogIntSoftmax(), logits)
+    lg = logits.clone().requires_grad_()
+    out = m(lg)
+    assert not out.requires_grad and same_bits(out, m.dequantize(m.quantize_exact(logits)))
+    x, ptf, gamma, beta, oq = ln_setup(g)
+    out = int_layernorm_fake_quant(x.clone().requires_grad_(), ptf, gamma.requires_grad_(), beta,
+                                   oq)
+    assert not out.requires_grad
+    p = torch.softmax(logits, -1).requires_grad_()
+    q = LogSqrt2Quantizer(bits=4)
+    q.set_params(0.9)
+    q.set_mode('quant')
+    assert not q(p).requires_grad and same_bits(q(p), log_sqrt2_fake_quant(p.detach(), q.delta, 4))
+
+
+def test_chunk_kernels_restore_thread_count(monkeypatch):
+    """The kernels run single-threaded (``CHUNK_THREADS``) and restore the caller's setting, also
+    when they raise."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(3, 40, 16)
+        q = calibrate(UniformQuantizer(8), x)
+        seen = []
+        orig = torch.div
+
+        def spy(*a, **k):
+            seen.append(torch.get_num_threads())
+            return orig(*a, **k)
+        torch.div = spy
+        try:
+            q(x)
+        finally:
+            torch.div = orig
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        g = torch.Generator().manual_seed(5)
+        xl, ptf, gamma, beta, oq = ln_setup(g)
+
+        def boom(*a, **k):
+            raise ArithmeticError('boom')
+        import fqvit_det.quantizers.ptf as ptf_mod
+        monkeypatch.setattr(ptf_mod, '_int_layernorm_rows', boom)
+        with pytest.raises(ArithmeticError):
+            int_layernorm_fake_quant(xl, ptf, gamma, beta, oq)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------
 # log√2 quantizer
 # ------------------------------------------------------------------------------------------------
