@@ -1,6 +1,8 @@
 # COCO data settings for ../shared/data/coco_mini ($FQVIT_DATA overrides the data folder):
 # calibrate on train2017, evaluate on val2017 (79 images), the standard COCO layout.
 custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
+# Fixed seed: layers without trained weights (random-weight runs) are identical in every process.
+randomness = dict(seed=0)
 coco_root = '{{$FQVIT_DATA:../shared/data}}/coco_mini/'
 coco_test_pipeline = [
     dict(type='LoadImageFromFile', backend_args=None),

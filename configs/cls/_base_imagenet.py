@@ -1,6 +1,8 @@
 # Shared ImageNet evaluation settings. Data root: $FQVIT_DATA (default ../shared/data).
 # Model weights: `checkpoint` when that file exists, else timm pretrained=True (needs the hub).
 custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
+# Fixed seed: layers without trained weights (random-weight runs) are identical in every process.
+randomness = dict(seed=0)
 data_root = '{{$FQVIT_DATA:../shared/data}}'
 model_name = 'deit_tiny_patch16_224'
 
