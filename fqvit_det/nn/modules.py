@@ -44,6 +44,18 @@ class _WeightQuantMixin(QuantModule):
     def refresh(self):
         self._wq_cache = None
 
+    @classmethod
+    def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer):
+        """A quantized twin sharing ``src``'s parameters (no copy) and layer hyper-parameters."""
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        for attr in attrs:
+            setattr(mod, attr, getattr(src, attr))
+        mod.weight, mod.bias = src.weight, src.bias
+        mod.w_quantizer, mod.in_quantizer = w_quantizer, in_quantizer
+        mod._wq_cache = None
+        return mod
+
     def quant_weight(self) -> torch.Tensor:
         wq = self.w_quantizer
         if wq is None or wq.mode != 'quant':
@@ -62,15 +74,7 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_quantizer=None, in_quantizer=None):
-        mod = cls.__new__(cls)
-        nn.Module.__init__(mod)
-        mod.in_features, mod.out_features = linear.in_features, linear.out_features
-        mod.weight = linear.weight
-        mod.bias = linear.bias
-        mod.w_quantizer = w_quantizer
-        mod.in_quantizer = in_quantizer
-        mod._wq_cache = None
-        return mod
+        return cls._adopt(linear, ('in_features', 'out_features'), w_quantizer, in_quantizer)
 
     def forward(self, x):
         return F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
@@ -79,18 +83,9 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
 class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_quantizer=None, in_quantizer=None):
-        mod = cls.__new__(cls)
-        nn.Module.__init__(mod)
-        for attr in ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
-                     'transposed', 'output_padding', 'groups', 'padding_mode',
-                     '_reversed_padding_repeated_twice'):
-            setattr(mod, attr, getattr(conv, attr))
-        mod.weight = conv.weight
-        mod.bias = conv.bias
-        mod.w_quantizer = w_quantizer
-        mod.in_quantizer = in_quantizer
-        mod._wq_cache = None
-        return mod
+        return cls._adopt(conv, ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
+                                 'dilation', 'transposed', 'output_padding', 'groups', 'padding_mode',
+                                 '_reversed_padding_repeated_twice'), w_quantizer, in_quantizer)
 
     def forward(self, x):
         return self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
