@@ -11,6 +11,8 @@ Protocol (parallel, as in both papers)
    * every searched ``QuantLinear`` / ``QuantConv2d``: a deterministic random subsample of its input
      rows (Conv: the input patches of sampled output positions), about ``max_rows / images`` rows
      per image and at most ``max_rows`` per module. Outputs are not stored: O = X·Wᵀ is recomputed.
+     qkv / fc1 / patch-merging reductions have no input quantizer of their own: the output
+     quantizer of the LayerNorm feeding them (``model.fqvit_reparam_pairs``) is searched with them.
    * every searched attention (``AttentionQuantizers``): the unquantized q, k, v (+ bias, mask) of
      the first ``attn_images`` images, through the ``_recorder`` hook of ``attend``. Queries are
      subsampled to ``attn_rows`` when longer (not with window masks, whose shape fixes N).
@@ -30,10 +32,13 @@ Metrics (higher is better)
   'fpcs' (AdaLog) and detectors → −mean((O − Ô)²).
   Per-channel weight scales use the per-output-channel part of the same sum (an output channel's
   error depends on its own weight row only), so channels are chosen independently.
-* Attention, always MSE (documented choice; the papers search the matmul operands on the matmul
-  output too): q and k on the logits error scale·(q̂k̂ᵀ − qkᵀ) (an unquantized bias or mask is
-  additive and cancels); the probabilities on the attention output P̂·v̂ − P·v; v on the same
-  output. Per-head quantizers (``ch_axis=1``) choose per head.
+* Attention, always MSE (documented choice): every step is decided on the attention-output error
+  P̂·v̂ − P·v (per head for per-head quantizers). q and k are *searched* on the logits error
+  scale·(q̂k̂ᵀ − qkᵀ) (an unquantized bias / mask is additive and cancels) and their ``confirm``
+  best candidates are then compared with the current scale on the output error: the logits MSE
+  alone can raise the output error (it weighs all logits alike, softmax does not; measured on
+  DeiT-Tiny block 0: ×1.6). ``attn_qk='output'`` searches q, k on the output error directly.
+  probs and v are searched on the output error.
 
 Errors are evaluated in "difference form" (e.g. Ô − O = (X̂ − X)·Ŵᵀ + X·(Ŵ − W)ᵀ) so nothing
 cancels catastrophically, and for MSE through Gram matrices when that is cheaper (exact: e.g.
@@ -45,28 +50,42 @@ Candidates
   before the search (min/max recovered from scale and zero point) through ``scale_zero_point``;
   symmetric: Δ = α·Δ₀. 'hessian' (PTQ4ViT): α from ``ptq4vit_candidates`` (0.01 … 1.2, n = 100,
   101 values). 'fpcs' (AdaLog): FPCS over α, a coarse grid of ``eq_n`` values in
-  [``alpha_min``, ``alpha_max``], ``top_k`` survivors, ``levels`` levels
-  (``fast_progressive_combining_search``; per-channel / per-head scales run the same FPCS
-  independently per channel, vectorised in ``_fpcs_columns``). Weight scales are per output
-  channel when the quantizer is (``ch_axis=0``); activation scales share one α.
+  [``alpha_min``, ``alpha_max``], ``top_k`` survivors, at most ``levels`` levels (the d = 1 rule
+  of ``fast_progressive_combining_search``, vectorised in ``_fpcs_columns`` so per-channel /
+  per-head scales run one FPCS per channel). Weight scales are per output channel when the
+  quantizer is (``ch_axis=0``); activation scales share one α (per-head q/k/v: one per head).
 * ``TwinUniformSoftmaxQuantizer``: split exponent in ``candidate_exps()`` (0 … 19);
   ``TwinUniformGeluQuantizer``: m ∈ −5 … 24 (grids, both methods).
 * ``AdaLogQuantizer``: post-softmax (Δ fixed): q over ``adalog_base_candidates()`` (10 … 137, an
-  integer FPCS, i.e. the full grid); post-GELU (shift ≠ 0) or ``search_scale``: (Δ, q) FPCS from a
-  16 × 8 grid, Δ ∈ [0.25, 1.2]·max(x + η), q ∈ 8 values of 10 … 137. Scored with
-  ``subtract_shift=True`` (a folded fc2 bias makes both equal).
+  integer FPCS, i.e. the full grid); post-GELU (shift ≠ 0) or ``search_scale``: (Δ, q) with
+  ``fast_progressive_combining_search`` from a 16 × 8 grid, Δ ∈ [0.25, 1.2]·max(x + η),
+  q ∈ 8 values of 10 … 137. Scored with ``subtract_shift=True`` (a folded fc2 bias makes both
+  equal).
 * Not searched: Log2, LogSqrt2, LogIntSoftmax, PTF, ``None``.
 
-Every search step also scores the current parameters and keeps them unless a candidate is strictly
-better, so a layer's score never decreases. Rounds alternate (weight, input) for Linear / Conv and
-(q, k, probs, v) for attention, ``rounds`` times, stopping early when a round changes nothing.
+Every step also scores the current parameters, which win ties, so a module's score never
+decreases. Rounds alternate (weight, input) for Linear / Conv and (q, k, probs, v) for attention,
+``rounds`` times, stopping early when a round changes nothing.
+
+Cost controls (CPU; documented deviations from the papers' exhaustive GPU searches)
+----------------------------------------------------------------------------------------------
+* ``screen_rows`` (256): candidates are scored on an evenly spaced subset of this many rows; the
+  ``confirm`` (4) best and the current parameters are then compared on all captured rows, which
+  make the decision. Attention screens on the first quarter of the captured rows. 0 = off.
+  (Weight steps whose all-row error goes through the Gram matrix, cost independent of the rows,
+  are not screened.)
+* ``fpcs_tol`` (1e-3): FPCS stops before ``levels`` once a level improves the best score by no
+  more than this fraction (AdaLog refines α to ~1e-7; on DeiT-Tiny levels beyond 2–3 changed
+  the layer error by < 0.01 %). 0 = always ``levels`` levels.
+* ``chunk_elems``: candidate batches are sized so each intermediate has about this many elements.
 
 ``spec.search_cfg`` keys (defaults in ``DEFAULTS``): images, max_rows, rounds, attn_images,
-attn_rows, grad_batch, alpha_min, alpha_max, grid_n (PTQ4ViT n), eq_n, top_k, levels (FPCS),
-chunk_elems (candidate batching budget, elements), seed (row sampling).
+attn_rows, grad_batch, alpha_min, alpha_max, grid_n (PTQ4ViT n), eq_n, top_k, levels, fpcs_tol,
+screen_rows, confirm, attn_qk ('logits' | 'output'), chunk_elems, seed (row sampling).
 
 Not handled (logged, left as calibrated): grouped convolutions, Linear inputs whose per-channel
-quantizer axis is not the feature axis.
+quantizer axis is not the feature axis. Per-channel logits / probability quantizers are applied
+at their current parameters only on unbatched layouts (the presets use per-tensor ones).
 """
 import logging
 import math
@@ -78,12 +97,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn.modules import AttentionQuantizers, QuantConv2d, QuantLinear
-from .quantizers.adalog import ADALOG_Q_MAX, ADALOG_Q_MIN, AdaLogQuantizer, adalog_base_candidates, \
-    adalog_fake_quant
+from .quantizers.adalog import (ADALOG_Q_MAX, ADALOG_Q_MIN, AdaLogQuantizer,
+                                adalog_base_candidates)
 from .quantizers.base import MIN_SCALE, Quantizer
-from .quantizers.search import (fast_progressive_combining_search, grid_search,
-                                hessian_guided_score, output_gradients, pseudo_label_loss,
-                                ptq4vit_candidates)
+from .quantizers.search import (fast_progressive_combining_search, hessian_guided_score,
+                                output_gradients, pseudo_label_loss, ptq4vit_candidates)
 from .quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
                               twin_gelu_fake_quant, twin_softmax_fake_quant)
 from .quantizers.uniform import UniformQuantizer, scale_zero_point
@@ -92,11 +110,13 @@ logger = logging.getLogger('fqvit_det')
 
 DEFAULTS = dict(images=32, max_rows=2048, rounds=3, attn_images=4, attn_rows=256, grad_batch=8,
                 alpha_min=0.01, alpha_max=1.2, grid_n=100, eq_n=128, top_k=16, levels=6,
-                fpcs_tol=1e-3, screen_rows=512, confirm=8, chunk_elems=1 << 24, seed=0)
+                fpcs_tol=1e-3, screen_rows=256, confirm=4, attn_qk='logits', chunk_elems=1 << 24,
+                seed=0)
 _POSITIVE_INTS = ('images', 'max_rows', 'rounds', 'attn_rows', 'grad_batch', 'grid_n', 'eq_n',
                   'top_k', 'levels', 'confirm', 'chunk_elems')
 ALPHA_FLOOR = 1e-4          # FPCS lower bound for α (a scale must stay positive)
 ADALOG_GELU_GRID = (16, 8)  # (Δ values, q values) of the post-GELU coarse grid
+ATTN_SCREEN_FRAC = 0.25     # attention candidates are screened on this share of the captured rows
 
 
 def search_config(spec) -> dict:
@@ -122,6 +142,9 @@ def search_config(spec) -> dict:
                          f'{cfg["alpha_min"]!r}, {cfg["alpha_max"]!r}')
     if not isinstance(cfg['fpcs_tol'], (int, float)) or cfg['fpcs_tol'] < 0:
         raise ValueError(f'quant_cfg.search_cfg.fpcs_tol must be a number >= 0, got {cfg["fpcs_tol"]!r}')
+    if cfg['attn_qk'] not in ('output', 'logits'):
+        raise ValueError(f'quant_cfg.search_cfg.attn_qk must be "output" or "logits", got '
+                         f'{cfg["attn_qk"]!r}')
     if not isinstance(cfg['seed'], int):
         raise ValueError(f'quant_cfg.search_cfg.seed must be an int, got {cfg["seed"]!r}')
     return cfg
@@ -250,13 +273,33 @@ class _UniformSpace(_Space):
                 self.q.zero_point.detach().float()[None].clone())
 
     def fq(self, x, p):
-        # (clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ, as UniformQuantizer.fake_quant, in place
-        s = _pview(p[0], self.ndim, self.axis, self.repeat)
-        t = torch.round(x / s)
+        """(clamp(⌊x/Δ⌉ + z, qmin, qmax) − z)·Δ, as ``UniformQuantizer.fake_quant``, for every
+        candidate. Integer zero points use PyTorch's fused fake-quantization kernel (one pass;
+        it multiplies by 1/Δ, which can move a value lying exactly on a rounding tie by one
+        step), others the elementwise formula."""
+        s, z = p
+        n = s.shape[0]
+        if self.repeat == 1 and bool(torch.equal(z, torch.round(z))):
+            # candidates × channels become the channel axis of one fused call
+            if s.dim() == 1 or self.axis is None:
+                xe = x.unsqueeze(0).expand(n, *x.shape).reshape(n, -1)
+                s = s.reshape(n, -1)[:, 0] if s.dim() > 1 else s
+                z = z.reshape(n, -1)[:, 0] if z.dim() > 1 else z
+                xt = x
+            else:
+                xt = x.movedim(self.axis, 0)
+                xe = xt.unsqueeze(0).expand(n, *xt.shape).reshape(n * xt.shape[0], -1)
+                s, z = s.reshape(-1), z.reshape(-1)
+            out = torch.fake_quantize_per_channel_affine(
+                xe.float(), s.float().contiguous(), z.to(torch.int32).contiguous(), 0,
+                self.q.qmin, self.q.qmax).reshape(n, *xt.shape)
+            return out if xt is x else out.movedim(1, self.axis + 1)
+        sv = _pview(s, self.ndim, self.axis, self.repeat)
+        t = torch.round(x / sv)
         if self.q.symmetric:
-            return t.clamp_(self.q.qmin, self.q.qmax).mul_(s)
-        z = _pview(p[1], self.ndim, self.axis, self.repeat)
-        return t.add_(z).clamp_(self.q.qmin, self.q.qmax).sub_(z).mul_(s)
+            return t.clamp_(self.q.qmin, self.q.qmax).mul_(sv)
+        zv = _pview(z, self.ndim, self.axis, self.repeat)
+        return t.add_(zv).clamp_(self.q.qmin, self.q.qmax).sub_(zv).mul_(sv)
 
     def apply(self, p):
         self.q.set_params(p[0][0], p[1][0])
@@ -297,6 +340,7 @@ class _AdaLogSpace(_Space):
     def __init__(self, q: AdaLogQuantizer, ndim):
         super().__init__(q, ndim)
         self.two_d = q.searches_delta
+        self.top = max(float(q.delta), MIN_SCALE)     # Δ grid scale; callers set max(x + η)
         self._key, self._log = None, None
 
     def current(self):
@@ -320,14 +364,16 @@ class _AdaLogSpace(_Space):
         e = torch.arange(levels, device=x.device)[None, :] * qi[:, None]          # (n, 2^b)
         hi = torch.div(e, q.r, rounding_mode='floor')
         tab = torch.exp2(-hi.to(torch.float32)) * q.lut.to(x.device)[e - hi * q.r]
-        tab = (tab * delta[:, None]).reshape(-1)
+        # entry 2^b = the zero code; the shift η is folded into the table
+        tab = torch.cat([tab * delta[:, None], torch.zeros(n, 1, device=x.device)], dim=1)
+        if q.shift:
+            tab -= q.shift
         c = torch.log2(delta).reshape(shape) - self._log2(x)
         c.mul_((q.r / qi.to(torch.float32)).reshape(shape)).round_()
-        zero = ~(c < levels)                                    # also NaN (x + η < 0)
-        idx = c.masked_fill_(zero, 0).clamp_(min=0).to(torch.int64)
-        idx += (torch.arange(n, device=x.device) * levels).reshape(shape)
-        val = tab.take(idx).masked_fill_(zero, 0.0)
-        return val.sub_(q.shift) if q.shift else val
+        # codes ≥ 2^b (and NaN: x + η < 0) → the zero entry
+        idx = c.nan_to_num_(nan=float(levels)).clamp_(0, levels).to(torch.int64)
+        idx += (torch.arange(n, device=x.device) * (levels + 1)).reshape(shape)
+        return tab.reshape(-1).take(idx)
 
     def apply(self, p):
         self.q.set_params(delta=float(p[0][0]), q=int(p[1][0]))
@@ -827,7 +873,8 @@ class _LinearProblem:
                 out = []
                 for sl in _chunks(p[0].shape[0], 3 * C * K, self.budget):
                     dW = space.fq(W, _take(p, sl)).sub_(W)      # (m, C, K)
-                    err = ((dW @ Gx) * dW).sum(-1) + 2 * (dW * H).sum(-1) + c0
+                    # Δw·Gx·Δwᵀ + 2Δw·h + c0 per channel
+                    err = torch.linalg.vecdot(torch.matmul(dW, Gx).add_(H, alpha=2), dW) + c0
                     out.append(-err.double() / norm)
                 return torch.cat(out)
             return _Step(scores)
@@ -965,13 +1012,19 @@ def _search_linear(mod, X, G, in_ndim, metric, in_q, search_in, method, cfg):
 # Attention
 # =================================================================================================
 def _att_logits(aq, q, k, scale, bias, mask, mask_fn, quant: bool):
+    """q̂k̂ᵀ·scale + bias + mask as in ``AttentionQuantizers.attend`` (q or k may carry a leading
+    candidate dim); with ``quant`` the bias / mask quantizers are applied."""
     logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + (aq.rel_pos_bias(bias) if quant and _active(aq.rel_pos_bias) else bias)
     if mask is not None:
         if quant and _active(aq.mask):
             mask = aq.mask(mask)
-        logits = mask_fn(logits, mask) if mask_fn is not None else logits + mask
+        if mask_fn is not None:
+            shape = logits.shape
+            logits = mask_fn(logits.reshape(-1, *shape[-3:]), mask).reshape(shape)
+        else:
+            logits = logits + mask
     return logits
 
 
@@ -1010,6 +1063,31 @@ class _AttnProblem:
             err += float(((Oh - r['O']) ** 2).sum())
         return -err / self.n_out
 
+    def output_operand_scorer(self, role: str, space):
+        """q (role 'q') or k ('k') scored on the attention output P̂·v̂ − P·v, per head."""
+        aq = self.aq
+        pre = []
+        for r in self.records:
+            cur = {key: self._cur(getattr(aq, key), r[key]) for key in ('q', 'k', 'v')}
+            pre.append((r, cur))
+        norm = self.n_out
+
+        def scorer(p):
+            n = p[0].shape[0]
+            total = torch.zeros(n, self.heads, dtype=torch.float64)
+            for r, cur in pre:
+                a = r[role]
+                per = 4 * r['P'].numel() + a.numel()
+                parts = []
+                for sl in _chunks(n, per, self.budget):
+                    cand = space.fq(a, _take(p, sl))            # (m, B, H, N, d)
+                    qh, kh = (cand, cur['k']) if role == 'q' else (cur['q'], cand)
+                    E = self.probs_from_logits(r, qh, kh) @ cur['v'] - r['O']
+                    parts.append((E * E).sum((1, 3, 4)).double())
+                total += torch.cat(parts).cpu()
+            return -total / norm
+        return scorer
+
     def operand_scorer(self, role: str, space):
         """q (role 'q') or k ('k') on the logits error scale·(âb̂ᵀ − abᵀ), per head."""
         aq = self.aq
@@ -1032,9 +1110,10 @@ class _AttnProblem:
             for a, Gb, T, c, s2 in pre:
                 parts = []
                 for sl in _chunks(n, 3 * a.numel(), self.budget):
-                    D = space.fq(a, _take(p, sl)) - a               # (m, B, H, Na, d)
-                    e = ((D @ Gb) * D).sum((1, 3, 4)) + 2 * (D * T).sum((1, 3, 4)) + c
-                    parts.append(e.double() * s2)
+                    D = space.fq(a, _take(p, sl)).sub_(a)           # (m, B, H, Na, d)
+                    # Σ_i d_i·(b̂ᵀb̂)·d_iᵀ + 2 d_i·(F b̂)_i + ‖F‖² per head
+                    e = torch.linalg.vecdot(torch.matmul(D, Gb).add_(T, alpha=2), D)
+                    parts.append((e.sum((1, 3)) + c).double() * s2)
                 total += torch.cat(parts).cpu()
             return -total / norm
         return scorer
@@ -1096,8 +1175,31 @@ def _attn_space(q, heads):
     return _make_space(q, 4)
 
 
+def _screen_records(records, frac: float):
+    """The first ``frac`` of every record's batch rows (whole window groups with a window mask), or
+    None when nothing gets smaller."""
+    out, smaller = [], False
+    for r in records:
+        B = r['q'].shape[0]
+        rows = max(1, math.ceil(B * frac))
+        if r['mask'] is not None and r['mask_fn'] is not None and r['mask'].dim() >= 1:
+            nw = r['mask'].shape[0]
+            rows = min(B, -(-rows // nw) * nw)
+        smaller |= rows < B
+        sub = {key: r[key] for key in ('scale', 'bias', 'mask', 'mask_fn')}
+        sub.update(q=r['q'][:rows], k=r['k'][:rows], v=r['v'][:rows])
+        for key in ('bias', 'mask'):
+            t = sub[key]
+            if t is not None and r['mask_fn'] is None and t.dim() == 4 and t.shape[0] == B:
+                sub[key] = t[:rows]
+        out.append(sub)
+    return out if smaller else None
+
+
 def _search_attention(aq, records, method, cfg):
     prob = _AttnProblem(aq, records, cfg['chunk_elems'])
+    srecs = _screen_records(records, ATTN_SCREEN_FRAC)
+    sprob = None if srecs is None else _AttnProblem(aq, srecs, cfg['chunk_elems'])
     H = prob.heads
     spaces = dict(q=_attn_space(aq.q, H), k=_attn_space(aq.k, H),
                   probs=None if aq.fused_softmax else _attn_space(aq.probs, H),
@@ -1105,6 +1207,18 @@ def _search_attention(aq, records, method, cfg):
     if spaces['probs'] is not None and isinstance(spaces['probs'], _AdaLogSpace) \
             and spaces['probs'].two_d:
         spaces['probs'].top = max(1.0 + aq.probs.shift, MIN_SCALE)
+
+    def step(pr, role, sp, screening=False):
+        if pr is None:
+            return None
+        if role in ('q', 'k'):
+            if screening and cfg['attn_qk'] == 'logits':
+                return _Step(pr.operand_scorer(role, sp))        # logits error
+            return _Step(pr.output_operand_scorer(role, sp))
+        if role == 'probs':
+            return _Step(pr.probs_scorer(sp))
+        return _Step(pr.v_scorer(sp))
+
     before = prob.score()
     rounds = 0
     for _ in range(cfg['rounds']):
@@ -1112,15 +1226,9 @@ def _search_attention(aq, records, method, cfg):
         changed = False
         for role in ('q', 'k', 'probs', 'v'):
             sp = spaces[role]
-            if sp is None:
-                continue
-            if role in ('q', 'k'):
-                scorer = prob.operand_scorer(role, sp)
-            elif role == 'probs':
-                scorer = prob.probs_scorer(sp)
-            else:
-                scorer = prob.v_scorer(sp)
-            changed |= search_quantizer(sp, _Step(scorer), method, cfg)
+            if sp is not None:
+                changed |= search_quantizer(sp, step(prob, role, sp), method, cfg,
+                                            step(sprob or prob, role, sp, screening=True))
         if not changed:
             break
     aq.refresh()
