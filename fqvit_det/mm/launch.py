@@ -36,8 +36,11 @@ def check_dataset(ds_cfg, key):
 
 
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
-                   show_dir=None) -> Config:
-    """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early."""
+                   show_dir=None, check_data: bool = True) -> Config:
+    """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
+
+    ``check_data=False`` skips the dataset-path checks (building a model needs no data).
+    """
     cfg = copy.deepcopy(cfg)
     quant_cfg = cfg.get('quant_cfg')
     model_type = cfg.model.get('type')
@@ -63,7 +66,8 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
         _check_path(cfg.model.checkpoint, 'checkpoint', 'model.checkpoint')
     if quant_state:
         _check_path(quant_state, 'quant state', '--quant-state')
-    check_dataset(cfg.get('test_dataloader', {}).get('dataset'), 'test_dataloader.dataset')
+    if check_data:
+        check_dataset(cfg.get('test_dataloader', {}).get('dataset'), 'test_dataloader.dataset')
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'CalibrationHook']
     if qcfg is not None and not hooks:
         calib_dl = (qcfg.get('calib_dataloader') if qcfg else None) or cfg.get('calib_dataloader')
@@ -71,7 +75,7 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             ConfigDict(type='CalibrationHook', dataloader=calib_dl)]
         hooks = [cfg.custom_hooks[-1]]
     for h in hooks:
-        if h.get('dataloader'):
+        if h.get('dataloader') and check_data:
             check_dataset(h['dataloader'].get('dataset'), 'CalibrationHook.dataloader.dataset')
         if quant_state:
             h['quant_state'] = quant_state
