@@ -67,7 +67,8 @@ def calibrate(cfg, model, out_dir, logger):
     hook_cfg['float_eval'] = False
     hook = HOOKS.build(hook_cfg)
     # The hook only needs these runner attributes.
-    runner = types.SimpleNamespace(model=model, logger=logger, cfg=cfg, rank=0, work_dir=out_dir)
+    runner = types.SimpleNamespace(model=model, logger=logger, cfg=cfg, rank=0, world_size=1,
+                                   work_dir=out_dir)
     hook._calibrate(runner)
     return hook
 
