@@ -205,10 +205,12 @@ def test_non_tensor_output_uses_mse(caplog):
 def test_report_and_image_cap(monkeypatch):
     x = data(8)
     _, _, seen = calibrate(vit, 'ptq4vit', 6, [x[:4], x[4:]],
-                           dict(TINY, images=5, grad_batch=2, attn_images=1),
+                           dict(TINY, images=5, grad_batch=2, attn_images=1, screen_rows=32),
                            monkeypatch=monkeypatch)
     rep = seen['report']
-    assert rep['images'] == 5
+    assert rep['images'] == 5 and rep['metric'] == 'hessian'
+    for r in rep['modules'].values():         # screened (Fisher-heaviest rows) + confirmed
+        assert r['after'] >= r['before'] - 1e-6 * abs(r['before'])
     assert rep['modules']['blocks.0.attn.aq']['images_rows'] == 1
     assert rep['modules']['blocks.0.attn.qkv']['rows'] == 5 * 17
 
@@ -284,3 +286,38 @@ def test_attention_recorder_is_off_by_default():
     aq._recorder = lambda *a: seen.append(a)
     aq.attend(q, k, v, 0.5)
     assert len(seen) == 1 and seen[0][1] is q
+
+
+@pytest.mark.parametrize('ch,axis', [(None, None), (1, 1), (-1, 3)])
+@pytest.mark.parametrize('sym', [True, False])
+def test_uniform_candidates_match_quantizer(ch, axis, sym):
+    torch.manual_seed(0)
+    q = UniformQuantizer(4, symmetric=sym, ch_axis=ch)
+    x = torch.randn(2, 3, 5, 4)
+    q.observe(x)
+    q.finalize()
+    sp = sr._UniformSpace(q, 4, axis, per_channel=ch == 1)
+    a = torch.rand(5, 3) + 0.3 if ch == 1 else torch.rand(5) + 0.3
+    p = sp.from_alpha(a)
+    out = sp.fq(x, p)
+    for i in range(5):
+        ref = UniformQuantizer(4, symmetric=sym, ch_axis=ch)
+        ref.set_params(p[0][i], p[1][i])
+        torch.testing.assert_close(out[i], ref.fake_quant(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shift', [0.0, GELU_MIN])
+def test_adalog_candidates_match_quantizer(shift):
+    from fqvit_det.quantizers.adalog import AdaLogQuantizer
+    torch.manual_seed(0)
+    x = F.gelu(2 * torch.randn(60, 16)) if shift else torch.randn(60, 16).softmax(-1)
+    x[0, 0] = 0.0
+    q = AdaLogQuantizer(4, shift=shift)
+    q.observe(x)
+    q.finalize()
+    sp = sr._AdaLogSpace(q, 2)
+    d, qq = torch.tensor([0.5, 1.0, 3.3]), torch.tensor([10, 37, 137])
+    out = sp.fq(x, (d, qq))
+    for i in range(3):
+        q.set_params(delta=float(d[i]), q=int(qq[i]))
+        torch.testing.assert_close(out[i], q.fake_quant(x), rtol=0, atol=0)
