@@ -20,7 +20,8 @@ FORMAT = 'fqvit-det-quant-state/1'
 
 
 def _reparam_modules(model):
-    return [(n, p) for n, ps in getattr(model, 'fqvit_reparam_done', []) for p in [n] + ps]
+    """Paths of the norms and Linears whose parameters the reparameterization rewrote."""
+    return [p for norm, linears in getattr(model, 'fqvit_reparam_done', []) for p in [norm, *linears]]
 
 
 def quant_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -28,7 +29,7 @@ def quant_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for name, q in named_quantizers(model):
         for k, v in q.state_dict().items():
             state[f'{name}.{k}'] = v
-    for _, path in _reparam_modules(model):
+    for path in _reparam_modules(model):
         for k, v in model.get_submodule(path).state_dict().items():
             if '_quantizer.' not in k and not k.startswith(('aq.',)):
                 state[f'{path}.{k}'] = v
