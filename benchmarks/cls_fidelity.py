@@ -84,6 +84,8 @@ def main(argv=None):
     p.add_argument('--rows', default='all', help=f'comma list of {sorted(ROWS)} or "all"')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=100)
+    p.add_argument('--fresh', action='store_true',
+                   help='discard rows kept from earlier runs (by default a run replaces only its own rows)')
     args = p.parse_args(argv)
     ckpt = osp.join(args.data, 'deit_tiny', 'deit_tiny_patch16_224.safetensors')
     for path in (ckpt, osp.join(args.data, 'imagenet', 'calib1000', 'labels.txt'),
@@ -105,7 +107,7 @@ def main(argv=None):
     fp_calib_fwd = {}
     records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
                     fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
-                    fp_eval_seconds=fp_eval, target_drop=None)]
+                    fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
     print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
     for name in rows:
         cfg, n_calib, target = ROWS[name]
@@ -123,23 +125,49 @@ def main(argv=None):
         rec = dict(method=name, bits=bits, calib_images=n_calib, top1=top1, top5=top5,
                    fp_top1=fp_top1, drop=fp_top1 - top1, calib_seconds=calib_s, eval_seconds=eval_s,
                    fp_eval_seconds=fp_eval, fp_calib_forward_seconds=fp_calib_fwd[n_calib],
-                   target_drop=target, quant_cfg=cfg)
+                   target_drop=target, quant_cfg=cfg, command=command(), date=today())
         records.append(rec)
         print(f'{name}: top-1 {top1:.2f} (drop {fp_top1 - top1:.2f}) calib {calib_s:.1f}s '
               f'(float forward over the same images {fp_calib_fwd[n_calib]:.1f}s) eval {eval_s:.1f}s', flush=True)
-        write(records, args, rows_done=True)
-    write(records, args, rows_done=True)
+        write(records, args)
+    write(records, args)
 
 
-def write(records, args, rows_done):
-    doc = dict(command='python benchmarks/cls_fidelity.py ' + ' '.join(sys.argv[1:]),
+def command():
+    return 'python benchmarks/cls_fidelity.py ' + ' '.join(sys.argv[1:])
+
+
+def today():
+    return datetime.date.today().isoformat()
+
+
+def merge(previous, records):
+    """Rows of an earlier run on the same evaluation images that this run did not redo, in ROWS order."""
+    done = {r['method'] for r in records}
+    kept = [r for r in previous if r['method'] not in done]
+    order = ['fp32'] + list(ROWS)
+    return sorted(kept + records, key=lambda r: order.index(r['method']) if r['method'] in order else len(order))
+
+
+def write(records, args):
+    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results', 'cls_fidelity.json')
+    previous = []
+    if not args.fresh and osp.isfile(out):
+        with open(out) as f:
+            old = json.load(f)
+        if old.get('val_images') == args.val_images:
+            cmd = old.get('command')
+            previous = [dict(r, command=r.get('command', cmd), date=r.get('date', old.get('date')))
+                        for r in old['records']]
+    records = merge(previous, records)
+    commands = list(dict.fromkeys(r['command'] for r in records))
+    doc = dict(commands=commands,
                machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
                        f'{torch.get_num_threads()} threads',
-               date=datetime.date.today().isoformat(), val_images=args.val_images, records=records,
+               date=today(), val_images=args.val_images, records=records,
                notes=['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.',
                       'float eval s is the float model over the same evaluation images; the observer-'
                       'calibration cost compares with `fp_calib_forward_seconds` in the JSON.'])
-    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results', 'cls_fidelity.json')
     with open(out + '.tmp', 'w') as f:
         json.dump(doc, f, indent=1)
     os.replace(out + '.tmp', out)

@@ -28,17 +28,28 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 
 def timing(args):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    import test as test_tool
-    work = osp.join(ROOT, 'work_dirs', 'bench_cascade_swin_s_w8a8a4')
-    argv = ['configs/cascade_swin_s_w8a8a4.py', '--compare-float', '--work-dir', work,
-            '--cfg-options', f'test_dataloader.dataset.indices={args.val_images}']
-    t0 = time.time()
-    res = test_tool.main(argv)
-    total = time.time() - t0
+    if args.timing_from:
+        # The same measurement taken by an earlier `tools/test.py configs/cascade_swin_s_w8a8a4.py
+        # --compare-float` run (e.g. the README main job), read from its summary.json.
+        with open(args.timing_from) as f:
+            res = json.load(f)
+        if 'float' not in res or 'quant' not in res:
+            raise SystemExit(f'{args.timing_from}: expected the summary.json of a --compare-float run')
+        total = None
+        source = args.timing_from
+    else:
+        sys.path.insert(0, osp.join(ROOT, 'tools'))
+        import test as test_tool
+        work = osp.join(ROOT, 'work_dirs', 'bench_cascade_swin_s_w8a8a4')
+        argv = ['configs/cascade_swin_s_w8a8a4.py', '--compare-float', '--work-dir', work,
+                '--cfg-options', f'test_dataloader.dataset.indices={args.val_images}']
+        t0 = time.time()
+        res = test_tool.main(argv)
+        total = time.time() - t0
+        source = 'python tools/test.py ' + ' '.join(argv)
     fe, qe, qc = res['float']['eval_seconds'], res['quant']['eval_seconds'], res['quant']['calib_seconds']
     return dict(val_images=args.val_images, calib_images=8, float_eval_seconds=fe, quant_eval_seconds=qe,
-                calib_seconds=qc, ratio=(qe + qc) / fe, total_seconds=total,
+                calib_seconds=qc, ratio=(qe + qc) / fe, total_seconds=total, source=source,
                 float_metrics=res['float']['metrics'], quant_metrics=res['quant']['metrics'])
 
 
@@ -89,6 +100,10 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=79)
     p.add_argument('--sqnr-images', type=int, default=8)
     p.add_argument('--skip-timing', action='store_true')
+    p.add_argument('--skip-sqnr', action='store_true', help='keep the SQNR rows of the previous run')
+    p.add_argument('--timing-from', metavar='SUMMARY_JSON',
+                   help='take the timing from the summary.json of an earlier `tools/test.py '
+                        'configs/cascade_swin_s_w8a8a4.py --compare-float` run over --val-images images')
     args = p.parse_args(argv)
     if not osp.isdir(osp.join(args.data, 'coco_mini')):
         raise SystemExit(f'coco_mini not found under {args.data}')
@@ -102,18 +117,20 @@ def main(argv=None):
     doc.update(command='python benchmarks/det_benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
                machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}',
                date=datetime.date.today().isoformat())
-    sqnr = [backbone_sqnr(f'configs/mask_rcnn_deit_tiny_{b}.py', args.sqnr_images)
-            for b in ('w8a8a4', 'w6a6', 'w4a4')]
-    doc['sqnr'] = sqnr
-    for r in sqnr:
+    if not args.skip_sqnr:
+        doc['sqnr'] = [backbone_sqnr(f'configs/mask_rcnn_deit_tiny_{b}.py', args.sqnr_images)
+                       for b in ('w8a8a4', 'w6a6', 'w4a4')]
+    for r in doc.get('sqnr', []):
         print(f'{r["config"]}: backbone SQNR {r["sqnr_db"]:.1f} dB (levels '
               + ', '.join(f'{x:.1f}' for x in r['sqnr_db_per_level']) + ')', flush=True)
     if not args.skip_timing:
         doc['timing'] = timing(args)
+        doc['timing_command'] = doc['command']
         print(f'cascade swin-s w8a8a4: (calib + quant eval) / float eval = {doc["timing"]["ratio"]:.2f}', flush=True)
+    n_sqnr = doc['sqnr'][0]['eval_images'] if doc.get('sqnr') else args.sqnr_images
     md = ['### Backbone-feature fidelity, Mask R-CNN with the real DeiT-Tiny backbone',
           '', f'Calibrated on coco_mini train2017 (8 images, test pipeline), SQNR of the four pyramid '
-          f'features over {args.sqnr_images} val2017 images at full test resolution (1333×800). Target ≥ 30 dB at 8 bits.', '',
+          f'features over {n_sqnr} val2017 images at full test resolution (1333×800). Target ≥ 30 dB at 8 bits.', '',
           '| config | method | bits (W/A/attn) | SQNR dB (all levels) | per level (stride 4, 8, 16, 32) | calib s |',
           '|---|---|---|---|---|---|']
     for r in doc.get('sqnr', []):
@@ -122,7 +139,7 @@ def main(argv=None):
     t = doc.get('timing')
     if t:
         md += ['', '### Wall time: Cascade Mask R-CNN Swin-S, w8a8a4 (FQ-ViT PTF + LIS), full resolution', '',
-               f'{t["val_images"]} val2017 images, calibration on {t["calib_images"]} train2017 images. '
+               f'Measured by `{t["source"]}`: {t["val_images"]} val2017 images, calibration on {t["calib_images"]} train2017 images. '
                'Target: (calibration + quantized evaluation) ≤ 1.6 × float evaluation.', '',
                '| float eval s | calibration s | quantized eval s | ratio |', '|---|---|---|---|',
                f'| {t["float_eval_seconds"]:.0f} | {t["calib_seconds"]:.0f} | {t["quant_eval_seconds"]:.0f} | '

@@ -18,7 +18,8 @@ def cls_section(doc):
     rows = doc['records']
     out = ['## Classification fidelity: DeiT-Tiny (real weights), ImageNet',
            '',
-           f'Command: `{doc["command"]}`  ',
+           'Commands (each row names the one that produced it in the JSON): '
+           + ', '.join(f'`{c}`' for c in doc.get('commands', [doc.get('command')])) + '  ',
            f'Machine: {doc["machine"]}; date {doc["date"]}.  ',
            f'Calibration images from `imagenet/calib1000`, evaluation on {doc["val_images"]} images of '
            '`imagenet/val1300` (resize 248 bicubic, center crop 224). Drop = float top-1 − quantized '

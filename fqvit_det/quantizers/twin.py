@@ -33,7 +33,8 @@ from typing import List, Sequence
 
 import torch
 
-from .base import Quantizer, check_finite, round_ste
+from .base import (Quantizer, check_finite, chunk_step, needs_autograd, round_ste, scratch,
+                   single_threaded)
 from .registry import register_quantizer
 
 # |min_x GELU(x)| (the minimum is at x ≈ −0.7518); PTQ4ViT's negative-region constant.
@@ -128,6 +129,55 @@ def twin_gelu_fake_quant(x: torch.Tensor, m, bits: int) -> torch.Tensor:
     neg_val = torch.clamp(round_ste(xf / d_neg), -h, 0) * d_neg
     pos_val = torch.clamp(round_ste(xf / d_pos), 0, h - 1) * d_pos
     return torch.where(xf < 0, neg_val, pos_val).to(x.dtype)
+
+
+# --- fast no-grad paths ------------------------------------------------------------------------
+@torch.no_grad()
+@single_threaded
+def _twin_fake_quant_chunked(x: torch.Tensor, pick_small, d_small, d_large, lo: float, hi: float):
+    """clamp(⌊x/Δ⌉, lo, hi)·Δ with Δ = d_small where ``pick_small(x)`` else d_large, in
+    cache-resident row chunks. Each value is divided and multiplied by exactly the step the
+    reference uses, so the result is bit-identical to it (a final − 0·x gives the reference's +0.0
+    for rounded tiny negatives and NaN for ±inf). ``None`` when it does not apply."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0:
+        return None
+    out = torch.empty_like(x)
+    xv, ov = x.view(-1, 1), out.view(-1, 1)
+    step_rows = chunk_step(1, device=x.device)
+    for i in range(0, xv.shape[0], step_rows):
+        xc, o = xv[i:i + step_rows], ov[i:i + step_rows]
+        mask = scratch('twin_mask', xc.shape, torch.bool, x.device)
+        step = scratch('twin_step', xc.shape, torch.float32, x.device)
+        pick_small(xc, out=mask)
+        torch.where(mask, d_small, d_large, out=step)
+        torch.div(xc, step, out=o)
+        o.round_().clamp_(lo, hi).mul_(step)
+        o.sub_(xc, alpha=0.0)
+    return out
+
+
+def twin_softmax_fake_quant_fast(x: torch.Tensor, split_exp, bits: int) -> torch.Tensor:
+    """``twin_softmax_fake_quant`` for one split (no autograd): bit-identical, chunked on CPU.
+    R1 needs no upper clamp (x < s = n·Δ_R1 rounds to at most n), so one clamp(0, n) serves both."""
+    if needs_autograd(x) or torch.as_tensor(split_exp).numel() != 1:
+        return twin_softmax_fake_quant(x, split_exp, bits)
+    n = 2 ** (bits - 1) - 1
+    s, d1, d2 = twin_softmax_steps(_as_exp(split_exp, x), bits, x.device)
+    out = _twin_fake_quant_chunked(x, lambda t, out: torch.lt(t, s.reshape(()), out=out),
+                                   d1.reshape(()), d2.reshape(()), 0.0, float(n))
+    return out if out is not None else twin_softmax_fake_quant(x, split_exp, bits)
+
+
+def twin_gelu_fake_quant_fast(x: torch.Tensor, m, bits: int) -> torch.Tensor:
+    """``twin_gelu_fake_quant`` for one m (no autograd): bit-identical, chunked on CPU. A negative
+    x rounds to ≤ 0 and a non-negative one to ≥ 0, so one clamp(−h, h − 1) serves both regions."""
+    if needs_autograd(x) or torch.as_tensor(m).numel() != 1:
+        return twin_gelu_fake_quant(x, m, bits)
+    h = 2 ** (bits - 1)
+    d_neg, d_pos = twin_gelu_steps(_as_exp(m, x), bits, x.device)
+    out = _twin_fake_quant_chunked(x, lambda t, out: torch.lt(t, 0.0, out=out),
+                                   d_neg.reshape(()), d_pos.reshape(()), float(-h), float(h - 1))
+    return out if out is not None else twin_gelu_fake_quant(x, m, bits)
 
 
 # --- quantizers ---------------------------------------------------------------------------------
@@ -234,7 +284,7 @@ class TwinUniformSoftmaxQuantizer(_TwinUniformQuantizer):
         return twin_softmax_decode(codes, self.split_exp, self.bits)
 
     def fake_quant(self, x):
-        return twin_softmax_fake_quant(x, self.split_exp, self.bits)
+        return twin_softmax_fake_quant_fast(x, self.split_exp, self.bits)
 
     def extra_repr(self):
         return f'bits={self.bits}, split=2^-{int(self.split_exp)}, mode={self.mode}'
@@ -278,7 +328,7 @@ class TwinUniformGeluQuantizer(_TwinUniformQuantizer):
         return twin_gelu_decode(codes, self.pos_exp, self.bits)
 
     def fake_quant(self, x):
-        return twin_gelu_fake_quant(x, self.pos_exp, self.bits)
+        return twin_gelu_fake_quant_fast(x, self.pos_exp, self.bits)
 
     def extra_repr(self):
         return f'bits={self.bits}, m={int(self.pos_exp)}, mode={self.mode}'

@@ -448,3 +448,52 @@ def test_log_sqrt2_underflowing_table_falls_back():
     q.set_params(float(d))
     q.set_mode('quant')
     assert same_bits(q(x), log_sqrt2_fake_quant(x, d, 8))
+
+
+# --- PTQ4ViT twin uniform ------------------------------------------------------------------------
+def _twin_inputs(kind):
+    g = torch.Generator().manual_seed(7)
+    if kind == 'softmax':
+        x = torch.softmax(torch.randn(2, 3, 17, 17, generator=g) * 4, dim=-1)
+        x.view(-1)[:4] = torch.tensor([0.0, 1.0, 2.0 ** -7, -1e-9])   # exact split, ends, below 0
+    else:
+        x = F.gelu(torch.randn(2, 17, 33, generator=g) * 3)
+        x.view(-1)[:4] = torch.tensor([0.0, -0.16997124, -1e-9, 1e-9])
+    x.view(-1)[4:7] = torch.tensor([float('inf'), float('-inf'), float('nan')])
+    return x
+
+
+@pytest.mark.parametrize('bits', [3, 4, 6, 8])
+@pytest.mark.parametrize('exp', [0, 3, 7, 19])
+def test_twin_softmax_fast_equals_reference(bits, exp, chunks):
+    from fqvit_det.quantizers.twin import twin_softmax_fake_quant, twin_softmax_fake_quant_fast
+    x = _twin_inputs('softmax')
+    assert same_bits(twin_softmax_fake_quant_fast(x, torch.tensor(exp), bits),
+                     twin_softmax_fake_quant(x, exp, bits))
+
+
+@pytest.mark.parametrize('bits', [3, 4, 6, 8])
+@pytest.mark.parametrize('m', [-5, 0, 4, 24])
+def test_twin_gelu_fast_equals_reference(bits, m, chunks):
+    from fqvit_det.quantizers.twin import twin_gelu_fake_quant, twin_gelu_fake_quant_fast
+    x = _twin_inputs('gelu')
+    assert same_bits(twin_gelu_fake_quant_fast(x, torch.tensor(m), bits), twin_gelu_fake_quant(x, m, bits))
+
+
+def test_twin_quantizers_use_the_fast_path_and_keep_autograd():
+    from fqvit_det.quantizers import twin
+    q = twin.TwinUniformSoftmaxQuantizer(bits=4)
+    q.set_params(5)
+    q.set_mode('quant')
+    x = _twin_inputs('softmax')[..., 1:, :].contiguous()
+    calls = []
+    orig = twin._twin_fake_quant_chunked
+    twin._twin_fake_quant_chunked = lambda *a: calls.append(1) or orig(*a)
+    try:
+        out = q(x)
+    finally:
+        twin._twin_fake_quant_chunked = orig
+    assert calls and same_bits(out, twin.twin_softmax_fake_quant(x, 5, 4))
+    xg = torch.rand(3, 5, requires_grad=True)
+    q(xg).sum().backward()              # straight-through: d/dx = 1 inside the range
+    assert torch.equal(xg.grad, torch.ones_like(xg))
