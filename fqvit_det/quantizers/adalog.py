@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import MIN_SCALE, Quantizer
+from .base import MIN_SCALE, Quantizer, chunk_step, needs_autograd, scratch, single_threaded
 from .log import (CODE_DTYPE, ZERO_CODE, _as_float, finish_log_codes, pooled_samples,  # noqa: F401
                   sample_pool_append)
 from .registry import register_quantizer
@@ -103,6 +103,48 @@ def adalog_fake_quant(x: torch.Tensor, delta, q, bits: int, r: int = ADALOG_R, s
     score many (Δ, q) candidates in one call."""
     codes = adalog_quantize(x, delta, q, bits, r, shift)
     return adalog_dequantize(codes, delta, q, r, lut, bits, shift, subtract_shift)
+
+
+@torch.no_grad()
+@single_threaded
+def adalog_fake_quant_chunked(x: torch.Tensor, delta: torch.Tensor, q, bits: int, r: int = ADALOG_R,
+                              shift: float = 0.0, subtract_shift: bool = True,
+                              lut: Optional[torch.Tensor] = None):
+    """``adalog_fake_quant`` for one (Δ, q) and float32 x, bit for bit, in cache-sized chunks.
+
+    The code runs the reference's float32 ops in the same order ((x + η)/Δ, log2, −, ·r, /q,
+    round); then a code is mapped through the table of the 2^b dequantized values (plus 0 for the
+    zero code), which ``adalog_dequantize`` computes on the code range itself. ``None`` where that
+    does not apply (the caller then uses the reference)."""
+    if (not isinstance(delta, torch.Tensor) or delta.numel() != 1 or x.dim() == 0
+            or x.numel() == 0 or x.dtype != torch.float32 or delta.dtype != torch.float32
+            or not x.is_contiguous() or torch.as_tensor(q).numel() != 1):
+        return None
+    n = 2 ** bits
+    d = delta.reshape(())
+    qf = _int_q(q).to(device=x.device, dtype=torch.float32).reshape(())
+    codes = torch.arange(n + 1, dtype=torch.int32, device=x.device)
+    codes[-1] = -1                                     # the zero code (see finish_log_codes)
+    table = adalog_dequantize(codes, d, q, r, lut, bits, shift, subtract_shift).float()
+    out = torch.empty_like(x)
+    xv, ov = x.view(-1), out.view(-1)
+    step = chunk_step(1, device=x.device)
+    for i in range(0, xv.shape[0], step):
+        xc, o = xv[i:i + step], ov[i:i + step]
+        c = scratch('adalog_code', xc.shape, torch.float32, x.device)
+        idx = scratch('adalog_index', xc.shape, torch.int64, x.device)
+        if shift:
+            torch.add(xc, shift, out=c)
+            c.div_(d)
+        else:
+            torch.div(xc, d, out=c)
+        c.log2_().neg_().mul_(r).div_(qf).round_()
+        # NaN / +inf / ≥ 2^b are zero codes (index n); below 0 clamps to code 0
+        torch.nan_to_num_(c, nan=float(n), posinf=float(n), neginf=0.0)
+        c.clamp_(0, n)
+        idx.copy_(c)
+        torch.index_select(table, 0, idx, out=o)
+    return out
 
 
 def fold_shift_into_next_linear(weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -218,6 +260,14 @@ class AdaLogQuantizer(Quantizer):
     # --- quantization -----------------------------------------------------------------------
     def quantize(self, x):
         return adalog_quantize(x, self.delta, self.q, self.bits, self.r, self.shift)
+
+    def fake_quant(self, x):
+        if not needs_autograd(x):
+            out = adalog_fake_quant_chunked(x, self.delta, self.q, self.bits, self.r, self.shift,
+                                            self.subtract_shift, self.lut)
+            if out is not None:
+                return out
+        return super().fake_quant(x)
 
     def dequantize_shifted(self, codes):
         """x̂_s = x̂ + η (what hardware feeds to a bias-folded next Linear)."""

@@ -497,3 +497,24 @@ def test_twin_quantizers_use_the_fast_path_and_keep_autograd():
     xg = torch.rand(3, 5, requires_grad=True)
     q(xg).sum().backward()              # straight-through: d/dx = 1 inside the range
     assert torch.equal(xg.grad, torch.ones_like(xg))
+
+
+# --- AdaLog --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('bits', [3, 4, 6])
+@pytest.mark.parametrize('q,delta,shift', [(37, 1.0, 0.0), (10, 0.7, 0.0), (137, 1.0, 0.0),
+                                           (23, 2.5, 0.16997124), (51, 0.9, 0.16997124)])
+def test_adalog_chunked_equals_reference(bits, q, delta, shift, chunks):
+    from fqvit_det.quantizers.adalog import AdaLogQuantizer, adalog_fake_quant
+    g = torch.Generator().manual_seed(3)
+    if shift:
+        x = F.gelu(torch.randn(3, 29, 41, generator=g) * 3)
+    else:
+        x = torch.softmax(torch.randn(3, 29, 41, generator=g) * 5, dim=-1)
+    x.view(-1)[:8] = torch.tensor([0.0, -shift, -0.5, 1e-30, delta, 4.0, float('inf'), float('nan')])
+    aq = AdaLogQuantizer(bits=bits, shift=shift)
+    aq.set_params(delta=delta, q=q)
+    aq.set_mode('quant')
+    ref = adalog_fake_quant(x, aq.delta, aq.q, bits, aq.r, shift, True, aq.lut)
+    assert same_bits(aq(x), ref)
+    xg = x.clone().requires_grad_(True)          # autograd keeps the reference path
+    assert same_bits(aq(xg).detach(), ref)
