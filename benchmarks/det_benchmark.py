@@ -118,6 +118,7 @@ def main(argv=None):
                machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}',
                date=datetime.date.today().isoformat())
     if not args.skip_sqnr:
+        doc['sqnr_command'] = doc['command']
         doc['sqnr'] = [backbone_sqnr(f'configs/mask_rcnn_deit_tiny_{b}.py', args.sqnr_images)
                        for b in ('w8a8a4', 'w6a6', 'w4a4')]
     for r in doc.get('sqnr', []):
@@ -129,13 +130,19 @@ def main(argv=None):
         print(f'cascade swin-s w8a8a4: (calib + quant eval) / float eval = {doc["timing"]["ratio"]:.2f}', flush=True)
     n_sqnr = doc['sqnr'][0]['eval_images'] if doc.get('sqnr') else args.sqnr_images
     md = ['### Backbone-feature fidelity, Mask R-CNN with the real DeiT-Tiny backbone',
-          '', f'Calibrated on coco_mini train2017 (8 images, test pipeline), SQNR of the four pyramid '
+          '', f'Command: `{doc.get("sqnr_command", doc["command"])}`. Calibrated on coco_mini train2017 (8 images, test pipeline), SQNR of the four pyramid '
           f'features over {n_sqnr} val2017 images at full test resolution (1333×800). Target ≥ 30 dB at 8 bits.', '',
           '| config | method | bits (W/A/attn) | SQNR dB (all levels) | per level (stride 4, 8, 16, 32) | calib s |',
           '|---|---|---|---|---|---|']
     for r in doc.get('sqnr', []):
         md.append(f'| {r["config"]} | {r["method"]} | {r["bits"]} | {r["sqnr_db"]:.1f} | '
                   + ', '.join(f'{x:.1f}' for x in r['sqnr_db_per_level']) + f' | {r["calib_seconds"]:.1f} |')
+    if doc.get('sqnr'):
+        md += ['', 'The ≥ 30 dB target is missed. The conversion itself is exact (113 dB with every quantizer '
+               'off, see the diagnosis below); the loss is per-tensor activation quantization: the SQNR '
+               'falls block by block, and even with every activation and weight at 16 bits the final '
+               'features reach only ~34 dB, because rare very large activations set the per-tensor ranges. '
+               'The pyramid, neck and heads of this detector are untrained, so its mAP is not reported.']
     t = doc.get('timing')
     if t:
         md += ['', '### Wall time: Cascade Mask R-CNN Swin-S, w8a8a4 (FQ-ViT PTF + LIS), full resolution', '',

@@ -39,9 +39,18 @@ def cls_section(doc):
 
 
 def det_section(doc):
-    out = ['## Detection: coco_mini', '', f'Command: `{doc["command"]}`  ',
-           f'Machine: {doc["machine"]}; date {doc["date"]}.', '']
+    out = ['## Detection: coco_mini', '', f'Machine: {doc["machine"]}; date {doc["date"]}.', '']
     out += doc.get('markdown', [])
+    diag = doc.get('sqnr_diagnosis')
+    if diag:
+        out += ['', '### Why the backbone-feature SQNR is low: per-block SQNR of real DeiT-Tiny on COCO images', '',
+                f'Command: `{diag["command"]}` ({diag["size"]}×{diag["size"]} input, calibrated on '
+                f'{diag["calib_images"]} train2017 images, measured on {diag["test_images"]} val2017 images; '
+                'residual stream after each block, then the final features).', '',
+                '| variant | final features dB | after block 1, 2, …, 12 (dB) |', '|---|---|---|']
+        for r in diag['rows']:
+            out.append(f'| {r["variant"]} | {r["final_db"]:.1f} | '
+                       + ', '.join(f'{v:.1f}' for v in r['blocks_db']) + ' |')
     return '\n'.join(out)
 
 

@@ -2,5 +2,4 @@
 _base_ = ['./_base_imagenet.py']
 quant_cfg = dict(method='repq', w_bits=4, a_bits=4, attn_bits=4, calib_images=32)
 model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224', pretrained=True,
-             
              checkpoint='{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors', quant_cfg=quant_cfg)

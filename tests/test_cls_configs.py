@@ -1,0 +1,31 @@
+"""Every classification config parses and resolves to a valid quantization recipe (no data needed)."""
+import glob
+import os.path as osp
+
+import pytest
+
+pytest.importorskip('mmengine')
+from mmengine.config import Config  # noqa: E402
+
+from fqvit_det.presets import make_spec  # noqa: E402
+
+from .helpers import ROOT  # noqa: E402
+
+CLS_CONFIGS = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', 'cls', '*.py'))
+                     if not osp.basename(p).startswith('_'))
+
+
+@pytest.mark.parametrize('path', CLS_CONFIGS, ids=[osp.basename(p) for p in CLS_CONFIGS])
+def test_cls_config_resolves(path):
+    cfg = Config.fromfile(path)
+    assert cfg.model.type == 'TimmClassifier'
+    spec = make_spec(**cfg.model.quant_cfg)
+    assert spec.w_bits in (4, 6, 8) and spec.roles['weight'] is not None
+
+
+def test_mix_config_is_a_role_override_of_a_preset():
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'cls', 'deit_tiny_mix_w4a4.py'))
+    spec = make_spec(**cfg.model.quant_cfg)
+    assert spec.method == 'adalog' and spec.search == 'fpcs'
+    assert spec.roles['attn_probs']['type'] == 'LogSqrt2Quantizer'
+    assert spec.roles['fc2_input']['type'] == 'AdaLogQuantizer'
