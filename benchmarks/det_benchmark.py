@@ -36,7 +36,8 @@ def timing(args):
         if 'float' not in res or 'quant' not in res:
             raise SystemExit(f'{args.timing_from}: expected the summary.json of a --compare-float run')
         total = None
-        source = args.timing_from
+        source = ('python tools/test.py configs/cascade_swin_s_w8a8a4.py --compare-float '
+                  f'(its summary.json: {args.timing_from})')
     else:
         sys.path.insert(0, osp.join(ROOT, 'tools'))
         import test as test_tool

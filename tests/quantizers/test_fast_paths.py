@@ -384,8 +384,9 @@ def test_integer_paths_under_autograd():
 
 
 def test_chunk_kernels_restore_thread_count(monkeypatch):
-    """The kernels run single-threaded (``CHUNK_THREADS``) and restore the caller's setting, also
-    when they raise."""
+    """With ``CHUNK_THREADS = 1`` the kernels run single-threaded and restore the caller's setting,
+    also when they raise."""
+    monkeypatch.setattr(qbase, 'CHUNK_THREADS', 1)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
