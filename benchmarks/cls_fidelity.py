@@ -9,10 +9,7 @@ benchmarks/results/cls_fidelity.json and benchmarks/RESULTS.md.
 """
 import argparse
 import datetime
-import json
-import os
 import os.path as osp
-import platform
 import sys
 import time
 
@@ -28,7 +25,7 @@ from fqvit_det.mm.cls import ImageNetDataset  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from results_md import render  # noqa: E402
+from results_md import load_result, machine_info, save_result  # noqa: E402
 
 MODEL = 'deit_tiny_patch16_224'
 # name: (quant_cfg, calibration images, target top-1 drop or None)
@@ -151,30 +148,25 @@ def merge(previous, records):
     return sorted(kept + records, key=lambda r: order.index(r['method']) if r['method'] in order else len(order))
 
 
-def write(records, args):
-    out = osp.join(osp.dirname(osp.abspath(__file__)), 'results', 'cls_fidelity.json')
-    previous = []
-    if not args.fresh and osp.isfile(out):
-        with open(out) as f:
-            old = json.load(f)
-        if old.get('val_images') == args.val_images:
-            cmd = old.get('command')
-            previous = [dict(r, command=r.get('command', cmd), date=r.get('date', old.get('date')))
-                        for r in old['records']]
-    records = merge(previous, records)
-    commands = list(dict.fromkeys(r['command'] for r in records))
-    doc = dict(commands=commands,
-               machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
-                       f'{torch.get_num_threads()} threads',
-               date=today(), val_images=args.val_images, records=records,
-               notes=['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.',
-                      'float eval s is the float model over the same evaluation images; the observer-'
-                      'calibration cost compares with `fp_calib_forward_seconds` in the JSON.'])
-    with open(out + '.tmp', 'w') as f:
-        json.dump(doc, f, indent=1)
-    os.replace(out + '.tmp', out)
-    render()
+NOTES = ['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.',
+         'float eval s is the float model over the same evaluation images; the observer-'
+         'calibration cost compares with `fp_calib_forward_seconds` in the JSON.']
 
+
+def write(records, args):
+    """Save this run's rows, keeping an earlier run's other rows (and its extra notes) on the same
+    evaluation images unless ``--fresh``."""
+    previous, notes = [], list(NOTES)
+    old = None if args.fresh else load_result('cls_fidelity.json')
+    if old and old.get('val_images') == args.val_images:
+        cmd = old.get('command')
+        previous = [dict(r, command=r.get('command', cmd), date=r.get('date', old.get('date')))
+                    for r in old['records']]
+        notes += [n for n in old.get('notes', []) if n not in notes]
+    records = merge(previous, records)
+    save_result('cls_fidelity.json', dict(
+        commands=list(dict.fromkeys(r['command'] for r in records)), machine=machine_info(),
+        date=today(), val_images=args.val_images, records=records, notes=notes))
 
 if __name__ == '__main__':
     main()

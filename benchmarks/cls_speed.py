@@ -11,10 +11,7 @@ with the caller's thread count (``None``). Writes benchmarks/results/cls_speed.j
 """
 import argparse
 import datetime
-import json
-import os
 import os.path as osp
-import platform
 import sys
 import time
 
@@ -29,6 +26,7 @@ from fqvit_det.calibration import CalibrationRunner  # noqa: E402
 from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 from cls_fidelity import fresh_model, load_images  # noqa: E402
+from results_md import machine_info, save_result  # noqa: E402
 
 METHODS = {
     'fqvit_ptf_lis_884': dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4),
@@ -73,15 +71,9 @@ def main(argv=None):
             print(f'{name} CHUNK_THREADS={threads}: calibration {calib_s / fp_s:.2f}x, '
                   f'quantized forward {quant_s / fp_s:.2f}x float ({fp_s:.1f}s)', flush=True)
     doc = dict(command='python benchmarks/cls_speed.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
-               machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
-                       f'{torch.get_num_threads()} threads',
-               date=datetime.date.today().isoformat(), images=len(x), float_seconds=fp_s, rows=rows)
-    out = osp.join(HERE, 'results', 'cls_speed.json')
-    with open(out + '.tmp', 'w') as f:
-        json.dump(doc, f, indent=1)
-    os.replace(out + '.tmp', out)
-    from results_md import render
-    render()
+               machine=machine_info(), date=datetime.date.today().isoformat(), images=len(x),
+               float_seconds=fp_s, rows=rows)
+    save_result('cls_speed.json', doc)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import os.path as osp
-import platform
 import sys
 import time
 
@@ -25,6 +24,8 @@ import torch
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+from results_md import load_result, machine_info, save_result  # noqa: E402
 
 
 def timing(args):
@@ -110,13 +111,9 @@ def main(argv=None):
         raise SystemExit(f'coco_mini not found under {args.data}')
     os.environ['FQVIT_DATA'] = osp.abspath(args.data)
     os.chdir(ROOT)
-    out_path = osp.join(ROOT, 'benchmarks', 'results', 'det_benchmark.json')
-    doc = {}
-    if osp.isfile(out_path):
-        with open(out_path) as f:
-            doc = json.load(f)
+    doc = load_result('det_benchmark.json') or {}
     doc.update(command='python benchmarks/det_benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
-               machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}',
+               machine=machine_info(),
                date=datetime.date.today().isoformat())
     if not args.skip_sqnr:
         doc['sqnr_command'] = doc['command']
@@ -155,11 +152,7 @@ def main(argv=None):
                'No pretrained Swin detector can be obtained on these machines: this detector has random '
                'weights, so its mAP (≈ 0) is not reported as accuracy.']
     doc['markdown'] = md
-    with open(out_path + '.tmp', 'w') as f:
-        json.dump(doc, f, indent=1)
-    os.replace(out_path + '.tmp', out_path)
-    from results_md import render
-    print(render())
+    print(save_result('det_benchmark.json', doc))
 
 
 if __name__ == '__main__':

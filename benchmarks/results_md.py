@@ -1,17 +1,34 @@
-"""Render benchmarks/RESULTS.md from the JSON files in benchmarks/results/ (atomic write)."""
+"""Benchmark result files: benchmarks/results/*.json (atomic writes) rendered into RESULTS.md."""
 import json
 import os
 import os.path as osp
+import platform
 
 HERE = osp.dirname(osp.abspath(__file__))
 
 
-def _load(name):
+def load_result(name):
+    """The JSON document ``benchmarks/results/<name>``, or ``None`` when there is none yet."""
     path = osp.join(HERE, 'results', name)
     if not osp.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def save_result(name, doc):
+    """Write ``benchmarks/results/<name>`` atomically, then re-render RESULTS.md."""
+    path = osp.join(HERE, 'results', name)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + '.tmp', path)
+    return render()
+
+
+def machine_info():
+    import torch
+    return (f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
+            f'{torch.get_num_threads()} threads')
 
 
 def cls_section(doc):
@@ -72,13 +89,13 @@ def render():
     parts = ['# Benchmark results', '',
              'Produced by the scripts in `benchmarks/`; each section names the command that wrote it. '
              'Numbers are measured on the CPU machine named in each section.', '']
-    cls = _load('cls_fidelity.json')
+    cls = load_result('cls_fidelity.json')
     if cls:
         parts += [cls_section(cls), '']
-    speed = _load('cls_speed.json')
+    speed = load_result('cls_speed.json')
     if speed:
         parts += [speed_section(speed), '']
-    det = _load('det_benchmark.json')
+    det = load_result('det_benchmark.json')
     if det:
         parts += [det_section(det), '']
     path = osp.join(HERE, 'RESULTS.md')

@@ -12,9 +12,7 @@ weights. Appends a section to benchmarks/results/det_benchmark.json (rendered in
 """
 import argparse
 import glob
-import json
 import math
-import os
 import os.path as osp
 import sys
 
@@ -29,6 +27,7 @@ from fqvit_det.calibration import CalibrationRunner, set_quant_mode  # noqa: E40
 from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
+from results_md import load_result, save_result  # noqa: E402
 
 ACT_ROLES = ('patch_embed_input', 'ln_input', 'ln_output', 'q', 'k', 'v', 'attn_logits', 'attn_probs',
              'proj_input', 'fc2_input', 'head_input')
@@ -116,19 +115,11 @@ def main(argv=None):
                          blocks_db=[db(r, b) for r, b in zip(ref_blocks, blocks)]))
         print(f'{name}: final {rows[-1]["final_db"]:.1f} dB; blocks '
               + ' '.join(f'{v:.1f}' for v in rows[-1]['blocks_db']), flush=True)
-    out_path = osp.join(ROOT, 'benchmarks', 'results', 'det_benchmark.json')
-    doc = {}
-    if osp.isfile(out_path):
-        with open(out_path) as f:
-            doc = json.load(f)
+    doc = load_result('det_benchmark.json') or {}
     doc['sqnr_diagnosis'] = dict(
         command='python benchmarks/vit_sqnr_diagnosis.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
         size=args.size, calib_images=args.calib, test_images=args.test, rows=rows)
-    with open(out_path + '.tmp', 'w') as f:
-        json.dump(doc, f, indent=1)
-    os.replace(out_path + '.tmp', out_path)
-    from results_md import render
-    render()
+    save_result('det_benchmark.json', doc)
 
 
 if __name__ == '__main__':
