@@ -4,7 +4,6 @@ import os.path as osp
 
 import pytest
 
-pytest.importorskip('mmengine')
 from mmengine.config import Config  # noqa: E402
 
 from fqvit_det.presets import make_spec  # noqa: E402

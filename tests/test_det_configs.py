@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip('mmdet')
 from mmengine.config import Config  # noqa: E402
 
 from fqvit_det.mm.launch import prepare_config  # noqa: E402

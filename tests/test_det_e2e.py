@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-pytest.importorskip('mmdet')
 from .helpers import DATA, HAS_COCO, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_COCO, reason=f'coco_mini not found under {DATA}')

@@ -7,6 +7,7 @@ import os.path as osp
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -16,7 +17,6 @@ from fqvit_det.convert.common import Rule
 from fqvit_det.presets import make_spec
 from fqvit_det.report import layer_report, report_modules, worst_layers, write_report
 
-timm = pytest.importorskip('timm')
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODULE = 'blocks.1.mlp.fc1'

@@ -5,8 +5,6 @@ from torch import nn
 
 from fqvit_det.convert.swin_checkpoint import convert_swin_od_state_dict
 
-mmdet = pytest.importorskip('mmdet')  # the converter is pure torch; the checks need mmdet's modules
-
 
 class OfficialPatchMerging(nn.Module):
     """The official layout: concatenate the 2×2 neighbours as x(0,0), x(1,0), x(0,1), x(1,1)."""
