@@ -1,5 +1,4 @@
 """Official Swin-Transformer-Object-Detection layout → mmdet 3.x: semantics and strict loading."""
-import pytest
 import torch
 from torch import nn
 
