@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import MIN_SCALE, Quantizer, chunk_step, needs_autograd, scratch, single_threaded
+from .base import MIN_SCALE, Quantizer, flat_chunks, needs_autograd, scratch, single_threaded
 from .log import (CODE_DTYPE, ZERO_CODE, _as_float, finish_log_codes, pooled_samples,  # noqa: F401
                   sample_pool_append)
 from .registry import register_quantizer
@@ -127,10 +127,7 @@ def adalog_fake_quant_chunked(x: torch.Tensor, delta: torch.Tensor, q, bits: int
     codes[-1] = -1                                     # the zero code (see finish_log_codes)
     table = adalog_dequantize(codes, d, q, r, lut, bits, shift, subtract_shift).float()
     out = torch.empty_like(x)
-    xv, ov = x.view(-1), out.view(-1)
-    step = chunk_step(1, device=x.device)
-    for i in range(0, xv.shape[0], step):
-        xc, o = xv[i:i + step], ov[i:i + step]
+    for xc, o in flat_chunks(x, out):
         c = scratch('adalog_code', xc.shape, torch.float32, x.device)
         idx = scratch('adalog_index', xc.shape, torch.int64, x.device)
         if shift:

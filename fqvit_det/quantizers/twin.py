@@ -33,7 +33,7 @@ from typing import List, Sequence
 
 import torch
 
-from .base import (Quantizer, check_finite, chunk_step, needs_autograd, round_ste, scratch,
+from .base import (Quantizer, check_finite, flat_chunks, needs_autograd, round_ste, scratch,
                    single_threaded)
 from .registry import register_quantizer
 
@@ -142,10 +142,7 @@ def _twin_fake_quant_chunked(x: torch.Tensor, pick_small, d_small, d_large, lo: 
     if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() == 0:
         return None
     out = torch.empty_like(x)
-    xv, ov = x.view(-1, 1), out.view(-1, 1)
-    step_rows = chunk_step(1, device=x.device)
-    for i in range(0, xv.shape[0], step_rows):
-        xc, o = xv[i:i + step_rows], ov[i:i + step_rows]
+    for xc, o in flat_chunks(x, out):
         mask = scratch('twin_mask', xc.shape, torch.bool, x.device)
         step = scratch('twin_step', xc.shape, torch.float32, x.device)
         pick_small(xc, out=mask)
