@@ -13,43 +13,12 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .nn.modules import QuantLayerNorm, QuantModule, _WeightQuantMixin
+from .nn.modules import QuantLayerNorm, _WeightQuantMixin
 from .quantizers import Quantizer, UniformQuantizer
+from .walk import (activation_quantizers, named_quantizers, refresh,  # noqa: F401
+                   set_quant_mode, weight_quantizer_ids)
 
 logger = logging.getLogger('fqvit_det')
-
-
-def named_quantizers(model: nn.Module):
-    """Top-level quantizers (not observers nested in them), with their module paths."""
-    out, seen = [], set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, Quantizer) and not any(name.startswith(p + '.') for p in seen):
-            out.append((name, mod))
-            seen.add(name)
-    return out
-
-
-def weight_quantizer_ids(model: nn.Module):
-    return {id(m.w_quantizer) for m in model.modules()
-            if isinstance(m, _WeightQuantMixin) and m.w_quantizer is not None}
-
-
-def activation_quantizers(model: nn.Module):
-    wids = weight_quantizer_ids(model)
-    return [(n, q) for n, q in named_quantizers(model) if id(q) not in wids]
-
-
-def set_quant_mode(model: nn.Module, mode: str) -> None:
-    """'float' | 'quant' for every quantizer (weights included)."""
-    for _, q in named_quantizers(model):
-        q.set_mode(mode)
-    refresh(model)
-
-
-def refresh(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, QuantModule):
-            m.refresh()
 
 
 class Progress:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .calibration import set_quant_mode
+from .walk import set_quant_mode
 from .nn.modules import AttentionQuantizers, QuantConv2d, QuantLayerNorm, QuantLinear
 
 REPORTED_TYPES = (QuantLinear, QuantConv2d, QuantLayerNorm)

@@ -706,7 +706,7 @@ class _ForwardFn(nn.Module):
 
 def _capture(model, lin_mods, attn_mods, batches, forward_fn, cfg, hessian):
     """Float-model capture. Returns ({mod: (X, G)}, {aq: [records]}, metric, images)."""
-    from .calibration import named_quantizers, refresh, set_quant_mode
+    from .walk import named_quantizers, refresh, set_quant_mode
     caps = {m: _RowCapture(m, i, cfg['seed']) for i, m in enumerate(lin_mods)}
     recs = {a: _AttnRecorder(cfg['attn_rows'], cfg['seed'], i) for i, a in enumerate(attn_mods)}
     images, attn_images = cfg['images'], cfg['attn_images']

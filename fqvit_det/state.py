@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibration import named_quantizers, refresh, set_quant_mode
+from .walk import named_quantizers, refresh, set_quant_mode
 from .nn.modules import QuantLayerNorm
 
 FORMAT = 'fqvit-det-quant-state/1'
