@@ -17,19 +17,39 @@ ROLES = {
     'patch_embed_weight': 'patch-embedding convolution weight',
     'head_weight': 'classifier head weight',
     'patch_embed_input': 'input image entering the patch embedding',
-    'ln_input': 'LayerNorm input (the residual stream)',
+    'patch_embed_output': 'patch-embedding convolution output (Swin: the patch norm input)',
+    'embed_tokens': 'ViT: class + patch tokens before the position embedding is added; '
+                    'Swin: the patch-norm output, the first residual-stream tensor',
+    'pos_embed': 'ViT position embedding (the table added to the tokens)',
+    'residual': 'the residual stream itself, quantized where it is formed: the embedding after '
+                'the position embedding (ViT), every block sum x + attn(..) and x + mlp(..), the '
+                'patch-merging output (Swin). The quantized sum is both the next residual operand '
+                'and the next LayerNorm input (the norm reads these codes; it does not quantize again)',
+    'ln_input': "a LayerNorm's own input quantizer (only the norm sees it; the residual path stays "
+                "float). For mixes; a norm fed by a 'residual' quantizer must not have one",
     'ln_output': 'LayerNorm output = qkv / fc1 / reduction input',
+    'qkv_output': 'qkv projection output: q, k and v as one tensor with one scale',
     'q': 'queries (QKᵀ operand)', 'k': 'keys (QKᵀ operand)', 'v': 'values (P·V operand)',
-    'attn_logits': 'attention logits before softmax',
+    'attn_scores': 'QKᵀ·scale before the relative-position bias is added (Swin only; without a '
+                   'bias the scores are the logits)',
+    'attn_logits': 'attention logits before softmax (after the bias, before the window mask)',
     'attn_probs': 'attention probabilities (P·V operand)',
-    'proj_input': 'attention output projection input',
+    'proj_input': 'attention P·V output = output projection input',
+    'attn_output': 'attention output projection output (before the residual add)',
     'fc2_input': 'post-GELU activation (fc2 input)',
+    'mlp_output': 'MLP fc2 output (before the residual add)',
+    'final_ln_output': 'Swin final LayerNorm output, before global pooling',
     'head_input': 'classifier head input',
+    'head_output': 'classifier logits',
     'rel_pos_bias': 'Swin relative-position bias added to the logits',
     'attn_mask': 'Swin shifted-window mask added to the logits',
     'det_weight': 'weights of neck / RPN / RoI-head convolutions and Linears',
     'det_input': 'inputs of neck / RPN / RoI-head convolutions and Linears',
 }
+# Roles only FQ-ViT quantizes (official vit_quant.py / swin_quant.py); the other papers keep
+# these tensors float.
+FQVIT_ONLY_ROLES = ('patch_embed_output', 'embed_tokens', 'pos_embed', 'residual', 'qkv_output',
+                    'attn_scores', 'attn_output', 'mlp_output', 'final_ln_output', 'head_output')
 METHODS = ('fqvit', 'ptq4vit', 'repq', 'adalog')
 SEARCHES = (None, 'hessian', 'fpcs')
 FQVIT_OBSERVERS = {'minmax': 'MinMaxObserver', 'ema': 'EMAObserver',
@@ -42,26 +62,39 @@ def _u(bits, symmetric=False, ch_axis=None, observer='MinMaxObserver', **kw):
                 observer=dict(type=observer), **kw)
 
 
+def _float_fqvit_only(table):
+    table.update({role: None for role in FQVIT_ONLY_ROLES})
+    return table
+
+
 def fqvit_roles(w, a, attn, observer='minmax', ptf=True, lis=True):
+    """FQ-ViT as its official code places quantizers (``models/vit_quant.py``, ``swin_quant.py``,
+    ``layers_quant.py``, ``config.py``): every activation ``QAct`` is A-bit uniform, layer-wise,
+    with the chosen observer; the residual stream (``QAct`` with the ``*_LN`` config) is PTF with
+    its MinMax-based channel observer when PTF is on, else the plain activation quantizer."""
     obs = FQVIT_OBSERVERS[observer]
     w_cfg = _u(w, symmetric=True, ch_axis=0)
     act = _u(a, observer=obs)
     return dict(
         weight=w_cfg, patch_embed_weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
         patch_embed_input=act, det_input=act,
-        ln_input=dict(type='PTFQuantizer', bits=a, observer=dict(type='MinMaxObserver')) if ptf else act,
-        ln_output=act, q=act, k=act, v=act, attn_logits=act,
-        attn_probs=(dict(type='LogIntSoftmax', bits=attn) if lis
+        patch_embed_output=act, embed_tokens=act, pos_embed=act,
+        residual=dict(type='PTFQuantizer', bits=a, observer=dict(type='MinMaxObserver')) if ptf else act,
+        ln_input=None, ln_output=act,
+        qkv_output=act, q=None, k=None, v=None,
+        attn_scores=act, attn_logits=act,  # with LIS, the LogIntSoftmax holds the logit quantizer
+        attn_probs=(dict(type='LogIntSoftmax', bits=attn, logit_observer=dict(type=obs)) if lis
                     else _u(attn, observer=obs)),
-        proj_input=act, fc2_input=act, head_input=act,
-        rel_pos_bias=_u(8, observer=obs), attn_mask=None,
+        proj_input=act, attn_output=act, fc2_input=act, mlp_output=act,
+        final_ln_output=act, head_input=act, head_output=act,
+        rel_pos_bias=act, attn_mask=None,
     )
 
 
 def ptq4vit_roles(w, a, attn):
     w_cfg = _u(w, symmetric=True)
     act = _u(a, symmetric=True)
-    return dict(
+    return _float_fqvit_only(dict(
         weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
         patch_embed_weight=_u(w, symmetric=True, ch_axis=0),
         patch_embed_input=None, det_input=act, ln_input=None, ln_output=act,
@@ -69,21 +102,21 @@ def ptq4vit_roles(w, a, attn):
         attn_probs=dict(type='TwinUniformSoftmaxQuantizer', bits=attn),
         proj_input=act, fc2_input=dict(type='TwinUniformGeluQuantizer', bits=a),
         head_input=act, rel_pos_bias=None, attn_mask=None,
-    )
+    ))
 
 
 def repq_roles(w, a, attn):
     pct = 'PercentileSearchObserver'
     w_cfg = _u(w, ch_axis=0, observer=pct)
     act = _u(a, observer=pct)
-    return dict(
+    return _float_fqvit_only(dict(
         weight=w_cfg, patch_embed_weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
         patch_embed_input=_u(8, observer=pct), det_input=act,
         ln_input=None, ln_output=_u(a, ch_axis=-1, observer=pct),
         q=act, k=act, v=act, attn_logits=None,
         attn_probs=dict(type='LogSqrt2Quantizer', bits=attn),
         proj_input=act, fc2_input=act, head_input=act, rel_pos_bias=None, attn_mask=None,
-    )
+    ))
 
 
 def adalog_roles(w, a, attn):
@@ -91,7 +124,7 @@ def adalog_roles(w, a, attn):
     w_cfg = _u(w, ch_axis=0, observer=pct)
     act = _u(a, observer=pct)
     head = _u(a, ch_axis=1, observer=pct)  # (B, heads, N, d): per-head
-    return dict(
+    return _float_fqvit_only(dict(
         weight=w_cfg, patch_embed_weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
         patch_embed_input=_u(8, observer=pct), det_input=act,
         ln_input=None, ln_output=_u(a, ch_axis=-1, observer=pct),
@@ -99,7 +132,7 @@ def adalog_roles(w, a, attn):
         attn_probs=dict(type='AdaLogQuantizer', bits=attn),
         proj_input=act, fc2_input=dict(type='AdaLogQuantizer', bits=a, shift=GELU_MIN),
         head_input=act, rel_pos_bias=None, attn_mask=None,
-    )
+    ))
 
 
 METHOD_DEFAULTS = {

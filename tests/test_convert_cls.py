@@ -47,7 +47,9 @@ def assert_complete(model, attn_cls):
             assert mod.w_quantizer is not None, f'{name}: weight not quantized'
         if name.endswith('.attn'):
             assert type(mod) is attn_cls and hasattr(mod, 'aq'), f'{name}: attention not converted'
-            assert mod.aq.q is not None and mod.aq.k is not None and mod.aq.v is not None
+            qkv_out = mod.qkv.out_quantizer  # FQ-ViT: q, k, v as one tensor
+            assert (qkv_out is not None) != (mod.aq.q is not None), f'{name}: q/k/v quantized twice or never'
+            assert (mod.aq.q is None) == (mod.aq.k is None) == (mod.aq.v is None)
             assert mod.aq.probs is not None
         if name.endswith(('.norm1', '.norm2')):
             assert isinstance(mod, QuantLayerNorm) and mod.out_quantizer is not None
@@ -104,9 +106,13 @@ def test_state_mismatch_is_a_clear_error(tmp_path):
     other, spec_other, _, _, _ = build('vit', 'fqvit_884')
     with pytest.raises(ValueError, match='calibrated with'):
         load_quant_state(other, path, spec_other)
-    swin, swin_spec, _, _, _ = build('swin', 'repq_w8a8')
-    with pytest.raises((ValueError, AttributeError)):
-        load_quant_state(swin, path, swin_spec)
+    # A state of another architecture: refused with the file named, before anything is loaded.
+    vit, vit_spec, x, _, _ = build('vit', 'fqvit_888')
+    CalibrationRunner(vit, vit_spec, progress=False).run([x])
+    vit_path = save_quant_state(vit, str(tmp_path / 'vit.safetensors'), vit_spec)
+    swin, swin_spec, _, _, _ = build('swin', 'fqvit_888')
+    with pytest.raises(ValueError, match='vit.safetensors'):
+        load_quant_state(swin, vit_path, swin_spec)
 
 
 def test_nan_in_calibration_names_the_tensor():

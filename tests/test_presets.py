@@ -1,6 +1,6 @@
 import pytest
 
-from fqvit_det.presets import METHODS, ROLES, make_spec
+from fqvit_det.presets import FQVIT_ONLY_ROLES, METHODS, ROLES, make_spec
 
 
 @pytest.mark.parametrize('method', METHODS)
@@ -12,10 +12,35 @@ def test_every_method_resolves_every_role(method):
 
 def test_fqvit_paper_placement():
     spec = make_spec('fqvit', 8, 8, 4)
-    assert spec.roles['ln_input']['type'] == 'PTFQuantizer'
-    assert spec.roles['attn_probs'] == dict(type='LogIntSoftmax', bits=4)
-    assert spec.roles['weight']['symmetric'] and spec.roles['weight']['ch_axis'] == 0
+    r = spec.roles
+    # The residual stream is PTF-quantized where it is formed; norms read it (no ln_input).
+    assert r['residual']['type'] == 'PTFQuantizer' and r['ln_input'] is None
+    assert r['attn_probs'] == dict(type='LogIntSoftmax', bits=4, logit_observer=dict(type='MinMaxObserver'))
+    assert r['weight']['symmetric'] and r['weight']['ch_axis'] == 0
     assert spec.integer_layernorm and spec.search is None
+    # qkv output as one tensor: no separate q / k / v scales.
+    assert r['qkv_output']['type'] == 'UniformQuantizer' and r['q'] is r['k'] is r['v'] is None
+    for role in ('patch_embed_output', 'embed_tokens', 'pos_embed', 'attn_output', 'mlp_output',
+                 'attn_scores', 'final_ln_output', 'head_input', 'head_output', 'rel_pos_bias'):
+        assert r[role] == dict(type='UniformQuantizer', bits=8, symmetric=False, ch_axis=None,
+                               observer=dict(type='MinMaxObserver')), role
+
+
+def test_fqvit_switches_follow_official_config():
+    no_ptf = make_spec('fqvit', 8, 8, 8, ptf=False, lis=False, observer='omse').roles
+    act = dict(type='UniformQuantizer', bits=8, symmetric=False, ch_axis=None,
+               observer=dict(type='OMSEObserver'))
+    assert no_ptf['residual'] == act  # *_A_LN falls back to the activation config
+    assert no_ptf['attn_probs'] == act
+    lis = make_spec('fqvit', 8, 8, 4, observer='ema').roles['attn_probs']
+    assert lis['logit_observer'] == dict(type='EMAObserver')  # qact_attn1 uses the chosen observer
+
+
+@pytest.mark.parametrize('method', ['ptq4vit', 'repq', 'adalog'])
+def test_other_methods_keep_fqvit_only_tensors_float(method):
+    roles = make_spec(method, 6, 6).roles
+    assert all(roles[r] is None for r in FQVIT_ONLY_ROLES)
+    assert roles['ln_input'] is None
 
 
 def test_method_specific_roles():

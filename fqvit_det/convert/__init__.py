@@ -14,13 +14,37 @@ def register_architecture(name: str, predicate: Callable[[nn.Module], bool],
     ARCHITECTURES[name] = (predicate, rules)
 
 
-def _register_builtin():
-    from . import timm_swin, timm_vit
-    register_architecture('timm_vit', timm_vit.is_timm_vit, timm_vit.vit_rules)
-    register_architecture('timm_swin', timm_swin.is_timm_swin, timm_swin.swin_rules)
+def _from_timm(model: nn.Module) -> bool:
+    return any(c.__module__.startswith('timm.') for c in type(model).__mro__)
 
 
-_register_builtin()
+# timm is imported only when a timm model is converted (it is not a declared dependency).
+def _is_timm_vit(model):
+    if not _from_timm(model):
+        return False
+    from .timm_vit import is_timm_vit
+    return is_timm_vit(model)
+
+
+def _timm_vit_rules():
+    from .timm_vit import vit_rules
+    return vit_rules()
+
+
+def _is_timm_swin(model):
+    if not _from_timm(model):
+        return False
+    from .timm_swin import is_timm_swin
+    return is_timm_swin(model)
+
+
+def _timm_swin_rules():
+    from .timm_swin import swin_rules
+    return swin_rules()
+
+
+register_architecture('timm_vit', _is_timm_vit, _timm_vit_rules)
+register_architecture('timm_swin', _is_timm_swin, _timm_swin_rules)
 
 
 def detect_architecture(model: nn.Module) -> str:

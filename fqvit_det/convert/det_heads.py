@@ -10,5 +10,7 @@ def det_head_rules(parts=DET_PARTS):
     roles = dict(weight='det_weight', input='det_input')
     rules = []
     for part in parts:
-        rules += [Rule(f'{part}.*', 'conv', roles), Rule(f'{part}.*', 'linear', roles)]
+        # Heads differ in what they hold (an RPN head has no Linear): each rule may match nothing.
+        rules += [Rule(f'{part}.*', 'conv', roles, optional=True),
+                  Rule(f'{part}.*', 'linear', roles, optional=True)]
     return rules

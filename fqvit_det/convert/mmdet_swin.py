@@ -5,8 +5,9 @@ routes q, k, v, the relative-position bias, the shifted-window mask and the soft
 attention quantizers. ``PatchMerging`` (nn.Unfold + LayerNorm + Linear) maps to LayerNorm/Linear
 rules; the FFN's fc1/fc2 live at ``ffn.layers.0.0`` / ``ffn.layers.1``.
 """
-from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
+from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 
+from ..nn.modules import _apply
 from .common import Rule, swap_class
 from .timm_swin import add_window_mask
 
@@ -24,26 +25,79 @@ class QuantWindowMSA(WindowMSA):
         return self.proj_drop(self.proj(x))
 
 
+class QuantSwinBlock(SwinBlock):
+    """mmdet ``SwinBlock`` whose two residual sums are quantized where they are formed (FQ-ViT);
+    the FFN adds its identity itself, so its output is the second sum."""
+
+    def forward(self, x, hw_shape):
+        x = _apply(self.attn_residual_quantizer, x + self.attn(self.norm1(x), hw_shape))
+        return _apply(self.mlp_residual_quantizer, self.ffn(self.norm2(x), identity=x))
+
+
 def _adapt(mod):
     swap_class(mod, QuantWindowMSA)
+
+
+def _adapt_block(mod, q):
+    mod.attn_residual_quantizer = q['attn_residual']
+    mod.mlp_residual_quantizer = q['mlp_residual']
+    swap_class(mod, QuantSwinBlock)
+
+
+def _stage_output(model, base, stage):
+    last = len(model.get_submodule(f'{base}stages.{stage}.blocks')) - 1
+    return f'{base}stages.{stage}.blocks.{last}.mlp_residual_quantizer'
+
+
+def _sources(p):
+    """Input sources of the norms under prefix ``p`` (mmdet: a stage's downsample runs last)."""
+    def norm1(model, path):
+        parts = path[len(p):].split('.')
+        s, j = int(parts[1]), int(parts[3])
+        if j > 0:
+            return f'{p}stages.{s}.blocks.{j - 1}.mlp_residual_quantizer'
+        if s > 0:
+            return f'{p}stages.{s - 1}.downsample.reduction.out_quantizer'
+        return f'{p}patch_embed.norm.out_quantizer'
+
+    def norm2(model, path):
+        return path.rpartition('.')[0] + '.attn_residual_quantizer'
+
+    def merge(model, path):
+        return _stage_output(model, p, int(path[len(p):].split('.')[1]))
+
+    def out_norm(model, path):
+        return _stage_output(model, p, int(path[len(p):][len('norm'):]))
+
+    return norm1, norm2, merge, out_norm
 
 
 def mmdet_swin_rules(prefix: str = 'backbone.'):
     p = prefix
     block_norm = dict(input='ln_input', output='ln_output')
+    norm1, norm2, merge, out_norm = _sources(p)
     return [
-        Rule(f'{p}patch_embed.projection', 'conv', dict(weight='patch_embed_weight', input='patch_embed_input')),
-        Rule(f'{p}stages.*.downsample.norm', 'layernorm', block_norm, feeds=('reduction',)),
-        Rule(f'{p}stages.*.downsample.reduction', 'linear', dict(weight='weight')),
-        Rule(f'{p}stages.*.blocks.*.norm1', 'layernorm', block_norm, feeds=('attn.w_msa.qkv',)),
-        Rule(f'{p}stages.*.blocks.*.norm2', 'layernorm', block_norm, feeds=('ffn.layers.0.0',)),
-        Rule(f'{p}stages.*.blocks.*.attn.w_msa.qkv', 'linear', dict(weight='weight')),
-        Rule(f'{p}stages.*.blocks.*.attn.w_msa.proj', 'linear', dict(weight='weight', input='proj_input')),
+        Rule(f'{p}patch_embed.projection', 'conv', dict(weight='patch_embed_weight', input='patch_embed_input',
+                                                        output='patch_embed_output')),
+        Rule(f'{p}patch_embed.norm', 'layernorm', dict(output='embed_tokens'),
+             input_from=lambda m, path: f'{p}patch_embed.projection.out_quantizer', optional=True),
+        Rule(f'{p}stages.*.blocks.*', 'module', dict(attn_residual='residual', mlp_residual='residual'),
+             module_type=SwinBlock, adapter=_adapt_block),
+        # mmdet's PatchMerging unfolds the 2×2 neighbours as channel c·4 + p.
+        Rule(f'{p}stages.*.downsample.norm', 'layernorm', block_norm, feeds=('reduction',),
+             input_from=merge, input_expand=(4, 'interleave')),
+        Rule(f'{p}stages.*.downsample.reduction', 'linear', dict(weight='weight', output='residual')),
+        Rule(f'{p}stages.*.blocks.*.norm1', 'layernorm', block_norm, feeds=('attn.w_msa.qkv',), input_from=norm1),
+        Rule(f'{p}stages.*.blocks.*.norm2', 'layernorm', block_norm, feeds=('ffn.layers.0.0',), input_from=norm2),
+        Rule(f'{p}stages.*.blocks.*.attn.w_msa.qkv', 'linear', dict(weight='weight', output='qkv_output')),
+        Rule(f'{p}stages.*.blocks.*.attn.w_msa.proj', 'linear', dict(weight='weight', input='proj_input',
+                                                                      output='attn_output')),
         Rule(f'{p}stages.*.blocks.*.attn.w_msa', 'attention', attention_adapter=_adapt),
         Rule(f'{p}stages.*.blocks.*.ffn.layers.0.0', 'linear', dict(weight='weight')),
-        Rule(f'{p}stages.*.blocks.*.ffn.layers.1', 'linear', dict(weight='weight', input='fc2_input')),
+        Rule(f'{p}stages.*.blocks.*.ffn.layers.1', 'linear', dict(weight='weight', input='fc2_input',
+                                                                  output='mlp_output')),
         # Output norms feed the neck, whose conv inputs are quantized by the detection rules.
-        Rule(f'{p}norm?', 'layernorm', dict(input='ln_input')),
+        Rule(f'{p}norm?', 'layernorm', dict(input='ln_input'), input_from=out_norm),
     ]
 
 

@@ -7,7 +7,6 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..convert.det_heads import DET_PARTS, det_head_rules
-from ..convert.timm_vit import vit_rules
 from .checkpoint import load_into, load_weights
 from .quant_model import QuantizableMixin
 
@@ -59,6 +58,7 @@ class TimmViTBackbone(BaseModule):
 
 def backbone_rules(backbone):
     if isinstance(backbone, TimmViTBackbone):
+        from ..convert.timm_vit import vit_rules
         return vit_rules(prefix='backbone.vit.')
     from ..convert.mmdet_swin import is_mmdet_swin, mmdet_swin_rules
     if is_mmdet_swin(backbone):

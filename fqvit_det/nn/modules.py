@@ -45,7 +45,7 @@ class _WeightQuantMixin(QuantModule):
         self._wq_cache = None
 
     @classmethod
-    def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer):
+    def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer, out_quantizer=None):
         """A quantized twin sharing ``src``'s parameters (no copy) and layer hyper-parameters."""
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
@@ -53,6 +53,7 @@ class _WeightQuantMixin(QuantModule):
             setattr(mod, attr, getattr(src, attr))
         mod.weight, mod.bias = src.weight, src.bias
         mod.w_quantizer, mod.in_quantizer = w_quantizer, in_quantizer
+        mod.out_quantizer = out_quantizer
         mod._wq_cache = None
         return mod
 
@@ -70,33 +71,117 @@ class _WeightQuantMixin(QuantModule):
 
 
 class QuantLinear(nn.Linear, _WeightQuantMixin):
-    """Linear with a weight quantizer and an input quantizer (role chosen by the converter)."""
+    """Linear with weight, input and output quantizers (roles chosen by the converter)."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_quantizer=None, in_quantizer=None):
-        return cls._adopt(linear, ('in_features', 'out_features'), w_quantizer, in_quantizer)
+    def from_float(cls, linear: nn.Linear, w_quantizer=None, in_quantizer=None, out_quantizer=None):
+        return cls._adopt(linear, ('in_features', 'out_features'), w_quantizer, in_quantizer,
+                          out_quantizer)
 
     def forward(self, x):
-        return F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        return _apply(self.out_quantizer, y)
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_quantizer=None, in_quantizer=None):
+    def from_float(cls, conv: nn.Conv2d, w_quantizer=None, in_quantizer=None, out_quantizer=None):
         return cls._adopt(conv, ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
                                  'dilation', 'transposed', 'output_padding', 'groups', 'padding_mode',
-                                 '_reversed_padding_repeated_twice'), w_quantizer, in_quantizer)
+                                 '_reversed_padding_repeated_twice'), w_quantizer, in_quantizer,
+                          out_quantizer)
 
     def forward(self, x):
-        return self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        return _apply(self.out_quantizer, y)
+
+
+class IntegerInput:
+    """A quantizer's codes as FQ-ViT's integer LayerNorm reads them: (q − z)·2^α_c in units of Δ_1.
+
+    Wraps a ``PTFQuantizer`` (channel factors α_c) or a per-tensor unsigned ``UniformQuantizer``
+    (α = 0, Δ_1 = its scale, as FQ-ViT's Swin patch-embedding norm consumes a layer-wise
+    quantizer). ``expand`` > 1 serves a norm over ``expand`` concatenated copies of the quantized
+    channels (Swin patch merging): ``'repeat'`` for channel ``k·C + c`` (timm), ``'interleave'``
+    for ``c·k + p`` (mmdet's ``nn.Unfold``). Provides what ``int_layernorm_fake_quant`` reads.
+    """
+
+    ch_axis = -1
+
+    def __init__(self, quantizer: Quantizer, expand: int = 1, expand_mode: str = 'repeat'):
+        self.quantizer, self.expand, self.expand_mode = quantizer, expand, expand_mode
+        self.qname = getattr(quantizer, 'qname', type(quantizer).__name__)
+
+    @staticmethod
+    def supports(q) -> bool:
+        from ..quantizers.ptf import PTFQuantizer
+        from ..quantizers.uniform import UniformQuantizer
+        if isinstance(q, PTFQuantizer):
+            return True
+        return (type(q) is UniformQuantizer and q.ch_axis is None and not q.signed
+                and q.scale.numel() == 1)
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        if self.expand == 1 or t.numel() == 1:
+            return t
+        if self.expand_mode == 'repeat':
+            return t.reshape(-1).repeat(self.expand)
+        return t.reshape(-1).repeat_interleave(self.expand)
+
+    @property
+    def bits(self):
+        return self.quantizer.bits
+
+    @property
+    def qmax(self):
+        return self.quantizer.qmax
+
+    @property
+    def zero_point(self):
+        return self.quantizer.zero_point.reshape(())
+
+    @property
+    def base_scale(self):
+        q = self.quantizer
+        return (q.base_scale if hasattr(q, 'base_scale') else q.scale).reshape(())
+
+    @property
+    def alpha(self):
+        q = self.quantizer
+        if hasattr(q, 'alpha'):
+            return self._expand(q.alpha)
+        return torch.zeros((), dtype=torch.long, device=q.scale.device)
+
+    @property
+    def channel_scale(self):
+        return self.base_scale * torch.pow(2.0, self.alpha.to(self.base_scale.dtype))
+
+    def shifted_codes(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.channel_scale
+        z = self.zero_point
+        q = torch.clamp(torch.round(x / s) + z, 0, self.qmax) - z
+        return (q * torch.pow(2.0, self.alpha.to(q.dtype))).round().to(torch.int32)
+
+
+def integer_output_ok(q) -> bool:
+    """Integer LayerNorm emits unsigned per-tensor uniform codes only."""
+    from ..quantizers.uniform import UniformQuantizer
+    return type(q) is UniformQuantizer and q.ch_axis is None and not q.signed
 
 
 class QuantLayerNorm(nn.LayerNorm, QuantModule):
-    """LayerNorm with an input quantizer (residual stream) and an output quantizer.
+    """LayerNorm with an input quantizer and an output quantizer.
 
-    With a ``PTFQuantizer`` on the input and a per-tensor uniform output quantizer, the normalization
-    runs in FQ-ViT's integer mode (``int_layernorm``) once quantized; otherwise it is float LayerNorm
-    on the (fake-)quantized input.
+    FQ-ViT quantizes the residual stream where it is produced (the sums ``x + attn(..)``,
+    ``x + mlp(..)``, the embeddings); the norm then reads a tensor already quantized by that
+    *source* quantizer (``consume``), which it does not apply again. Its integer mode reads the
+    source's codes. Likewise ``emit_to`` names a quantizer applied downstream (ViT's head input)
+    whose scale the integer output uses. Both links are plain references: the linked quantizers
+    belong to (and are calibrated, saved and moved with) the modules that apply them.
+
+    Integer mode (FQ-ViT ``int_layernorm``) runs once both quantizers are in 'quant' mode, when
+    the input is PTF or per-tensor unsigned uniform and the output is per-tensor unsigned uniform;
+    otherwise it is float LayerNorm on the (fake-)quantized input.
     """
 
     @classmethod
@@ -111,28 +196,71 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
         mod.in_quantizer = in_quantizer
         mod.out_quantizer = out_quantizer
         mod.integer = integer
+        mod._links = {}
         return mod
 
-    def _integer_ready(self):
-        return (self.integer and self.in_quantizer is not None and self.out_quantizer is not None
-                and self.in_quantizer.mode == 'quant' and self.out_quantizer.mode == 'quant')
+    # --- links to quantizers applied elsewhere (tuples: never registered as sub-modules) ---
+    def consume(self, source: Optional[Quantizer], expand: int = 1, expand_mode: str = 'repeat'):
+        """The input arrives quantized by ``source`` (quantize once: no input quantizer here)."""
+        if source is not None and self.in_quantizer is not None:
+            raise ValueError(f'{source.qname} already quantizes the input of this LayerNorm, which '
+                             f'also has its own input quantizer {self.in_quantizer.qname}: set '
+                             'quant_cfg.roles.ln_input=None (the residual-stream roles replace it)')
+        self._links['source'] = None if source is None else (source, expand, expand_mode)
+
+    def emit_to(self, target: Optional[Quantizer]):
+        """Integer mode writes codes on ``target``'s grid (a quantizer applied downstream)."""
+        self._links['target'] = None if target is None else (target,)
+
+    @property
+    def input_source(self) -> Optional[Quantizer]:
+        link = getattr(self, '_links', {}).get('source')
+        return link[0] if link else None
+
+    @property
+    def output_target(self) -> Optional[Quantizer]:
+        link = getattr(self, '_links', {}).get('target')
+        return link[0] if link else None
+
+    def _integer_pair(self):
+        """(integer input view, output quantizer) when integer mode can run now, else None."""
+        if not self.integer:
+            return None
+        if self.in_quantizer is not None:
+            iq, expand, mode = self.in_quantizer, 1, 'repeat'
+        else:
+            link = getattr(self, '_links', {}).get('source')
+            if link is None:
+                return None
+            iq, expand, mode = link
+        oq = self.out_quantizer if self.out_quantizer is not None else self.output_target
+        if oq is None or iq.mode != 'quant' or oq.mode != 'quant':
+            return None
+        if not IntegerInput.supports(iq) or not integer_output_ok(oq) or oq.scale.numel() != 1:
+            return None
+        return IntegerInput(iq, expand, mode), oq
 
     def forward(self, x):
-        if self._integer_ready():
-            # = out_quantizer.dequantize(int_layernorm(in_quantizer.shifted_codes(x), ...)), fused
+        pair = self._integer_pair()
+        if pair is not None:
+            # = out.dequantize(int_layernorm(input codes, ...)), fused
             from ..quantizers.ptf import int_layernorm_fake_quant
-            return int_layernorm_fake_quant(x, self.in_quantizer, self.weight, self.bias,
-                                            self.out_quantizer, eps=self.eps)
+            return int_layernorm_fake_quant(x, pair[0], self.weight, self.bias, pair[1],
+                                            eps=self.eps)
         x = _apply(self.in_quantizer, x)
         y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return _apply(self.out_quantizer, y)
 
 
 class AttentionQuantizers(QuantModule):
-    """Quantizers of one attention: q, k, v, logits (QKᵀ·scale + bias + mask), probabilities.
+    """Quantizers of one attention: q, k, v, scores, logits, probabilities, bias and mask.
 
-    ``probs`` may be a ``LogIntSoftmax``, which consumes the logits itself (FQ-ViT LIS) and then
-    replaces both the logits quantizer and the softmax.
+    Order (FQ-ViT ``swin_quant.py``): ``scores`` = QKᵀ·scale, quantized only where a
+    relative-position bias is added (ViT has no bias: its scores *are* the logits); logits =
+    scores + bias, quantized by ``logits``; then the shifted-window mask is added (after the logit
+    quantizer, so the −100 mask never widens its range); softmax; ``probs``. ``probs`` may be a
+    ``LogIntSoftmax``, which quantizes the logits itself and replaces both the logits quantizer and
+    the softmax; it observes the unmasked logits too.
     """
 
     # Layer-search hook (``fqvit_det.search_runner``): when set, a callable
@@ -141,9 +269,10 @@ class AttentionQuantizers(QuantModule):
     _recorder = None
 
     def __init__(self, q=None, k=None, v=None, logits=None, probs=None, rel_pos_bias=None,
-                 mask=None):
+                 mask=None, scores=None):
         super().__init__()
         self.q, self.k, self.v = q, k, v
+        self.scores = scores
         self.logits, self.probs = logits, probs
         self.rel_pos_bias, self.mask = rel_pos_bias, mask
 
@@ -161,12 +290,18 @@ class AttentionQuantizers(QuantModule):
         q, k, v = _apply(self.q, q), _apply(self.k, k), _apply(self.v, v)
         logits = (q @ k.transpose(-2, -1)) * scale
         if bias is not None:
-            logits = logits + _apply(self.rel_pos_bias, bias)
+            logits = _apply(self.scores, logits) + _apply(self.rel_pos_bias, bias)
+        if not self.fused_softmax:
+            logits = _apply(self.logits, logits)
         if mask is not None:
+            if self.fused_softmax and self.probs.mode == 'observe':
+                self.probs(logits)  # LIS observes its logits before the mask is added
             mask = _apply(self.mask, mask)
             logits = mask_fn(logits, mask) if mask_fn is not None else logits + mask
+            if self.fused_softmax and self.probs.mode == 'observe':
+                return logits.softmax(dim=-1) @ v
         if self.fused_softmax:
             probs = self.probs(logits)
         else:
-            probs = _apply(self.probs, _apply(self.logits, logits).softmax(dim=-1))
+            probs = _apply(self.probs, logits.softmax(dim=-1))
         return probs @ v
