@@ -121,3 +121,197 @@ def test_nan_in_calibration_names_the_tensor():
     x[0, 0, 0, 0] = float('nan')
     with pytest.raises(ValueError, match='patch_embed'):
         CalibrationRunner(model, spec, progress=False).run([x])
+
+
+# --- FQ-ViT's residual stream and output roles (official vit_quant.py / swin_quant.py) ---------
+
+def _calibrated(arch, preset, device=None, batches=2):
+    model, spec, x, ref, _ = build(arch, preset)
+    if device is not None:
+        model, x = model.to(device), x.to(device)
+    CalibrationRunner(model, spec, progress=False).run([x[2 * i:2 * i + 2] for i in range(batches)])
+    return model, spec, x
+
+
+def _capture(model, specs):
+    """Register hooks; ``specs``: name -> (module, 'in' | 'out'). Returns (store, handles)."""
+    store, handles = {}, []
+    for name, (mod, where) in specs.items():
+        if where == 'in':
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, name=name: store.__setitem__(name, args[0].detach().clone())))
+        else:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, name=name: store.__setitem__(name, out.detach().clone())))
+    return store, handles
+
+
+def test_fqvit_quantizer_set_matches_official_vit():
+    """Per block the official code quantizes 15 tensors with 8-bit softmax (qkv/proj/fc1/fc2
+    weights, norm1/norm2 outputs, qkv output, logits, probabilities, P·V output, proj output,
+    post-GELU, fc2 output and the two residual sums) plus 9 outside the blocks (input image,
+    patch-embedding weight and output, tokens, position embedding, embedding sum, head input,
+    head weight, logits). LIS folds the logits quantizer into the softmax: 14 per block."""
+    for preset, per_block in (('fqvit_888', 15), ('fqvit_884', 14)):
+        model, _, _, _, _ = build('vit', preset)
+        names = [n for n, _ in named_quantizers(model)]
+        assert len(names) == 2 * per_block + 9, (preset, names)
+        assert {'residual_quantizer', 'embed_tokens_quantizer', 'pos_embed_quantizer',
+                'patch_embed.proj.out_quantizer', 'head.out_quantizer', 'blocks.1.attn.qkv.out_quantizer',
+                'blocks.1.attn.proj.out_quantizer', 'blocks.1.mlp.fc2.out_quantizer',
+                'blocks.1.attn_residual_quantizer', 'blocks.1.mlp_residual_quantizer'} <= set(names)
+        assert not any(n.endswith(('aq.q', 'aq.k', 'aq.v')) or 'norm1.in_quantizer' in n for n in names)
+
+
+def test_residual_sum_feeds_both_the_add_and_the_norm():
+    model, _, x = _calibrated('vit', 'fqvit_884')
+    b0, b1 = model.blocks
+    specs = {'embed': (model.residual_quantizer, 'out'), 'b0_norm1': (b0.norm1, 'in'),
+             'b0_attn_res': (b0.attn_residual_quantizer, 'out'), 'b0_norm2': (b0.norm2, 'in'),
+             'b0_mlp': (b0.mlp, 'out'), 'b0_mlp_res_in': (b0.mlp_residual_quantizer, 'in'),
+             'b0_mlp_res': (b0.mlp_residual_quantizer, 'out'), 'b1_norm1': (b1.norm1, 'in'),
+             'b1_attn': (b1.attn, 'out'), 'b1_attn_res_in': (b1.attn_residual_quantizer, 'in'),
+             'b1_mlp_res': (b1.mlp_residual_quantizer, 'out'), 'norm': (model.norm, 'in')}
+    store, handles = _capture(model, specs)
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    # The norms read exactly the quantized sums ...
+    assert torch.equal(store['b0_norm1'], store['embed'])
+    assert torch.equal(store['b0_norm2'], store['b0_attn_res'])
+    assert torch.equal(store['b1_norm1'], store['b0_mlp_res'])
+    assert torch.equal(store['norm'], store['b1_mlp_res'])
+    # ... and the next residual add uses the same tensors.
+    assert torch.equal(store['b0_mlp_res_in'], store['b0_attn_res'] + store['b0_mlp'])
+    assert torch.equal(store['b1_attn_res_in'], store['b0_mlp_res'] + store['b1_attn'])
+    # The sums are on the PTF grid: quantizing them again changes nothing.
+    q = b0.attn_residual_quantizer
+    assert torch.equal(q.fake_quant(store['b0_attn_res']), store['b0_attn_res'])
+    # Quantize once: the norms own no input quantizer; they point at the residual quantizers.
+    assert b0.norm1.in_quantizer is None and b0.norm1.input_source is model.residual_quantizer
+    assert b1.norm1.input_source is b0.mlp_residual_quantizer
+    assert model.norm.input_source is b1.mlp_residual_quantizer
+    assert model.norm.output_target is model.head.in_quantizer
+
+
+def test_each_residual_quantizer_observes_once_per_batch():
+    model, spec, x, _, _ = build('vit', 'fqvit_884')
+    residuals = [model.residual_quantizer] + [q for b in model.blocks
+                                              for q in (b.attn_residual_quantizer, b.mlp_residual_quantizer)]
+    calls = {id(q): 0 for q in residuals}
+
+    def count(mod, args):
+        if mod.mode == 'observe':
+            calls[id(mod)] += 1
+    handles = [q.register_forward_pre_hook(count) for q in residuals]
+    CalibrationRunner(model, spec, progress=False).run([x[:1], x[1:2], x[2:]])
+    for h in handles:
+        h.remove()
+    assert set(calls.values()) == {3}
+    assert all(q.calibrated for q in residuals)
+
+
+@pytest.mark.parametrize('arch, norm_path, source_path, expand', [
+    ('vit', 'blocks.1.norm1', 'blocks.0.mlp_residual_quantizer', None),
+    ('vit', 'blocks.0.norm2', 'blocks.0.attn_residual_quantizer', None),
+    ('swin', 'layers.1.blocks.0.norm2', 'layers.1.blocks.0.attn_residual_quantizer', None),
+    ('swin', 'layers.2.downsample.norm', 'layers.1.blocks.0.mlp_residual_quantizer', 4),
+])
+def test_integer_layernorm_consumes_residual_ptf_codes(arch, norm_path, source_path, expand):
+    from fqvit_det.quantizers.ptf import PTFQuantizer, int_layernorm_reference
+    model, _, x = _calibrated(arch, 'fqvit_884')
+    norm, ptf = model.get_submodule(norm_path), model.get_submodule(source_path)
+    assert isinstance(ptf, PTFQuantizer) and norm.input_source is ptf and norm.in_quantizer is None
+    store, handles = _capture(model, {'in': (norm, 'in'), 'out': (norm, 'out')})
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    xin = store['in']
+    # Expected codes written from the PTF parameters directly: (q − z)·2^α_c per channel; a
+    # patch-merging norm sees the 4 neighbours concatenated (timm: channel k·C + c).
+    alpha = ptf.alpha if expand is None else ptf.alpha.repeat(expand)
+    scale = ptf.base_scale * 2.0 ** alpha.float()
+    q = torch.clamp(torch.round(xin / scale) + ptf.zero_point, 0, ptf.qmax) - ptf.zero_point
+    assert torch.equal(q * scale, xin), 'the norm input is not on the residual quantizer grid'
+    codes = (q * 2.0 ** alpha.float()).to(torch.int32)
+    oq = norm.out_quantizer
+    want = oq.dequantize(int_layernorm_reference(codes, ptf.base_scale, norm.weight, norm.bias, oq.scale,
+                                                 oq.zero_point, out_bits=oq.bits, eps=norm.eps))
+    torch.testing.assert_close(store['out'], want, rtol=0, atol=0)
+
+
+def test_vit_final_norm_writes_on_the_head_input_grid():
+    model, _, x = _calibrated('vit', 'fqvit_884')
+    store, handles = _capture(model, {'out': (model.norm, 'out')})
+    with torch.no_grad():
+        model(x)
+    handles[0].remove()
+    cls = store['out'][:, 0]
+    assert torch.equal(model.head.in_quantizer.fake_quant(cls), cls)
+
+
+@pytest.mark.parametrize('roles', [
+    dict(ln_output=dict(type='AdaLogQuantizer', bits=8)),                          # PTF residual
+    dict(residual=None, ln_input=dict(type='PTFQuantizer', bits=8),                # PTF ln_input
+         ln_output=dict(type='TwinUniformGeluQuantizer', bits=8)),
+])
+def test_ptf_with_non_uniform_norm_output_runs_float_layernorm(roles):
+    model = tiny_vit()
+    x = images(model, 4)
+    spec = make_spec('fqvit', 8, 8, 8, lis=False, roles=roles)
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x])
+    norm = model.blocks[0].norm2
+    store, handles = _capture(model, {'in': (norm, 'in'), 'out': (norm, 'out')})
+    with torch.no_grad():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    assert torch.isfinite(out).all()
+    xin = store['in'] if norm.in_quantizer is None else norm.in_quantizer.fake_quant(store['in'])
+    want = norm.out_quantizer.fake_quant(torch.nn.functional.layer_norm(
+        xin, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+    torch.testing.assert_close(store['out'], want, rtol=0, atol=0)
+
+
+def test_ln_input_and_residual_together_is_an_error():
+    model = tiny_vit()
+    spec = make_spec('fqvit', roles=dict(ln_input=dict(type='UniformQuantizer', bits=8)))
+    with pytest.raises(ValueError, match=r'blocks\.0\.norm1.*ln_input=None'):
+        quantize_model(model, spec)
+
+
+def test_rule_matching_nothing_is_an_error_unless_optional():
+    from fqvit_det.convert import Rule
+    from fqvit_det.convert.timm_vit import vit_rules
+    spec = make_spec('repq', 8, 8)
+    with pytest.raises(ValueError, match=r"'blocks\.\*\.mlp\.fc3' \(linear\)"):
+        quantize_model(tiny_vit(), spec, rules=vit_rules() + [Rule('blocks.*.mlp.fc3', 'linear', dict(weight='weight'))])
+    converted = quantize_model(tiny_vit(), spec, rules=vit_rules() + [
+        Rule('blocks.*.mlp.fc3', 'linear', dict(weight='weight'), optional=True)])
+    assert 'blocks.0.mlp.fc2' in converted
+    # timm ViT: ``norm`` and ``fc_norm`` are alternatives; an average-pooled ViT converts too.
+    import timm
+    pooled = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, img_size=32,
+                               num_classes=10, global_pool='avg', fc_norm=True).eval()
+    assert 'fc_norm' in quantize_model(pooled, spec)
+
+
+def test_convert_does_not_import_timm():
+    import subprocess
+    import sys
+    code = ('import sys, fqvit_det.convert, fqvit_det.nn, fqvit_det.presets; '
+            'assert "timm" not in sys.modules, "timm imported"')
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('arch', MODELS)
+def test_quantizers_are_created_on_the_model_device(arch, device):
+    factory, _ = MODELS[arch]
+    model = factory().to(device)
+    quantize_model(model, make_spec('fqvit', 8, 8, 4))
+    for name, q in named_quantizers(model):
+        for buf in q.buffers():
+            assert buf.device.type == device.type, name

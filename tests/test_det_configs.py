@@ -96,3 +96,72 @@ def test_checkpoint_that_does_not_match_is_named(tmp_path):
     cfg.model.checkpoint = str(bad)
     with pytest.raises(ValueError, match='does not match the model'):
         build(cfg)
+
+
+def test_mmdet_swin_residual_stream_links_and_merging_codes():
+    """FQ-ViT placement on mmdet's Swin: every norm reads the quantizer that produced its input,
+    the patch-merging norm reads the stage's last residual with mmdet's unfold order (c·4 + p),
+    and the integer LayerNorm consumes those codes."""
+    import torch
+    from mmdet.models.backbones import SwinTransformer
+
+    from fqvit_det.calibration import CalibrationRunner
+    from fqvit_det.convert import quantize_model
+    from fqvit_det.convert.mmdet_swin import mmdet_swin_rules
+    from fqvit_det.presets import make_spec
+    from fqvit_det.quantizers.ptf import int_layernorm_reference
+
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.backbone = SwinTransformer(embed_dims=32, depths=(2, 1), num_heads=(1, 2), window_size=4,
+                                   out_indices=(0, 1)).eval()
+    spec = make_spec('fqvit', 8, 8, 4)
+    quantize_model(net, spec, rules=mmdet_swin_rules('backbone.'))
+    bb = net.backbone
+    assert bb.patch_embed.norm.input_source is bb.patch_embed.projection.out_quantizer
+    assert bb.stages[0].blocks[0].norm1.input_source is bb.patch_embed.norm.out_quantizer
+    assert bb.stages[0].blocks[1].norm1.input_source is bb.stages[0].blocks[0].mlp_residual_quantizer
+    assert bb.stages[1].blocks[0].norm1.input_source is bb.stages[0].downsample.reduction.out_quantizer
+    assert bb.norm0.input_source is bb.stages[0].blocks[1].mlp_residual_quantizer
+    merge_norm, ptf = bb.stages[0].downsample.norm, bb.stages[0].blocks[1].mlp_residual_quantizer
+    assert merge_norm.input_source is ptf and merge_norm.in_quantizer is None
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    CalibrationRunner(net, spec, forward_fn=lambda m, b: m.backbone(b), progress=False).run([x[:2], x[2:]])
+    store = {}
+    handles = [merge_norm.register_forward_pre_hook(lambda m, a: store.__setitem__('in', a[0].clone())),
+               merge_norm.register_forward_hook(lambda m, a, o: store.__setitem__('out', o.clone()))]
+    with torch.no_grad():
+        bb(x)
+    for h in handles:
+        h.remove()
+    alpha = ptf.alpha.repeat_interleave(4)
+    scale = ptf.base_scale * 2.0 ** alpha.float()
+    q = torch.clamp(torch.round(store['in'] / scale) + ptf.zero_point, 0, ptf.qmax) - ptf.zero_point
+    assert torch.equal(q * scale, store['in'])
+    oq = merge_norm.out_quantizer
+    want = oq.dequantize(int_layernorm_reference((q * 2.0 ** alpha.float()).to(torch.int32), ptf.base_scale,
+                                                 merge_norm.weight, merge_norm.bias, oq.scale, oq.zero_point,
+                                                 out_bits=oq.bits, eps=merge_norm.eps))
+    assert torch.equal(store['out'], want)
+
+
+def test_deit_backbone_residual_stream_is_linked():
+    from mmengine.registry import MODELS as MM_MODELS  # noqa: F401
+
+    from fqvit_det.convert import quantize_model
+    from fqvit_det.mm.det import TimmViTBackbone, backbone_rules
+    from fqvit_det.presets import make_spec
+    import torch
+
+    net = torch.nn.Module()
+    net.backbone = TimmViTBackbone('vit_tiny_patch16_224')
+    net.backbone.vit.blocks = net.backbone.vit.blocks[:2]
+    quantize_model(net, make_spec('fqvit', 8, 8, 4), rules=backbone_rules(net.backbone))
+    vit = net.backbone.vit
+    assert vit.blocks[0].norm1.input_source is vit.residual_quantizer
+    assert vit.norm.input_source is vit.blocks[1].mlp_residual_quantizer
+    assert vit.norm.output_target is None  # no head: the pyramid convs quantize their inputs
+    with torch.no_grad():
+        feats = net.backbone(torch.randn(1, 3, 40, 56))  # dynamic size: resampled pos_embed
+    assert [f.shape[-2:] for f in feats][2] == (3, 4)
