@@ -33,10 +33,17 @@ REPORTED_TYPES = (QuantLinear, QuantConv2d, QuantLayerNorm)
 FIELDS = ('index', 'name', 'type', 'sqnr_db', 'cosine', 'numel', 'calls', 'skipped')
 
 
+def _quantizes_residual(m: nn.Module) -> bool:
+    """A transformer block whose residual sums are quantized (FQ-ViT): its output is the quantized
+    residual stream, reported per block."""
+    return getattr(m, 'mlp_residual_quantizer', None) is not None
+
+
 def report_modules(model: nn.Module):
     """(name, module) of every module whose output is reported, in ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, REPORTED_TYPES) or isinstance(getattr(m, 'aq', None), AttentionQuantizers)]
+            if isinstance(m, REPORTED_TYPES) or isinstance(getattr(m, 'aq', None), AttentionQuantizers)
+            or _quantizes_residual(m)]
 
 
 def _tensors(out):

@@ -114,7 +114,8 @@ def test_mmdet_swin_residual_stream_links_and_merging_codes():
     torch.manual_seed(0)
     net = torch.nn.Module()
     net.backbone = SwinTransformer(embed_dims=32, depths=(2, 1), num_heads=(1, 2), window_size=4,
-                                   out_indices=(0, 1)).eval()
+                                   out_indices=(0, 1))
+    net.eval()  # (mmdet's SwinTransformer.train returns None)
     spec = make_spec('fqvit', 8, 8, 4)
     quantize_model(net, spec, rules=mmdet_swin_rules('backbone.'))
     bb = net.backbone

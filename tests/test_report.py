@@ -26,6 +26,9 @@ def _tiny_vit(bits, calib):
     torch.manual_seed(0)  # same float weights for every bit width
     model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=2, img_size=64,
                               num_classes=10).eval()
+    with torch.no_grad():  # see tests/helpers.tiny_vit: keep the class token alive at 4 bits
+        model.cls_token.normal_(std=0.5)
+        model.pos_embed.normal_(std=0.5)
     spec = make_spec('fqvit', bits, bits, bits, lis=False)
     quantize_model(model, spec)
     CalibrationRunner(model, spec, progress=False).run([calib])
@@ -70,6 +73,9 @@ def test_layer_report_matches_reference(vit8, data):
     expected = {n for n, _ in report_modules(vit8)}
     assert set(by_name) == expected
     assert 'blocks.0.attn' in by_name and by_name['blocks.0.attn']['type'] == 'QuantTimmAttention'
+    # FQ-ViT quantizes the residual stream: each block's output (its quantized sum) is a row
+    assert by_name['blocks.1']['type'] == 'QuantTimmBlock'
+    assert by_name['blocks.1']['sqnr_db'] == pytest.approx(_reference(vit8, 'blocks.1', data['batches'])[0], rel=1e-6)
     names = [r['name'] for r in rows]
     assert names[0] == 'patch_embed.proj' and names[-1] == 'head'
     assert names.index('blocks.0.norm1') < names.index('blocks.0.attn.qkv') < \
@@ -194,7 +200,8 @@ def test_tool_end_to_end_deit_tiny(tmp_path, monkeypatch, capsys):
         '--cfg-options', 'custom_hooks.0.num_images=4', 'custom_hooks.0.dataloader.batch_size=4',
         'custom_hooks.0.dataloader.num_workers=0', 'test_dataloader.num_workers=0'])
     rows = res['rows']
-    assert len(rows) == 1 + 12 * 7 + 2  # patch embed, 12 x (2 norms, qkv, proj, attn, fc1, fc2), norm, head
+    # patch embed, 12 x (2 norms, qkv, proj, attn, fc1, fc2, the block = its quantized residual sum), norm, head
+    assert len(rows) == 1 + 12 * 8 + 2
     assert rows[0]['name'] == 'patch_embed.proj' and rows[-1]['name'] == 'head'
     assert all(math.isfinite(r['sqnr_db']) and r['sqnr_db'] > 0 for r in rows)
     assert all(r['numel'] > 0 and r['skipped'] == 0 for r in rows)
