@@ -46,8 +46,10 @@ def test_config_builds_and_converts(path):
     float_left = [n for n, m in det.named_modules()
                   if (type(m) in (nn.Linear, nn.Conv2d)) and not n.startswith('backbone.vit.pyramid')]
     assert not float_left, f'float layers left: {float_left[:5]}'
-    attn = [m for m in det.modules() if isinstance(m, AttentionQuantizers)]
-    assert attn and all(a.q is not None and a.probs is not None for a in attn)
+    attn = [m for m in det.modules() if hasattr(m, 'aq')]
+    assert attn and all(isinstance(m.aq, AttentionQuantizers) and m.aq.probs is not None for m in attn)
+    # q, k, v: one qkv-output quantizer (FQ-ViT) or their own (the other methods), never both
+    assert all((m.qkv.out_quantizer is not None) != (m.aq.q is not None) for m in attn)
     assert isinstance(det.rpn_head.rpn_conv, QuantConv2d)
     heads = [m for n, m in det.named_modules() if n.startswith('roi_head') and isinstance(m, QuantLinear)]
     assert heads and all(h.w_quantizer is not None and h.in_quantizer is not None for h in heads)
