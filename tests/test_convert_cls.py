@@ -315,3 +315,21 @@ def test_quantizers_are_created_on_the_model_device(arch, device):
     for name, q in named_quantizers(model):
         for buf in q.buffers():
             assert buf.device.type == device.type, name
+
+
+def test_integer_layernorm_only_with_ptf():
+    """Official config.py: INT_NORM = ptf. Without PTF every norm is float LayerNorm on the
+    quantized residual; with PTF every norm is integer, also Swin's patch-embedding norm, which
+    reads a layer-wise uniform quantizer."""
+    for preset in ('fqvit_888', 'fqvit_884'):
+        model, _, _ = _calibrated('swin', preset, batches=1)
+        assert model.patch_embed.norm._integer_pair() is not None
+        assert all(n._integer_pair() is not None for n in model.modules() if isinstance(n, QuantLayerNorm))
+    model = tiny_vit()
+    x = images(model, 2)
+    spec = make_spec('fqvit', 8, 8, 8, ptf=False, lis=False)
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x])
+    norms = [n for n in model.modules() if isinstance(n, QuantLayerNorm)]
+    assert norms and not any(n.integer or n._integer_pair() for n in norms)
+    assert type(model.blocks[0].attn_residual_quantizer).__name__ == 'UniformQuantizer'

@@ -142,7 +142,7 @@ def convert_model(model: nn.Module, spec, rules: Sequence[Rule]) -> List[str]:
             _set_child(model, path, QuantConv2d.from_float(mod, slots['weight'], slots['input'], slots['output']))
         elif rule.kind == 'layernorm':
             inq, outq = build(rule.roles.get('input')), build(rule.roles.get('output'))
-            integer = bool(spec.integer_layernorm)
+            integer = integer_layernorm_on(spec)
             if integer and inq is not None and IntegerInput.supports(inq) and outq is not None \
                     and not integer_output_ok(outq):
                 log.warning(f'{path}: integer LayerNorm needs a per-tensor unsigned uniform output '
@@ -173,6 +173,16 @@ def convert_model(model: nn.Module, spec, rules: Sequence[Rule]) -> List[str]:
                          + ': the model does not have the structure these rules describe')
     _link_layernorms(model, rule_of)
     return converted
+
+
+def integer_layernorm_on(spec) -> bool:
+    """FQ-ViT runs its LayerNorms in integer mode exactly when PTF is on (``config.py``:
+    ``INT_NORM = ptf``): then every norm is integer, including those fed by a layer-wise uniform
+    quantizer (Swin's patch-embedding norm). Without a PTF residual / norm input, float LayerNorm."""
+    if not spec.integer_layernorm:
+        return False
+    return any((spec.roles.get(role) or {}).get('type') == 'PTFQuantizer'
+               for role in ('residual', 'ln_input'))
 
 
 def _required(rule: Rule, spec) -> bool:
