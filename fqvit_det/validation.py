@@ -152,7 +152,8 @@ def check_role_cfg(role: str, cfg) -> Optional[FrozenDict]:
     try:
         build_quantizer(thaw(frozen))
     except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise QuantConfigError(key, f'{qtype} cannot be built from {thaw(frozen)}: {err}') from err
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else err  # no KeyError quotes
+        raise QuantConfigError(key, f'{qtype} cannot be built from {thaw(frozen)}: {reason}') from err
     return frozen
 
 

@@ -2,7 +2,7 @@
 from typing import Optional
 
 from ..convert import quantize_model
-from ..presets import make_spec
+from ..presets import QUANT_CFG_KEYS, make_spec
 from ..validation import QuantConfigError, expect_choice, expect_dict
 
 # quant_cfg keys consumed by the mm glue rather than by the preset.
@@ -16,6 +16,10 @@ def split_quant_cfg(quant_cfg: dict):
     Pure validation (no model, no data): ``tools/test.py`` calls it before building anything.
     """
     quant_cfg = expect_dict('quant_cfg', quant_cfg, allow_none=False)
+    for key in quant_cfg:
+        if key not in QUANT_CFG_KEYS and key not in GLUE_KEYS:
+            raise QuantConfigError(f'quant_cfg.{key}', 'unknown key; expected one of '
+                                                       f'{sorted(QUANT_CFG_KEYS + GLUE_KEYS)}')
     glue = {k: quant_cfg.pop(k) for k in GLUE_KEYS if k in quant_cfg}
     if 'scope' in glue:
         expect_choice('quant_cfg.scope', glue['scope'], SCOPES)
