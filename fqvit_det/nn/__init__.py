@@ -1,0 +1,1 @@
+"""Quantized drop-in modules (``modules``)."""
