@@ -37,7 +37,7 @@ def test_deit_tiny_config_calibrates_evaluates_and_reloads(tmp_path):
     summary, work, log = run([cfg, '--compare-float', '--calib-images', '8', '--out',
                               str(tmp_path / 'preds.pkl'), *SMALL], tmp_path, 'calib')
     fp, q = summary['float']['metrics'], summary['quant']['metrics']
-    assert 0 <= q['imagenet/top1'] <= 100 and fp['imagenet/top1'] >= 50  # 8 real images, real weights
+    assert fp['imagenet/top1'] >= 50  # 8 real images, real weights
     assert abs(fp['imagenet/top1'] - q['imagenet/top1']) <= 25
     assert 'calibration batch' in log  # progress is shown
     state = osp.join(work, 'quant_state.safetensors')
@@ -92,8 +92,7 @@ def test_tiny_config_through_the_cli_calibrates_saves_and_reloads(tiny_data, tmp
     cfg = write_config(tmp_path / 'tiny.py', tiny_data)
     summary, work, log = run([cfg, '--compare-float', '--out', str(tmp_path / 'preds.pkl')], tmp_path, 'calib')
     assert set(summary) == {'float', 'quant'}
-    assert 0 <= summary['quant']['metrics']['imagenet/top1'] <= 100
-    assert summary['quant']['calib_seconds'] > 0
+    assert summary['quant']['calib_seconds'] > 0 and summary['float']['calib_seconds'] is None
     assert 'calibration batch 2/2' in log  # 4 calibration images in batches of 2
     assert 'RANDOM weights' in log  # no checkpoint, no pretrained: said, not silent
     state = osp.join(work, 'quant_state.safetensors')
@@ -107,6 +106,11 @@ def test_tiny_config_through_the_cli_calibrates_saves_and_reloads(tiny_data, tmp
     assert len(first) == len(second) == 6
     for a, b in zip(first, second):
         assert torch.equal(a['logits'], b['logits'])
+    # The reported top-1 is the one of the dumped quantized predictions (labels: image i -> i % 4).
+    hits = sum(int(p['logits'].argmax()) == p['gt_label'] for p in first)
+    assert [p['gt_label'] for p in first] == [i % 4 for i in range(6)]
+    assert summary['quant']['metrics']['imagenet/top1'] == pytest.approx(100 * hits / 6)
+    assert summary2['quant']['metrics'] == summary['quant']['metrics']
 
 
 def test_classifier_weights_come_from_one_named_source(tiny_data, tmp_path, monkeypatch):
