@@ -168,20 +168,29 @@ def is_per_channel_uniform(cfg: Optional[Mapping]) -> bool:
     return cls is not None and issubclass(cls, UniformQuantizer) and cfg.get('ch_axis') is not None
 
 
+def _per_tensor_unsigned_uniform(cfg: Optional[Mapping]) -> bool:
+    from .quantizers import UniformQuantizer
+    if quantizer_class(cfg) is not UniformQuantizer or cfg.get('ch_axis') is not None:
+        return False
+    signed = cfg.get('signed')
+    return not (cfg.get('symmetric', False) if signed is None else signed)
+
+
 def integer_layernorm_problem(roles: Mapping[str, Any]) -> Optional[str]:
     """Why FQ-ViT's integer LayerNorm cannot run with these roles (None when it can).
 
-    It consumes the PTF input codes (``shifted_codes``) and requantizes to a per-tensor uniform
-    output grid (``int_layernorm``, reference §FQ-ViT).
+    It reads integer codes of its input, the ``residual`` stream's quantizer where the roles have
+    one, else ``ln_input``: Power-of-Two-Factor codes (``shifted_codes``) or per-tensor unsigned
+    uniform codes; and it requantizes to a per-tensor unsigned uniform grid on ``ln_output``.
     """
-    from .quantizers import UniformQuantizer
-    in_cls = quantizer_class(roles.get('ln_input'))
-    if in_cls is None or not hasattr(in_cls, 'shifted_codes'):
-        return ('needs a Power-of-Two-Factor quantizer on ln_input (type=PTFQuantizer), got '
-                f'{None if in_cls is None else in_cls.__name__}')
+    source = 'residual' if roles.get('residual') is not None else 'ln_input'
+    in_cfg = roles.get(source)
+    in_cls = quantizer_class(in_cfg)
+    if in_cls is None or not (hasattr(in_cls, 'shifted_codes') or _per_tensor_unsigned_uniform(in_cfg)):
+        return ('needs integer codes of the norm input: a PTFQuantizer or a per-tensor unsigned '
+                f'UniformQuantizer on {source}, got {None if in_cfg is None else thaw(in_cfg)}')
     out = roles.get('ln_output')
-    out_cls = quantizer_class(out)
-    if out_cls is None or not issubclass(out_cls, UniformQuantizer) or out.get('ch_axis') is not None:
-        return ('needs a per-tensor UniformQuantizer on ln_output (ch_axis=None), got '
-                f'{None if out is None else dict(out)}')
+    if not _per_tensor_unsigned_uniform(out):
+        return ('needs a per-tensor unsigned UniformQuantizer on ln_output (ch_axis=None, '
+                f'symmetric=False), got {None if out is None else thaw(out)}')
     return None

@@ -101,16 +101,18 @@ def test_fqvit_variant_keys_default_and_are_fqvit_only():
 
 
 def test_integer_layernorm_default_follows_the_roles_but_a_request_must_hold():
-    # FQ-ViT's integer LayerNorm needs PTF codes: without PTF the method default resolves to off
-    # (and the recipe says so) ...
-    assert make_spec('fqvit', 8, 8, ptf=False).integer_layernorm is False
-    assert make_spec('fqvit', 8, 8, ptf=False).to_dict()['integer_layernorm'] is False
+    per_channel_out = dict(ln_output=dict(type='UniformQuantizer', bits=8, ch_axis=-1))
+    assert make_spec('fqvit', 8, 8).integer_layernorm is True
+    # FQ-ViT's integer LayerNorm requantizes to a per-tensor grid: with a per-channel ln_output the
+    # method's default resolves to off, and the recipe says so ...
+    spec = make_spec('fqvit', 8, 8, roles=per_channel_out)
+    assert spec.integer_layernorm is False and spec.to_dict()['integer_layernorm'] is False
     # ... while an explicit request that cannot hold is an error with the fix.
-    with pytest.raises(QuantConfigError, match='quant_cfg.integer_layernorm.*PTFQuantizer'):
-        make_spec('fqvit', 8, 8, ptf=False, integer_layernorm=True)
-    with pytest.raises(QuantConfigError, match='quant_cfg.integer_layernorm.*per-tensor'):
-        make_spec('fqvit', 8, 8, integer_layernorm=True,
-                  roles=dict(ln_output=dict(type='UniformQuantizer', bits=8, ch_axis=-1)))
+    with pytest.raises(QuantConfigError, match='quant_cfg.integer_layernorm: .*per-tensor unsigned '
+                                               'UniformQuantizer on ln_output.*integer_layernorm=False'):
+        make_spec('fqvit', 8, 8, integer_layernorm=True, roles=per_channel_out)
+    with pytest.raises(QuantConfigError, match='quant_cfg.integer_layernorm: .*integer codes of the norm input'):
+        make_spec('repq', 4, 4, integer_layernorm=True)  # RepQ keeps the norm input float
 
 
 def test_reparam_needs_a_per_channel_uniform_ln_output():
@@ -196,7 +198,7 @@ MALFORMED = [
     ('ptf-on-repq', dict(method='repq', w_bits=4, a_bits=4, ptf=False), 'quant_cfg.ptf'),
     ('reparam-per-tensor-ln_output', dict(method='repq', w_bits=4, a_bits=4, roles=dict(
         ln_output=dict(type='UniformQuantizer', bits=4))), 'quant_cfg.reparam'),
-    ('integer-layernorm-without-ptf', _set('ptf', False) | dict(integer_layernorm=True),
+    ('integer-layernorm-float-norm-input', dict(method='repq', w_bits=4, a_bits=4, integer_layernorm=True),
      'quant_cfg.integer_layernorm'),
 ]
 
