@@ -245,7 +245,8 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
     for key, value in options.items():
         resolved[key] = OPTION_TYPES[key](f'quant_cfg.{key}', value)
     if 'integer_layernorm' not in options and resolved['integer_layernorm']:
-        # The method's default, not a request: on only where the roles allow it (e.g. ptf=False).
+        # The method's default, not a request: on only where the roles allow it (e.g. not with a
+        # per-channel ln_output override); an explicit True is checked by QuantSpec.
         resolved['integer_layernorm'] = integer_layernorm_problem(table) is None
     return QuantSpec(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=attn_bits, roles=table,
                      search_cfg=search_cfg or {}, **resolved)
