@@ -469,8 +469,12 @@ def log2_round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def int_ratio_round(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """⌊num/den⌉ (half up) for int64 num ≥ 0, den > 0: ⌊(2·num + den) / (2·den)⌋."""
-    return torch.div(2 * num + den, 2 * den, rounding_mode='floor')
+    """⌊num/den⌉ for int64 num ≥ 0, den > 0, ties to even (FQ-ViT rounds the ratio with
+    ``torch.round``)."""
+    q = torch.div(num, den, rounding_mode='floor')
+    twice_rem = 2 * (num - q * den)
+    up = (twice_rem > den) | ((twice_rem == den) & (torch.remainder(q, 2) == 1))
+    return q + up.to(q.dtype)
 
 
 @register_quantizer()
@@ -483,7 +487,7 @@ class LogIntSoftmax(Quantizer):
 
     1. x_int = logit codes, minus the row maximum (the zero point cancels);
     2. i-exp (``int_exp_parts``): exp_j ∝ z_j·2^(n − q_j);
-    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, half up);
+    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, ties to even as FQ-ViT's ``torch.round``);
     4. code_i = round-half-up(log2 R_i) in integers, clamp to [0, 2^b − 1]; codes ≥ 2^b (and
        exp_i = 0) → ``ZERO_CODE``; dequant 2^−code.
 
@@ -607,11 +611,12 @@ class LogIntSoftmax(Quantizer):
     # With b_l-bit logits, a row-max-subtracted logit d = max − x_int takes only 2^b_l values, so
     # the i-exp is a table: T[d] = z(d)·2^(Q − q(d)) with Q the largest q in the table. A row's
     # exps of ``exp_ratios`` are e_j = T[d_j] / 2^(Q − q_ref) exactly (q_ref ≤ Q), and the ratio
-    # R_i = ⌊(2·Σe + e_i) / (2·e_i)⌋ is unchanged by that common power of two, so
-    # R_i = ⌊(Σ_j T_j + T_i/2) / T_i⌋. While (2·N + 1)·max T < 2^53 every sum is an exact float64
-    # integer, no headroom shift k is needed (max e·N < 2^61), and the float64 quotient's floor
-    # is exact (the quotient is > 1/(2T) away from any integer it is not equal to, more than its
-    # rounding error). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
+    # R_i = ⌊Σe / e_i⌉ is unchanged by that common power of two, so R_i = ⌊Σ_j T_j / T_i⌉.
+    # While (2·N + 1)·max T < 2^53 every sum is an exact float64 integer, no headroom shift k is
+    # needed (max e·N < 2^61), and torch.round (ties to even) of the float64 quotient is the
+    # exact rounding: the exact quotient is a multiple of 1/T, so unless it is itself a tie
+    # (then the division is exact) it is ≥ 1/(2T) away from every tie k + 1/2, more than the
+    # quotient's rounding error (Σ < 2^52). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
     # 6, 12, …), i.e. 2^−code = 1 / (largest power of two ≤ R / 0.75); R/0.75 is compared with
     # powers of two only at integer R, so its rounding cannot cross one. T = 0 gives R = inf →
     # 2^−code = 0, the zero code, as do codes ≥ 2^b.
@@ -668,8 +673,8 @@ class LogIntSoftmax(Quantizer):
             t = scratch('lis_t', xc.shape, torch.float64, dev)
             torch.index_select(tb['T'], 0, idx.view(-1), out=t.view(-1))
             tot = t.sum(dim=-1, keepdim=True)
-            r = torch.add(tot, t, alpha=0.5, out=scratch('lis_r', xc.shape, torch.float64, dev))
-            r.div_(t).floor_().div_(0.75)                 # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
+            r = torch.div(tot, t, out=scratch('lis_r', xc.shape, torch.float64, dev))
+            r.round_().div_(0.75)                         # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
             r.view(torch.int64).bitwise_and_(0x7FF0000000000000)   # 2^code
             o = out[i:i + step]
             if want_codes:
