@@ -283,19 +283,22 @@ class LogSqrt2Quantizer(Quantizer):
     """RepQ-ViT log√2 quantizer for post-softmax probabilities.
 
     Δ is chosen at ``finalize`` from the pooled calibration samples: candidates are the p-quantiles
-    for p in ``percentiles`` plus the maximum, each capped at ``max_delta`` (1 for softmax inputs);
-    the candidate with the least MSE wins (ties → the earlier candidate). ``search=False`` uses the
-    capped maximum. Pooled samples are capped at ``max_samples`` (strided subsample of large
-    batches, oldest batches dropped first).
+    (as ``torch.quantile``) for p in ``percentiles`` (RepQ-ViT's candidates), plus the maximum
+    when ``max_candidate`` (our option, off by default), each capped at ``max_delta`` (1 for
+    softmax inputs, which their quantiles never exceed); the candidate with the least MSE wins
+    (ties → the earlier candidate). ``search=False`` uses the capped maximum. Pooled samples are
+    capped at ``max_samples`` (strided subsample of large batches, oldest batches dropped first).
     """
 
     PARAMS = ('delta',)
 
     def __init__(self, bits: int = 4, search: bool = True,
                  percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
-                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20):
+                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20,
+                 max_candidate: bool = False):
         super().__init__(bits)
         self.search = check_bool(self, 'search', search)
+        self.max_candidate = check_bool(self, 'max_candidate', max_candidate)
         if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) \
                 or not percentiles:
             raise TypeError(f'{type(self).__name__}: percentiles must be a non-empty sequence of '
@@ -344,7 +347,8 @@ class LogSqrt2Quantizer(Quantizer):
 
     def delta_candidates(self, flat: torch.Tensor):
         cands = [self._cap(float(v)) for v in quantiles(flat, self.percentiles)]
-        cands.append(self._cap(float(flat.max())))
+        if self.max_candidate:
+            cands.append(self._cap(float(flat.max())))
         return cands
 
     def finalize(self):
@@ -483,7 +487,8 @@ class LogIntSoftmax(Quantizer):
 
     Replaces ``softmax(logits, −1)`` followed by the probability quantizer. The module owns the
     8-bit per-tensor uniform quantizer of the attention logits (``logit_quant``, asymmetric, MinMax
-    observer by default). In 'quant' mode:
+    observer by default; ``include_zero=False`` keeps the observed logit range as FQ-ViT does).
+    In 'quant' mode:
 
     1. x_int = logit codes, minus the row maximum (the zero point cancels);
     2. i-exp (``int_exp_parts``): exp_j ∝ z_j·2^(n − q_j);
@@ -503,12 +508,13 @@ class LogIntSoftmax(Quantizer):
 
     PARAMS = ('scale', 'zero_point')
 
-    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None):
+    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None,
+                 include_zero: bool = True):
         super().__init__(bits)
         check_int(self, 'logit_bits', logit_bits, 2, 16)
         self.n = check_int(self, 'n', n, 1, 62)
         self.logit_quant = UniformQuantizer(bits=logit_bits, symmetric=False, ch_axis=None,
-                                            observer=logit_observer)
+                                            observer=logit_observer, include_zero=include_zero)
         self.logit_quant.qname = f'{self.qname}.logit_quant (attention logits)'
 
     def forward(self, x):

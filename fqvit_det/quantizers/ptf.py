@@ -4,7 +4,8 @@ runs them is ``fqvit_det.nn.modules.QuantLayerNorm``).
 PTF (for LayerNorm inputs, i.e. the residual stream, whose channels differ in range by orders of
 magnitude). With K power-of-two factors and b bits:
 
-* global range over all channels [min, max] (widened to contain 0, like ``UniformQuantizer``);
+* global range over all channels [min, max] (widened to contain 0 unless ``include_zero=False``,
+  FQ-ViT's choice);
 * Δ_b = (max − min) / (2^b − 1), one shared zero point z = clamp(−⌊min / Δ_b⌉, 0, 2^b − 1);
 * base scale Δ_1 = Δ_b / 2^K;
 * per channel c, α_c ∈ {0..K} minimises the channel's MSE on the last calibration batch with the
@@ -19,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from .base import (MIN_SCALE, Quantizer, broadcast_param, check_ch_axis, check_int, chunk_step,
-                   is_integral, needs_autograd, round_ste, scratch, single_threaded)
+from .base import (MIN_SCALE, Quantizer, broadcast_param, check_bool, check_ch_axis, check_int,
+                   chunk_step, is_integral, needs_autograd, round_ste, scratch, single_threaded)
 from .registry import build_observer, register_quantizer
 from .stats import check_round_robin, last_of, to_cpu, to_device
 from .uniform import UniformQuantizer, check_observer_cfg, fake_quant_chunked
@@ -36,12 +37,15 @@ class PTFQuantizer(Quantizer):
         num_factors: K, the largest power-of-two factor exponent (α ∈ {0..K}).
         observer: observer config; must be per-channel capable (MinMax, EMA, Percentile). It is
             built with ``ch_axis``; the global range is the min/max over its channel ranges.
+        include_zero: widen the global range to contain 0 (default). FQ-ViT: ``False``.
     """
 
     PARAMS = ('base_scale', 'zero_point', 'alpha')
 
-    def __init__(self, bits: int = 8, ch_axis: int = -1, num_factors: int = 3, observer=None):
+    def __init__(self, bits: int = 8, ch_axis: int = -1, num_factors: int = 3, observer=None,
+                 include_zero: bool = True):
         super().__init__(bits)
+        self.include_zero = check_bool(self, 'include_zero', include_zero)
         self.ch_axis = check_ch_axis(self, ch_axis, allow_none=False)
         self.num_factors = check_int(self, 'num_factors', num_factors, 0, 16)
         self.qmin, self.qmax = 0, 2 ** bits - 1
@@ -98,8 +102,9 @@ class PTFQuantizer(Quantizer):
             raise RuntimeError(f'{self.qname}: PTF needs the last calibration batch to choose its '
                                'power-of-two factors; it is not kept in a saved state, recalibrate')
         min_c, max_c = self.observer.compute_range()
-        gmin = torch.clamp(min_c.min(), max=0.0).float()
-        gmax = torch.clamp(max_c.max(), min=0.0).float()
+        gmin, gmax = min_c.min().float(), max_c.max().float()
+        if self.include_zero:
+            gmin, gmax = torch.clamp(gmin, max=0.0), torch.clamp(gmax, min=0.0)
         # Δ_b is clamped so that Δ_1 = Δ_b / 2^K never falls below MIN_SCALE (all-zero input).
         scale_b = ((gmax - gmin) / (self.qmax - self.qmin)).clamp(min=MIN_SCALE * 2 ** self.num_factors)
         zero_point = (self.qmin - torch.round(gmin / scale_b)).clamp(self.qmin, self.qmax)

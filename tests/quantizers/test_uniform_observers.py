@@ -455,3 +455,66 @@ def test_channel_count_change_raises():
     obs.update(torch.randn(2, 4, 3))
     with pytest.raises(ValueError):
         obs.update(torch.randn(2, 5, 3))
+
+
+# --- official range conventions ------------------------------------------------------------------
+def _calibrated_uniform(x, **kw):
+    q = UniformQuantizer(**kw)
+    q.set_mode('observe')
+    q(x)
+    q.finalize()
+    q.set_mode('quant')
+    return q
+
+
+def test_one_sided_range_repq_convention():
+    """RepQ-ViT: Δ = (max − min)/(2^b − 1), z = round(−min/Δ) unclamped, codes clamp(⌊x/Δ⌉ + z)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 50, generator=g) * 3 + 2          # one-sided: [2, 5]
+    q = _calibrated_uniform(x, bits=4, include_zero=False, clamp_zero_point=False)
+    mn, mx = x.min(), x.max()
+    delta = (mx - mn) / 15
+    zp = torch.round(-mn / delta)
+    assert torch.equal(q.scale, delta) and torch.equal(q.zero_point, zp)
+    assert float(zp) < 0                                 # outside the code range, kept
+    ref = (torch.clamp(torch.round(x / delta) + zp, 0, 15) - zp) * delta
+    assert torch.equal(q(x), ref)
+    assert float((q(x) - x).abs().max()) <= float(delta) / 2 * (1 + 1e-5)
+    # the default (widened to include 0) uses a step about (5/3)× as large here
+    wide = _calibrated_uniform(x, bits=4)
+    assert float(wide.scale) > 1.5 * float(delta) and float(wide.zero_point) == 0
+
+
+def test_fqvit_convention_keeps_range_and_clamps_zero_point():
+    """FQ-ViT MinMax: Δ = (max − min)/255, z = clamp(−round(min/Δ), 0, 255), range not widened."""
+    x = torch.linspace(1.0, 3.0, 100)
+    q = _calibrated_uniform(x, bits=8, include_zero=False)
+    delta = (x.max() - x.min()) / 255
+    assert torch.equal(q.scale, delta)
+    assert float(q.zero_point) == 0.0                   # −round(1/Δ) = −128 clamped to 0
+    # per channel, the zero point of each channel is clamped on its own
+    xc = torch.stack([torch.linspace(-1.0, 2.0, 50), torch.linspace(1.0, 3.0, 50)])
+    qc = _calibrated_uniform(xc, bits=8, ch_axis=0, include_zero=False)
+    d = (xc.amax(1) - xc.amin(1)) / 255
+    assert torch.equal(qc.scale, d)
+    assert torch.equal(qc.zero_point, torch.clamp(-torch.round(xc.amin(1) / d), 0, 255))
+
+
+def test_symmetric_half_range_divisor():
+    """FQ-ViT symmetric int8: Δ = max|w| / 127.5 (the largest positive weight clips by half a step)."""
+    w = torch.tensor([[-1.0, 0.5, 2.0], [0.25, -3.0, 1.0]])
+    q = _calibrated_uniform(w, bits=8, symmetric=True, ch_axis=0, symmetric_divisor='half_range')
+    assert torch.equal(q.scale, torch.tensor([2.0, 3.0]) / 127.5)
+    q2 = _calibrated_uniform(w, bits=8, symmetric=True, ch_axis=0)
+    assert torch.equal(q2.scale, torch.tensor([2.0, 3.0]) / 127)
+
+
+@pytest.mark.parametrize('ch_axis', [None, -1])
+def test_unclamped_zero_point_fast_path_bit_identical(ch_axis):
+    from fqvit_det.quantizers.uniform import fake_quant_uniform_reference
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, 8, generator=g) + 4
+    q = _calibrated_uniform(x, bits=4, ch_axis=ch_axis, include_zero=False,
+                            clamp_zero_point=False)
+    ref = fake_quant_uniform_reference(x, q.scale, q.zero_point, q.qmin, q.qmax, ch_axis)
+    assert torch.equal(q(x), ref)
