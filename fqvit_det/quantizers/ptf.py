@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
-                   round_ste, scratch, single_threaded)
+from .base import (MIN_SCALE, Quantizer, broadcast_param, check_ch_axis, check_int, chunk_step,
+                   is_integral, needs_autograd, round_ste, scratch, single_threaded)
 from .registry import build_observer, register_quantizer
-from .uniform import UniformQuantizer, fake_quant_chunked
+from .stats import check_round_robin, last_of, to_cpu, to_device
+from .uniform import UniformQuantizer, check_observer_cfg, fake_quant_chunked
 
 
 @register_quantizer()
@@ -38,16 +39,18 @@ class PTFQuantizer(Quantizer):
             built with ``ch_axis``; the global range is the min/max over its channel ranges.
     """
 
+    PARAMS = ('base_scale', 'zero_point', 'alpha')
+
     def __init__(self, bits: int = 8, ch_axis: int = -1, num_factors: int = 3, observer=None):
         super().__init__(bits)
-        if ch_axis is None:
-            raise ValueError('PTFQuantizer: ch_axis must be a channel axis, not None')
-        if not isinstance(num_factors, int) or num_factors < 0:
-            raise ValueError(f'PTFQuantizer: num_factors must be an int >= 0, got {num_factors!r}')
-        self.ch_axis = ch_axis
-        self.num_factors = num_factors
+        self.ch_axis = check_ch_axis(self, ch_axis, allow_none=False)
+        self.num_factors = check_int(self, 'num_factors', num_factors, 0, 16)
         self.qmin, self.qmax = 0, 2 ** bits - 1
-        self.observer = build_observer(observer or dict(type='MinMaxObserver'), ch_axis=ch_axis)
+        observer = check_observer_cfg(self, observer)
+        if observer['type'] not in ('MinMaxObserver', 'EMAObserver', 'PercentileObserver'):
+            raise ValueError(f'PTFQuantizer: observer must be MinMaxObserver, EMAObserver or '
+                             f'PercentileObserver (per-channel ranges), got {observer["type"]!r}')
+        self.observer = build_observer(observer, ch_axis=ch_axis)
         self.register_buffer('base_scale', torch.ones(()))
         self.register_buffer('zero_point', torch.zeros(()))
         self.register_buffer('alpha', torch.zeros((), dtype=torch.long))
@@ -58,6 +61,31 @@ class PTFQuantizer(Quantizer):
     def observe(self, x):
         self.observer.update(x)
         self._last = x.detach().float().clone()
+
+    @property
+    def num_observed(self) -> int:
+        return self.observer.num_batches
+
+    def reset_stats(self):
+        self.observer.reset_stats()
+        self._last = None
+
+    def calibration_stats(self):
+        """``{'num_batches', 'observer': the observer's statistics, 'last': the last batch}``."""
+        return {'num_batches': self.num_observed, 'observer': self.observer.stats(),
+                'last': to_cpu(self._last)}
+
+    def load_calibration_stats(self, stats):
+        self.observer.load_stats(stats['observer'], self.device)
+        self._last = to_device(stats['last'], self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        counts = [int(s['num_batches']) for s in per_rank]
+        total = check_round_robin(counts, self.qname)
+        r = last_of(counts)
+        return {'num_batches': total,
+                'observer': self.observer.merge_stats([s['observer'] for s in per_rank]),
+                'last': None if r is None else per_rank[r]['last']}
 
     def channel_error(self, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
         """Per-channel MSE of quantizing ``x`` with a scalar scale and zero point."""
@@ -77,15 +105,22 @@ class PTFQuantizer(Quantizer):
         scale_b = ((gmax - gmin) / (self.qmax - self.qmin)).clamp(min=MIN_SCALE * 2 ** self.num_factors)
         zero_point = (self.qmin - torch.round(gmin / scale_b)).clamp(self.qmin, self.qmax)
         base = scale_b / 2 ** self.num_factors
-        x = self._last
+        x = self._last.to(base.device)
         errs = torch.stack([self.channel_error(x, base * 2 ** a, zero_point)
                             for a in range(self.num_factors + 1)])
         alpha = errs.argmin(dim=0)  # ties -> the smallest factor (finest step)
-        self.base_scale = base.detach().clone()
-        self.zero_point = zero_point.detach().clone()
-        self.alpha = alpha.to(torch.long)
         self._last = None
-        self.mark_calibrated()
+        self.set_params(base_scale=base, zero_point=zero_point, alpha=alpha)
+
+    def set_params(self, base_scale=None, zero_point=None, alpha=None):
+        """Set Δ_1 (scalar), the shared zero point (scalar) and / or α ([C], ints in 0..K)."""
+        if alpha is not None:
+            alpha = torch.as_tensor(alpha).detach()
+            if alpha.is_floating_point() and not torch.equal(alpha, alpha.round()):
+                raise ValueError(f'{self.qname}: alpha must be integer-valued, got {alpha}')
+            if bool((alpha < 0).any()) or bool((alpha > self.num_factors).any()):
+                raise ValueError(f'{self.qname}: alpha must lie in [0, {self.num_factors}]')
+        self._assign_params({'base_scale': base_scale, 'zero_point': zero_point, 'alpha': alpha})
 
     # --- quantization -----------------------------------------------------------------------
     @property

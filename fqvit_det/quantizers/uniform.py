@@ -14,15 +14,33 @@ from typing import Optional
 
 import torch
 
-from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
-                   round_ste, single_threaded)
-from .registry import build_observer, register_quantizer
+from .base import (MIN_SCALE, Quantizer, broadcast_param, check_bool, check_ch_axis, chunk_step,
+                   is_integral, needs_autograd, round_ste, single_threaded)
+from .registry import OBSERVERS, build_observer, register_quantizer
 
 
 def integer_range(bits: int, signed: bool):
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
+
+
+def check_observer_cfg(owner, observer, default: str = 'MinMaxObserver') -> dict:
+    """An observer config: ``None`` (the default), a registered name or a dict with ``type``."""
+    who = type(owner).__name__
+    if observer is None:
+        return dict(type=default)
+    if isinstance(observer, str):
+        observer = dict(type=observer)
+    if not isinstance(observer, dict):
+        raise TypeError(f'{who}: observer must be a registered observer name or a dict with a '
+                        f'"type" key, got {observer!r} ({type(observer).__name__})')
+    if observer.get('type') not in OBSERVERS:
+        raise ValueError(f'{who}: observer type {observer.get("type")!r} is not registered; '
+                         f'expected one of {sorted(OBSERVERS)}')
+    if 'ch_axis' in observer:
+        raise ValueError(f'{who}: observer.ch_axis is set by the quantizer (its ch_axis); remove it')
+    return observer
 
 
 def scale_zero_point(min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool,
@@ -134,23 +152,46 @@ class UniformQuantizer(Quantizer):
         signed: signed integer codes; defaults to ``symmetric``.
         ch_axis: ``None`` for per-tensor, else the channel axis (per-channel / per-head: for
             attention tensors shaped (B, heads, N, d), ``ch_axis=1`` is per-head).
-        observer: observer config (``dict(type='MinMaxObserver')`` etc.).
+        observer: observer config (``dict(type='MinMaxObserver')`` etc., or a registered name).
+
+    Parameters (``get_params``): ``scale`` and ``zero_point`` (float32, scalar or [C]).
+    Calibration statistics: the observer's (see ``observers.py``).
     """
+
+    PARAMS = ('scale', 'zero_point')
 
     def __init__(self, bits: int = 8, symmetric: bool = False, signed: Optional[bool] = None,
                  ch_axis: Optional[int] = None, observer=None):
         super().__init__(bits)
-        self.symmetric = symmetric
-        self.signed = symmetric if signed is None else signed
-        self.ch_axis = ch_axis
+        self.symmetric = check_bool(self, 'symmetric', symmetric)
+        self.signed = symmetric if signed is None else check_bool(self, 'signed', signed)
+        self.ch_axis = check_ch_axis(self, ch_axis)
         self.qmin, self.qmax = integer_range(bits, self.signed)
-        self.observer = build_observer(observer or dict(type='MinMaxObserver'), ch_axis=ch_axis)
+        self.observer = build_observer(check_observer_cfg(self, observer), ch_axis=ch_axis)
         self.register_buffer('scale', torch.ones(()))
         self.register_buffer('zero_point', torch.zeros(()))
 
     def observe(self, x):
         self.observer.update(x)
 
+    # --- calibration statistics -----------------------------------------------------------------
+    @property
+    def num_observed(self) -> int:
+        return self.observer.num_batches
+
+    def reset_stats(self):
+        self.observer.reset_stats()
+
+    def calibration_stats(self):
+        return self.observer.stats()
+
+    def load_calibration_stats(self, stats):
+        self.observer.load_stats(stats, self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        return self.observer.merge_stats(per_rank)
+
+    # --- parameters -----------------------------------------------------------------------------
     def params_for_range(self, min_val, max_val):
         return scale_zero_point(min_val, max_val, self.bits, self.symmetric, self.signed)
 
@@ -169,16 +210,19 @@ class UniformQuantizer(Quantizer):
 
     def set_range(self, min_val, max_val):
         scale, zp = self.params_for_range(min_val, max_val)
-        self.scale = scale.detach().clone()
-        self.zero_point = zp.detach().clone()
-        self.mark_calibrated()
+        self.set_params(scale=scale, zero_point=zp)
 
-    def set_params(self, scale, zero_point):
-        """Set Δ and z directly (used by searches and reparameterizations)."""
-        scale = torch.as_tensor(scale, dtype=torch.float32)
-        self.scale = scale.clamp(min=MIN_SCALE).detach().clone()
-        self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).expand_as(scale).clone()
-        self.mark_calibrated()
+    def set_params(self, scale=None, zero_point=None):
+        """Set Δ (clamped to ``MIN_SCALE``) and / or z (float32; a scalar z broadcasts to Δ's
+        shape)."""
+        if scale is not None:
+            scale = torch.as_tensor(scale, dtype=torch.float32).detach().clamp(min=MIN_SCALE)
+        if zero_point is not None:
+            zero_point = torch.as_tensor(zero_point, dtype=torch.float32).detach()
+            shape = scale.shape if scale is not None else self.scale.shape
+            if zero_point.numel() == 1:
+                zero_point = zero_point.reshape(()).expand(shape)
+        self._assign_params({'scale': scale, 'zero_point': zero_point})
 
     def quantize(self, x):
         s = broadcast_param(self.scale, x, self.ch_axis)
