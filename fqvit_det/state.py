@@ -60,7 +60,7 @@ def content_hash(tensors: Dict[str, torch.Tensor], recipe_json: str, reparam_jso
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(f'{key}|{t.dtype}|{tuple(t.shape)}|'.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     h.update(recipe_json.encode())
     h.update(reparam_json.encode())
     return h.hexdigest()

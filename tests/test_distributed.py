@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from fqvit_det.calibration import CalibrationRunner, shard_batches
 from fqvit_det.convert import quantize_model
-from fqvit_det.presets import make_spec
+from fqvit_det.presets import GELU_MIN, make_spec
 from fqvit_det.state import quant_state_dict
 
 from .helpers import images, tiny_vit
@@ -25,13 +25,18 @@ ROLE_MIX = dict(attn_probs=dict(type='AdaLogQuantizer', bits=4),
                 fc2_input=dict(type='TwinUniformGeluQuantizer', bits=6),
                 ln_output=dict(type='UniformQuantizer', bits=6, ch_axis=-1,
                                observer=dict(type='PercentileSearchObserver')))
+# Small AdaLog pools: keeps the quantizers' own grid search fast and makes the pools drop their
+# oldest batches, which the merge must reproduce in global order.
+ADALOG_POOLS = dict(attn_probs=dict(type='AdaLogQuantizer', bits=4, max_samples=2048),
+                    fc2_input=dict(type='AdaLogQuantizer', bits=4, shift=GELU_MIN, max_samples=2048))
 PRESETS = {
     **{f'fqvit_ptf_lis_{obs}': dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4, observer=obs,
                                     ptf=True, lis=True)
        for obs in ('minmax', 'ema', 'percentile', 'omse')},
     'ptq4vit_hessian': dict(method='ptq4vit', w_bits=6, a_bits=6, search_cfg=FAST_SEARCH),
     'repq': dict(method='repq', w_bits=4, a_bits=4),
-    'adalog_fpcs': dict(method='adalog', w_bits=4, a_bits=4, search_cfg=FAST_SEARCH),
+    'adalog_fpcs': dict(method='adalog', w_bits=4, a_bits=4, search_cfg=FAST_SEARCH,
+                        roles=ADALOG_POOLS),
     'role_mix': dict(method='fqvit', w_bits=6, a_bits=6, attn_bits=4, observer='ema', ptf=True,
                      roles=ROLE_MIX),
 }
