@@ -135,10 +135,11 @@ class CalibrationRunner:
             self.reparameterize()
             self.timings['reparam'] = time.time() - t1
         if self.spec.search:
-            from .search_runner import run_layer_search
+            from .search import run_search
             t1 = time.time()
             set_quant_mode(self.model, 'quant')
-            run_layer_search(self.model, self.spec, batches, self.forward_fn, progress=self.progress)
+            self.search_report = run_search(self.model, self.spec, batches, self.forward_fn,
+                                            progress=self.progress)
             self.timings['search'] = time.time() - t1
         set_quant_mode(self.model, 'quant')
         self.timings['total'] = time.time() - t0
