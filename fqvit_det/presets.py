@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from .quantizers import QUANTIZERS, build_quantizer
+from .search.config import resolve_search_cfg
 
 ROLES = {
     'weight': 'weights of the transformer Linears (qkv, proj, fc1, fc2, patch-merging reduction)',
@@ -172,7 +173,7 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
                 raise ValueError(f'quant_cfg.roles.{role}: {err}') from err
         table[role] = cfg
     resolved = dict(METHOD_DEFAULTS[method])
-    search_cfg = options.pop('search_cfg', {}) or {}
+    search_cfg = options.pop('search_cfg', None)
     for key, value in options.items():
         if key not in resolved:
             raise ValueError(f'quant_cfg.{key}: unknown option; expected one of '
@@ -182,5 +183,6 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
         raise ValueError(f'quant_cfg.search must be one of {SEARCHES}, got {resolved["search"]!r}')
     if not isinstance(resolved['calib_images'], int) or resolved['calib_images'] < 1:
         raise ValueError(f'quant_cfg.calib_images must be a positive int, got {resolved["calib_images"]!r}')
+    search_cfg = resolve_search_cfg(method, resolved['search'], search_cfg)
     return QuantSpec(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=attn_bits, roles=table,
-                     search_cfg=dict(search_cfg), **resolved)
+                     search_cfg=search_cfg, **resolved)

@@ -59,15 +59,6 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device('cpu')
 
 
-def run_search(model, spec, batches, forward_fn, progress=True) -> dict:
-    """The layer search (``fqvit_det.search.run_search``), imported only when a recipe needs it."""
-    try:
-        from ..search import run_search as search
-    except ImportError:  # before the search package: the previous module, same contract
-        from ..search_runner import run_layer_search as search
-    return search(model, spec, batches, forward_fn, progress=progress)
-
-
 class _Progress:
     """tqdm bar over this rank's calibration images (a log line at the end either way)."""
 
@@ -113,6 +104,7 @@ class CalibrationRunner:
         self.progress = progress
         self.logger = get_logger()
         self.timings = {}
+        self.search_report = None  # the layer search's report (rank 0; None elsewhere)
 
     def _forward(self, batch):
         return self.forward_fn(self.model, move_to(batch, model_device(self.model)))
@@ -171,6 +163,7 @@ class CalibrationRunner:
             return None
         set_quant_mode(self.model, 'quant')
         device = model_device(self.model)
+        from ..search import run_search  # imported only when a recipe searches
         return run_search(self.model, self.spec, [move_to(b, device) for b in all_batches],
                           self.forward_fn, progress=self.progress)
 
@@ -199,9 +192,9 @@ class CalibrationRunner:
             self.timings['reparam'] = time.time() - t1
         if self.spec.search:
             t1 = time.time()
-            report = self.search(batches)
-            if report is not None:
-                result['search'] = report
+            self.search_report = self.search(batches)
+            if self.search_report is not None:
+                result['search'] = self.search_report
             self.timings['search'] = time.time() - t1
         t1 = time.time()
         distributed.broadcast_calibration(self.model)
