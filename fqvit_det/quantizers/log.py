@@ -24,10 +24,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import (MIN_SCALE, Quantizer, check_finite, chunk_step, is_integral, scratch,
-                   single_threaded)
-from .observers import quantile_kth
+from .base import (MIN_SCALE, Quantizer, check_bool, check_finite, check_float, check_int,
+                   chunk_step, is_integral, scratch, single_threaded)
+from .observers import quantiles
 from .registry import register_quantizer
+from .stats import BatchPool, check_round_robin, to_cpu, to_device
 from .uniform import UniformQuantizer
 
 ZERO_CODE = -1
@@ -52,17 +53,23 @@ def finish_log_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
     return c.to(CODE_DTYPE)
 
 
-def sample_pool_append(pool: list, x: torch.Tensor, max_samples: int) -> None:
-    """Keep at most ``max_samples`` flattened float samples (a strided subsample of a large batch;
-    the oldest batches are dropped first). Used by the searches at ``finalize``."""
+def subsample(x: torch.Tensor, max_samples: int) -> torch.Tensor:
+    """``x`` flattened to float, strided down to at most ``max_samples`` values (a copy)."""
     flat = x.detach().reshape(-1).float()
     if flat.numel() > max_samples:
         stride = -(-flat.numel() // max_samples)
         flat = flat[::stride]
-    pool.append(flat.clone())
-    total = sum(p.numel() for p in pool)
-    while len(pool) > 1 and total - pool[0].numel() >= max_samples:
-        total -= pool.pop(0).numel()
+    return flat.clone()
+
+
+def merge_max_stats(per_rank, who: str) -> dict:
+    """Merge ``{'num_batches', 'max'}`` statistics (the maximum is exact in any order)."""
+    total = check_round_robin([s['num_batches'] for s in per_rank], who)
+    maxs = [s['max'] for s in per_rank if s['max'] is not None]
+    m = None
+    for v in maxs:
+        m = v.clone() if m is None else torch.maximum(m, v)
+    return {'num_batches': total, 'max': m}
 
 
 def pooled_samples(pool: list, max_samples: int) -> torch.Tensor:
@@ -213,33 +220,53 @@ class Log2Quantizer(Quantizer):
             maximum is ≤ 0), so Δ itself stays a shift.
     """
 
+    PARAMS = ('delta',)
+
     def __init__(self, bits: int = 4, delta: Optional[float] = 1.0):
         super().__init__(bits)
+        if delta is not None:
+            check_float(self, 'delta', delta, 0.0, None, lo_open=True)
         self.fixed_delta = delta is not None
         self.register_buffer('delta', torch.tensor(float(delta) if delta is not None else 1.0))
-        self.register_buffer('max_val', torch.tensor(float('-inf')))
-        self.register_buffer('num_batches', torch.tensor(0))
+        self.reset_stats()
 
     def observe(self, x):
-        self.max_val = torch.maximum(self.max_val, x.detach().max().float())
-        self.num_batches += 1
+        m = x.detach().max().float()
+        self._max = m if self._max is None else torch.maximum(self._max, m)
+        self._num_batches += 1
 
-    def reset(self):
-        super().reset()
-        self.max_val.fill_(float('-inf'))
-        self.num_batches.zero_()
+    def reset_stats(self):
+        self._max = None
+        self._num_batches = 0
+
+    @property
+    def num_observed(self) -> int:
+        return self._num_batches
+
+    def calibration_stats(self):
+        """``{'num_batches', 'max': the running maximum (None before data)}``."""
+        return {'num_batches': self._num_batches, 'max': to_cpu(self._max)}
+
+    def load_calibration_stats(self, stats):
+        self._num_batches = int(stats['num_batches'])
+        self._max = to_device(stats['max'], self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        return merge_max_stats(per_rank, self.qname)
 
     def finalize(self):
         if not self.fixed_delta:
-            if int(self.num_batches) == 0:
+            if self._num_batches == 0:
                 raise RuntimeError(f'{self.qname}: no calibration data was observed')
-            m = float(self.max_val)
+            m = float(self._max)
             self.delta.fill_(2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0)
         self.mark_calibrated()
 
-    def set_params(self, delta):
-        self.delta = torch.as_tensor(float(delta), dtype=torch.float32).clamp(min=MIN_SCALE).clone()
-        self.mark_calibrated()
+    def set_params(self, delta=None):
+        """Set Δ (clamped to ``MIN_SCALE``)."""
+        if delta is not None:
+            delta = torch.as_tensor(delta, dtype=torch.float32).detach().clamp(min=MIN_SCALE)
+        self._assign_params({'delta': delta})
 
     def quantize(self, x):
         return log2_quantize(x, self.delta, self.bits)
@@ -256,36 +283,62 @@ class LogSqrt2Quantizer(Quantizer):
     """RepQ-ViT log√2 quantizer for post-softmax probabilities.
 
     Δ is chosen at ``finalize`` from the pooled calibration samples: candidates are the p-quantiles
-    for p in ``percentiles`` plus the maximum, each capped at ``max_delta`` (1 for softmax inputs);
-    the candidate with the least MSE wins (ties → the earlier candidate). ``search=False`` uses the
-    capped maximum. Pooled samples are capped at ``max_samples`` (strided subsample of large
-    batches, oldest batches dropped first).
+    (as ``torch.quantile``) for p in ``percentiles`` (RepQ-ViT's candidates), plus the maximum
+    when ``max_candidate`` (our option, off by default), each capped at ``max_delta`` (1 for
+    softmax inputs, which their quantiles never exceed); the candidate with the least MSE wins
+    (ties → the earlier candidate). ``search=False`` uses the capped maximum. Pooled samples are
+    capped at ``max_samples`` (strided subsample of large batches, oldest batches dropped first).
     """
+
+    PARAMS = ('delta',)
 
     def __init__(self, bits: int = 4, search: bool = True,
                  percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
-                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20):
+                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20,
+                 max_candidate: bool = False):
         super().__init__(bits)
-        self.search = search
-        self.percentiles = tuple(percentiles)
+        self.search = check_bool(self, 'search', search)
+        self.max_candidate = check_bool(self, 'max_candidate', max_candidate)
+        if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) \
+                or not percentiles:
+            raise TypeError(f'{type(self).__name__}: percentiles must be a non-empty sequence of '
+                            f'numbers in (0.5, 1), got {percentiles!r}')
+        self.percentiles = tuple(check_float(self, 'percentiles', p, 0.5, 1.0, True, True)
+                                 for p in percentiles)
+        if max_delta is not None:
+            check_float(self, 'max_delta', max_delta, 0.0, None, lo_open=True)
         self.max_delta = max_delta
-        self.max_samples = int(max_samples)
+        self.max_samples = check_int(self, 'max_samples', max_samples, 1)
         self.register_buffer('delta', torch.tensor(1.0))
-        self.register_buffer('max_val', torch.tensor(float('-inf')))
-        self.register_buffer('num_batches', torch.tensor(0))
-        self._pool = []
+        self._pool = BatchPool(self.max_samples)
+        self.reset_stats()
 
     def observe(self, x):
-        self.max_val = torch.maximum(self.max_val, x.detach().max().float())
-        self.num_batches += 1
-        if self.search:
-            sample_pool_append(self._pool, x, self.max_samples)
+        m = x.detach().max().float()
+        self._max = m if self._max is None else torch.maximum(self._max, m)
+        self._pool.append(subsample(x, self.max_samples) if self.search
+                          else x.new_zeros(0, dtype=torch.float32))
 
-    def reset(self):
-        super().reset()
-        self.max_val.fill_(float('-inf'))
-        self.num_batches.zero_()
-        self._pool = []
+    def reset_stats(self):
+        self._max = None
+        self._pool.reset()
+
+    @property
+    def num_observed(self) -> int:
+        return self._pool.num_batches
+
+    def calibration_stats(self):
+        """``{'num_batches', 'max', 'pool': the kept per-batch samples, oldest first}``."""
+        return {**self._pool.stats(), 'max': to_cpu(self._max)}
+
+    def load_calibration_stats(self, stats):
+        self._pool.load(stats, self.device)
+        self._max = to_device(stats['max'], self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        merged = self._pool.merge(per_rank, self.qname)
+        merged['max'] = merge_max_stats(per_rank, self.qname)['max']
+        return merged
 
     def _cap(self, d: float) -> float:
         if self.max_delta is not None:
@@ -293,27 +346,33 @@ class LogSqrt2Quantizer(Quantizer):
         return max(d, MIN_SCALE)
 
     def delta_candidates(self, flat: torch.Tensor):
-        cands = [self._cap(float(quantile_kth(flat, p))) for p in self.percentiles]
-        cands.append(self._cap(float(flat.max())))
+        cands = [self._cap(float(v)) for v in quantiles(flat, self.percentiles)]
+        if self.max_candidate:
+            cands.append(self._cap(float(flat.max())))
         return cands
 
     def finalize(self):
-        if int(self.num_batches) == 0:
+        if self._pool.num_batches == 0:
             raise RuntimeError(f'{self.qname}: no calibration data was observed')
-        if not self.search or not self._pool:
-            self.delta.fill_(self._cap(float(self.max_val)))
+        if not self.search:
+            self.delta.fill_(self._cap(float(self._max)))
         else:
-            flat = pooled_samples(self._pool, self.max_samples)
+            if not self._pool.items:
+                raise RuntimeError(f'{self.qname}: the pooled samples were already released by '
+                                   'finalize(); observe again')
+            flat = pooled_samples(self._pool.items, self.max_samples)
             cands = self.delta_candidates(flat)
             deltas = torch.tensor(cands, dtype=torch.float32, device=flat.device).unsqueeze(1)
             err = ((log_sqrt2_fake_quant(flat.unsqueeze(0), deltas, self.bits) - flat) ** 2).mean(1)
             self.delta.fill_(cands[int(torch.argmin(err))])
-            self._pool = []
+            self._pool.items = []
         self.mark_calibrated()
 
-    def set_params(self, delta):
-        self.delta = torch.as_tensor(float(delta), dtype=torch.float32).clamp(min=MIN_SCALE).clone()
-        self.mark_calibrated()
+    def set_params(self, delta=None):
+        """Set Δ (clamped to ``MIN_SCALE``)."""
+        if delta is not None:
+            delta = torch.as_tensor(delta, dtype=torch.float32).detach().clamp(min=MIN_SCALE)
+        self._assign_params({'delta': delta})
 
     def quantize(self, x):
         return log_sqrt2_quantize(x, self.delta, self.bits)
@@ -414,8 +473,12 @@ def log2_round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def int_ratio_round(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """⌊num/den⌉ (half up) for int64 num ≥ 0, den > 0: ⌊(2·num + den) / (2·den)⌋."""
-    return torch.div(2 * num + den, 2 * den, rounding_mode='floor')
+    """⌊num/den⌉ for int64 num ≥ 0, den > 0, ties to even (FQ-ViT rounds the ratio with
+    ``torch.round``)."""
+    q = torch.div(num, den, rounding_mode='floor')
+    twice_rem = 2 * (num - q * den)
+    up = (twice_rem > den) | ((twice_rem == den) & (torch.remainder(q, 2) == 1))
+    return q + up.to(q.dtype)
 
 
 @register_quantizer()
@@ -424,11 +487,12 @@ class LogIntSoftmax(Quantizer):
 
     Replaces ``softmax(logits, −1)`` followed by the probability quantizer. The module owns the
     8-bit per-tensor uniform quantizer of the attention logits (``logit_quant``, asymmetric, MinMax
-    observer by default). In 'quant' mode:
+    observer by default; ``include_zero=False`` keeps the observed logit range as FQ-ViT does).
+    In 'quant' mode:
 
     1. x_int = logit codes, minus the row maximum (the zero point cancels);
     2. i-exp (``int_exp_parts``): exp_j ∝ z_j·2^(n − q_j);
-    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, half up);
+    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, ties to even as FQ-ViT's ``torch.round``);
     4. code_i = round-half-up(log2 R_i) in integers, clamp to [0, 2^b − 1]; codes ≥ 2^b (and
        exp_i = 0) → ``ZERO_CODE``; dequant 2^−code.
 
@@ -442,11 +506,15 @@ class LogIntSoftmax(Quantizer):
 
     replaces_softmax = True   # consumes the attention logits; the converter drops the logits role
 
-    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None):
+    PARAMS = ('scale', 'zero_point')
+
+    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None,
+                 include_zero: bool = True):
         super().__init__(bits)
-        self.n = n
+        check_int(self, 'logit_bits', logit_bits, 2, 16)
+        self.n = check_int(self, 'n', n, 1, 62)
         self.logit_quant = UniformQuantizer(bits=logit_bits, symmetric=False, ch_axis=None,
-                                            observer=logit_observer)
+                                            observer=logit_observer, include_zero=include_zero)
         self.logit_quant.qname = f'{self.qname}.logit_quant (attention logits)'
 
     def forward(self, x):
@@ -466,7 +534,37 @@ class LogIntSoftmax(Quantizer):
 
     def finalize(self):
         self.logit_quant.finalize()
+        self.params_changed()
         self.mark_calibrated()
+
+    # statistics and parameters are those of the logit quantizer
+    @property
+    def num_observed(self) -> int:
+        return self.logit_quant.num_observed
+
+    def reset_stats(self):
+        self.logit_quant.reset_stats()
+
+    def calibration_stats(self):
+        return self.logit_quant.calibration_stats()
+
+    def load_calibration_stats(self, stats):
+        self.logit_quant.load_calibration_stats(stats)
+
+    def merge_calibration_stats(self, per_rank):
+        return self.logit_quant.merge_calibration_stats(per_rank)
+
+    def get_params(self):
+        """The logit quantizer's ``scale`` and ``zero_point``."""
+        return self.logit_quant.get_params()
+
+    def set_params(self, scale=None, zero_point=None):
+        self.logit_quant.set_params(scale=scale, zero_point=zero_point)
+        self.params_changed()
+        self.mark_calibrated()
+
+    def params_changed(self):
+        self._fast_cache = None
 
     @property
     def logit_scale(self) -> float:
@@ -519,11 +617,12 @@ class LogIntSoftmax(Quantizer):
     # With b_l-bit logits, a row-max-subtracted logit d = max − x_int takes only 2^b_l values, so
     # the i-exp is a table: T[d] = z(d)·2^(Q − q(d)) with Q the largest q in the table. A row's
     # exps of ``exp_ratios`` are e_j = T[d_j] / 2^(Q − q_ref) exactly (q_ref ≤ Q), and the ratio
-    # R_i = ⌊(2·Σe + e_i) / (2·e_i)⌋ is unchanged by that common power of two, so
-    # R_i = ⌊(Σ_j T_j + T_i/2) / T_i⌋. While (2·N + 1)·max T < 2^53 every sum is an exact float64
-    # integer, no headroom shift k is needed (max e·N < 2^61), and the float64 quotient's floor
-    # is exact (the quotient is > 1/(2T) away from any integer it is not equal to, more than its
-    # rounding error). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
+    # R_i = ⌊Σe / e_i⌉ is unchanged by that common power of two, so R_i = ⌊Σ_j T_j / T_i⌉.
+    # While (2·N + 1)·max T < 2^53 every sum is an exact float64 integer, no headroom shift k is
+    # needed (max e·N < 2^61), and torch.round (ties to even) of the float64 quotient is the
+    # exact rounding: the exact quotient is a multiple of 1/T, so unless it is itself a tie
+    # (then the division is exact) it is ≥ 1/(2T) away from every tie k + 1/2, more than the
+    # quotient's rounding error (Σ < 2^52). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
     # 6, 12, …), i.e. 2^−code = 1 / (largest power of two ≤ R / 0.75); R/0.75 is compared with
     # powers of two only at integer R, so its rounding cannot cross one. T = 0 gives R = inf →
     # 2^−code = 0, the zero code, as do codes ≥ 2^b.
@@ -580,8 +679,8 @@ class LogIntSoftmax(Quantizer):
             t = scratch('lis_t', xc.shape, torch.float64, dev)
             torch.index_select(tb['T'], 0, idx.view(-1), out=t.view(-1))
             tot = t.sum(dim=-1, keepdim=True)
-            r = torch.add(tot, t, alpha=0.5, out=scratch('lis_r', xc.shape, torch.float64, dev))
-            r.div_(t).floor_().div_(0.75)                 # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
+            r = torch.div(tot, t, out=scratch('lis_r', xc.shape, torch.float64, dev))
+            r.round_().div_(0.75)                         # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
             r.view(torch.int64).bitwise_and_(0x7FF0000000000000)   # 2^code
             o = out[i:i + step]
             if want_codes:
