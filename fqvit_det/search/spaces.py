@@ -9,7 +9,8 @@ rounds exactly as the quantizer's ``fake_quant`` at inference (bit-identical val
 ``apply(p)`` sets the first candidate with ``set_params``.
 
 * ``UniformSpace``: candidate α maps to the range [α·min₀, α·max₀] of the range calibrated before
-  the search (min/max recovered from scale and zero point) through ``scale_zero_point``;
+  the search (min/max recovered from scale and zero point) through the quantizer's own
+  ``params_for_range`` (its range conventions: include_zero, clamp_zero_point);
   symmetric: Δ = α·Δ₀. Per-channel (weights, ``ch_axis=0``) and per-head (q / k / v) parameters
   get one α per channel when ``per_channel``.
 * ``ExpSpace``: PTQ4ViT twin uniform: the split exponent (softmax, 0 … 19) or the post-GELU
@@ -26,27 +27,10 @@ from ..quantizers.adalog import AdaLogQuantizer, adalog_fake_quant, adalog_fake_
 from ..quantizers.base import MIN_SCALE
 from ..quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
                                twin_gelu_fake_quant_fast, twin_softmax_fake_quant_fast)
-from ..quantizers.uniform import UniformQuantizer, fake_quant_uniform, scale_zero_point
+from ..quantizers.uniform import UniformQuantizer, fake_quant_uniform
 
 SEARCHABLE = (UniformQuantizer, TwinUniformSoftmaxQuantizer, TwinUniformGeluQuantizer,
               AdaLogQuantizer)
-
-
-def get_params(q) -> dict:  # TEMP until core's Quantizer.get_params is merged
-    if hasattr(q, 'get_params'):
-        return q.get_params()
-    names = {UniformQuantizer: ('scale', 'zero_point'), TwinUniformSoftmaxQuantizer: ('split_exp',),
-             TwinUniformGeluQuantizer: ('pos_exp',), AdaLogQuantizer: ('delta', 'q', 'lut')}
-    for cls, ns in names.items():
-        if isinstance(q, cls):
-            return {n: getattr(q, n).detach().clone() for n in ns}
-    raise TypeError(type(q))
-
-
-def set_params(quantizer, /, **kw):  # TEMP until core's Quantizer.set_params(**params) is merged
-    if isinstance(quantizer, TwinUniformGeluQuantizer) and 'pos_exp' in kw:
-        kw = dict(m=kw['pos_exp'])
-    quantizer.set_params(**kw)
 
 
 def active(q) -> bool:
@@ -93,7 +77,7 @@ class Space:
         self.q, self.ndim, self.axis, self.repeat = q, ndim, axis, repeat
 
     def current(self):
-        params = get_params(self.q)
+        params = self.q.get_params()
         return tuple(params[k][None].clone() for k in self.names)
 
     def fq(self, x: torch.Tensor, p) -> torch.Tensor:
@@ -101,7 +85,7 @@ class Space:
         raise NotImplementedError
 
     def apply(self, p) -> None:
-        set_params(self.q, **{k: t[0] for k, t in zip(self.names, p)})
+        self.q.set_params(**{k: t[0] for k, t in zip(self.names, p)})
 
     def apply_current(self, x):
         return self.fq(x, self.current())[0]
@@ -112,7 +96,7 @@ class UniformSpace(Space):
     names = ('scale', 'zero_point')
 
     def __init__(self, q: UniformQuantizer, ndim, axis=None, repeat=1, per_channel=False):
-        params = get_params(q)
+        params = q.get_params()
         self.s0 = params['scale'].float()
         z0 = params['zero_point'].float()
         super().__init__(q, ndim, axis if self.s0.dim() == 1 else None, repeat)
@@ -133,7 +117,7 @@ class UniformSpace(Space):
             s = (a * self.s0).clamp(min=MIN_SCALE)
             z = torch.zeros_like(s)
         else:
-            s, z = scale_zero_point(a * self.min0, a * self.max0, q.bits, False, q.signed)
+            s, z = q.params_for_range(a * self.min0, a * self.max0)
         shape = (n, *self.s0.shape)
         return s.expand(shape).contiguous(), z.expand(shape).contiguous()
 
@@ -183,7 +167,7 @@ class AdaLogSpace(Space):
         super().__init__(q, ndim)
         self.two_d = q.searches_delta
         # Δ grid scale: callers set max(x + η) of the search data
-        self.top = max(float(get_params(q)['delta']), MIN_SCALE)
+        self.top = max(float(q.get_params()['delta']), MIN_SCALE)
 
     def current(self):
         delta, qq = super().current()
@@ -192,13 +176,12 @@ class AdaLogSpace(Space):
     def fq(self, x, p):
         """The quantizer's no-grad kernel, once per (Δ, q) candidate."""
         q, x = self.q, x.float().contiguous()
-        lut = get_params(q).get('lut')
         delta = p[0].to(device=x.device, dtype=torch.float32)
         out = torch.empty((delta.shape[0], *x.shape), dtype=torch.float32, device=x.device)
         for i, qi in enumerate(p[1].tolist()):
             d = delta[i].reshape(())
-            o = adalog_fake_quant_chunked(x, d, qi, q.bits, q.r, q.shift, True, lut)
-            out[i] = o if o is not None else adalog_fake_quant(x, d, qi, q.bits, q.r, q.shift, True, lut)
+            o = adalog_fake_quant_chunked(x, d, qi, q.bits, q.r, q.shift, True)
+            out[i] = o if o is not None else adalog_fake_quant(x, d, qi, q.bits, q.r, q.shift, True)
         return out
 
 
@@ -218,7 +201,7 @@ def weight_space(mod):
     wq = mod.w_quantizer
     if not (active(wq) and isinstance(wq, UniformQuantizer)):
         return None
-    scale = get_params(wq)["scale"]
+    scale = wq.get_params()["scale"]
     if wq.ch_axis is not None and scale.dim() == 1 and scale.numel() > 1:
         if wq.ch_axis % mod.weight.dim() != 0 or scale.numel() != mod.weight.shape[0]:
             return None
@@ -227,11 +210,9 @@ def weight_space(mod):
 
 
 def summarize_params(q) -> dict:
-    """Report form of ``get_params(q)``: scalars as numbers, tensors as min / mean / max."""
+    """Report form of ``q.get_params()``: scalars as numbers, tensors as min / mean / max."""
     out = {}
-    for k, t in get_params(q).items():
-        if k == 'lut':
-            continue
+    for k, t in q.get_params().items():
         t = t.detach().cpu()
         if t.numel() == 1:
             out[k] = t.item()
