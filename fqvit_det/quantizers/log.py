@@ -283,19 +283,22 @@ class LogSqrt2Quantizer(Quantizer):
     """RepQ-ViT log√2 quantizer for post-softmax probabilities.
 
     Δ is chosen at ``finalize`` from the pooled calibration samples: candidates are the p-quantiles
-    for p in ``percentiles`` plus the maximum, each capped at ``max_delta`` (1 for softmax inputs);
-    the candidate with the least MSE wins (ties → the earlier candidate). ``search=False`` uses the
-    capped maximum. Pooled samples are capped at ``max_samples`` (strided subsample of large
-    batches, oldest batches dropped first).
+    (as ``torch.quantile``) for p in ``percentiles`` (RepQ-ViT's candidates), plus the maximum
+    when ``max_candidate`` (our option, off by default), each capped at ``max_delta`` (1 for
+    softmax inputs, which their quantiles never exceed); the candidate with the least MSE wins
+    (ties → the earlier candidate). ``search=False`` uses the capped maximum. Pooled samples are
+    capped at ``max_samples`` (strided subsample of large batches, oldest batches dropped first).
     """
 
     PARAMS = ('delta',)
 
     def __init__(self, bits: int = 4, search: bool = True,
                  percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
-                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20):
+                 max_delta: Optional[float] = 1.0, max_samples: int = 2 ** 20,
+                 max_candidate: bool = False):
         super().__init__(bits)
         self.search = check_bool(self, 'search', search)
+        self.max_candidate = check_bool(self, 'max_candidate', max_candidate)
         if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) \
                 or not percentiles:
             raise TypeError(f'{type(self).__name__}: percentiles must be a non-empty sequence of '
@@ -344,7 +347,8 @@ class LogSqrt2Quantizer(Quantizer):
 
     def delta_candidates(self, flat: torch.Tensor):
         cands = [self._cap(float(v)) for v in quantiles(flat, self.percentiles)]
-        cands.append(self._cap(float(flat.max())))
+        if self.max_candidate:
+            cands.append(self._cap(float(flat.max())))
         return cands
 
     def finalize(self):
@@ -469,8 +473,12 @@ def log2_round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def int_ratio_round(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """⌊num/den⌉ (half up) for int64 num ≥ 0, den > 0: ⌊(2·num + den) / (2·den)⌋."""
-    return torch.div(2 * num + den, 2 * den, rounding_mode='floor')
+    """⌊num/den⌉ for int64 num ≥ 0, den > 0, ties to even (FQ-ViT rounds the ratio with
+    ``torch.round``)."""
+    q = torch.div(num, den, rounding_mode='floor')
+    twice_rem = 2 * (num - q * den)
+    up = (twice_rem > den) | ((twice_rem == den) & (torch.remainder(q, 2) == 1))
+    return q + up.to(q.dtype)
 
 
 @register_quantizer()
@@ -479,11 +487,12 @@ class LogIntSoftmax(Quantizer):
 
     Replaces ``softmax(logits, −1)`` followed by the probability quantizer. The module owns the
     8-bit per-tensor uniform quantizer of the attention logits (``logit_quant``, asymmetric, MinMax
-    observer by default). In 'quant' mode:
+    observer by default; ``include_zero=False`` keeps the observed logit range as FQ-ViT does).
+    In 'quant' mode:
 
     1. x_int = logit codes, minus the row maximum (the zero point cancels);
     2. i-exp (``int_exp_parts``): exp_j ∝ z_j·2^(n − q_j);
-    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, half up);
+    3. R_i = ⌊Σ_j exp_j / exp_i⌉ (integer, ties to even as FQ-ViT's ``torch.round``);
     4. code_i = round-half-up(log2 R_i) in integers, clamp to [0, 2^b − 1]; codes ≥ 2^b (and
        exp_i = 0) → ``ZERO_CODE``; dequant 2^−code.
 
@@ -499,12 +508,13 @@ class LogIntSoftmax(Quantizer):
 
     PARAMS = ('scale', 'zero_point')
 
-    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None):
+    def __init__(self, bits: int = 4, logit_bits: int = 8, n: int = EXP_N, logit_observer=None,
+                 include_zero: bool = True):
         super().__init__(bits)
         check_int(self, 'logit_bits', logit_bits, 2, 16)
         self.n = check_int(self, 'n', n, 1, 62)
         self.logit_quant = UniformQuantizer(bits=logit_bits, symmetric=False, ch_axis=None,
-                                            observer=logit_observer)
+                                            observer=logit_observer, include_zero=include_zero)
         self.logit_quant.qname = f'{self.qname}.logit_quant (attention logits)'
 
     def forward(self, x):
@@ -607,11 +617,12 @@ class LogIntSoftmax(Quantizer):
     # With b_l-bit logits, a row-max-subtracted logit d = max − x_int takes only 2^b_l values, so
     # the i-exp is a table: T[d] = z(d)·2^(Q − q(d)) with Q the largest q in the table. A row's
     # exps of ``exp_ratios`` are e_j = T[d_j] / 2^(Q − q_ref) exactly (q_ref ≤ Q), and the ratio
-    # R_i = ⌊(2·Σe + e_i) / (2·e_i)⌋ is unchanged by that common power of two, so
-    # R_i = ⌊(Σ_j T_j + T_i/2) / T_i⌋. While (2·N + 1)·max T < 2^53 every sum is an exact float64
-    # integer, no headroom shift k is needed (max e·N < 2^61), and the float64 quotient's floor
-    # is exact (the quotient is > 1/(2T) away from any integer it is not equal to, more than its
-    # rounding error). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
+    # R_i = ⌊Σe / e_i⌉ is unchanged by that common power of two, so R_i = ⌊Σ_j T_j / T_i⌉.
+    # While (2·N + 1)·max T < 2^53 every sum is an exact float64 integer, no headroom shift k is
+    # needed (max e·N < 2^61), and torch.round (ties to even) of the float64 quotient is the
+    # exact rounding: the exact quotient is a multiple of 1/T, so unless it is itself a tie
+    # (then the division is exact) it is ≥ 1/(2T) away from every tie k + 1/2, more than the
+    # quotient's rounding error (Σ < 2^52). The half-up log2 code is code = ⌊log2(R / 1.5)⌋ + 1 (thresholds R ≥ 2, 3,
     # 6, 12, …), i.e. 2^−code = 1 / (largest power of two ≤ R / 0.75); R/0.75 is compared with
     # powers of two only at integer R, so its rounding cannot cross one. T = 0 gives R = inf →
     # 2^−code = 0, the zero code, as do codes ≥ 2^b.
@@ -668,8 +679,8 @@ class LogIntSoftmax(Quantizer):
             t = scratch('lis_t', xc.shape, torch.float64, dev)
             torch.index_select(tb['T'], 0, idx.view(-1), out=t.view(-1))
             tot = t.sum(dim=-1, keepdim=True)
-            r = torch.add(tot, t, alpha=0.5, out=scratch('lis_r', xc.shape, torch.float64, dev))
-            r.div_(t).floor_().div_(0.75)                 # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
+            r = torch.div(tot, t, out=scratch('lis_r', xc.shape, torch.float64, dev))
+            r.round_().div_(0.75)                         # R / 0.75, R = ⌊Σe/e⌉ (inf where T = 0)
             r.view(torch.int64).bitwise_and_(0x7FF0000000000000)   # 2^code
             o = out[i:i + step]
             if want_codes:

@@ -20,7 +20,7 @@ import torch
 from ..quantizers.base import MIN_SCALE
 from ..quantizers.uniform import UniformQuantizer
 from .select import search_quantizer
-from .spaces import AdaLogSpace, UniformSpace, get_params, active, chunks, make_space, searchable, summarize_params, take
+from .spaces import AdaLogSpace, UniformSpace, active, chunks, make_space, searchable, summarize_params, take
 
 ATTN_SCREEN_FRAC = 0.25     # attention candidates are screened on this share of the captured rows
 
@@ -181,7 +181,7 @@ def _attn_space(q, heads):
     if not (active(q) and searchable(q)):
         return None
     if isinstance(q, UniformQuantizer):
-        scale = get_params(q)['scale']
+        scale = q.get_params()['scale']
         axis = None if q.ch_axis is None or scale.dim() == 0 else q.ch_axis % 4
         per_head = axis == 1 and scale.numel() == heads
         return UniformSpace(q, 4, axis, 1, per_channel=per_head)

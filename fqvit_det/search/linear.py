@@ -23,7 +23,7 @@ from ..quantizers.base import MIN_SCALE
 from ..quantizers.uniform import UniformQuantizer
 from .objectives import hessian_guided_score
 from .select import search_quantizer
-from .spaces import (AdaLogSpace, get_params, active, chunks, make_space, searchable, summarize_params, take,
+from .spaces import (AdaLogSpace, active, chunks, make_space, searchable, summarize_params, take,
                      weight_space)
 
 
@@ -142,7 +142,7 @@ class LinearProblem:
 def _row_layout(q, mod, in_ndim):
     """(axis, repeat) placing an input quantizer's channels on X's columns, or None if impossible."""
     ch = getattr(q, 'ch_axis', None)
-    if ch is None or (isinstance(q, UniformQuantizer) and get_params(q)['scale'].dim() == 0):
+    if ch is None or (isinstance(q, UniformQuantizer) and q.get_params()['scale'].dim() == 0):
         return (None, 1)
     if not isinstance(q, UniformQuantizer):
         return None

@@ -3,12 +3,14 @@
 A space holds candidates as a tuple of tensors with a leading candidate dimension (n, or (n, C)
 for per-channel / per-head parameters), in the order of ``names`` (the quantizer's
 ``get_params()`` keys). ``fq(x, p)`` fake-quantizes ``x`` with every candidate through the
-family's functional kernel with broadcast candidate parameters, i.e. the same operations in the
-same order as the quantizer's ``fake_quant`` at inference (bit-identical values); ``apply(p)``
-sets the first candidate with ``set_params``.
+family's own no-grad kernel (``fake_quant_uniform`` with the candidates as channels,
+``twin_*_fake_quant_fast`` / ``adalog_fake_quant_chunked`` once per candidate), so every candidate
+rounds exactly as the quantizer's ``fake_quant`` at inference (bit-identical values, tested);
+``apply(p)`` sets the first candidate with ``set_params``.
 
 * ``UniformSpace``: candidate α maps to the range [α·min₀, α·max₀] of the range calibrated before
-  the search (min/max recovered from scale and zero point) through ``scale_zero_point``;
+  the search (min/max recovered from scale and zero point) through the quantizer's own
+  ``params_for_range`` (its range conventions: include_zero, clamp_zero_point);
   symmetric: Δ = α·Δ₀. Per-channel (weights, ``ch_axis=0``) and per-head (q / k / v) parameters
   get one α per channel when ``per_channel``.
 * ``ExpSpace``: PTQ4ViT twin uniform: the split exponent (softmax, 0 … 19) or the post-GELU
@@ -21,31 +23,14 @@ from typing import Optional
 
 import torch
 
-from ..quantizers.adalog import AdaLogQuantizer, adalog_fake_quant
+from ..quantizers.adalog import AdaLogQuantizer, adalog_fake_quant, adalog_fake_quant_chunked
 from ..quantizers.base import MIN_SCALE
 from ..quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
-                               twin_gelu_fake_quant, twin_softmax_fake_quant)
-from ..quantizers.uniform import UniformQuantizer, fake_quant_uniform, scale_zero_point
+                               twin_gelu_fake_quant_fast, twin_softmax_fake_quant_fast)
+from ..quantizers.uniform import UniformQuantizer, fake_quant_uniform
 
 SEARCHABLE = (UniformQuantizer, TwinUniformSoftmaxQuantizer, TwinUniformGeluQuantizer,
               AdaLogQuantizer)
-
-
-def get_params(q) -> dict:  # TEMP until core's Quantizer.get_params is merged
-    if hasattr(q, 'get_params'):
-        return q.get_params()
-    names = {UniformQuantizer: ('scale', 'zero_point'), TwinUniformSoftmaxQuantizer: ('split_exp',),
-             TwinUniformGeluQuantizer: ('pos_exp',), AdaLogQuantizer: ('delta', 'q', 'lut')}
-    for cls, ns in names.items():
-        if isinstance(q, cls):
-            return {n: getattr(q, n).detach().clone() for n in ns}
-    raise TypeError(type(q))
-
-
-def set_params(q, **kw):  # TEMP until core's Quantizer.set_params(**params) is merged
-    if isinstance(q, TwinUniformGeluQuantizer) and 'pos_exp' in kw:
-        kw = dict(m=kw['pos_exp'])
-    q.set_params(**kw)
 
 
 def active(q) -> bool:
@@ -92,7 +77,7 @@ class Space:
         self.q, self.ndim, self.axis, self.repeat = q, ndim, axis, repeat
 
     def current(self):
-        params = get_params(self.q)
+        params = self.q.get_params()
         return tuple(params[k][None].clone() for k in self.names)
 
     def fq(self, x: torch.Tensor, p) -> torch.Tensor:
@@ -100,7 +85,7 @@ class Space:
         raise NotImplementedError
 
     def apply(self, p) -> None:
-        set_params(self.q, **{k: t[0] for k, t in zip(self.names, p)})
+        self.q.set_params(**{k: t[0] for k, t in zip(self.names, p)})
 
     def apply_current(self, x):
         return self.fq(x, self.current())[0]
@@ -111,7 +96,7 @@ class UniformSpace(Space):
     names = ('scale', 'zero_point')
 
     def __init__(self, q: UniformQuantizer, ndim, axis=None, repeat=1, per_channel=False):
-        params = get_params(q)
+        params = q.get_params()
         self.s0 = params['scale'].float()
         z0 = params['zero_point'].float()
         super().__init__(q, ndim, axis if self.s0.dim() == 1 else None, repeat)
@@ -132,14 +117,25 @@ class UniformSpace(Space):
             s = (a * self.s0).clamp(min=MIN_SCALE)
             z = torch.zeros_like(s)
         else:
-            s, z = scale_zero_point(a * self.min0, a * self.max0, q.bits, False, q.signed)
+            s, z = q.params_for_range(a * self.min0, a * self.max0)
         shape = (n, *self.s0.shape)
         return s.expand(shape).contiguous(), z.expand(shape).contiguous()
 
     def fq(self, x, p):
-        sv = _pview(p[0].to(x.device), self.ndim, self.axis, self.repeat)
-        zv = _pview(p[1].to(x.device), self.ndim, self.axis, self.repeat)
-        return fake_quant_uniform(x.float(), sv.float(), zv.float(), self.q.qmin, self.q.qmax)
+        """The quantizer's kernel ``fake_quant_uniform`` with the candidates as channels of one
+        call (candidate × channel for per-channel parameters): one pass, no autograd."""
+        s, z = (t.to(device=x.device, dtype=torch.float32) for t in p)
+        x, n = x.float(), s.shape[0]
+        if s.dim() == 1:
+            xe = x.unsqueeze(0).expand(n, *x.shape)
+            return fake_quant_uniform(xe, s, z, self.q.qmin, self.q.qmax, 0)
+        if self.repeat == 1 and self.axis is not None:
+            xt = x.movedim(self.axis, 0)
+            xe = xt.unsqueeze(0).expand(n, *xt.shape).reshape(n * xt.shape[0], *xt.shape[1:])
+            out = fake_quant_uniform(xe, s.reshape(-1), z.reshape(-1), self.q.qmin, self.q.qmax, 0)
+            return out.reshape(n, *xt.shape).movedim(1, self.axis + 1)
+        sv, zv = (_pview(t, self.ndim, self.axis, self.repeat) for t in (s, z))
+        return fake_quant_uniform(x, sv, zv, self.q.qmin, self.q.qmax)
 
 
 class ExpSpace(Space):
@@ -148,9 +144,9 @@ class ExpSpace(Space):
     def __init__(self, q, ndim):
         super().__init__(q, ndim)
         if isinstance(q, TwinUniformSoftmaxQuantizer):
-            self.fn, self.names = twin_softmax_fake_quant, ('split_exp',)
+            self.fast, self.names = twin_softmax_fake_quant_fast, ('split_exp',)
         else:
-            self.fn, self.names = twin_gelu_fake_quant, ('pos_exp',)
+            self.fast, self.names = twin_gelu_fake_quant_fast, ('pos_exp',)
 
     def grid(self):
         return (torch.tensor(self.q.candidate_exps(), dtype=torch.int64),)
@@ -159,8 +155,8 @@ class ExpSpace(Space):
         return (super().current()[0].reshape(1).to(torch.int64).cpu(),)
 
     def fq(self, x, p):
-        e = p[0].to(x.device).reshape(-1, *([1] * self.ndim))
-        return self.fn(x, e, self.q.bits)
+        """The quantizer's no-grad kernel, once per candidate exponent."""
+        return torch.stack([self.fast(x, int(e), self.q.bits) for e in p[0].tolist()])
 
 
 class AdaLogSpace(Space):
@@ -171,19 +167,22 @@ class AdaLogSpace(Space):
         super().__init__(q, ndim)
         self.two_d = q.searches_delta
         # Δ grid scale: callers set max(x + η) of the search data
-        self.top = max(float(get_params(q)['delta']), MIN_SCALE)
+        self.top = max(float(q.get_params()['delta']), MIN_SCALE)
 
     def current(self):
         delta, qq = super().current()
         return delta.float().reshape(1).cpu(), qq.reshape(1).to(torch.int64).cpu()
 
     def fq(self, x, p):
-        q = self.q
-        shape = (p[0].shape[0], *([1] * self.ndim))
-        delta = p[0].to(device=x.device, dtype=torch.float32).reshape(shape)
-        qq = p[1].to(device=x.device, dtype=torch.int64).reshape(shape)
-        return adalog_fake_quant(x.float(), delta, qq, q.bits, q.r, q.shift, True,
-                                 get_params(q).get('lut'))
+        """The quantizer's no-grad kernel, once per (Δ, q) candidate."""
+        q, x = self.q, x.float().contiguous()
+        delta = p[0].to(device=x.device, dtype=torch.float32)
+        out = torch.empty((delta.shape[0], *x.shape), dtype=torch.float32, device=x.device)
+        for i, qi in enumerate(p[1].tolist()):
+            d = delta[i].reshape(())
+            o = adalog_fake_quant_chunked(x, d, qi, q.bits, q.r, q.shift, True)
+            out[i] = o if o is not None else adalog_fake_quant(x, d, qi, q.bits, q.r, q.shift, True)
+        return out
 
 
 def make_space(q, ndim, axis=None, repeat=1, per_channel=False):
@@ -202,7 +201,7 @@ def weight_space(mod):
     wq = mod.w_quantizer
     if not (active(wq) and isinstance(wq, UniformQuantizer)):
         return None
-    scale = get_params(wq)["scale"]
+    scale = wq.get_params()["scale"]
     if wq.ch_axis is not None and scale.dim() == 1 and scale.numel() > 1:
         if wq.ch_axis % mod.weight.dim() != 0 or scale.numel() != mod.weight.shape[0]:
             return None
@@ -211,11 +210,9 @@ def weight_space(mod):
 
 
 def summarize_params(q) -> dict:
-    """Report form of ``get_params(q)``: scalars as numbers, tensors as min / mean / max."""
+    """Report form of ``q.get_params()``: scalars as numbers, tensors as min / mean / max."""
     out = {}
-    for k, t in get_params(q).items():
-        if k == 'lut':
-            continue
+    for k, t in q.get_params().items():
         t = t.detach().cpu()
         if t.numel() == 1:
             out[k] = t.item()

@@ -38,6 +38,12 @@ CASES = (
      for o in OBSERVERS for ax in (None, -1)]
     + [(f'ptf-{o}', dict(type='PTFQuantizer', bits=6, observer=dict(type=o)), act_data)
        for o in ('MinMaxObserver', 'EMAObserver', 'PercentileObserver')]
+    + [('uniform-repq', dict(type='UniformQuantizer', bits=4, include_zero=False,
+                             clamp_zero_point=False,
+                             observer=dict(type='PercentileSearchObserver', max_samples=150)),
+        act_data),
+       ('ptf-no-zero', dict(type='PTFQuantizer', bits=6, include_zero=False), act_data),
+       ('logsqrt2-max', dict(type='LogSqrt2Quantizer', bits=4, max_candidate=True), softmax_data)]
     + [('log2', dict(type='Log2Quantizer', bits=4, delta=None), softmax_data),
        ('logsqrt2', dict(type='LogSqrt2Quantizer', bits=4, max_samples=300), softmax_data),
        ('logsqrt2-nosearch', dict(type='LogSqrt2Quantizer', bits=4, search=False), softmax_data),
