@@ -58,9 +58,11 @@ def recipe_differences(saved: dict, wanted: dict) -> List[str]:
 def content_hash(tensors: Dict[str, torch.Tensor], recipe_json: str, reparam_json: str) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
+        t = tensors[key].detach().cpu()
         h.update(f'{key}|{t.dtype}|{tuple(t.shape)}|'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        if t.numel():  # a fresh dense copy: expanded parameters (stride 0) cannot be viewed as bytes
+            dense = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
+            h.update(dense.view(torch.uint8).numpy().tobytes())
     h.update(recipe_json.encode())
     h.update(reparam_json.encode())
     return h.hexdigest()
@@ -75,7 +77,7 @@ def quant_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for path in rewritten_module_paths(model):
         for k, v in model.get_submodule(path).named_parameters(recurse=False):
             state[f'{M_PREFIX}{path}.{k}'] = v
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {k: torch.empty(v.shape, dtype=v.dtype).copy_(v.detach()) for k, v in state.items()}
 
 
 def save_quant_state(model: nn.Module, path: str, spec=None, extra: dict = None) -> str:
