@@ -101,7 +101,8 @@ def test_compare_float_calibrates_saves_and_reports(tiny_root, tmp_path_factory)
         assert 0.0 <= s[kind]['metrics']['imagenet/top1'] <= 100.0
     calib = s['quant']['calibration']
     assert calib['images'] == 10 and calib['world_size'] == 1 and calib['rank_images'] == 10
-    assert calib['rank_batches'] == 3 and calib['total'] > 0
+    assert calib['rank_batches'] == 3 and calib['seconds']['total'] > 0
+    assert 'search_report' not in calib  # fqvit does not search
     assert s['float']['calibration'] is None
     assert osp.isfile(osp.join(work, STATE))
     assert 'calibration: 10 of 10 images' in log
@@ -145,6 +146,14 @@ def test_torchrun_two_processes_equal_one(name, tiny_root, tmp_path, tmp_path_fa
     assert 'rank 0/2: 6 of 10 images' in log and 'rank 1/2: 4 of 10 images' in log
     s = summary(tmp_path)
     assert s['quant']['calibration']['world_size'] == 2
+    if name == 'ptq4vit':  # the search report of rank 0 reaches summary.json
+        report = s['quant']['calibration']['search_report']
+        alone = summary(single)['quant']['calibration']['search_report']
+        assert report['search'] == 'hessian' and report['modules']
+        assert report['images'] == alone['images'] == 10
+        untimed = lambda rep: {m: {k: v for k, v in r.items() if k != 'seconds'}  # noqa: E731
+                               for m, r in rep['modules'].items()}
+        assert untimed(report) == untimed(alone)
     assert s['quant']['metrics'] == summary(single)['quant']['metrics']
     want, got = state_tensors(osp.join(single, STATE)), state_tensors(osp.join(tmp_path, STATE))
     assert got.keys() == want.keys()

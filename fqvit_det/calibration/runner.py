@@ -173,7 +173,8 @@ class CalibrationRunner:
         """Full calibration on this rank's ``batches`` (all batches with one process).
 
         ``rank_images`` / ``total_images`` (this rank's share and the whole calibration set) only
-        label the progress. Returns timings, counts and the search report."""
+        label the progress. Returns ``dict(rank_batches, rank_images, world_size,
+        seconds={step: s, 'total': s}, search_report)`` (the report on rank 0 only)."""
         t0 = time.time()
         if self.spec.search:  # the search re-reads the batches
             batches = list(batches)
@@ -194,7 +195,7 @@ class CalibrationRunner:
             t1 = time.time()
             self.search_report = self.search(batches)
             if self.search_report is not None:
-                result['search'] = self.search_report
+                result['search_report'] = self.search_report
             self.timings['search'] = time.time() - t1
         t1 = time.time()
         distributed.broadcast_calibration(self.model)
@@ -202,7 +203,7 @@ class CalibrationRunner:
         set_quant_mode(self.model, 'quant')
         self.timings['total'] = time.time() - t0
         rank, world = distributed.world_info()
-        result.update(world_size=world, **self.timings)
+        result.update(world_size=world, seconds=dict(self.timings))
         if self.progress:
             self.logger.info(f'calibration done in {self.timings["total"]:.1f}s '
                              f'(rank {rank}/{world}: {seen["batches"]} batches, {seen["images"]} images)')

@@ -163,7 +163,7 @@ def run_eval(cfg: Config, float_eval: bool = False) -> dict:
     metrics = runner.test()
     total = time.time() - t0
     result = calib_hook.result if calib_hook is not None and calib_hook.result else None
-    calib = result.get('total') if result else None
+    calib = result.get('seconds', {}).get('total') if result else None
     return dict(metrics={k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
                 eval_seconds=total - (calib or 0.0), calib_seconds=calib, work_dir=cfg.work_dir,
                 calibration=jsonable(result))
