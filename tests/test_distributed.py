@@ -79,7 +79,8 @@ def _free_port():
 @pytest.fixture(scope='module')
 def two_process_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('dist') / 'state')
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    # fork: the workers reuse this process's imports (spawn would re-import torch, timm, mmdet)
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method='fork')
     return [torch.load(f'{out}.{rank}', weights_only=True) for rank in range(2)]
 
 
