@@ -53,7 +53,8 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
         qdict = qcfg.to_dict() if hasattr(qcfg, 'to_dict') else dict(qcfg)
-        split_quant_cfg(qdict)  # validate now, before any model or data is built
+        # validate now, before any model or data is built
+        split_quant_cfg(qdict, outputs_logits=cfg.model.get('type') != 'QuantizedDetector')
         scope = qdict.get('scope', 'full')
         if cfg.model.get('type') == 'QuantizedDetector' and scope not in ('full', 'backbone'):
             raise ValueError(f"quant_cfg.scope must be 'full' or 'backbone', got {scope!r}")

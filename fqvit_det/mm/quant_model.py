@@ -8,12 +8,19 @@ from ..presets import make_spec
 GLUE_KEYS = ('scope', 'calib_dataloader')
 
 
-def split_quant_cfg(quant_cfg: dict):
+def split_quant_cfg(quant_cfg: dict, outputs_logits: bool = True):
+    """(QuantSpec, glue options). ``outputs_logits``: the model's calibration forward returns
+    classification logits (False for detectors: the Hessian-guided search metric cannot run)."""
     if not isinstance(quant_cfg, dict):
         raise ValueError(f'quant_cfg must be a dict, got {type(quant_cfg).__name__}')
     quant_cfg = dict(quant_cfg)
     glue = {k: quant_cfg.pop(k) for k in GLUE_KEYS if k in quant_cfg}
-    return make_spec(**quant_cfg), glue
+    spec = make_spec(**quant_cfg)
+    if spec.search_cfg.get('metric') == 'hessian' and not outputs_logits:
+        raise ValueError(f"quant_cfg.search_cfg.metric='hessian' (the {spec.method} default) needs "
+                         'classification logits, but a detector outputs detections; set '
+                         "quant_cfg.search_cfg.metric='mse' to search on the layer-output MSE")
+    return spec, glue
 
 
 class QuantizableMixin:
@@ -23,6 +30,8 @@ class QuantizableMixin:
     """
     quant_spec = None
     quant_glue: dict = {}
+    #: ``calib_forward`` returns classification logits (what search_cfg.metric='hessian' needs)
+    outputs_logits = True
 
     @property
     def quant_target(self):
@@ -35,6 +44,6 @@ class QuantizableMixin:
     def setup_quantization(self, quant_cfg: Optional[dict]) -> None:
         if not quant_cfg:
             return
-        self.quant_spec, self.quant_glue = split_quant_cfg(quant_cfg)
+        self.quant_spec, self.quant_glue = split_quant_cfg(quant_cfg, self.outputs_logits)
         self.quantized_modules = quantize_model(self.quant_target, self.quant_spec,
                                                 rules=self.conversion_rules(self.quant_glue))

@@ -20,7 +20,8 @@ import torch
 from ..quantizers.base import MIN_SCALE
 from ..quantizers.uniform import UniformQuantizer
 from .select import search_quantizer
-from .spaces import AdaLogSpace, UniformSpace, active, chunks, make_space, searchable, summarize_params, take
+from .spaces import (AdaLogSpace, UniformSpace, active, chunks, make_space, searchable,
+                     summarize_params, take)
 
 ATTN_SCREEN_FRAC = 0.25     # attention candidates are screened on this share of the captured rows
 

@@ -161,7 +161,8 @@ def fast_progressive_combining_search(init_candidates, spacing, score_fn: Callab
             if c == 1:
                 axes.append(torch.zeros(1, dtype=torch.float64))
             else:
-                axes.append((torch.arange(c, dtype=torch.float64) - (c - 1) / 2) * (delta[j] / (c - 0.5)))
+                step = delta[j] / (c - 0.5)
+                axes.append((torch.arange(c, dtype=torch.float64) - (c - 1) / 2) * step)
         offsets = torch.cartesian_prod(*axes).reshape(-1, d).to(dtype=dtype, device=dev)
         new = fix((surv[:, None] + offsets[None, :, None, :]).reshape(-1, C, d))
         new, dup = _new_points(new, surv)

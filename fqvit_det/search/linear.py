@@ -23,8 +23,8 @@ from ..quantizers.base import MIN_SCALE
 from ..quantizers.uniform import UniformQuantizer
 from .objectives import hessian_guided_score
 from .select import search_quantizer
-from .spaces import (AdaLogSpace, active, chunks, make_space, searchable, summarize_params, take,
-                     weight_space)
+from .spaces import (AdaLogSpace, active, chunks, make_space, searchable, summarize_params,
+                     take, weight_space)
 
 
 class LinearProblem:

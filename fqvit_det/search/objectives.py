@@ -65,8 +65,7 @@ def _call(model, inputs):
 
 
 def output_gradients(model: nn.Module, inputs, modules: Iterable[nn.Module],
-                     loss_fn: Callable = pseudo_label_loss, fp_outputs=None,
-                     device=None) -> Dict[nn.Module, List]:
+                     loss_fn: Callable = pseudo_label_loss, fp_outputs=None) -> Dict[nn.Module, List]:
     """∂loss/∂(output of each module), one entry per call of the module, in forward-call order.
 
     Args:
@@ -77,7 +76,6 @@ def output_gradients(model: nn.Module, inputs, modules: Iterable[nn.Module],
         fp_outputs: reference outputs of the float model. ``None`` uses this very forward's outputs
             (detached), which is right when the model is float during collection (parallel
             calibration, as in PTQ4ViT).
-        device: if given, gradients are moved there (e.g. ``'cpu'`` to cache them).
 
     Returns ``{module: [grad_call_0, grad_call_1, ...]}``: each item is the gradient w.r.t. the module
     output (a tuple if the module returns several tensors). The model's parameter ``.grad`` fields are
@@ -93,12 +91,7 @@ def output_gradients(model: nn.Module, inputs, modules: Iterable[nn.Module],
         calls[mod] += 1
 
     def bwd_hook(mod, grad_input, grad_output):
-        def keep(g):
-            if g is None:
-                return None
-            g = g.detach().clone()
-            return g.to(device) if device is not None else g
-        items = tuple(keep(g) for g in grad_output)
+        items = tuple(None if g is None else g.detach().clone() for g in grad_output)
         grads[mod].append(items[0] if len(items) == 1 else items)
 
     handles = []

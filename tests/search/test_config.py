@@ -54,3 +54,13 @@ def test_resolved_cfg_is_a_fixed_point():
     cfg = resolve_search_cfg('ptq4vit', 'hessian', dict(eq_n=32, top_k=8, fpcs_tol=0))
     assert cfg['fpcs_tol'] == 0.0 and isinstance(cfg['fpcs_tol'], float)
     assert resolve_search_cfg('ptq4vit', 'hessian', cfg) == cfg
+
+
+def test_hessian_metric_on_a_detector_fails_at_config_time():
+    from fqvit_det.mm.quant_model import split_quant_cfg
+    with pytest.raises(ValueError, match=r"metric='hessian'.*set quant_cfg\.search_cfg\.metric='mse'"):
+        split_quant_cfg(dict(method='ptq4vit', w_bits=6, a_bits=6, scope='full'), outputs_logits=False)
+    spec, glue = split_quant_cfg(dict(method='ptq4vit', w_bits=6, a_bits=6, scope='full',
+                                      search_cfg=dict(metric='mse')), outputs_logits=False)
+    assert spec.search_cfg['metric'] == 'mse' and glue == dict(scope='full')
+    assert split_quant_cfg(dict(method='ptq4vit'))[0].search_cfg['metric'] == 'hessian'

@@ -60,7 +60,7 @@ def fast_roles(method, bits):
 
 
 def calibrate(build, method, bits, batches, search_cfg=None, monkeypatch=None):
-    model = build()
+    model = build().to(batches[0].device)
     spec = make_spec(method, bits, bits, roles=fast_roles(method, bits),
                      search_cfg=search_cfg or {})
     quantize_model(model, spec)
@@ -136,9 +136,9 @@ CASES = [('vit', 'ptq4vit', 6, dict(screen_rows=0)),       # exhaustive PTQ4ViT 
 
 
 @pytest.mark.parametrize('arch,method,bits,cfg', CASES)
-def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch):
+def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch, device):
     build = vit if arch == 'vit' else swin
-    x = data(4 if arch == 'vit' else 2)
+    x = data(4 if arch == 'vit' else 2).to(device)
     batches = [x[:2], x[2:]] if arch == 'vit' else [x]
     cfg = dict(cfg, max_rows=100000)
     model, spec, seen = calibrate(build, method, bits, batches, cfg, monkeypatch=monkeypatch)
@@ -180,9 +180,9 @@ def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch):
 
 @pytest.mark.parametrize('arch,method,bits,cfg', [('vit', 'adalog', 4, dict(TINY, screen_rows=32)),
                                                   ('swin', 'ptq4vit', 6, TINY)])
-def test_search_deterministic(arch, method, bits, cfg):
+def test_search_deterministic(arch, method, bits, cfg, device):
     build = vit if arch == 'vit' else swin
-    x = data(4 if arch == 'vit' else 2)
+    x = data(4 if arch == 'vit' else 2).to(device)
     states = []
     for _ in range(2):
         model, _, _ = calibrate(build, method, bits, [x[:2], x[2:]] if arch == 'vit' else [x], cfg)
@@ -191,17 +191,17 @@ def test_search_deterministic(arch, method, bits, cfg):
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-def test_hessian_metric_needs_logits_and_says_the_fix():
+def test_hessian_metric_needs_logits_and_says_the_fix(device):
     """No silent fallback: a non-logits output with metric 'hessian' is an error naming the fix;
     metric='mse' chosen explicitly runs."""
-    x = data(4)
+    x = data(4).to(device)
     fwd = lambda m, b: {'logits': m(b['img'])}  # noqa: E731  (a detector-like output)
-    model = vit()
+    model = vit().to(device)
     spec = make_spec('ptq4vit', 6, 6, search_cfg=TINY)
     quantize_model(model, spec)
     with pytest.raises(ValueError, match=r"quant_cfg.search_cfg.metric='mse'"):
         CalibrationRunner(model, spec, forward_fn=fwd, progress=False).run([{'img': x}])
-    model = vit()
+    model = vit().to(device)
     spec = make_spec('ptq4vit', 6, 6, search_cfg=dict(TINY, metric='mse'))
     quantize_model(model, spec)
     runner = CalibrationRunner(model, spec, forward_fn=fwd, progress=False)
@@ -213,8 +213,8 @@ def test_hessian_metric_needs_logits_and_says_the_fix():
         assert torch.isfinite(model(x)).all()
 
 
-def test_report_and_image_cap(monkeypatch):
-    x = data(8)
+def test_report_and_image_cap(monkeypatch, device):
+    x = data(8).to(device)
     _, _, seen = calibrate(vit, 'ptq4vit', 6, [x[:4], x[4:]],
                            dict(TINY, images=5, grad_batch=2, attn_images=1, screen_rows=32),
                            monkeypatch=monkeypatch)
