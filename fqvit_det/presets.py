@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
 from .quantizers import build_quantizer
+from .search.config import resolve_search_cfg
 from .validation import (FrozenDict, QuantConfigError, check_role_cfg, expect_bool, expect_choice,
                          expect_dict, expect_int, freeze, integer_layernorm_problem,
                          is_per_channel_uniform, thaw)
@@ -248,5 +249,6 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
         # The method's default, not a request: on only where the roles allow it (e.g. not with a
         # per-channel ln_output override); an explicit True is checked by QuantSpec.
         resolved['integer_layernorm'] = integer_layernorm_problem(table) is None
+    search_cfg = resolve_search_cfg(method, resolved['search'], search_cfg)
     return QuantSpec(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=attn_bits, roles=table,
-                     search_cfg=search_cfg or {}, **resolved)
+                     search_cfg=search_cfg, **resolved)

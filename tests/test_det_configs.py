@@ -96,3 +96,17 @@ def test_checkpoint_that_does_not_match_is_named(tmp_path):
     cfg.model.checkpoint = str(bad)
     with pytest.raises(ValueError, match='does not match the model'):
         build(cfg)
+
+
+def test_ptq4vit_detector_needs_explicit_mse_metric(tmp_path):
+    """The Hessian-guided metric needs logits: a detector fails at config time with the fix."""
+    def cfg_with(quant_cfg):
+        path = tmp_path / 'user.py'
+        path.write_text("_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'\n"
+                        "custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)\n"
+                        f'quant_cfg = {quant_cfg!r}\n')
+        return prepare_config(Config.fromfile(str(path)), check_data=False)
+    with pytest.raises(ValueError, match=r"set quant_cfg\.search_cfg\.metric='mse'"):
+        cfg_with(dict(method='ptq4vit', w_bits=6, a_bits=6))
+    cfg = cfg_with(dict(method='ptq4vit', w_bits=6, a_bits=6, search_cfg=dict(metric='mse')))
+    assert cfg.model.quant_cfg.search_cfg.metric == 'mse'

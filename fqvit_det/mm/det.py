@@ -75,6 +75,7 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
     protocol) or ``'backbone'``. ``checkpoint``: detector weights (safetensors, or .pth loaded
     weights-only; mmdet 2.x Swin-OD checkpoints: convert with tools/convert_checkpoint.py first).
     """
+    outputs_logits = False
 
     def __init__(self, detector: dict, quant_cfg: Optional[dict] = None,
                  checkpoint: Optional[str] = None, data_preprocessor=None, init_cfg=None):

@@ -10,10 +10,12 @@ SCOPES = ('full', 'backbone')
 GLUE_KEYS = ('scope', 'calib_dataloader')
 
 
-def split_quant_cfg(quant_cfg: dict):
+def split_quant_cfg(quant_cfg: dict, outputs_logits: bool = True):
     """Validate ``quant_cfg`` completely and split it into a ``QuantSpec`` and the glue keys.
 
     Pure validation (no model, no data): ``tools/test.py`` calls it before building anything.
+    ``outputs_logits``: the model's calibration forward returns classification logits (False for
+    detectors, where the Hessian-guided search metric cannot run).
     """
     quant_cfg = expect_dict('quant_cfg', quant_cfg, allow_none=False)
     for key in quant_cfg:
@@ -29,7 +31,13 @@ def split_quant_cfg(quant_cfg: dict):
             raise QuantConfigError('quant_cfg.calib_dataloader.dataset',
                                    'expected a dataset config dict (the dataloader config of '
                                    f'mmengine), got {loader.get("dataset")!r}')
-    return make_spec(**quant_cfg), glue
+    spec = make_spec(**quant_cfg)
+    if spec.search_cfg.get('metric') == 'hessian' and not outputs_logits:
+        raise QuantConfigError('quant_cfg.search_cfg.metric',
+                               f"'hessian' (the {spec.method} default) needs classification logits, "
+                               'but a detector outputs detections; set '
+                               "quant_cfg.search_cfg.metric='mse' to search on the layer-output MSE")
+    return spec, glue
 
 
 class QuantizableMixin:
@@ -41,6 +49,8 @@ class QuantizableMixin:
     quant_glue: dict = {}
     # Glue keys this wrapper understands; others are an error (e.g. ``scope`` on a classifier).
     supported_glue = GLUE_KEYS
+    #: ``calib_forward`` returns classification logits (what search_cfg.metric='hessian' needs)
+    outputs_logits = True
 
     @property
     def quant_target(self):
@@ -54,7 +64,7 @@ class QuantizableMixin:
         """Validate before any model work; returns (spec, glue) or (None, {}) without quant_cfg."""
         if not quant_cfg:
             return None, {}
-        spec, glue = split_quant_cfg(quant_cfg)
+        spec, glue = split_quant_cfg(quant_cfg, self.outputs_logits)
         for key in glue:
             if key not in self.supported_glue:
                 raise QuantConfigError(f'quant_cfg.{key}', f'not supported by {type(self).__name__} '
