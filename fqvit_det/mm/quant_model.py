@@ -5,7 +5,7 @@ from ..convert import quantize_model
 from ..presets import make_spec
 
 # quant_cfg keys consumed by the mm glue rather than by the preset.
-GLUE_KEYS = ('scope', 'calib_dataloader')
+GLUE_KEYS = ('scope', 'calib_dataloader', 'fold_bn')
 
 
 def split_quant_cfg(quant_cfg: dict):
