@@ -29,6 +29,8 @@ ROLES = {
     'attn_mask': 'Swin shifted-window mask added to the logits',
     'det_weight': 'weights of neck / RPN / RoI-head convolutions and Linears',
     'det_input': 'inputs of neck / RPN / RoI-head convolutions and Linears',
+    'det_dw_input': 'inputs of depthwise convolutions in CNN backbones, necks and heads (default: the '
+                    'det_input quantizer; per-channel scales stay integer-exact there)',
 }
 METHODS = ('fqvit', 'ptq4vit', 'repq', 'adalog')
 SEARCHES = (None, 'hessian', 'fpcs')
@@ -171,6 +173,8 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
             except (TypeError, ValueError, KeyError) as err:
                 raise ValueError(f'quant_cfg.roles.{role}: {err}') from err
         table[role] = cfg
+    if 'det_dw_input' not in (roles or {}):
+        table['det_dw_input'] = copy.deepcopy(table.get('det_input'))
     resolved = dict(METHOD_DEFAULTS[method])
     search_cfg = options.pop('search_cfg', {}) or {}
     for key, value in options.items():

@@ -15,7 +15,7 @@ from .helpers import DATA, HAS_COCO, ROOT
 
 CKPT = osp.join(DATA, 'yolox_nano', 'yolox_nano_coco.safetensors')
 CONFIG = osp.join(ROOT, 'configs', 'yolox_nano_w8a8.py')
-pytestmark = pytest.mark.skipif(not osp.isfile(CKPT), reason=f'{CKPT} not found')
+needs_ckpt = pytest.mark.skipif(not osp.isfile(CKPT), reason=f'{CKPT} not found')
 
 
 def _model_cfg():
@@ -33,6 +33,7 @@ def _outputs(detector, x):
         return [t for level in detector._forward(x) for t in level]
 
 
+@needs_ckpt
 def test_bn_fold_keeps_the_real_yolox_outputs():
     from fqvit_det.convert.bn_fold import fold_batchnorm
     from fqvit_det.mm.det import QuantizedDetector  # noqa: F401  (registers mmdet modules)
@@ -46,6 +47,7 @@ def test_bn_fold_keeps_the_real_yolox_outputs():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@needs_ckpt
 def test_quant_cfg_folds_and_quantizes_every_conv():
     from fqvit_det.calibration import set_quant_mode
     from fqvit_det.nn.modules import QuantConv2d
@@ -55,7 +57,9 @@ def test_quant_cfg_folds_and_quantizes_every_conv():
     convs = {n: m for n, m in model.detector.named_modules() if isinstance(m, nn.Conv2d)}
     assert len(convs) == 113 and all(isinstance(m, QuantConv2d) for m in convs.values())
     depthwise = [m for m in convs.values() if m.groups > 1]
-    assert depthwise and all(m.w_quantizer is not None and m.in_quantizer is not None for m in depthwise)
+    assert len(depthwise) == 30 and all(m.w_quantizer is not None for m in depthwise)
+    # Depthwise inputs take their own role (per-channel scales are integer-exact there).
+    assert all(m.in_quantizer.qname.endswith('det_dw_input') for m in depthwise)
     # The conv reading the image takes the patch-embedding roles, all others the detection roles.
     assert convs['backbone.stem.conv.conv'].in_quantizer.qname.endswith('patch_embed_input')
     assert convs['bbox_head.multi_level_conv_obj.2'].w_quantizer.qname.endswith('det_weight')
@@ -66,6 +70,7 @@ def test_quant_cfg_folds_and_quantizes_every_conv():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@needs_ckpt
 def test_mismatching_checkpoint_names_file_and_keys(tmp_path):
     from safetensors.torch import load_file, save_file
     state = load_file(CKPT)
@@ -84,6 +89,7 @@ def test_mismatching_checkpoint_names_file_and_keys(tmp_path):
         _build(checkpoint=bad)
 
 
+@needs_ckpt
 def test_load_from_becomes_the_wrapper_checkpoint():
     from mmengine.config import Config
     from fqvit_det.mm.launch import prepare_config
@@ -100,11 +106,24 @@ def test_load_from_becomes_the_wrapper_checkpoint():
     assert cfg.model.checkpoint == CKPT
 
 
+def test_depthwise_role_defaults_to_det_input():
+    from fqvit_det.presets import make_spec
+    for method in ('fqvit', 'ptq4vit', 'repq', 'adalog'):
+        spec = make_spec(method, w_bits=6, a_bits=6)
+        assert spec.roles['det_dw_input'] == spec.roles['det_input']
+    own = dict(type='UniformQuantizer', bits=4, ch_axis=1)
+    spec = make_spec('fqvit', roles=dict(det_input=own))
+    assert spec.roles['det_dw_input'] == own  # follows a det_input override ...
+    spec = make_spec('fqvit', roles=dict(det_dw_input=own))
+    assert spec.roles['det_dw_input'] == own and spec.roles['det_input'] != own  # ... or its own
+
+
 SMALL = ['test_dataloader.dataset.indices=3', 'test_dataloader.num_workers=0',
          'calib_dataloader.num_workers=0', 'test_dataloader.dataset.pipeline.1.scale=(160,160)',
          'calib_dataloader.dataset.pipeline.1.scale=(160,160)']
 
 
+@needs_ckpt
 @pytest.mark.skipif(not HAS_COCO, reason=f'coco_mini not found under {DATA}')
 def test_tools_test_quantized_yolox_on_three_images(tmp_path):
     work = str(tmp_path / 'work')

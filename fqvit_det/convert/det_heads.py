@@ -6,7 +6,8 @@ convolutions such as the mask head's upsampler stay float, as in RepQ-ViT). A CN
 quantized the same way, except that the convolution reading the image takes the
 ``patch_embed_weight`` / ``patch_embed_input`` roles: it is the CNN's patch embedding, and its
 input is the raw pixel grid (exact at 8 bits), which configs may keep at 8 bits when the other
-activations go lower.
+activations go lower. Depthwise convolutions take ``det_dw_input`` for their input (by default the
+same quantizer as ``det_input``), where per-channel activation scales are integer-exact.
 """
 from typing import List
 
@@ -21,9 +22,23 @@ STEM_ROLES = dict(weight='patch_embed_weight', input='patch_embed_input')
 NON_PARTS = ('backbone', 'data_preprocessor')
 
 
-def det_head_rules(parts=DET_PARTS):
+DW_ROLES = dict(weight='det_weight', input='det_dw_input')
+
+
+def depthwise_rules(model: nn.Module, prefix: str) -> List[Rule]:
+    """Exact-path rules giving depthwise convolutions (groups == in_channels > 1) the
+    ``det_dw_input`` role: each output channel reads one input channel, so a per-channel input
+    scale factors out of the integer sum like a per-channel weight scale does."""
+    return [Rule(f'{prefix}{path}', 'conv', DW_ROLES) for path, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+
+
+def det_head_rules(parts=DET_PARTS, detector: nn.Module = None):
+    """Rules for the detector's parts; with ``detector``, its depthwise convs get ``det_dw_input``."""
     rules = []
     for part in parts:
+        if detector is not None:
+            rules += depthwise_rules(getattr(detector, part), f'{part}.')
         rules += [Rule(f'{part}.*', 'conv', DET_ROLES), Rule(f'{part}.*', 'linear', DET_ROLES)]
     return rules
 
@@ -46,5 +61,5 @@ def cnn_backbone_rules(backbone: nn.Module, prefix: str = 'backbone.') -> List[R
     stem = next((path for path, m in backbone.named_modules() if isinstance(m, nn.Conv2d)), None)
     if stem is None:
         raise TypeError(f'backbone {type(backbone).__name__} has no Conv2d: no CNN rules apply')
-    return [Rule(f'{prefix}{stem}', 'conv', STEM_ROLES),
+    return [Rule(f'{prefix}{stem}', 'conv', STEM_ROLES), *depthwise_rules(backbone, prefix),
             Rule(f'{prefix}*', 'conv', DET_ROLES), Rule(f'{prefix}*', 'linear', DET_ROLES)]

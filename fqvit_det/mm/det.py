@@ -111,7 +111,7 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
     def conversion_rules(self, glue):
         rules = backbone_rules(self.detector.backbone)
         if glue.get('scope', 'full') == 'full':
-            rules += det_head_rules(detector_parts(self.detector))
+            rules += det_head_rules(detector_parts(self.detector), self.detector)
         return rules
 
     def calib_forward(self, model, batch):
