@@ -9,6 +9,7 @@ BN-folded model with its quantizers disabled); rows are merged into
 ``benchmarks/results/yolox_benchmark.json`` by config and rendered into RESULTS.md.
 """
 import argparse
+import json
 import os.path as osp
 import sys
 import time
@@ -26,12 +27,19 @@ FLOAT_REFERENCE = dict(ap=31.0, ap50=49.2, ap75=32.1)  # ../shared/data/yolox_na
 KEYS = (('ap', 'coco/bbox_mAP'), ('ap50', 'coco/bbox_mAP_50'), ('ap75', 'coco/bbox_mAP_75'))
 
 
-def run_config(config, work_root):
+def run_config(config, work_root, reuse=False):
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     from mmengine.config import Config
-    from test import main as test_main
     work = osp.join(work_root, osp.splitext(osp.basename(config))[0])
-    results = test_main([config, '--compare-float', '--work-dir', work])
+    summary = osp.join(work, 'summary.json')
+    if reuse and osp.isfile(summary):  # a finished `tools/test.py CONFIG --compare-float --work-dir WORK`
+        with open(summary) as f:
+            results = json.load(f)
+        if set(results) != {'float', 'quant'}:
+            raise ValueError(f'{summary}: expected float and quant results (--compare-float)')
+    else:
+        from test import main as test_main
+        results = test_main([config, '--compare-float', '--work-dir', work])
     cfg = Config.fromfile(config)
     q = cfg.quant_cfg
     row = dict(config=config, command=f'python tools/test.py {config} --compare-float',
@@ -49,12 +57,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--configs', nargs='+', default=list(CONFIGS))
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'yolox_benchmark'))
+    p.add_argument('--reuse', action='store_true',
+                   help='record from WORK_DIR/<config>/summary.json where it exists instead of running')
     args = p.parse_args(argv)
-    doc = load_result(RESULT) or dict(rows=[])
-    rows = {r['config']: r for r in doc['rows']}
+    new = {}
     for config in args.configs:
-        rows[config] = run_config(config, args.work_dir)
-        rows[config]['date'] = time.strftime('%Y-%m-%d')
+        new[config] = run_config(config, args.work_dir, args.reuse)
+        new[config]['date'] = time.strftime('%Y-%m-%d')
+    doc = load_result(RESULT) or dict(rows=[])  # read last: other runs may have added rows
+    rows = {r['config']: r for r in doc['rows']}
+    rows.update(new)
     order = {c: i for i, c in enumerate(CONFIGS)}
     doc.update(rows=sorted(rows.values(), key=lambda r: order.get(r['config'], len(order))),
                machine=machine_info(), float_reference=FLOAT_REFERENCE,
