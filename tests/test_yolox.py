@@ -106,6 +106,27 @@ def test_load_from_becomes_the_wrapper_checkpoint():
     assert cfg.model.checkpoint == CKPT
 
 
+YOLOX_CONFIGS = [osp.join(ROOT, 'configs', f'yolox_nano_{b}.py') for b in ('w8a8', 'w6a6', 'w4a4')]
+
+
+@needs_ckpt
+@pytest.mark.parametrize('path', YOLOX_CONFIGS, ids=osp.basename)
+def test_yolox_config_builds_and_converts_every_conv(path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from fqvit_det.mm.launch import prepare_config
+    cfg = prepare_config(Config.fromfile(path), check_data=False)
+    assert any(h['type'] == 'CalibrationHook' for h in cfg.custom_hooks)
+    init_default_scope('mmdet')
+    det = MODELS.build(cfg.model).quant_target
+    assert not [n for n, m in det.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d)]
+    bits = int(osp.basename(path)[len('yolox_nano_w')])
+    stem = det.backbone.stem.conv.conv
+    assert stem.in_quantizer.bits == 8 and stem.w_quantizer.bits == bits
+    dw = det.backbone.stage1[0].depthwise_conv.conv
+    assert dw.in_quantizer.bits == bits and dw.in_quantizer.ch_axis == 1
+
+
 def test_depthwise_role_defaults_to_det_input():
     from fqvit_det.presets import make_spec
     for method in ('fqvit', 'ptq4vit', 'repq', 'adalog'):
