@@ -30,7 +30,7 @@ NOTES = [
     '`det_dw_input`), which are per-channel: each depthwise output channel reads one input channel, '
     'so the scale factors out of the integer sum. The stem conv reads the image at 8 bits '
     '(`patch_embed_input`, exact for 0..255 pixels).',
-    'What the per-channel depthwise inputs buy (W8A8, 4 calibration images, SQNR of all head outputs '
+    'What the per-channel depthwise inputs buy (W8A8, 4–16 calibration images, SQNR of all head outputs '
     'on 2 val images): per-tensor everywhere 11.1 dB (repq and adalog alike; fqvit MinMax 10.4, '
     'OMSE 11.3, Percentile 11.5) → 17.2 dB. In AP: FQ-ViT per-channel MinMax weights + per-tensor '
     'Percentile activations, 32 calibration images: 23.4 AP (−7.6); this config 30.2 (−0.8).',
