@@ -38,6 +38,17 @@ NOTES = [
     'at depthwise inputs (stage1: channel max 82 vs median 6.6), and the error of ~100 chained '
     'layers adds up (weights alone at 8 bits: 21.6 dB; activations alone, per-tensor: 11.6 dB, '
     'per-channel everywhere: 21.5 dB, not integer-exact for dense convs).',
+    'Worst layers (`python tools/quant_report.py configs/yolox_nano_w8a8.py --num-images 4`, '
+    'end-to-end SQNR of each layer output): neck.out_convs.2 6.7 dB, '
+    'neck.bottom_up_blocks.1.final_conv 7.1, neck.bottom_up_blocks.1.blocks.0.conv1 7.2, '
+    'bbox_head.multi_level_cls_convs.2.0.pointwise_conv 7.4, '
+    'bbox_head.multi_level_cls_convs.0.1.pointwise_conv 7.6 (the stride-32 path accumulates most).',
+    'W4A4 (`--num-images 2`): the 4-bit stem weights alone leave 6.9 dB after the first conv; '
+    'worst backbone.stage3.1.short_conv −5.3 dB, backbone.stage2.1.short_conv −3.2, '
+    'bbox_head.multi_level_cls_convs.2.1.pointwise_conv −3.1, backbone.stage3.0.pointwise_conv −2.8, '
+    'bbox_head.multi_level_cls_convs.2.0.pointwise_conv −2.6: per-tensor 4-bit activations of this '
+    'BN-folded depthwise network do not survive; keeping the stem weights at 8 bits '
+    '(`roles.patch_embed_weight`) is the first thing to try.',
 ]
 KEYS = (('ap', 'coco/bbox_mAP'), ('ap50', 'coco/bbox_mAP_50'), ('ap75', 'coco/bbox_mAP_75'))
 
