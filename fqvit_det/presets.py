@@ -32,6 +32,8 @@ ROLES = {
     'attn_mask': 'Swin shifted-window mask added to the logits',
     'det_weight': 'weights of neck / RPN / RoI-head convolutions and Linears',
     'det_input': 'inputs of neck / RPN / RoI-head convolutions and Linears',
+    'det_dw_input': 'inputs of depthwise convolutions in CNN backbones, necks and heads (default: the '
+                    'det_input quantizer; per-channel scales stay integer-exact there)',
 }
 METHODS = ('fqvit', 'ptq4vit', 'repq', 'adalog')
 SEARCHES = (None, 'hessian', 'fpcs')
@@ -242,6 +244,8 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
                                    f'unknown tensor role; expected one of {sorted(ROLES)}')
         table[role] = check_role_cfg(role, cfg)
     search_cfg = expect_dict('quant_cfg.search_cfg', options.pop('search_cfg', None))
+    if 'det_dw_input' not in (roles or {}):
+        table['det_dw_input'] = table.get('det_input')
     resolved = dict(METHOD_DEFAULTS[method])
     for key, value in options.items():
         resolved[key] = OPTION_TYPES[key](f'quant_cfg.{key}', value)

@@ -36,6 +36,20 @@ def check_dataset(ds_cfg, key):
                             f'{key}.data_prefix.{name}')
 
 
+def _wrapper_checkpoint(cfg: Config, checkpoint):
+    """The wrapper loads detector weights itself (safetensors or weights-only .pth, strict, before
+    BatchNorm folding), so a config's ``load_from`` becomes its checkpoint (``--checkpoint`` wins)
+    and the Runner must not load it again. A plain mmdet config given a checkpoint is wrapped
+    without quantization, so ``--float --checkpoint X.safetensors`` works for any detector."""
+    if (checkpoint and cfg.model.get('type') not in WRAPPERS
+            and cfg.get('default_scope') == 'mmdet'):
+        cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model)
+    if cfg.model.get('type') in WRAPPERS and cfg.get('load_from'):
+        checkpoint = checkpoint or cfg.load_from
+        cfg.load_from = None
+    return checkpoint
+
+
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
                    show_dir=None, check_data: bool = True) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
@@ -50,6 +64,7 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             cfg.model.quant_cfg = quant_cfg
         else:  # a plain mmdet detector config + quant_cfg
             cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg)
+    checkpoint = _wrapper_checkpoint(cfg, checkpoint)
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
         qdict = qcfg.to_dict() if hasattr(qcfg, 'to_dict') else qcfg

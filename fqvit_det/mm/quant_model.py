@@ -3,11 +3,11 @@ from typing import Optional
 
 from ..convert import quantize_model
 from ..presets import QUANT_CFG_KEYS, make_spec
-from ..validation import QuantConfigError, expect_choice, expect_dict
+from ..validation import QuantConfigError, expect_bool, expect_choice, expect_dict
 
 # quant_cfg keys consumed by the mm glue rather than by the preset.
 SCOPES = ('full', 'backbone')
-GLUE_KEYS = ('scope', 'calib_dataloader')
+GLUE_KEYS = ('scope', 'calib_dataloader', 'fold_bn')
 
 
 def split_quant_cfg(quant_cfg: dict, outputs_logits: bool = True):
@@ -25,6 +25,8 @@ def split_quant_cfg(quant_cfg: dict, outputs_logits: bool = True):
     glue = {k: quant_cfg.pop(k) for k in GLUE_KEYS if k in quant_cfg}
     if 'scope' in glue:
         expect_choice('quant_cfg.scope', glue['scope'], SCOPES)
+    if 'fold_bn' in glue:
+        expect_bool('quant_cfg.fold_bn', glue['fold_bn'])
     if 'calib_dataloader' in glue:
         loader = expect_dict('quant_cfg.calib_dataloader', glue['calib_dataloader'])
         if loader is not None and not isinstance(loader.get('dataset'), dict):
