@@ -1,5 +1,14 @@
 from setuptools import find_packages, setup
 
+# What imports what (tests/test_packaging.py checks these against a wheel in a fresh venv):
+# the core (quantizers, presets, calibration, search, state files) imports torch, numpy and
+# safetensors only; fqvit_det.convert's built-in converters subclass timm's ViT and Swin modules;
+# fqvit_det.mm (mmengine/mmdet glue, classifier wrapper, ImageNet dataset) imports mmengine, mmdet,
+# mmcv's compiled ops (through mmdet's models, which do not declare mmcv), timm and Pillow.
+CORE = ['torch>=2.1', 'numpy', 'safetensors']
+TIMM = ['timm==1.0.31']
+MM = ['mmengine==0.10.7', 'mmdet==3.3.0', 'mmcv==2.1.0', 'pillow'] + TIMM
+
 setup(
     name='fqvit-det',
     version='0.1.0',
@@ -7,6 +16,6 @@ setup(
                 'classification: FQ-ViT, PTQ4ViT, RepQ-ViT and AdaLog on one quantizer set.',
     packages=find_packages(include=['fqvit_det', 'fqvit_det.*']),
     python_requires='>=3.10',
-    install_requires=['torch>=2.1', 'safetensors', 'numpy'],
-    extras_require={'mm': ['mmengine==0.10.7', 'mmdet==3.3.0', 'mmcv==2.1.0', 'timm==1.0.31', 'pycocotools']},
+    install_requires=CORE,
+    extras_require={'timm': TIMM, 'mm': MM},
 )

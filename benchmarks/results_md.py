@@ -98,6 +98,13 @@ def render():
     det = load_result('det_benchmark.json')
     if det:
         parts += [det_section(det), '']
+    yolox = load_result('yolox_benchmark.json')
+    if yolox:
+        import sys
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        from yolox_benchmark import yolox_section
+        parts += [yolox_section(yolox), '']
     path = osp.join(HERE, 'RESULTS.md')
     with open(path + '.tmp', 'w') as f:
         f.write('\n'.join(parts))

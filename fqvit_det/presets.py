@@ -6,11 +6,14 @@ the calibration procedure. Users override any role from a config without code::
     quant_cfg = dict(method='repq', w_bits=4, a_bits=4,
                      roles=dict(attn_probs=dict(type='AdaLogQuantizer', bits=4)))
 """
-import copy
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
 
-from .quantizers import QUANTIZERS, build_quantizer
+from .quantizers import build_quantizer
+from .search.config import resolve_search_cfg
+from .validation import (FrozenDict, QuantConfigError, check_role_cfg, expect_bool, expect_choice,
+                         expect_dict, expect_int, freeze, integer_layernorm_problem,
+                         is_per_channel_uniform, thaw)
 
 ROLES = {
     'weight': 'weights of the transformer Linears (qkv, proj, fc1, fc2, patch-merging reduction)',
@@ -45,6 +48,8 @@ ROLES = {
     'attn_mask': 'Swin shifted-window mask added to the logits',
     'det_weight': 'weights of neck / RPN / RoI-head convolutions and Linears',
     'det_input': 'inputs of neck / RPN / RoI-head convolutions and Linears',
+    'det_dw_input': 'inputs of depthwise convolutions in CNN backbones, necks and heads (default: the '
+                    'det_input quantizer; per-channel scales stay integer-exact there)',
 }
 # Roles only FQ-ViT quantizes (official vit_quant.py / swin_quant.py); the other papers keep
 # these tensors float.
@@ -143,77 +148,144 @@ METHOD_DEFAULTS = {
 }
 
 
-@dataclass
+OPTION_TYPES = {  # quant_cfg keys that override METHOD_DEFAULTS, and how they are checked
+    'search': lambda key, v: expect_choice(key, v, SEARCHES),
+    'reparam': expect_bool,
+    'integer_layernorm': expect_bool,
+    'calib_images': lambda key, v: expect_int(key, v, 1),
+}
+FQVIT_ONLY = ('observer', 'ptf', 'lis')
+QUANT_CFG_KEYS = ('method', 'w_bits', 'a_bits', 'attn_bits', *FQVIT_ONLY, 'roles', 'search_cfg',
+                  *OPTION_TYPES)
+
+
+@dataclass(frozen=True)
 class QuantSpec:
-    """A validated, fully resolved quantization recipe."""
+    """A validated, fully resolved quantization recipe; immutable (derive with ``dataclasses.replace``).
+
+    Construction validates every field (types, ranges, every role's quantizer config, method-level
+    consistency), so a spec from ``make_spec``, ``from_dict`` or ``replace`` is always valid.
+    ``to_dict()`` is the complete recipe as plain JSON (what state files record).
+    """
     method: str
     w_bits: int
     a_bits: int
     attn_bits: int
-    roles: Dict[str, Optional[dict]]
+    roles: Mapping[str, Optional[Mapping[str, Any]]]
     search: Optional[str] = None
     reparam: bool = False
     integer_layernorm: bool = False
     calib_images: int = 32
-    search_cfg: Dict[str, Any] = field(default_factory=dict)
+    search_cfg: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        expect_choice('quant_cfg.method', self.method, METHODS)
+        for key in ('w_bits', 'a_bits', 'attn_bits'):
+            _check_bits(key, getattr(self, key))
+        for key, check in OPTION_TYPES.items():
+            check(f'quant_cfg.{key}', getattr(self, key))
+        roles = expect_dict('quant_cfg.roles', self.roles, allow_none=False)
+        missing = sorted(set(ROLES) - set(roles))
+        if missing:
+            raise QuantConfigError('quant_cfg.roles', f'a resolved recipe needs every role; missing {missing}')
+        for role in roles:
+            if role not in ROLES:
+                raise QuantConfigError(f'quant_cfg.roles.{role}',
+                                       f'unknown tensor role; expected one of {sorted(ROLES)}')
+        object.__setattr__(self, 'roles', FrozenDict(
+            {role: check_role_cfg(role, roles[role]) for role in ROLES}))
+        search_cfg = expect_dict('quant_cfg.search_cfg', self.search_cfg)
+        object.__setattr__(self, 'search_cfg', freeze(search_cfg or {}, 'quant_cfg.search_cfg'))
+        if self.reparam and not is_per_channel_uniform(self.roles['ln_output']):
+            raise QuantConfigError(
+                'quant_cfg.reparam', 'RepQ-ViT reparameterization folds per-channel LayerNorm-output '
+                'scales into the norm and the next Linears, so it needs a per-channel UniformQuantizer '
+                f'on ln_output (e.g. ch_axis=-1); got roles.ln_output={_plain(self.roles["ln_output"])}. '
+                'Set reparam=False, or give ln_output such a quantizer')
+        if self.integer_layernorm:
+            problem = integer_layernorm_problem(self.roles)
+            if problem:
+                raise QuantConfigError('quant_cfg.integer_layernorm',
+                                       f'FQ-ViT integer LayerNorm {problem}. Set integer_layernorm=False '
+                                       'or change the roles')
 
     def build(self, role: str, name: str):
         cfg = self.roles.get(role)
         if cfg is None:
             return None
-        q = build_quantizer(copy.deepcopy(cfg))
+        q = build_quantizer(thaw(cfg))
         q.qname = name
         return q
 
+    def to_dict(self) -> dict:
+        """The full resolved recipe as plain JSON-serializable values (``from_dict`` inverts it)."""
+        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'QuantSpec':
+        """A spec from ``to_dict()`` output; validated like any other (unknown keys raise)."""
+        data = expect_dict('quant spec', data, allow_none=False)
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise QuantConfigError('quant spec', f'unknown keys {unknown}; expected {names}')
+        return cls(**data)
+
+
+def _plain(cfg):
+    return None if cfg is None else thaw(cfg)
+
 
 def _check_bits(key, value):
-    if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
-        raise ValueError(f'quant_cfg.{key} must be an integer bit-width in 2..8, got {value!r}')
+    expect_int(f'quant_cfg.{key}', value, 2, 8)
 
 
 def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits: int = None,
-              observer: str = 'minmax', ptf: bool = True, lis: bool = True,
+              observer: str = None, ptf: bool = None, lis: bool = None,
               roles: Dict[str, Any] = None, **options) -> QuantSpec:
-    """Resolve a preset and overrides into a ``QuantSpec``, naming the offending key on bad input."""
-    if method not in METHODS:
-        raise ValueError(f'quant_cfg.method must be one of {METHODS}, got {method!r}')
+    """Resolve a preset and overrides into a ``QuantSpec``, naming the offending key on bad input.
+
+    ``observer`` / ``ptf`` / ``lis`` choose FQ-ViT's variant (defaults: 'minmax', True, True) and
+    are errors for the other methods. ``options`` override ``METHOD_DEFAULTS`` (search, reparam,
+    integer_layernorm, calib_images) plus ``search_cfg``.
+    """
+    unknown = sorted(set(options) - set(QUANT_CFG_KEYS))
+    if unknown:
+        raise QuantConfigError(f'quant_cfg.{unknown[0]}', f'unknown option; expected one of {sorted(QUANT_CFG_KEYS)}')
+    expect_choice('quant_cfg.method', method, METHODS)
     _check_bits('w_bits', w_bits)
     _check_bits('a_bits', a_bits)
     attn_bits = a_bits if attn_bits is None else attn_bits
     _check_bits('attn_bits', attn_bits)
     if method == 'fqvit':
-        if observer not in FQVIT_OBSERVERS:
-            raise ValueError(f'quant_cfg.observer must be one of {sorted(FQVIT_OBSERVERS)}, got {observer!r}')
+        observer = expect_choice('quant_cfg.observer', 'minmax' if observer is None else observer,
+                                 tuple(FQVIT_OBSERVERS))
+        ptf = expect_bool('quant_cfg.ptf', True if ptf is None else ptf)
+        lis = expect_bool('quant_cfg.lis', True if lis is None else lis)
         table = fqvit_roles(w_bits, a_bits, attn_bits, observer, ptf, lis)
     else:
+        for key, value in zip(FQVIT_ONLY, (observer, ptf, lis)):
+            if value is not None:
+                raise QuantConfigError(f'quant_cfg.{key}', f"applies to method='fqvit' only (got "
+                                                           f"method={method!r}); remove it or use roles")
         table = {'ptq4vit': ptq4vit_roles, 'repq': repq_roles, 'adalog': adalog_roles}[method](
             w_bits, a_bits, attn_bits)
+    roles = expect_dict('quant_cfg.roles', roles)
     for role, cfg in (roles or {}).items():
         if role not in ROLES:
-            raise ValueError(f'quant_cfg.roles.{role}: unknown tensor role; expected one of {sorted(ROLES)}')
-        if cfg is not None:
-            if not isinstance(cfg, dict) or cfg.get('type') not in QUANTIZERS:
-                raise ValueError(f'quant_cfg.roles.{role}: expected None or dict(type=<quantizer>, ...) '
-                                 f'with type in {sorted(QUANTIZERS)}, got {cfg!r}')
-            cfg = dict(cfg)
-            bits = cfg.get('bits', 8)
-            if not isinstance(bits, int) or not 2 <= bits <= 16:
-                raise ValueError(f'quant_cfg.roles.{role}.bits must be an int in 2..16, got {bits!r}')
-            try:
-                build_quantizer(copy.deepcopy(cfg))
-            except (TypeError, ValueError, KeyError) as err:
-                raise ValueError(f'quant_cfg.roles.{role}: {err}') from err
-        table[role] = cfg
+            raise QuantConfigError(f'quant_cfg.roles.{role}',
+                                   f'unknown tensor role; expected one of {sorted(ROLES)}')
+        table[role] = check_role_cfg(role, cfg)
+    search_cfg = expect_dict('quant_cfg.search_cfg', options.pop('search_cfg', None))
+    if 'det_dw_input' not in (roles or {}):
+        table['det_dw_input'] = table.get('det_input')
     resolved = dict(METHOD_DEFAULTS[method])
-    search_cfg = options.pop('search_cfg', {}) or {}
     for key, value in options.items():
-        if key not in resolved:
-            raise ValueError(f'quant_cfg.{key}: unknown option; expected one of '
-                             f'{sorted(set(resolved) | {"method", "w_bits", "a_bits", "attn_bits", "observer", "ptf", "lis", "roles", "search_cfg"})}')
-        resolved[key] = value
-    if resolved['search'] not in SEARCHES:
-        raise ValueError(f'quant_cfg.search must be one of {SEARCHES}, got {resolved["search"]!r}')
-    if not isinstance(resolved['calib_images'], int) or resolved['calib_images'] < 1:
-        raise ValueError(f'quant_cfg.calib_images must be a positive int, got {resolved["calib_images"]!r}')
+        resolved[key] = OPTION_TYPES[key](f'quant_cfg.{key}', value)
+    if 'integer_layernorm' not in options and resolved['integer_layernorm']:
+        # The method's default, not a request: on only where the roles allow it (e.g. not with a
+        # per-channel ln_output override); an explicit True is checked by QuantSpec.
+        resolved['integer_layernorm'] = integer_layernorm_problem(table) is None
+    search_cfg = resolve_search_cfg(method, resolved['search'], search_cfg)
     return QuantSpec(method=method, w_bits=w_bits, a_bits=a_bits, attn_bits=attn_bits, roles=table,
-                     search_cfg=dict(search_cfg), **resolved)
+                     search_cfg=search_cfg, **resolved)

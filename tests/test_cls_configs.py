@@ -6,6 +6,7 @@ import pytest
 
 from mmengine.config import Config  # noqa: E402
 
+from fqvit_det.mm.quant_model import split_quant_cfg  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 
 from .helpers import ROOT  # noqa: E402
@@ -18,8 +19,14 @@ CLS_CONFIGS = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', 'cls', '*.py
 def test_cls_config_resolves(path):
     cfg = Config.fromfile(path)
     assert cfg.model.type == 'TimmClassifier'
-    spec = make_spec(**cfg.model.quant_cfg)
-    assert spec.w_bits in (4, 6, 8) and spec.roles['weight'] is not None
+    qcfg = cfg.model.quant_cfg.to_dict()
+    spec, glue = split_quant_cfg(qcfg)  # the path tools/test.py validates with
+    assert glue == {}
+    for key in ('method', 'w_bits', 'a_bits', 'attn_bits', 'calib_images'):
+        assert getattr(spec, key) == qcfg[key], key
+    assert spec.roles['weight']['bits'] == qcfg['w_bits']
+    # Exactly one weight source: the named checkpoint (no silent hub fallback).
+    assert cfg.model.checkpoint.endswith('.safetensors') and not cfg.model.get('pretrained', False)
 
 
 def test_mix_config_is_a_role_override_of_a_preset():

@@ -13,7 +13,9 @@ from fqvit_det.nn.modules import AttentionQuantizers, QuantConv2d, QuantLinear  
 
 from .helpers import HAS_DATA, ROOT  # noqa: E402
 
-DET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
+# Transformer-backbone detectors; the CNN YOLOX configs are checked in tests/test_yolox.py.
+DET_CONFIGS = sorted(p for p in glob.glob(osp.join(ROOT, 'configs', '*.py'))
+                     if not osp.basename(p).startswith('yolox'))
 
 
 def build(cfg):
@@ -168,3 +170,17 @@ def test_deit_backbone_residual_stream_is_linked():
     with torch.no_grad():
         feats = net.backbone(torch.randn(1, 3, 40, 56))  # dynamic size: resampled pos_embed
     assert [f.shape[-2:] for f in feats][2] == (3, 4)
+
+
+def test_ptq4vit_detector_needs_explicit_mse_metric(tmp_path):
+    """The Hessian-guided metric needs logits: a detector fails at config time with the fix."""
+    def cfg_with(quant_cfg):
+        path = tmp_path / 'user.py'
+        path.write_text("_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'\n"
+                        "custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)\n"
+                        f'quant_cfg = {quant_cfg!r}\n')
+        return prepare_config(Config.fromfile(str(path)), check_data=False)
+    with pytest.raises(ValueError, match=r"set quant_cfg\.search_cfg\.metric='mse'"):
+        cfg_with(dict(method='ptq4vit', w_bits=6, a_bits=6))
+    cfg = cfg_with(dict(method='ptq4vit', w_bits=6, a_bits=6, search_cfg=dict(metric='mse')))
+    assert cfg.model.quant_cfg.search_cfg.metric == 'mse'

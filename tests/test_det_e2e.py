@@ -39,7 +39,7 @@ def test_mask_rcnn_float_and_quantized_then_reload(tmp_path):
     for kind in ('float', 'quant'):
         metrics = summary[kind]['metrics']
         assert 'coco/bbox_mAP' in metrics and 'coco/segm_mAP' in metrics, metrics
-    assert 'calibration batch 2' in log
+    assert 'calibration: 2 of 2 images' in log  # the progress shows the calibration share
     state = osp.join(work, 'quant_state.safetensors')
     assert osp.isfile(state)
     summary2, log2 = run(cfg, str(tmp_path / 'reload'), '--quant-state', state, '--out', str(tmp_path / 'b.pkl'),

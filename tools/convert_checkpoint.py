@@ -3,8 +3,8 @@
 
     python tools/convert_checkpoint.py cascade_mask_rcnn_swin_small_...pth cascade_swin_s.safetensors
 
-Reads weights only (``torch.load(weights_only=True)``: no pickled code runs; non-tensor metadata
-such as the training config is dropped) and writes safetensors atomically. Optionally checks that
+Reads weights only (``torch.load(weights_only=True)``: no pickled code runs; the metadata next to
+``state_dict``, such as the training config, is not converted) and writes safetensors atomically. Optionally checks that
 the result loads strictly into the detector of a config (``--config``).
 """
 import argparse
@@ -27,8 +27,14 @@ def read_official(path):
                          '"state_dict" tensors from a trusted environment first') from err
     state = obj.get('state_dict', obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f'{path}: expected a dict with a "state_dict" of tensors')
-    return {k: v for k, v in state.items() if hasattr(v, 'shape')}
+        raise ValueError(f'{path}: expected a dict with a "state_dict" of tensors, got {type(obj).__name__}')
+    if not state:
+        raise ValueError(f'{path}: the state dict holds no tensors')
+    other = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if other:
+        raise ValueError(f'{path}: the state dict has non-tensor entries {other[:5]}'
+                         f'{" ..." if len(other) > 5 else ""}; expected only weights')
+    return state
 
 
 def write_safetensors(state, out):
@@ -56,9 +62,12 @@ def main(argv=None):
         raise SystemExit('dst must end with .safetensors')
     from fqvit_det.convert.swin_checkpoint import convert_swin_od_state_dict, looks_like_swin_od
     state = read_official(args.src)
-    if not looks_like_swin_od(state):
-        print('note: no backbone.layers.* keys; the checkpoint already looks mmdet 3.x style')
-    converted = convert_swin_od_state_dict(state)
+    if looks_like_swin_od(state):
+        converted = convert_swin_od_state_dict(state)
+    else:  # converting again would rename mmdet 3.x keys a second time (attn.w_msa.w_msa)
+        print('note: no backbone.layers.* keys; the checkpoint already looks mmdet 3.x style: '
+              'its tensors are written unchanged')
+        converted = state
     if args.config:
         from mmengine.config import Config
         from fqvit_det.mm.checkpoint import load_into

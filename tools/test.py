@@ -44,7 +44,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 
 def main(argv=None):
     args = parse_args(argv)
-    from fqvit_det.mm.launch import prepare_config, run_eval
+    from fqvit_det.mm.launch import init_distributed, prepare_config, run_eval
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -53,6 +53,7 @@ def main(argv=None):
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
                          calib_images=args.calib_images, out=args.out, show_dir=args.show_dir)
+    init_distributed(cfg, args.launcher)
     results = {}
     if args.compare_float or args.float:
         results['float'] = run_eval(cfg, float_eval=True)

@@ -1,5 +1,6 @@
 # Shared ImageNet evaluation settings. Data root: $FQVIT_DATA (default ../shared/data).
-# Model weights: `checkpoint` when that file exists, else timm pretrained=True (needs the hub).
+# Model weights: `model.checkpoint` (must exist; --checkpoint overrides it). For timm's hub weights
+# instead, set checkpoint=None, pretrained=True.
 custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
 # Fixed seed: layers without trained weights (random-weight runs) are identical in every process.
 randomness = dict(seed=0)

@@ -1,11 +1,14 @@
 """mmengine / mmdet glue. Importing it (``custom_imports=dict(imports=['fqvit_det'])``) registers
-the dataset, models, metric and hooks in the mmengine registries."""
+the dataset, models, metric and hooks in the mmengine registries.
+
+Needs the ``mm`` extra (``pip install fqvit-det[mm]``). The detection glue is registered when mmdet
+is installed; an installed mmdet that fails to import (e.g. mmcv built against another torch)
+raises here instead of silently leaving ``QuantizedDetector`` unregistered.
+"""
+from importlib.util import find_spec
+
 from . import registry  # noqa: F401
 from . import cls, hooks  # noqa: F401
 
-try:  # detection glue needs mmdet (and mmcv's compiled ops)
-    import mmdet  # noqa: F401
-except ImportError:
-    pass
-else:
+if find_spec('mmdet') is not None:
     from . import det  # noqa: F401

@@ -36,7 +36,9 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str,
               strict: bool = True) -> None:
     """``load_state_dict`` with an error that says which keys/shapes do not match the model."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm fills in a missing ``num_batches_tracked`` itself (it only matters for training
+    # with momentum=None); exporters and converters often drop it.
+    missing = [k for k in own if k not in state and not k.endswith('.num_batches_tracked')]
     unexpected = [k for k in state if k not in own]
     shape = [f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
              for k in own if k in state and state[k].shape != own[k].shape]

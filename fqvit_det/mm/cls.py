@@ -9,6 +9,7 @@ from mmengine.registry import DATASETS, METRICS, MODELS
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..log import get_logger
 from .checkpoint import load_into, load_weights
 from .quant_model import QuantizableMixin
 
@@ -33,12 +34,12 @@ class ImageNetDataset(Dataset):
     Two layouts: ``ann_file`` = a ``<file> <label>`` list (paths relative to
     ``data_root/img_dir``), or
     ``ann_file=None`` = class folders under ``data_root`` (sorted folder names = label order).
-    ``transform`` is a timm model name (its eval transform is used) or a callable.
+    ``transform`` (required: the model decides it) is a timm model name (its eval transform),
+    ``dict(model_name=..., **overrides)`` (e.g. ``input_size=(3, 64, 64)``) or a callable.
     """
 
-    def __init__(self, data_root: str, ann_file: Optional[str] = 'labels.txt', img_dir: str = '',
-                 transform='deit_tiny_patch16_224', max_images: Optional[int] = None,
-                 test_mode: bool = True):
+    def __init__(self, data_root: str, transform, ann_file: Optional[str] = 'labels.txt',
+                 img_dir: str = '', max_images: Optional[int] = None, test_mode: bool = True):
         if not os.path.isdir(data_root):
             raise FileNotFoundError(f'ImageNetDataset: data_root {data_root!r} is not a directory')
         self.data_root = data_root
@@ -50,7 +51,16 @@ class ImageNetDataset(Dataset):
         if not os.path.isfile(self.samples[0][0]):
             raise FileNotFoundError(f'ImageNetDataset: image {self.samples[0][0]!r} listed in '
                                     f'{ann_file!r} does not exist (check data_root / img_dir)')
-        self.transform = timm_eval_transform(transform) if isinstance(transform, str) else transform
+        if isinstance(transform, str):
+            self.transform = timm_eval_transform(transform)
+        elif isinstance(transform, dict) and isinstance(transform.get('model_name'), str):
+            overrides = {k: v for k, v in transform.items() if k != 'model_name'}
+            self.transform = timm_eval_transform(transform['model_name'], **overrides)
+        elif callable(transform):
+            self.transform = transform
+        else:
+            raise ValueError('ImageNetDataset: transform must be a timm model name, '
+                             f'dict(model_name=..., **overrides) or a callable, got {transform!r}')
 
     @staticmethod
     def _load(root, ann_file, img_dir=''):
@@ -87,24 +97,39 @@ class ImageNetDataset(Dataset):
 class TimmClassifier(QuantizableMixin, BaseModel):
     """A timm classifier as an mmengine model, optionally quantized by ``quant_cfg``.
 
-    Weights: ``checkpoint`` (safetensors or .pth, loaded with ``weights_only=True``); with
-    ``pretrained=True`` a missing ``checkpoint`` file falls back to timm's hub download.
+    Weights come from exactly one explicit source: ``checkpoint`` (a local safetensors or .pth
+    file, loaded with ``weights_only=True``; a missing file is an error) or ``pretrained=True``
+    (timm's hub download). With neither, the weights are random, and a warning says so.
     """
+    supported_glue = ('calib_dataloader',)
 
     def __init__(self, model_name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
                  quant_cfg: Optional[dict] = None, model_kwargs: Optional[dict] = None,
                  data_preprocessor=None, init_cfg=None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        import timm
-        self.model_name = model_name
+        self.check_quant_cfg(quant_cfg)  # fail on a bad quant_cfg before building anything
+        if not isinstance(pretrained, bool):
+            raise ValueError(f'TimmClassifier: pretrained must be True or False, got {pretrained!r}')
+        if checkpoint and pretrained:
+            raise ValueError(f'TimmClassifier: both checkpoint={checkpoint!r} and pretrained=True '
+                             'were given; choose one weight source (remove pretrained=True to load '
+                             'the file, or checkpoint to download timm\'s weights)')
         if checkpoint and not os.path.isfile(checkpoint):
-            if not pretrained:
-                raise FileNotFoundError(f'TimmClassifier: checkpoint {checkpoint!r} not found')
-            checkpoint = None  # documented fallback: timm's pretrained weights
-        self.model = timm.create_model(model_name, pretrained=pretrained and not checkpoint,
-                                       **(model_kwargs or {}))
+            raise FileNotFoundError(f'TimmClassifier: checkpoint {checkpoint!r} not found (set '
+                                    'model.checkpoint / --checkpoint to an existing file, or use '
+                                    'checkpoint=None, pretrained=True to download timm\'s weights)')
+        import timm
+        logger = get_logger()
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
         if checkpoint:
             load_into(self.model, load_weights(checkpoint), checkpoint)
+            logger.info(f'TimmClassifier: {model_name} weights from {checkpoint}')
+        elif pretrained:
+            logger.info(f'TimmClassifier: {model_name} weights from timm (pretrained=True)')
+        else:
+            logger.warning(f'TimmClassifier: {model_name} has RANDOM weights (no checkpoint and '
+                           'pretrained=False): accuracies say nothing about quantization quality')
         self.model.eval()
         self.setup_quantization(quant_cfg)
 

@@ -6,7 +6,9 @@ from mmengine.model import BaseModel, BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..convert.det_heads import DET_PARTS, det_head_rules
+from ..convert.bn_fold import fold_batchnorm
+from ..convert.det_heads import (cnn_backbone_rules, det_head_rules, detector_parts,
+                                  is_transformer_backbone)
 from .checkpoint import load_into, load_weights
 from .quant_model import QuantizableMixin
 
@@ -63,8 +65,10 @@ def backbone_rules(backbone):
     from ..convert.mmdet_swin import is_mmdet_swin, mmdet_swin_rules
     if is_mmdet_swin(backbone):
         return mmdet_swin_rules('backbone.')
+    if not is_transformer_backbone(backbone):  # a CNN (CSPDarknet, ResNet, ...)
+        return cnn_backbone_rules(backbone)
     raise TypeError(f'no quantization rules for backbone {type(backbone).__name__}; supported: '
-                    'mmdet SwinTransformer, TimmViTBackbone')
+                    'mmdet SwinTransformer, TimmViTBackbone, CNN backbones (no attention)')
 
 
 @MODELS.register_module()
@@ -75,6 +79,7 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
     protocol) or ``'backbone'``. ``checkpoint``: detector weights (safetensors, or .pth loaded
     weights-only; mmdet 2.x Swin-OD checkpoints: convert with tools/convert_checkpoint.py first).
     """
+    outputs_logits = False
 
     def __init__(self, detector: dict, quant_cfg: Optional[dict] = None,
                  checkpoint: Optional[str] = None, data_preprocessor=None, init_cfg=None):
@@ -95,6 +100,9 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
             if scope not in SCOPES:
                 raise ValueError(f'quant_cfg.scope must be one of {SCOPES}, got {scope!r}')
             quant_cfg.setdefault('calib_images', DET_CALIB_IMAGES)
+            if quant_cfg.get('fold_bn', True):
+                # Before conversion and calibration; the float baseline is this folded model too.
+                self.folded_bn = fold_batchnorm(self.detector)
         self.setup_quantization(quant_cfg)
 
     @property
@@ -104,7 +112,7 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
     def conversion_rules(self, glue):
         rules = backbone_rules(self.detector.backbone)
         if glue.get('scope', 'full') == 'full':
-            rules += det_head_rules([p for p in DET_PARTS if hasattr(self.detector, p)])
+            rules += det_head_rules(detector_parts(self.detector), self.detector)
         return rules
 
     def calib_forward(self, model, batch):

@@ -1,5 +1,6 @@
 """What ``tools/test.py`` does, importable for tests: validate early, wrap, run, summarise."""
 import copy
+import datetime
 import os
 import os.path as osp
 import time
@@ -35,6 +36,20 @@ def check_dataset(ds_cfg, key):
                             f'{key}.data_prefix.{name}')
 
 
+def _wrapper_checkpoint(cfg: Config, checkpoint):
+    """The wrapper loads detector weights itself (safetensors or weights-only .pth, strict, before
+    BatchNorm folding), so a config's ``load_from`` becomes its checkpoint (``--checkpoint`` wins)
+    and the Runner must not load it again. A plain mmdet config given a checkpoint is wrapped
+    without quantization, so ``--float --checkpoint X.safetensors`` works for any detector."""
+    if (checkpoint and cfg.model.get('type') not in WRAPPERS
+            and cfg.get('default_scope') == 'mmdet'):
+        cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model)
+    if cfg.model.get('type') in WRAPPERS and cfg.get('load_from'):
+        checkpoint = checkpoint or cfg.load_from
+        cfg.load_from = None
+    return checkpoint
+
+
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
                    show_dir=None, check_data: bool = True) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
@@ -49,13 +64,12 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             cfg.model.quant_cfg = quant_cfg
         else:  # a plain mmdet detector config + quant_cfg
             cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg)
+    checkpoint = _wrapper_checkpoint(cfg, checkpoint)
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
-        qdict = qcfg.to_dict() if hasattr(qcfg, 'to_dict') else dict(qcfg)
-        split_quant_cfg(qdict)  # validate now, before any model or data is built
-        scope = qdict.get('scope', 'full')
-        if cfg.model.get('type') == 'QuantizedDetector' and scope not in ('full', 'backbone'):
-            raise ValueError(f"quant_cfg.scope must be 'full' or 'backbone', got {scope!r}")
+        qdict = qcfg.to_dict() if hasattr(qcfg, 'to_dict') else qcfg
+        # validate now, before any model or data is built
+        split_quant_cfg(qdict, outputs_logits=cfg.model.get('type') != 'QuantizedDetector')
     if checkpoint:
         _check_path(checkpoint, 'checkpoint', '--checkpoint')
         if cfg.model.get('type') in WRAPPERS:
@@ -99,6 +113,52 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
     return cfg
 
 
+def init_distributed(cfg: Config, launcher: str) -> None:
+    """Start torch.distributed for ``--launcher pytorch`` before mmengine's Runner does.
+
+    mmengine 0.10.7's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally, which fails
+    on a machine without a GPU. Here: nccl on GPUs (one per ``LOCAL_RANK``), gloo on CPUs, the
+    timeout from ``env_cfg.dist_cfg.timeout`` (seconds; default 2 h, as the layer search runs on
+    rank 0 while the other ranks wait). The Runner then finds the process group initialised.
+    On CPUs the model wrapper is a DDP without ``device_ids`` (mmengine passes ``LOCAL_RANK``).
+    """
+    if launcher != 'pytorch':
+        return
+    import torch
+    import torch.distributed as dist
+    from ..log import get_logger
+    dist_cfg = dict((cfg.get('env_cfg') or {}).get('dist_cfg') or {})
+    use_cuda = torch.cuda.is_available()
+    backend = 'nccl' if use_cuda else 'gloo'
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        timeout = datetime.timedelta(seconds=float(dist_cfg.get('timeout', 7200)))
+        dist.init_process_group(backend, timeout=timeout)
+        if dist_cfg.get('backend', backend) != backend:
+            get_logger().info(f'--launcher pytorch: using the {backend} backend on this '
+                              f'{"GPU" if use_cuda else "CPU-only"} machine (env_cfg.dist_cfg.backend '
+                              f'asks for {dist_cfg["backend"]})')
+    if not use_cuda and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = ConfigDict(type='MMDistributedDataParallel', device_ids=None)
+
+
+def jsonable(obj):
+    """``obj`` with tensors as numbers / lists (large ones summarised) for summary.json."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() == 1:
+            return obj.item()
+        return obj.tolist() if obj.numel() <= 64 else dict(shape=list(obj.shape), mean=float(obj.float().mean()))
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
 def run_eval(cfg: Config, float_eval: bool = False) -> dict:
     """Build a Runner and test; returns metrics and timings."""
     from mmengine.runner import Runner
@@ -115,6 +175,8 @@ def run_eval(cfg: Config, float_eval: bool = False) -> dict:
     t0 = time.time()
     metrics = runner.test()
     total = time.time() - t0
-    calib = calib_hook.result.get('total') if calib_hook is not None and calib_hook.result else None
+    result = calib_hook.result if calib_hook is not None and calib_hook.result else None
+    calib = result.get('seconds', {}).get('total') if result else None
     return dict(metrics={k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
-                eval_seconds=total - (calib or 0.0), calib_seconds=calib, work_dir=cfg.work_dir)
+                eval_seconds=total - (calib or 0.0), calib_seconds=calib, work_dir=cfg.work_dir,
+                calibration=jsonable(result))

@@ -263,7 +263,7 @@ class AttentionQuantizers(QuantModule):
     the softmax; it observes the unmasked logits too.
     """
 
-    # Layer-search hook (``fqvit_det.search_runner``): when set, a callable
+    # Layer-search hook (``fqvit_det.search.capture``): when set, a callable
     # ``_recorder(aq, q, k, v, scale, bias, mask, mask_fn)`` sees the unquantized operands of every
     # ``attend`` call. Class-level None, so the normal path costs one attribute test.
     _recorder = None

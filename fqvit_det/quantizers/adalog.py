@@ -13,17 +13,18 @@ exactly 0 to 2^−50 at 6 bits; we fix that.) q = r reproduces the log2 quantize
 Post-GELU mode: ``shift = η = 0.16997124`` (≈ −min GELU) is added before quantization so all
 inputs are ≥ 0, and ``dequantize`` / ``fake_quant`` return x̂_s − η by default
 (``subtract_shift=True``), so ``fake_quant(x) == dequantize(quantize(x))`` ≈ x. A deployment that
-feeds x̂_s itself to the next Linear folds −η into its bias (``fold_shift_into_next_linear``); use
-``dequantize_shifted`` for that value.
+feeds x̂_s itself to the next Linear folds −η into its bias, W·(x̂_s − η) + b = W·x̂_s + (b − η·W·1);
+``dequantize_shifted`` gives x̂_s.
 """
 from typing import Optional, Sequence
 
 import torch
 
-from .base import MIN_SCALE, Quantizer, flat_chunks, needs_autograd, scratch, single_threaded
-from .log import (CODE_DTYPE, ZERO_CODE, _as_float, finish_log_codes, pooled_samples,  # noqa: F401
-                  sample_pool_append)
+from .base import (MIN_SCALE, Quantizer, check_bool, check_float, check_int, flat_chunks,
+                   needs_autograd, scratch, single_threaded)
+from .log import CODE_DTYPE, ZERO_CODE, _as_float, finish_log_codes, pooled_samples, subsample  # noqa: F401
 from .registry import register_quantizer
+from .stats import BatchPool
 
 GELU_SHIFT = 0.16997124
 ADALOG_R = 37
@@ -144,13 +145,6 @@ def adalog_fake_quant_chunked(x: torch.Tensor, delta: torch.Tensor, q, bits: int
     return out
 
 
-def fold_shift_into_next_linear(weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                eta: float = GELU_SHIFT) -> torch.Tensor:
-    """Bias reparameterization: W·(x̂ − η·1) + b = W·x̂ + (b − η·W·1). Returns the new bias."""
-    new = -eta * weight.sum(dim=1)
-    return new if bias is None else bias + new
-
-
 def adalog_search(samples: torch.Tensor, deltas: torch.Tensor, qs: torch.Tensor, bits: int,
                   r: int = ADALOG_R, lut: Optional[torch.Tensor] = None, budget: int = 2 ** 22):
     """MSE of each (Δ_k, q_k) candidate on ``samples`` (already shifted, flat); errors [K]."""
@@ -179,7 +173,7 @@ class AdaLogQuantizer(Quantizer):
         search_scale: also search Δ at ``finalize``. Δ is searched whenever ``shift != 0`` as well
             (post-GELU); otherwise Δ keeps its value (1 for softmax) and only q is searched.
         subtract_shift: ``dequantize`` returns x̂_s − η (True) or x̂_s (False: the next Linear's
-            bias must be folded with ``fold_shift_into_next_linear``).
+            bias must absorb −η·W·1).
         q_candidates: q grid for ``finalize`` (default 10 … 137).
         scale_factors: Δ grid for ``finalize`` as multiples of max(x + η).
         max_samples: bound on the pooled calibration samples used by ``finalize``.
@@ -188,26 +182,37 @@ class AdaLogQuantizer(Quantizer):
     ``adalog_fake_quant`` with candidate tensors.
     """
 
+    PARAMS = ('delta', 'q')
+
     def __init__(self, bits: int = 4, r: int = ADALOG_R, q_init: int = ADALOG_R, shift: float = 0.0,
                  search_scale: bool = False, subtract_shift: bool = True,
                  q_candidates: Optional[Sequence[int]] = None,
                  scale_factors: Sequence[float] = DEFAULT_SCALE_FACTORS,
                  max_samples: int = 2 ** 16):
         super().__init__(bits)
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f'{type(self).__name__}: r must be a positive int, got {r!r}')
-        self.r = r
-        self.shift = float(shift)
-        self.search_scale = search_scale
-        self.subtract_shift = subtract_shift
-        self.q_candidates = None if q_candidates is None else tuple(int(v) for v in q_candidates)
-        self.scale_factors = tuple(float(f) for f in scale_factors)
-        self.max_samples = int(max_samples)
+        self.r = check_int(self, 'r', r, 1)
+        self.shift = check_float(self, 'shift', shift, 0.0)
+        self.search_scale = check_bool(self, 'search_scale', search_scale)
+        self.subtract_shift = check_bool(self, 'subtract_shift', subtract_shift)
+        if q_candidates is not None:
+            if isinstance(q_candidates, (str, bytes)) or not isinstance(q_candidates, Sequence) \
+                    or not q_candidates:
+                raise TypeError(f'{type(self).__name__}: q_candidates must be None or a non-empty '
+                                f'sequence of positive ints, got {q_candidates!r}')
+            q_candidates = tuple(check_int(self, 'q_candidates', v, 1) for v in q_candidates)
+        self.q_candidates = q_candidates
+        if isinstance(scale_factors, (str, bytes)) or not isinstance(scale_factors, Sequence) \
+                or not scale_factors:
+            raise TypeError(f'{type(self).__name__}: scale_factors must be a non-empty sequence '
+                            f'of positive numbers, got {scale_factors!r}')
+        self.scale_factors = tuple(check_float(self, 'scale_factors', f, 0.0, None, lo_open=True)
+                                   for f in scale_factors)
+        self.max_samples = check_int(self, 'max_samples', max_samples, 1)
+        check_int(self, 'q_init', q_init, 1)
         self.register_buffer('delta', torch.tensor(1.0))
         self.register_buffer('q', _int_q(q_init).reshape(()).clone())
         self.register_buffer('lut', adalog_lut(r, bits))
-        self.register_buffer('num_batches', torch.tensor(0))
-        self._pool = []
+        self._pool = BatchPool(self.max_samples)
 
     @property
     def searches_delta(self) -> bool:
@@ -216,19 +221,32 @@ class AdaLogQuantizer(Quantizer):
     # --- calibration ------------------------------------------------------------------------
     def observe(self, x):
         xs = _as_float(x.detach())
-        sample_pool_append(self._pool, xs + self.shift if self.shift else xs, self.max_samples)
-        self.num_batches += 1
+        self._pool.append(subsample(xs + self.shift if self.shift else xs, self.max_samples))
 
-    def reset(self):
-        """Forget pooled samples (Δ and q keep their values until the next ``finalize``)."""
-        super().reset()
-        self.num_batches.zero_()
-        self._pool = []
+    def reset_stats(self):
+        self._pool.reset()
+
+    @property
+    def num_observed(self) -> int:
+        return self._pool.num_batches
+
+    def calibration_stats(self):
+        """``{'num_batches', 'pool': the kept per-batch samples (of x + η), oldest first}``."""
+        return self._pool.stats()
+
+    def load_calibration_stats(self, stats):
+        self._pool.load(stats, self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        return self._pool.merge(per_rank, self.qname)
 
     def finalize(self):
-        if not self._pool:
+        if self._pool.num_batches == 0:
             raise RuntimeError(f'{self.qname}: no calibration data was observed')
-        xs = pooled_samples(self._pool, self.max_samples)
+        if not self._pool.items:
+            raise RuntimeError(f'{self.qname}: the pooled samples were already released by '
+                               'finalize(); observe again')
+        xs = pooled_samples(self._pool.items, self.max_samples)
         dev = xs.device
         qs = (adalog_base_candidates(dev) if self.q_candidates is None
               else torch.tensor(self.q_candidates, dtype=torch.int64, device=dev))
@@ -242,17 +260,17 @@ class AdaLogQuantizer(Quantizer):
         qq = qs.repeat(deltas.numel())
         err = adalog_search(xs, dd, qq, self.bits, self.r, self.lut.to(dev))
         best = int(torch.argmin(err))
-        self.set_params(delta=float(dd[best]), q=int(qq[best]))
-        self._pool = []
+        self.set_params(delta=dd[best], q=qq[best])
+        self._pool.items = []
 
     def set_params(self, delta=None, q=None):
-        """Set Δ and/or q directly (searches); marks the quantizer calibrated."""
+        """Set Δ (scalar, clamped to ``MIN_SCALE``) and / or q (a positive integer)."""
         if delta is not None:
-            self.delta = torch.as_tensor(float(delta), dtype=torch.float32,
-                                         device=self.delta.device).clamp(min=MIN_SCALE).clone()
+            delta = torch.as_tensor(delta, dtype=torch.float32).detach().reshape(())
+            delta = delta.clamp(min=MIN_SCALE)
         if q is not None:
-            self.q = _int_q(q).reshape(()).to(self.q.device).clone()
-        self.mark_calibrated()
+            q = _int_q(q).reshape(())
+        self._assign_params({'delta': delta, 'q': q})
 
     # --- quantization -----------------------------------------------------------------------
     def quantize(self, x):

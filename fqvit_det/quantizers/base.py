@@ -14,7 +14,7 @@ Buffers may change shape at ``finalize`` or ``load_state_dict`` (e.g. per-channe
 import functools
 import math
 import threading
-from typing import Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,12 +62,15 @@ def single_threaded(fn):
     worker (measured with 2 threads on 2 busy cores: a DeiT-Tiny forward 3× slower than with the
     kernels single-threaded). The large ops around them (matmuls) keep the caller's thread count.
     On an idle machine ``CHUNK_THREADS = None`` (the default) is faster; results are identical.
+    Off the CPU (the first tensor argument decides) the thread count is left alone.
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        n = torch.get_num_threads()
         k = CHUNK_THREADS
-        if k is None or k == n:
+        if k is None or not _on_cpu(args, kwargs):
+            return fn(*args, **kwargs)
+        n = torch.get_num_threads()
+        if k == n:
             return fn(*args, **kwargs)
         torch.set_num_threads(k)
         try:
@@ -75,6 +78,18 @@ def single_threaded(fn):
         finally:
             torch.set_num_threads(n)
     return wrapper
+
+
+def _on_cpu(args, kwargs) -> bool:
+    """False when a tensor argument lives off the CPU (the thread count is a CPU setting)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type == 'cpu'
+        if isinstance(a, nn.Module):
+            t = next(iter(a.buffers()), None)
+            if t is not None:
+                return t.device.type == 'cpu'
+    return True
 
 
 class _Workspace(threading.local):
@@ -156,13 +171,82 @@ def resize_buffers_for_load(module: nn.Module, state_dict, prefix: str) -> None:
                                                 device=buf.device)
 
 
+
+# --- constructor argument checks (errors name the argument) ----------------------------------
+def _who(owner) -> str:
+    return owner if isinstance(owner, str) else type(owner).__name__
+
+
+def check_int(owner, name: str, value, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``value`` must be an int (not a bool) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{_who(owner)}: {name} must be an int, got {value!r} '
+                        f'({type(value).__name__})')
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f'[{lo}, {hi}]' if hi is not None else f'>= {lo}'
+        raise ValueError(f'{_who(owner)}: {name} must be in {rng}, got {value!r}')
+    return value
+
+
+def check_bool(owner, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f'{_who(owner)}: {name} must be a bool (True/False), got {value!r} '
+                        f'({type(value).__name__})')
+    return value
+
+
+def check_float(owner, name: str, value, lo: float = None, hi: float = None,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` must be a real number (int or float, not a bool) in the given interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f'{_who(owner)}: {name} must be a finite number, got {value!r} '
+                        f'({type(value).__name__})')
+    bad = ((lo is not None and (value <= lo if lo_open else value < lo))
+           or (hi is not None and (value >= hi if hi_open else value > hi)))
+    if bad:
+        rng = (('(' if lo_open else '[') + ('-inf' if lo is None else f'{lo:g}') + ', '
+               + ('inf' if hi is None else f'{hi:g}') + (')' if hi_open else ']'))
+        raise ValueError(f'{_who(owner)}: {name} must be in {rng}, got {value!r}')
+    return float(value)
+
+
+def check_ch_axis(owner, value, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = 'None or an int' if allow_none else 'an int'
+        raise TypeError(f'{_who(owner)}: ch_axis must be {expected} (a tensor axis), got {value!r} '
+                        f'({type(value).__name__})')
+    return value
+
+
 class Quantizer(nn.Module):
-    """Base class. Subclasses implement ``observe``, ``finalize``, ``quantize``, ``dequantize``."""
+    """Base class of every quantizer family.
+
+    Subclasses implement ``observe``, ``finalize``, ``quantize``, ``dequantize`` and the
+    calibration-statistics interface below; ``PARAMS`` names the buffers ``get_params`` returns.
+
+    Calibration statistics (what ``observe`` collects and ``finalize`` consumes) are kept in plain
+    attributes, never in the ``state_dict``: a state file holds parameters only. The statistics
+    interface lets a data-parallel runner make every rank finalize exactly as one process would:
+
+    * ``num_observed`` – calibration batches observed since ``reset()``;
+    * ``calibration_stats()`` – everything ``finalize()`` needs, as plain picklable values;
+    * ``merge_calibration_stats(per_rank)`` – the statistics of ranks 0 … W − 1 (rank r observed
+      the global batches r, r + W, r + 2W, …) → exactly the statistics of one process that
+      observed all batches in global order;
+    * ``load_calibration_stats(stats)`` – replace the observed statistics with ``stats``.
+
+    ``finalize()`` may release large statistics (sample pools, a kept last batch) to free memory;
+    ``num_observed`` stays until ``reset()``.
+    """
+
+    #: names of the calibrated parameter buffers (``get_params`` / ``set_params``)
+    PARAMS: Tuple[str, ...] = ()
 
     def __init__(self, bits: int = 8):
         super().__init__()
-        if not isinstance(bits, int) or not 2 <= bits <= 16:
-            raise ValueError(f'{type(self).__name__}: bits must be an int in [2, 16], got {bits!r}')
+        check_int(self, 'bits', bits, 2, 16)
         self.bits = bits
         self.mode = 'float'
         # Name used in error messages; the model converter sets it to the module path.
@@ -196,14 +280,70 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Forget observed statistics (e.g. before re-calibrating weights changed by a reparameterization)."""
-        for mod in self.modules():
-            if mod is not self and hasattr(mod, 'reset_stats'):
-                mod.reset_stats()
+        """Forget observed statistics (e.g. before re-calibrating weights changed by a
+        reparameterization); parameters keep their values until the next ``finalize``."""
+        self.reset_stats()
         self.calibrated.fill_(False)
+
+    def reset_stats(self) -> None:
+        raise NotImplementedError
 
     def mark_calibrated(self) -> None:
         self.calibrated.fill_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.calibrated.device
+
+    # --- calibration statistics ---------------------------------------------------------------
+    @property
+    def num_observed(self) -> int:
+        """Calibration batches observed since ``reset()``."""
+        raise NotImplementedError
+
+    def calibration_stats(self) -> dict:
+        """Everything ``finalize()`` needs, as plain values (CPU tensors, lists, ints, None)."""
+        raise NotImplementedError
+
+    def load_calibration_stats(self, stats: dict) -> None:
+        """Replace the observed statistics with ``stats`` (from ``calibration_stats`` or
+        ``merge_calibration_stats``); tensors move to this quantizer's device."""
+        raise NotImplementedError
+
+    def merge_calibration_stats(self, per_rank: Sequence[dict]) -> dict:
+        """The statistics of one process that observed, in global order, every batch the ranks
+        observed (``per_rank[r]`` from rank r, which observed global batches r, r + W, …).
+        Exact for every family; does not change ``self``."""
+        raise NotImplementedError
+
+    # --- parameters ---------------------------------------------------------------------------
+    def get_params(self) -> Dict[str, torch.Tensor]:
+        """The calibrated parameters fake-quant uses (copies), keyed by ``PARAMS``."""
+        return {name: getattr(self, name).detach().clone() for name in self.PARAMS}
+
+    def set_params(self, **params) -> None:
+        """Set any subset of ``PARAMS`` (shapes may change, e.g. per-channel); values move to this
+        quantizer's device and keep the buffer's dtype. Marks the quantizer calibrated."""
+        self._assign_params(params)
+
+    def _assign_params(self, params: dict) -> None:
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            raise ValueError(f'{self.qname}: unknown parameter(s) {unknown}; expected a subset of '
+                             f'{list(self.PARAMS)}')
+        for name, value in params.items():
+            if value is None:
+                continue
+            old = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            self._buffers[name] = torch.as_tensor(value).to(device=old.device,
+                                                            dtype=old.dtype).clone()
+        self.params_changed()
+        self.mark_calibrated()
+
+    def params_changed(self) -> None:
+        """Hook: drop caches derived from the parameters."""
 
     # --- quantization -----------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +362,7 @@ class Quantizer(nn.Module):
         resize_buffers_for_load(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.params_changed()
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, mode={self.mode}'

@@ -1,9 +1,11 @@
-"""FQ-ViT Power-of-Two Factor (PTF) quantizer and integer LayerNorm.
+"""FQ-ViT Power-of-Two Factor (PTF) quantizer and integer LayerNorm (functions; the module that
+runs them is ``fqvit_det.nn.modules.QuantLayerNorm``).
 
 PTF (for LayerNorm inputs, i.e. the residual stream, whose channels differ in range by orders of
 magnitude). With K power-of-two factors and b bits:
 
-* global range over all channels [min, max] (widened to contain 0, like ``UniformQuantizer``);
+* global range over all channels [min, max] (widened to contain 0 unless ``include_zero=False``,
+  FQ-ViT's choice);
 * Δ_b = (max − min) / (2^b − 1), one shared zero point z = clamp(−⌊min / Δ_b⌉, 0, 2^b − 1);
 * base scale Δ_1 = Δ_b / 2^K;
 * per channel c, α_c ∈ {0..K} minimises the channel's MSE on the last calibration batch with the
@@ -17,13 +19,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .base import (MIN_SCALE, Quantizer, broadcast_param, chunk_step, is_integral, needs_autograd,
-                   round_ste, scratch, single_threaded)
+from .base import (MIN_SCALE, Quantizer, broadcast_param, check_bool, check_ch_axis, check_int,
+                   chunk_step, is_integral, needs_autograd, round_ste, scratch, single_threaded)
 from .registry import build_observer, register_quantizer
-from .uniform import UniformQuantizer, fake_quant_chunked
+from .stats import check_round_robin, last_of, to_cpu, to_device
+from .uniform import UniformQuantizer, check_observer_cfg, fake_quant_chunked
 
 
 @register_quantizer()
@@ -36,18 +37,23 @@ class PTFQuantizer(Quantizer):
         num_factors: K, the largest power-of-two factor exponent (α ∈ {0..K}).
         observer: observer config; must be per-channel capable (MinMax, EMA, Percentile). It is
             built with ``ch_axis``; the global range is the min/max over its channel ranges.
+        include_zero: widen the global range to contain 0 (default). FQ-ViT: ``False``.
     """
 
-    def __init__(self, bits: int = 8, ch_axis: int = -1, num_factors: int = 3, observer=None):
+    PARAMS = ('base_scale', 'zero_point', 'alpha')
+
+    def __init__(self, bits: int = 8, ch_axis: int = -1, num_factors: int = 3, observer=None,
+                 include_zero: bool = True):
         super().__init__(bits)
-        if ch_axis is None:
-            raise ValueError('PTFQuantizer: ch_axis must be a channel axis, not None')
-        if not isinstance(num_factors, int) or num_factors < 0:
-            raise ValueError(f'PTFQuantizer: num_factors must be an int >= 0, got {num_factors!r}')
-        self.ch_axis = ch_axis
-        self.num_factors = num_factors
+        self.include_zero = check_bool(self, 'include_zero', include_zero)
+        self.ch_axis = check_ch_axis(self, ch_axis, allow_none=False)
+        self.num_factors = check_int(self, 'num_factors', num_factors, 0, 16)
         self.qmin, self.qmax = 0, 2 ** bits - 1
-        self.observer = build_observer(observer or dict(type='MinMaxObserver'), ch_axis=ch_axis)
+        observer = check_observer_cfg(self, observer)
+        if observer['type'] not in ('MinMaxObserver', 'EMAObserver', 'PercentileObserver'):
+            raise ValueError(f'PTFQuantizer: observer must be MinMaxObserver, EMAObserver or '
+                             f'PercentileObserver (per-channel ranges), got {observer["type"]!r}')
+        self.observer = build_observer(observer, ch_axis=ch_axis)
         self.register_buffer('base_scale', torch.ones(()))
         self.register_buffer('zero_point', torch.zeros(()))
         self.register_buffer('alpha', torch.zeros((), dtype=torch.long))
@@ -58,6 +64,31 @@ class PTFQuantizer(Quantizer):
     def observe(self, x):
         self.observer.update(x)
         self._last = x.detach().float().clone()
+
+    @property
+    def num_observed(self) -> int:
+        return self.observer.num_batches
+
+    def reset_stats(self):
+        self.observer.reset_stats()
+        self._last = None
+
+    def calibration_stats(self):
+        """``{'num_batches', 'observer': the observer's statistics, 'last': the last batch}``."""
+        return {'num_batches': self.num_observed, 'observer': self.observer.stats(),
+                'last': to_cpu(self._last)}
+
+    def load_calibration_stats(self, stats):
+        self.observer.load_stats(stats['observer'], self.device)
+        self._last = to_device(stats['last'], self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        counts = [int(s['num_batches']) for s in per_rank]
+        total = check_round_robin(counts, self.qname)
+        r = last_of(counts)
+        return {'num_batches': total,
+                'observer': self.observer.merge_stats([s['observer'] for s in per_rank]),
+                'last': None if r is None else per_rank[r]['last']}
 
     def channel_error(self, x: torch.Tensor, scale, zero_point) -> torch.Tensor:
         """Per-channel MSE of quantizing ``x`` with a scalar scale and zero point."""
@@ -71,21 +102,29 @@ class PTFQuantizer(Quantizer):
             raise RuntimeError(f'{self.qname}: PTF needs the last calibration batch to choose its '
                                'power-of-two factors; it is not kept in a saved state, recalibrate')
         min_c, max_c = self.observer.compute_range()
-        gmin = torch.clamp(min_c.min(), max=0.0).float()
-        gmax = torch.clamp(max_c.max(), min=0.0).float()
+        gmin, gmax = min_c.min().float(), max_c.max().float()
+        if self.include_zero:
+            gmin, gmax = torch.clamp(gmin, max=0.0), torch.clamp(gmax, min=0.0)
         # Δ_b is clamped so that Δ_1 = Δ_b / 2^K never falls below MIN_SCALE (all-zero input).
         scale_b = ((gmax - gmin) / (self.qmax - self.qmin)).clamp(min=MIN_SCALE * 2 ** self.num_factors)
         zero_point = (self.qmin - torch.round(gmin / scale_b)).clamp(self.qmin, self.qmax)
         base = scale_b / 2 ** self.num_factors
-        x = self._last
+        x = self._last.to(base.device)
         errs = torch.stack([self.channel_error(x, base * 2 ** a, zero_point)
                             for a in range(self.num_factors + 1)])
         alpha = errs.argmin(dim=0)  # ties -> the smallest factor (finest step)
-        self.base_scale = base.detach().clone()
-        self.zero_point = zero_point.detach().clone()
-        self.alpha = alpha.to(torch.long)
         self._last = None
-        self.mark_calibrated()
+        self.set_params(base_scale=base, zero_point=zero_point, alpha=alpha)
+
+    def set_params(self, base_scale=None, zero_point=None, alpha=None):
+        """Set Δ_1 (scalar), the shared zero point (scalar) and / or α ([C], ints in 0..K)."""
+        if alpha is not None:
+            alpha = torch.as_tensor(alpha).detach()
+            if alpha.is_floating_point() and not torch.equal(alpha, alpha.round()):
+                raise ValueError(f'{self.qname}: alpha must be integer-valued, got {alpha}')
+            if bool((alpha < 0).any()) or bool((alpha > self.num_factors).any()):
+                raise ValueError(f'{self.qname}: alpha must lie in [0, {self.num_factors}]')
+        self._assign_params({'base_scale': base_scale, 'zero_point': zero_point, 'alpha': alpha})
 
     # --- quantization -----------------------------------------------------------------------
     @property
@@ -125,6 +164,14 @@ class PTFQuantizer(Quantizer):
                 f'mode={self.mode}')
 
 
+def div_round_half_even(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """⌊num / den⌉ with ties to even, in integers (int64, den > 0): ``torch.round`` semantics."""
+    q = torch.div(num, den, rounding_mode='floor')
+    twice_rem = 2 * (num - q * den)
+    up = (twice_rem > den) | ((twice_rem == den) & (torch.remainder(q, 2) == 1))
+    return q + up.to(q.dtype)
+
+
 def int_layernorm_reference(shifted_codes: torch.Tensor, base_scale, weight: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], out_scale, out_zero_point,
                             out_bits: int = 8, eps: float = 1e-5, dyadic_bits: int = 8,
@@ -144,9 +191,10 @@ def int_layernorm_reference(shifted_codes: torch.Tensor, base_scale, weight: Opt
     sign(A)·M·2^−N with a ``dyadic_bits``-bit M:  N = clamp(dyadic_bits − 1 − ⌊log2|A|⌋, 0, 31),
     M = clamp(⌊|A|·2^N⌋, 0, 2^dyadic_bits − 1), and B = ⌊B'·2^N⌉, so the integer output is
 
-        y_q = clamp(⌊(sign(A)·M·x_c + B + 2^(N−1)) / 2^N⌋ + z_out, 0, 2^out_bits − 1)
+        y_q = clamp(⌊(sign(A)·M·x_c + B) / 2^N⌉ + z_out, 0, 2^out_bits − 1)
 
-    (the + 2^(N−1) makes the shift round to nearest, matching ⌊·⌉ in the reference).
+    where ⌊·⌉ rounds ties to even, as FQ-ViT's ``torch.round`` of the shifted value (a hardware
+    shift with a +2^(N−1) offset would round ties up instead).
     ``fold_mean=False`` (our option, not FQ-ViT) centres in integers instead: the multiplier acts on
     C·x_c − S1 (exact, integer) with A_c / C, and B = ⌊β_c/Δ_out · 2^N⌉. With the mean folded into
     B, the dyadic truncation error (< 2^(1−dyadic_bits) relative) scales with |A·x_c|, which is
@@ -187,8 +235,7 @@ def int_layernorm_reference(shifted_codes: torch.Tensor, base_scale, weight: Opt
     else:
         b = torch.round(beta / delta_out * two_n).to(torch.int64)
         xin = C * x - s1
-    acc = m * xin + b + torch.div(two_n, 2, rounding_mode='floor')
-    y = torch.div(acc, two_n, rounding_mode='floor')
+    y = div_round_half_even(m * xin + b, two_n)
     z_out = torch.as_tensor(out_zero_point, device=x.device).round().to(torch.int64)
     return torch.clamp(y + z_out, 0, 2 ** out_bits - 1).to(torch.int32)
 
@@ -250,7 +297,7 @@ def _ln_params(base_scale, weight, bias, out_scale, C: int, device):
 def _int_layernorm_rows(x: torch.Tensor, params, eps: float, dyadic_bits: int, fold_mean: bool):
     """Integer LayerNorm of the rows of ``x`` (float64 (rows, C) holding exact integer codes).
 
-    Returns y = ⌊(M·x + B + 2^(N−1)) / 2^N⌋ (float64, integer-valued, before the output zero
+    Returns y = ⌊(M·x + B) / 2^N⌉ (ties to even; float64, integer-valued, before the output zero
     point) in a scratch buffer, or ``None`` where an exactness bound fails (the caller then uses
     the reference for these rows).
     """
@@ -309,8 +356,10 @@ def _int_layernorm_rows(x: torch.Tensor, params, eps: float, dyadic_bits: int, f
     b.round_()
     if params['sign'] is not None:
         m.mul_(params['sign'])               # M = sign(γ)·⌊|a|·2^n⌋ (a zero M's sign is irrelevant)
-    # y = ⌊(M·x + B + ⌊2^n/2⌋) / 2^n⌋ = ⌊(M·x + B)/2^n + 1/2⌋ (every step exact below 2^52)
-    return b.addcmul_(m, xin).div_(two_n).add_(0.5).floor_()
+    # y = ⌊(M·x + B) / 2^n⌉, ties to even: M·x + B is exact below 2^52 and the division by 2^n is
+    # exact, so torch.round (half to even) rounds the exact quotient; + 0 turns a −0.0 (a small
+    # negative quotient rounded to zero) into the reference's integer 0
+    return b.addcmul_(m, xin).div_(two_n).round_().add_(0.0)
 
 
 @torch.no_grad()   # integer codes: no gradient, as in the reference
@@ -407,58 +456,3 @@ def int_layernorm_fake_quant(x: torch.Tensor, in_quantizer: 'PTFQuantizer', weig
             # the float32 multiplication of the reference
             torch.mul(y.clamp_(lo_out, hi_out), s_out, out=o)
     return out.reshape(x.shape).to(x.dtype)
-
-
-class IntLayerNorm(nn.Module):
-    """LayerNorm over the last dim run as FQ-ViT's integer LayerNorm once both quantizers are in
-    ``'quant'`` mode. Otherwise (float / observe) it runs the float LayerNorm between the two
-    quantizers, so one calibration pass calibrates the PTF input and the 8-bit output quantizer.
-    ``forward`` returns dequantized output codes, so the module drops into a float graph.
-    """
-
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True,
-                 in_quantizer: Optional[PTFQuantizer] = None,
-                 out_quantizer: Optional[UniformQuantizer] = None, dyadic_bits: int = 8,
-                 fold_mean: bool = True):
-        super().__init__()
-        self.normalized_shape = (int(normalized_shape),)
-        self.eps = eps
-        self.dyadic_bits = dyadic_bits
-        self.fold_mean = fold_mean
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
-        else:
-            self.register_parameter('weight', None)
-            self.register_parameter('bias', None)
-        self.in_quantizer = in_quantizer if in_quantizer is not None else PTFQuantizer(ch_axis=-1)
-        self.out_quantizer = (out_quantizer if out_quantizer is not None
-                              else UniformQuantizer(bits=8, symmetric=False))
-        if self.out_quantizer.ch_axis is not None or self.out_quantizer.signed:
-            raise ValueError('IntLayerNorm: the output quantizer must be per-tensor and unsigned')
-
-    @classmethod
-    def from_float(cls, ln: nn.LayerNorm, **kwargs) -> 'IntLayerNorm':
-        if len(ln.normalized_shape) != 1:
-            raise ValueError('IntLayerNorm: only LayerNorm over the last dimension is supported')
-        mod = cls(ln.normalized_shape[0], eps=ln.eps,
-                  elementwise_affine=ln.weight is not None, **kwargs)
-        if ln.weight is not None:
-            mod.weight.data.copy_(ln.weight.data)
-        if ln.bias is not None and mod.bias is not None:
-            mod.bias.data.copy_(ln.bias.data)
-        return mod.to(ln.weight.device if ln.weight is not None else 'cpu')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        iq, oq = self.in_quantizer, self.out_quantizer
-        if iq.mode == 'quant' and oq.mode == 'quant':
-            if iq.ch_axis % x.dim() != x.dim() - 1:
-                raise ValueError(f'{iq.qname}: IntLayerNorm needs PTF factors on the last dim')
-            return int_layernorm_fake_quant(x, iq, self.weight, self.bias, oq, eps=self.eps,
-                                            dyadic_bits=self.dyadic_bits, fold_mean=self.fold_mean)
-        y = F.layer_norm(iq(x), self.normalized_shape, self.weight, self.bias, self.eps)
-        return oq(y)
-
-    def extra_repr(self):
-        return (f'{self.normalized_shape}, eps={self.eps}, dyadic_bits={self.dyadic_bits}, '
-                f'fold_mean={self.fold_mean}')

@@ -33,9 +33,10 @@ from typing import List, Sequence
 
 import torch
 
-from .base import (Quantizer, check_finite, flat_chunks, needs_autograd, round_ste, scratch,
-                   single_threaded)
+from .base import (Quantizer, check_finite, check_int, flat_chunks, needs_autograd, round_ste,
+                   scratch, single_threaded)
 from .registry import register_quantizer
+from .stats import ThinnedPool
 
 # |min_x GELU(x)| (the minimum is at x ≈ −0.7518); PTQ4ViT's negative-region constant.
 GELU_NEG_RANGE = 0.16997124
@@ -181,10 +182,11 @@ def twin_gelu_fake_quant_fast(x: torch.Tensor, m, bits: int) -> torch.Tensor:
 class _TwinUniformQuantizer(Quantizer):
     """Shared calibration: a bounded, deterministic random subsample of the observed values.
 
-    Every batch contributes at most ``cap`` values drawn uniformly (with replacement, from a generator
-    seeded by ``seed`` and the batch index). When the pool exceeds ``max_samples`` every stored
-    subsample is thinned by 2 and ``cap`` is halved, so all batches keep equal weight per value and
-    the pool never holds more than ``max_samples`` values.
+    A batch of more than ``max_samples`` values contributes ``max_samples`` of them drawn
+    uniformly (with replacement) from a generator seeded by ``seed`` and the batch's size; all
+    batches' samples are then thinned by the same power of two (``ThinnedPool``) so the pool holds
+    at most ``max_samples`` values and every batch keeps equal weight per value. The pool depends
+    only on the set of batches, which makes the statistics of several ranks merge exactly.
     """
 
     EXP_NAME = 'exp'
@@ -192,36 +194,47 @@ class _TwinUniformQuantizer(Quantizer):
 
     def __init__(self, bits: int = 8, max_samples: int = 2 ** 20, seed: int = 0):
         super().__init__(bits)
-        if max_samples < 1:
-            raise ValueError(f'{type(self).__name__}: max_samples must be >= 1, got {max_samples}')
-        self.max_samples = int(max_samples)
-        self.seed = int(seed)
-        self._reset_pool()
+        self.max_samples = check_int(self, 'max_samples', max_samples, 1)
+        self.seed = check_int(self, 'seed', seed, 0)
+        self._pool = ThinnedPool(self.max_samples)
 
-    def _reset_pool(self):
-        self._pool: List[torch.Tensor] = []
-        self._cap = self.max_samples
-        self._num_batches = 0
+    @property
+    def PARAMS(self):
+        return (self.EXP_NAME,)
 
     def observe(self, x: torch.Tensor) -> None:
         check_finite(x, self.qname)
         flat = x.detach().reshape(-1).float()
-        if flat.numel() == 0:
-            return
-        if flat.numel() > self._cap:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._num_batches)
-            idx = torch.randint(flat.numel(), (self._cap,), generator=gen).to(flat.device)
+        if flat.numel() > self.max_samples:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + flat.numel())
+            idx = torch.randint(flat.numel(), (self.max_samples,), generator=gen).to(flat.device)
             flat = flat[idx]
         self._pool.append(flat.clone())
-        self._num_batches += 1
-        while sum(p.numel() for p in self._pool) > self.max_samples:
-            self._pool = [p[::2] for p in self._pool]
-            self._cap = max(1, self._cap // 2)
+
+    def reset_stats(self):
+        self._pool.reset()
+
+    @property
+    def num_observed(self) -> int:
+        return self._pool.num_batches
+
+    def calibration_stats(self):
+        """``{'num_batches', 'thin_exp', 'pool': per-batch samples thinned by 2^thin_exp}``."""
+        return self._pool.stats()
+
+    def load_calibration_stats(self, stats):
+        self._pool.load(stats, self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        return self._pool.merge(per_rank, self.qname)
 
     def pooled_samples(self) -> torch.Tensor:
-        if not self._pool:
+        if self._pool.num_batches == 0:
             raise RuntimeError(f'{self.qname}: no calibration data was observed')
-        return torch.cat(self._pool)
+        if not self._pool.items:
+            raise RuntimeError(f'{self.qname}: the pooled samples were already released by '
+                               'finalize(); observe again')
+        return torch.cat(self._pool.items)
 
     def candidate_exps(self) -> List[int]:
         return list(self.CANDIDATES)
@@ -242,15 +255,15 @@ class _TwinUniformQuantizer(Quantizer):
         errs = self.candidate_mse(samples)
         best = int(torch.argmin(errs))       # first minimum on ties
         self._set_exp(self.CANDIDATES[best])
-        self._reset_pool()
+        self._pool.items = []
 
     def _set_exp(self, value) -> None:
-        value = int(value)
-        if value not in self.CANDIDATES:
+        v = torch.as_tensor(value).detach()
+        if v.numel() != 1 or (v.is_floating_point() and float(v) != round(float(v))) \
+                or int(v) not in self.CANDIDATES:
             raise ValueError(f'{self.qname}: {self.EXP_NAME} must be an integer in '
                              f'[{self.CANDIDATES[0]}, {self.CANDIDATES[-1]}], got {value}')
-        getattr(self, self.EXP_NAME).fill_(value)
-        self.mark_calibrated()
+        self._assign_params({self.EXP_NAME: torch.tensor(int(v), dtype=torch.int64)})
 
 
 @register_quantizer()
@@ -268,8 +281,10 @@ class TwinUniformSoftmaxQuantizer(_TwinUniformQuantizer):
         # Uncalibrated default: 2^−7 ≈ 0.0078, near the paper's initial split 0.01.
         self.register_buffer('split_exp', torch.tensor(7, dtype=torch.int64))
 
-    def set_params(self, split_exp) -> None:
-        self._set_exp(split_exp)
+    def set_params(self, split_exp=None) -> None:
+        """Set the split exponent i (s = 2^−i)."""
+        if split_exp is not None:
+            self._set_exp(split_exp)
 
     def fake_quant_with(self, x, exp):
         return twin_softmax_fake_quant(x, exp, self.bits)
@@ -291,7 +306,7 @@ class TwinUniformSoftmaxQuantizer(_TwinUniformQuantizer):
 class TwinUniformGeluQuantizer(_TwinUniformQuantizer):
     """PTQ4ViT twin uniform quantizer for post-GELU activations.
 
-    Buffer ``pos_exp`` = m, Δ_pos = 2^m · Δ_neg, Δ_neg = 0.16997124 / 2^(b−1). ``set_params(m=...)``.
+    Buffer ``pos_exp`` = m, Δ_pos = 2^m · Δ_neg, Δ_neg = 0.16997124 / 2^(b−1). ``set_params(pos_exp=...)``.
     """
 
     EXP_NAME = 'pos_exp'
@@ -305,8 +320,13 @@ class TwinUniformGeluQuantizer(_TwinUniformQuantizer):
     def m(self) -> int:
         return int(self.pos_exp)
 
-    def set_params(self, m) -> None:
-        self._set_exp(m)
+    def set_params(self, pos_exp=None, m=None) -> None:
+        """Set m (Δ_pos = 2^m·Δ_neg), as ``pos_exp`` (its buffer name) or ``m``."""
+        if pos_exp is not None and m is not None:
+            raise ValueError(f'{self.qname}: give pos_exp or m, not both')
+        value = pos_exp if pos_exp is not None else m
+        if value is not None:
+            self._set_exp(value)
 
     def fake_quant_with(self, x, exp):
         return twin_gelu_fake_quant(x, exp, self.bits)

@@ -8,16 +8,14 @@
 "Bit for bit" means equal integer codes, and float outputs equal as bit patterns (so +0.0 vs −0.0
 and NaN payloads count). Each case also runs with tiny chunks, so remainder chunks are covered.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fqvit_det.quantizers.base as qbase
 from fqvit_det.quantizers.base import round_ste
-from fqvit_det.quantizers.log import (LogIntSoftmax, LogSqrt2Quantizer, log2_dequantize,
-                                      log2_round_half_up, log_sqrt2_fake_quant,
+from fqvit_det.quantizers.lis import LogIntSoftmax, log2_round_half_up
+from fqvit_det.quantizers.log import (LogSqrt2Quantizer, log2_dequantize, log_sqrt2_fake_quant,
                                       log_sqrt2_fake_quant_chunked)
 from fqvit_det.quantizers.ptf import (PTFQuantizer, _int_layernorm_rows, _ln_params,
                                       int_layernorm, int_layernorm_fake_quant,
@@ -92,10 +90,10 @@ LIS_CASES = [
 
 
 @pytest.mark.parametrize('shape,mult,bits,logit_bits', LIS_CASES)
-def test_lis_fast_equals_exact(shape, mult, bits, logit_bits, chunks):
+def test_lis_fast_equals_exact(shape, mult, bits, logit_bits, chunks, device):
     g = torch.Generator().manual_seed(int(mult * 100) + 10 * bits + logit_bits)
-    x = attention_like_logits(g, *shape[:3], scale=mult)
-    m = calibrate(LogIntSoftmax(bits=bits, logit_bits=logit_bits), x)
+    x = attention_like_logits(g, *shape[:3], scale=mult).to(device)
+    m = calibrate(LogIntSoftmax(bits=bits, logit_bits=logit_bits).to(device), x)
     assert m.logit_scale < 1.0
     assert m._fast(x, want_codes=True) is not None          # the fast path is really taken
     exact = m.quantize_exact(x)
@@ -178,13 +176,14 @@ def residual_like(g, B=2, N=197, C=192, outliers=True):
     return x
 
 
-def ln_setup(g, C=192, bits=8, K=3, x=None, out_bits=8):
-    x = residual_like(g, C=C) if x is None else x
-    ptf = calibrate(PTFQuantizer(bits, num_factors=K), x)
+def ln_setup(g, C=192, bits=8, K=3, x=None, out_bits=8, device='cpu'):
+    x = (residual_like(g, C=C) if x is None else x).to(device)
+    ptf = calibrate(PTFQuantizer(bits, num_factors=K).to(device), x)
     gamma = torch.randn(C, generator=g) * 0.5 + 1.0
     gamma[::7] *= -1                                        # some negative γ
     beta = torch.randn(C, generator=g) * 0.3
-    oq = calibrate(UniformQuantizer(out_bits), F.layer_norm(x, (C,), gamma, beta))
+    gamma, beta = gamma.to(device), beta.to(device)
+    oq = calibrate(UniformQuantizer(out_bits).to(device), F.layer_norm(x, (C,), gamma, beta))
     return x, ptf, gamma, beta, oq
 
 
@@ -197,9 +196,9 @@ def ln_both(codes, ptf, gamma, beta, oq, **kw):
 @pytest.mark.parametrize('seed', [0, 1, 2])
 @pytest.mark.parametrize('fold_mean', [True, False])
 @pytest.mark.parametrize('dyadic_bits', [8, 4, 12])
-def test_int_layernorm_fast_equals_reference(seed, fold_mean, dyadic_bits, chunks):
+def test_int_layernorm_fast_equals_reference(seed, fold_mean, dyadic_bits, chunks, device):
     g = torch.Generator().manual_seed(seed)
-    x, ptf, gamma, beta, oq = ln_setup(g)
+    x, ptf, gamma, beta, oq = ln_setup(g, device=device)
     codes = ptf.shifted_codes(x)
     fast, ref = ln_both(codes, ptf, gamma, beta, oq, fold_mean=fold_mean, dyadic_bits=dyadic_bits)
     assert fast.dtype == torch.int32 and torch.equal(fast, ref)
@@ -277,7 +276,7 @@ def test_quant_layernorm_module_uses_fused_path():
 def special_values(x):
     flat = x.reshape(-1)
     vals = torch.tensor([0.0, -0.0, -1e-30, 1e-30, float('inf'), float('-inf'), float('nan'),
-                         1e30, -1e30])
+                         1e30, -1e30], device=x.device)
     flat[:vals.numel()] = vals
     return x
 
@@ -295,13 +294,13 @@ UNIFORM_CASES = [
 
 @pytest.mark.parametrize('shape,ch_axis,symmetric', UNIFORM_CASES)
 @pytest.mark.parametrize('bits', [4, 8])
-def test_uniform_fake_quant_equals_formula(shape, ch_axis, symmetric, bits, chunks):
+def test_uniform_fake_quant_equals_formula(shape, ch_axis, symmetric, bits, chunks, device):
     g = torch.Generator().manual_seed(len(shape) * 10 + bits)
-    x = torch.randn(*shape, generator=g) * 3
-    q = calibrate(UniformQuantizer(bits, symmetric=symmetric, ch_axis=ch_axis), x)
+    x = (torch.randn(*shape, generator=g) * 3).to(device)
+    q = calibrate(UniformQuantizer(bits, symmetric=symmetric, ch_axis=ch_axis).to(device), x)
     x = special_values(x.clone())
     # tiny negatives round to −0.0 before the zero point is added: the formula returns +0.0
-    x.reshape(-1)[20:40] = -torch.rand(20, generator=g) * float(q.scale.min()) * 0.49
+    x.reshape(-1)[20:40] = (-torch.rand(20, generator=g) * float(q.scale.min()) * 0.49).to(device)
     ref = fake_quant_uniform_reference(x, q.scale, q.zero_point, q.qmin, q.qmax, ch_axis)
     assert fake_quant_chunked(x, q.scale, q.zero_point, q.qmin, q.qmax, ch_axis) is not None
     assert same_bits(q.fake_quant(x), ref)
@@ -348,10 +347,10 @@ def test_uniform_autograd_keeps_straight_through_estimator():
 
 
 @pytest.mark.parametrize('K', [0, 3])
-def test_ptf_fake_quant_equals_formula(K, chunks):
+def test_ptf_fake_quant_equals_formula(K, chunks, device):
     g = torch.Generator().manual_seed(12)
-    x = residual_like(g)
-    q = calibrate(PTFQuantizer(8, num_factors=K), x)
+    x = residual_like(g).to(device)
+    q = calibrate(PTFQuantizer(8, num_factors=K).to(device), x)
     x = special_values(x.clone())
     s = q.channel_scale
     ref = ((torch.clamp(round_ste(x / s) + q.zero_point, q.qmin, q.qmax) - q.zero_point)
@@ -423,18 +422,19 @@ def test_chunk_kernels_restore_thread_count(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('bits', [2, 3, 4, 6, 8])
 @pytest.mark.parametrize('delta', [1.0, 0.37, 1e-3])
-def test_log_sqrt2_chunked_equals_reference(bits, delta, chunks):
+def test_log_sqrt2_chunked_equals_reference(bits, delta, chunks, device):
     g = torch.Generator().manual_seed(bits)
     x = torch.softmax(torch.randn(2, 3, 50, 50, generator=g) * 3, -1)
     x.reshape(-1)[:8] = torch.tensor([0.0, -0.0, float('nan'), float('inf'), 1e-30, -0.2,
                                       2.0, 1e-45])
-    d = torch.tensor(delta)
+    x = x.to(device)
+    d = torch.tensor(delta, device=device)
     ref = log_sqrt2_fake_quant(x, d, bits)
     out = log_sqrt2_fake_quant_chunked(x, d, bits)
     assert out is not None and same_bits(out, ref)
     xs = x.transpose(-1, -2)
     assert same_bits(log_sqrt2_fake_quant_chunked(xs, d, bits), log_sqrt2_fake_quant(xs, d, bits))
-    q = LogSqrt2Quantizer(bits=bits)
+    q = LogSqrt2Quantizer(bits=bits).to(device)
     q.set_params(delta)
     q.set_mode('quant')
     assert same_bits(q(x), ref)
@@ -504,7 +504,7 @@ def test_twin_quantizers_use_the_fast_path_and_keep_autograd():
 @pytest.mark.parametrize('bits', [3, 4, 6])
 @pytest.mark.parametrize('q,delta,shift', [(37, 1.0, 0.0), (10, 0.7, 0.0), (137, 1.0, 0.0),
                                            (23, 2.5, 0.16997124), (51, 0.9, 0.16997124)])
-def test_adalog_chunked_equals_reference(bits, q, delta, shift, chunks):
+def test_adalog_chunked_equals_reference(bits, q, delta, shift, chunks, device):
     from fqvit_det.quantizers.adalog import AdaLogQuantizer, adalog_fake_quant
     g = torch.Generator().manual_seed(3)
     if shift:
@@ -512,10 +512,29 @@ def test_adalog_chunked_equals_reference(bits, q, delta, shift, chunks):
     else:
         x = torch.softmax(torch.randn(3, 29, 41, generator=g) * 5, dim=-1)
     x.view(-1)[:8] = torch.tensor([0.0, -shift, -0.5, 1e-30, delta, 4.0, float('inf'), float('nan')])
-    aq = AdaLogQuantizer(bits=bits, shift=shift)
+    x = x.to(device)
+    aq = AdaLogQuantizer(bits=bits, shift=shift).to(device)
     aq.set_params(delta=delta, q=q)
     aq.set_mode('quant')
     ref = adalog_fake_quant(x, aq.delta, aq.q, bits, aq.r, shift, True, aq.lut)
     assert same_bits(aq(x), ref)
     xg = x.clone().requires_grad_(True)          # autograd keeps the reference path
     assert same_bits(aq(xg).detach(), ref)
+
+
+def test_single_threaded_leaves_thread_count_alone_off_the_cpu(monkeypatch):
+    """``torch.set_num_threads`` is a CPU setting: with a tensor on another device (here the
+    'meta' device) the wrapper must not touch it."""
+    monkeypatch.setattr(qbase, 'CHUNK_THREADS', 1)
+    calls = []
+    monkeypatch.setattr(torch, 'set_num_threads', lambda k: calls.append(k))
+
+    @qbase.single_threaded
+    def kernel(x):
+        return x
+
+    kernel(torch.empty(3, device='meta'))
+    assert calls == []
+    if torch.get_num_threads() != 1:
+        kernel(torch.empty(3))
+        assert calls and calls[0] == 1

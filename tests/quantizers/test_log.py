@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fqvit_det.quantizers import build_quantizer
-from fqvit_det.quantizers.log import (ZERO_CODE, Log2Quantizer, LogIntSoftmax, LogSqrt2Quantizer,
-                                      int_exp, log2_shift_matmul, log_sqrt2_matmul,
-                                      log_sqrt2_to_log2)
+from fqvit_det.quantizers.lis import LogIntSoftmax, int_exp
+from fqvit_det.quantizers.log import (ZERO_CODE, Log2Quantizer, LogSqrt2Quantizer,
+                                      log2_shift_matmul, log_sqrt2_matmul, log_sqrt2_to_log2)
 
 A, B, C = 0.35815147, 0.96963238, 1.0
 
@@ -64,6 +64,12 @@ def ref_log_round(R):
     return f + (1 if f >= 1 and R - 2 ** f >= 2 ** (f - 1) else 0)
 
 
+def round_half_even_ratio(num, den):
+    """⌊num/den⌉ with ties to even (FQ-ViT: torch.round of Σexp/exp), in Python integers."""
+    q, r = divmod(num, den)
+    return q + (1 if 2 * r > den or (2 * r == den and q % 2 == 1) else 0)
+
+
 def ref_uniform_int_logits(x, scale, zp, bits=8):
     return torch.clamp(torch.round(x / scale) + zp, 0, 2 ** bits - 1).to(torch.int64)
 
@@ -76,11 +82,11 @@ def ref_lis_codes(x_int_rows, S, bits, exact=True, n=30):
         if exact:
             exps = [ref_int_exp_exact(v - mx, S, n)[0] for v in row]
             total = sum(exps)
-            ratios = [(2 * total + e) // (2 * e) if e > 0 else 0 for e in exps]
+            ratios = [round_half_even_ratio(total, e) if e > 0 else 0 for e in exps]
         else:
             exps = [ref_float_exp(v - mx, S, n) for v in row]
             total = math.fsum(exps)
-            ratios = [math.floor(total / e + 0.5) if e > 0 else 0 for e in exps]
+            ratios = [round(total / e) if e > 0 else 0 for e in exps]
         codes = []
         for R in ratios:
             c = ref_log_round(R) if R > 0 else 2 ** bits
@@ -210,10 +216,8 @@ def test_log_sqrt2_percentile_search_matches_reference():
         q(b)
     q.finalize()
     flat = torch.cat([b.flatten() for b in batches]).double()
-    srt = torch.sort(flat).values
-    n = flat.numel()
-    cands = [min(float(srt[min(max(int(round(p * (n - 1))), 0), n - 1)]), 1.0)
-             for p in (0.999, 0.9999, 0.99999)] + [min(float(flat.max()), 1.0)]
+    # RepQ-ViT: torch.quantile (linear interpolation) of the float32 samples
+    cands = [min(float(torch.quantile(flat.float(), p)), 1.0) for p in (0.999, 0.9999, 0.99999)]
 
     def mse(d):
         codes = ref_log_codes(flat.float(), d, 4, 2.0)
@@ -464,7 +468,19 @@ def test_reset_forgets_statistics():
         assert bool(q.calibrated)
         q.reset()
         assert not bool(q.calibrated)
-        assert all(int(m.num_batches) == 0 for m in q.modules() if hasattr(m, 'num_batches'))
+        assert q.num_observed == 0
         with pytest.raises(RuntimeError):
             q.finalize()
     assert LogIntSoftmax.replaces_softmax
+
+
+def test_lis_ratio_rounds_ties_to_even():
+    """FQ-ViT rounds Σexp/exp with torch.round: exact ties go to the even integer."""
+    from fqvit_det.quantizers.lis import int_ratio_round
+    num = torch.tensor([5, 7, 9, 11, 10, 13, 1000001], dtype=torch.int64)
+    den = torch.tensor([2, 2, 2, 2, 4, 4, 2], dtype=torch.int64)
+    assert int_ratio_round(num, den).tolist() == [2, 4, 4, 6, 2, 3, 500000]
+    g = torch.Generator().manual_seed(1)
+    num = torch.randint(0, 10 ** 6, (5000,), generator=g, dtype=torch.int64)
+    den = torch.randint(1, 64, (5000,), generator=g, dtype=torch.int64)
+    assert torch.equal(int_ratio_round(num, den), torch.round(num.double() / den).to(torch.int64))

@@ -272,11 +272,14 @@ def test_pool_is_bounded_and_batches_weigh_equally(cls, data):
     q.set_mode('observe')
     for s in range(6):
         q(data(s, shape=(1, 3000)))
-    parts = q._pool
+    parts = q.calibration_stats()['pool']
+    assert len(parts) == 6 and q.num_observed == 6
     assert sum(p.numel() for p in parts) <= 1000
     assert len({p.numel() for p in parts}) == 1
     q.finalize()
-    assert q._pool == []
+    assert q.num_observed == 6
+    with pytest.raises(RuntimeError, match='released'):
+        q.finalize()
 
 
 @pytest.mark.parametrize('cls,data', CASES)

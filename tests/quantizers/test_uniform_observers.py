@@ -318,9 +318,10 @@ def test_ema_recurrence(ch_axis):
 
 
 def test_percentile_tails_and_ema():
-    """Per batch the 1e-5 / 1 − 1e-5 quantiles (one order statistic, numpy.quantile-style), then EMA."""
-    g = torch.Generator().manual_seed(4)
+    """FQ-ViT Percentile: per batch torch.quantile(x, 1e-5) / torch.quantile(x, 1 − 1e-5)
+    (linear interpolation), then the EMA with σ = 0.01, bit for bit."""
     tail = 1e-5
+    torch.manual_seed(4)
     xs = []
     for i in range(3):
         x = torch.distributions.Laplace(0.0, 1.0).sample((4, 75000))  # 300k values per batch
@@ -328,33 +329,37 @@ def test_percentile_tails_and_ema():
         xs.append(x)
     obs = build_observer(dict(type='PercentileObserver'), ch_axis=None)
     assert obs.tail == tail and obs.sigma == 0.01
-    lo_bounds, hi_bounds = [], []
+    los, his = [], []
     for x in xs:
-        flat = np.sort(x.numpy().ravel().astype(np.float64))
-        n = flat.size
         blo, bhi = obs.batch_range(x)
-        for q, got, bounds in ((tail, blo, lo_bounds), (1 - tail, bhi, hi_bounds)):
-            pos = q * (n - 1)
-            below, above = flat[int(np.floor(pos))], flat[int(np.ceil(pos))]
-            npq = np.quantile(flat, q)
-            # the batch quantile is one of the two order statistics around numpy's quantile
-            assert below <= float(got) <= above
-            assert abs(float(got) - npq) <= above - below + 1e-6
-            bounds.append((below, above))
+        assert torch.equal(blo, torch.quantile(x.reshape(-1), tail))
+        assert torch.equal(bhi, torch.quantile(x.reshape(-1), 1 - tail))
         assert abs(float(bhi)) < 50 and abs(float(blo)) < 50  # outliers are clipped
+        los.append(blo)
+        his.append(bhi)
         obs.update(x)
     mn, mx = obs.compute_range()
+    m_lo, m_hi = los[0], his[0]
+    for lo, hi in zip(los[1:], his[1:]):
+        m_lo = m_lo + 0.01 * (lo - m_lo)
+        m_hi = m_hi + 0.01 * (hi - m_hi)
+    assert torch.equal(mn, m_lo) and torch.equal(mx, m_hi)
 
-    def ema(vals):
-        m = vals[0]
-        for v in vals[1:]:
-            m = m + 0.01 * (v - m)
-        return m
 
-    for got, bounds in ((mn, lo_bounds), (mx, hi_bounds)):
-        lo = ema([b[0] for b in bounds])
-        hi = ema([b[1] for b in bounds])
-        assert lo - 1e-5 <= float(got) <= hi + 1e-5
+def test_percentile_tail_does_not_collapse_to_min_max():
+    """The issue's example: on 12,800 values q·(n − 1) = 0.128 for the 1e-5 tail, so the
+    quantile interpolates between the two smallest values instead of being the minimum."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 128)
+    x[0, 0], x[5, 7] = -9.0, 8.0
+    obs = build_observer(dict(type='PercentileObserver'), ch_axis=None)
+    lo, hi = obs.batch_range(x)
+    srt = x.reshape(-1).sort().values
+    assert float(lo) > float(srt[0]) and float(hi) < float(srt[-1])
+    assert torch.equal(lo, torch.lerp(srt[0], srt[1], torch.tensor(1e-5, dtype=torch.float32)
+                                      * 12799 - 0))
+    assert torch.equal(lo, torch.quantile(x.reshape(-1), 1e-5))
+    assert torch.equal(hi, torch.quantile(x.reshape(-1), 1 - 1e-5))
 
 
 def test_omse_picks_min_mse_factor_per_tensor():
@@ -398,25 +403,42 @@ def test_omse_per_channel():
         assert mses[chosen] <= mses.min() * (1 + 1e-5)
 
 
-def test_percentile_search_picks_best_of_three():
+@pytest.mark.parametrize('include_zero', [True, False])
+def test_percentile_search_picks_best_of_three(include_zero):
+    """RepQ-ViT: candidates (torch.quantile(x, 1 − p), torch.quantile(x, p)) for the three p, the
+    least MSE wins (the first on ties), exactly."""
+    from fqvit_det.quantizers.uniform import fake_quant_uniform_reference, scale_zero_point
     torch.manual_seed(12)
     lap = torch.distributions.Laplace(0.0, 1.0)
     xs = [lap.sample((200, 250)) for _ in range(2)]  # 100k pooled values
     xs[0][0, :20] = torch.linspace(15, 40, 20)
     bits = 4
-    q = calibrate(UniformQuantizer(bits, observer=dict(type='PercentileSearchObserver')), *xs)
-    pooled = np.concatenate([x.numpy().ravel() for x in xs]).astype(np.float64)
-    cands = []
+    q = calibrate(UniformQuantizer(bits, observer=dict(type='PercentileSearchObserver'),
+                                   include_zero=include_zero, clamp_zero_point=include_zero), *xs)
+    pooled = torch.cat([x.reshape(-1) for x in xs])
+    best = None
     for p in (0.999, 0.9999, 0.99999):
-        lo = np.quantile(pooled, 1 - p, method='nearest')
-        hi = np.quantile(pooled, p, method='nearest')
-        cands.append((ref_mse(pooled, lo, hi, bits), (max(hi, 0) - min(lo, 0)) / 15))
-    mses = np.array([c[0] for c in cands])
-    scales = np.array([c[1] for c in cands])
-    chosen = int(np.argmin(np.abs(scales - float(q.scale))))
-    assert abs(scales[chosen] - float(q.scale)) <= 1e-5 * scales[chosen]
-    assert mses[chosen] <= mses.min() * (1 + 1e-5)
-    assert len(set(np.round(scales, 6))) == 3  # the three candidates really differ here
+        lo, hi = torch.quantile(pooled, 1 - p), torch.quantile(pooled, p)
+        s_, z_ = scale_zero_point(lo, hi, bits, False, False, include_zero, include_zero)
+        err = ((fake_quant_uniform_reference(pooled, s_, z_, 0, 15) - pooled) ** 2).mean()
+        if best is None or err < best[0]:
+            best = (err, s_, z_)
+    assert torch.equal(q.scale, best[1]) and torch.equal(q.zero_point, best[2])
+
+
+def test_percentile_search_per_channel_rows_of_a_few_hundred():
+    """On weight rows of a few hundred values the three candidates differ (a nearest-rank
+    quantile would make all three the row's min / max)."""
+    torch.manual_seed(2)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((4, 300))
+    obs = build_observer(dict(type='PercentileSearchObserver'), ch_axis=0)
+    obs.update(w)
+    from fqvit_det.quantizers.observers import tail_quantiles
+    pairs = tail_quantiles(w, (0.999, 0.9999, 0.99999))
+    for p, (lo, hi) in zip((0.999, 0.9999, 0.99999), pairs):
+        assert torch.equal(lo, torch.quantile(w, 1 - p, dim=-1))
+        assert torch.equal(hi, torch.quantile(w, p, dim=-1))
+        assert bool((hi < w.amax(-1)).all()) and bool((lo > w.amin(-1)).all())
 
 
 @pytest.mark.parametrize('observer', ['MinMaxObserver', 'EMAObserver', 'PercentileObserver',
@@ -455,3 +477,66 @@ def test_channel_count_change_raises():
     obs.update(torch.randn(2, 4, 3))
     with pytest.raises(ValueError):
         obs.update(torch.randn(2, 5, 3))
+
+
+# --- official range conventions ------------------------------------------------------------------
+def _calibrated_uniform(x, **kw):
+    q = UniformQuantizer(**kw)
+    q.set_mode('observe')
+    q(x)
+    q.finalize()
+    q.set_mode('quant')
+    return q
+
+
+def test_one_sided_range_repq_convention():
+    """RepQ-ViT: Δ = (max − min)/(2^b − 1), z = round(−min/Δ) unclamped, codes clamp(⌊x/Δ⌉ + z)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 50, generator=g) * 3 + 2          # one-sided: [2, 5]
+    q = _calibrated_uniform(x, bits=4, include_zero=False, clamp_zero_point=False)
+    mn, mx = x.min(), x.max()
+    delta = (mx - mn) / 15
+    zp = torch.round(-mn / delta)
+    assert torch.equal(q.scale, delta) and torch.equal(q.zero_point, zp)
+    assert float(zp) < 0                                 # outside the code range, kept
+    ref = (torch.clamp(torch.round(x / delta) + zp, 0, 15) - zp) * delta
+    assert torch.equal(q(x), ref)
+    assert float((q(x) - x).abs().max()) <= float(delta) / 2 * (1 + 1e-5)
+    # the default (widened to include 0) uses a step about (5/3)× as large here
+    wide = _calibrated_uniform(x, bits=4)
+    assert float(wide.scale) > 1.5 * float(delta) and float(wide.zero_point) == 0
+
+
+def test_fqvit_convention_keeps_range_and_clamps_zero_point():
+    """FQ-ViT MinMax: Δ = (max − min)/255, z = clamp(−round(min/Δ), 0, 255), range not widened."""
+    x = torch.linspace(1.0, 3.0, 100)
+    q = _calibrated_uniform(x, bits=8, include_zero=False)
+    delta = (x.max() - x.min()) / 255
+    assert torch.equal(q.scale, delta)
+    assert float(q.zero_point) == 0.0                   # −round(1/Δ) = −128 clamped to 0
+    # per channel, the zero point of each channel is clamped on its own
+    xc = torch.stack([torch.linspace(-1.0, 2.0, 50), torch.linspace(1.0, 3.0, 50)])
+    qc = _calibrated_uniform(xc, bits=8, ch_axis=0, include_zero=False)
+    d = (xc.amax(1) - xc.amin(1)) / 255
+    assert torch.equal(qc.scale, d)
+    assert torch.equal(qc.zero_point, torch.clamp(-torch.round(xc.amin(1) / d), 0, 255))
+
+
+def test_symmetric_half_range_divisor():
+    """FQ-ViT symmetric int8: Δ = max|w| / 127.5 (the largest positive weight clips by half a step)."""
+    w = torch.tensor([[-1.0, 0.5, 2.0], [0.25, -3.0, 1.0]])
+    q = _calibrated_uniform(w, bits=8, symmetric=True, ch_axis=0, symmetric_divisor='half_range')
+    assert torch.equal(q.scale, torch.tensor([2.0, 3.0]) / 127.5)
+    q2 = _calibrated_uniform(w, bits=8, symmetric=True, ch_axis=0)
+    assert torch.equal(q2.scale, torch.tensor([2.0, 3.0]) / 127)
+
+
+@pytest.mark.parametrize('ch_axis', [None, -1])
+def test_unclamped_zero_point_fast_path_bit_identical(ch_axis):
+    from fqvit_det.quantizers.uniform import fake_quant_uniform_reference
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, 8, generator=g) + 4
+    q = _calibrated_uniform(x, bits=4, ch_axis=ch_axis, include_zero=False,
+                            clamp_zero_point=False)
+    ref = fake_quant_uniform_reference(x, q.scale, q.zero_point, q.qmin, q.qmax, ch_axis)
+    assert torch.equal(q(x), ref)

@@ -1,4 +1,4 @@
-"""Search utilities: candidate grids, Hessian-guided score, output gradients, grid search, FPCS."""
+"""Search building blocks: PTQ4ViT grid, Hessian-guided score, output gradients, FPCS."""
 import math
 
 import pytest
@@ -7,10 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqvit_det.quantizers.base import MIN_SCALE
-from fqvit_det.quantizers.search import (adalog_uniform_candidates, alternating_search,
-                                         fast_progressive_combining_search, grid_search,
-                                         hessian_guided_score, output_gradients,
-                                         pseudo_label_loss, ptq4vit_candidates)
+from fqvit_det.search.fpcs import fast_progressive_combining_search, ptq4vit_candidates
+from fqvit_det.search.objectives import hessian_guided_score, output_gradients, pseudo_label_loss
+
+
+def fpcs_best(*args, **kw):
+    """(best candidate, its score) of an FPCS run."""
+    surv, scores = fast_progressive_combining_search(*args, **kw)
+    return surv[0], scores[0]
 
 
 # --- PTQ4ViT candidates ---------------------------------------------------------------------
@@ -142,7 +146,7 @@ def test_output_gradients_leave_params_alone_and_work_frozen():
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():                      # callers inside no_grad still get gradients
-        g2 = output_gradients(model, x, [model[0]], device='cpu')
+        g2 = output_gradients(model, x, [model[0]])
     torch.testing.assert_close(g1[model[0]][0], g2[model[0]][0])
     assert not x.requires_grad
 
@@ -167,39 +171,6 @@ def test_output_gradients_explicit_fp_outputs_and_tuple_inputs():
     torch.testing.assert_close(grads[model.fc][0], ref.detach())
 
 
-def test_alternating_search_runs_rounds_in_order():
-    log = []
-    alternating_search([lambda: log.append('w'), lambda: log.append('a')], rounds=3)
-    assert log == ['w', 'a'] * 3
-    alternating_search([lambda: log.append('x')], rounds=0)
-    assert log == ['w', 'a'] * 3
-
-
-# --- grid search -------------------------------------------------------------------------------
-def test_grid_search_chunks_ties_and_nan():
-    cands = torch.linspace(-1, 1, 41)
-    calls = []
-
-    def score(c):
-        calls.append(len(c))
-        return -(c - 0.3) ** 2
-    best, best_score, scores = grid_search(cands, score)
-    assert calls == [41] and abs(float(best) - 0.3) < 1e-6
-    calls.clear()
-    best2, best_score2, scores2 = grid_search(cands, score, chunk=10)
-    assert calls == [10, 10, 10, 10, 1]
-    assert torch.equal(scores, scores2) and float(best) == float(best2)
-    assert float(best_score) == float(scores.max())
-    # ties -> earliest; NaN never wins
-    b, _, _ = grid_search(torch.arange(5.0), lambda c: torch.tensor([1.0, 3.0, 3.0, float('nan'), 2.0]))
-    assert float(b) == 1.0
-    with pytest.raises(ValueError):
-        grid_search(torch.arange(3.0), lambda c: torch.full((len(c),), float('nan')))
-    # list candidates and list scores
-    b, s, _ = grid_search(['a', 'bb', 'c'], lambda cs: [len(x) for x in cs], chunk=2)
-    assert b == 'bb' and float(s) == 2.0
-
-
 # --- FPCS --------------------------------------------------------------------------------------
 class Counter:
     def __init__(self, fn):
@@ -215,7 +186,7 @@ def test_fpcs_1d_beats_coarse_grid():
     opt = 0.3137
     f = Counter(lambda c: -(c[:, 0] - opt) ** 2)
     grid = torch.linspace(0, 1, 11)
-    best, score = fast_progressive_combining_search(grid, 0.1, f, top_k=4, levels=6, eq_n=32)
+    best, score = fpcs_best(grid, 0.1, f, top_k=4, levels=6, eq_n=32)
     coarse_err = (grid - opt).abs().min()
     assert best.shape == (1,)
     assert abs(float(best) - opt) < 1e-4 < float(coarse_err)
@@ -231,12 +202,12 @@ def test_fpcs_2d_beats_coarse_grid_and_is_deterministic():
     gx, gy = torch.meshgrid(torch.linspace(0, 1, 11), torch.linspace(-1, 1, 11), indexing='ij')
     grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
     counter = Counter(f)
-    best, score = fast_progressive_combining_search(grid, [0.1, 0.2], counter)
+    best, score = fpcs_best(grid, [0.1, 0.2], counter)
     assert counter.n <= 121 + 5 * 128
     coarse_best = grid[f(grid).argmax()]
     assert (best - torch.tensor([a, b])).abs().max() < 2e-3
     assert (coarse_best - torch.tensor([a, b])).abs().max() > 1e-2
-    best2, score2 = fast_progressive_combining_search(grid, [0.1, 0.2], f)
+    best2, score2 = fpcs_best(grid, [0.1, 0.2], f)
     assert torch.equal(best, best2) and float(score) == float(score2)
 
 
@@ -246,7 +217,7 @@ def test_fpcs_integer_dimension():
     xs, qs = torch.meshgrid(torch.linspace(0, 1, 5), torch.arange(0, 16, 3.0), indexing='ij')
     grid = torch.stack([xs.reshape(-1), qs.reshape(-1)], 1)
     counter = Counter(f)
-    best, _ = fast_progressive_combining_search(grid, [0.25, 3.0], counter, top_k=8, eq_n=64,
+    best, _ = fpcs_best(grid, [0.25, 3.0], counter, top_k=8, eq_n=64,
                                                 integer_dims=(1,))
     assert float(best[1]) == 7.0
     assert abs(float(best[0]) - 0.37) < 1e-3
@@ -259,9 +230,9 @@ def test_fpcs_integer_dimension():
 
 def test_fpcs_bounds_and_single_level():
     f = lambda c: -(c[:, 0] + 0.05) ** 2           # optimum below the lower bound  # noqa: E731
-    best, _ = fast_progressive_combining_search(torch.linspace(0, 1, 11), 0.1, f, lower=0.0)
+    best, _ = fpcs_best(torch.linspace(0, 1, 11), 0.1, f, lower=0.0)
     assert float(best) == 0.0
-    best1, s1 = fast_progressive_combining_search(torch.linspace(0, 1, 11), 0.1,
+    best1, s1 = fpcs_best(torch.linspace(0, 1, 11), 0.1,
                                                   lambda c: -(c[:, 0] - 0.42) ** 2, levels=1)
     assert abs(float(best1) - 0.4) < 1e-6
 
@@ -273,17 +244,30 @@ def ref_uniform_mse(x, scale, zp, bits):
     return ((q - zp) * scale - x[None]).pow(2).mean(dim=1)
 
 
+def uniform_grid(x, bits, weights, eq_n=128):
+    """A (scale, zero point) coarse grid: scales from (q_0.9 − q_0.1) to (max − min) over
+    2^b − 1, zero points centred at 2^(b−1) (AdaLog's uniform grid); with its spacing."""
+    num_zp = min(16, 2 ** (bits - 1)) if weights else min(16, 2 ** bits)
+    num_scale = eq_n // num_zp
+    lo = float(torch.quantile(x, 0.9) - torch.quantile(x, 0.1)) / (2 ** bits - 1)
+    hi = float(x.max() - x.min()) / (2 ** bits - 1)
+    scales = torch.linspace(lo, hi, num_scale)
+    zps = torch.arange(num_zp, dtype=torch.float32) + 2 ** (bits - 1) - num_zp // 2
+    rows = torch.stack([scales.repeat(num_zp), zps.repeat_interleave(num_scale)], 1)
+    return rows, torch.tensor([(hi - lo) / (num_scale - 1), 1.0])
+
+
 @pytest.mark.parametrize('bits,weights', [(4, False), (6, True)])
 def test_fpcs_quantization_mse_close_to_brute_force(bits, weights):
     g = torch.Generator().manual_seed(11)
     x = torch.cat([torch.randn(900, generator=g), torch.randn(300, generator=g) * 0.3 + 1.5])
-    cands, spacing = adalog_uniform_candidates(x, bits, weights=weights, return_spacing=True)
+    cands, spacing = uniform_grid(x, bits, weights)
     xd = x.double()
 
     def score(c):
         c = c.double()
         return -ref_uniform_mse(xd, c[:, 0], c[:, 1], bits)
-    best, best_score = fast_progressive_combining_search(
+    best, best_score = fpcs_best(
         cands, spacing, score, integer_dims=(1,), lower=torch.tensor([MIN_SCALE, 0.0]))
     coarse = score(cands).max()
     # brute force: every candidate zero point x a fine scale grid spanning the coarse range
@@ -297,43 +281,33 @@ def test_fpcs_quantization_mse_close_to_brute_force(bits, weights):
     assert float(best_score) == pytest.approx(float(score(best[None])[0]), rel=1e-12)
 
 
-# --- AdaLog candidates --------------------------------------------------------------------------
-def order_stat(flat, q):
-    s = sorted(flat.tolist())
-    return s[min(max(int(round(q * (len(s) - 1))), 0), len(s) - 1)]
+def test_fpcs_columns_equal_one_search_per_column():
+    """Independent columns (per-channel scales) give each column's own 1-D FPCS result."""
+    g = torch.Generator().manual_seed(0)
+    opt = torch.rand(3, generator=g).double() + 0.3
+
+    def score(a):                      # (m, 3): independent bumpy functions per column
+        return -((a - opt) ** 2 + 0.01 * torch.sin(40 * a))
+    init = torch.linspace(0.01, 1.2, 32, dtype=torch.float64)
+    surv, scores = fast_progressive_combining_search(init, 1.19 / 31, score, top_k=4, levels=4,
+                                                     eq_n=32, lower=1e-4, columns=3)
+    assert surv.shape == (4, 3) and scores.shape == (4, 3)
+    for c in range(3):
+        s1, sc1 = fast_progressive_combining_search(
+            init, 1.19 / 31, lambda a: score(a.expand(-1, 3))[:, c], top_k=4, levels=4, eq_n=32,
+            lower=1e-4)
+        torch.testing.assert_close(surv[:, c], s1[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(scores[:, c], sc1, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('bits,weights,num_zp', [(8, False, 16), (8, True, 16), (4, False, 16),
-                                                  (4, True, 8), (2, False, 4), (2, True, 2)])
-def test_adalog_uniform_candidates(bits, weights, num_zp):
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(7, 33, generator=g) ** 3
-    c, spacing = adalog_uniform_candidates(x, bits, weights=weights, return_spacing=True)
-    num_scale = 128 // num_zp
-    assert c.shape == (num_zp * num_scale, 2)
-    flat = x.reshape(-1)
-    lo = (order_stat(flat, 0.9) - order_stat(flat, 0.1)) / (2 ** bits - 1)
-    hi = (float(flat.max()) - float(flat.min())) / (2 ** bits - 1)
-    scales = [lo + t * (hi - lo) / (num_scale - 1) for t in range(num_scale)]
-    zps = list(range(2 ** (bits - 1) - num_zp // 2, 2 ** (bits - 1) + num_zp // 2))
-    ref = torch.tensor([[s, z] for z in zps for s in scales])
-    torch.testing.assert_close(c, ref, rtol=1e-5, atol=1e-7)
-    assert 0 <= min(zps) and max(zps) <= 2 ** bits - 1
-    assert float(spacing[1]) == 1.0
-    assert float(spacing[0]) == pytest.approx((hi - lo) / (num_scale - 1), rel=1e-5)
-
-
-def test_adalog_candidates_edge_cases():
-    c = adalog_uniform_candidates(torch.full((10, 10), 3.0), 8)
-    assert torch.isfinite(c).all() and (c[:, 0] >= MIN_SCALE).all()
-    c = adalog_uniform_candidates(torch.zeros(50), 8, eq_n=100)
-    assert c.shape == (96, 2)                      # 16 zero points x 100 // 16 scales
-    x = torch.zeros(100)
-    x[3] = 1e6                                     # one huge outlier: the widest scale covers it
-    c = adalog_uniform_candidates(x, 8)
-    assert float(c[:, 0].max()) == pytest.approx(1e6 / 255, rel=1e-6)
-    assert float(c[:, 0].min()) == pytest.approx(MIN_SCALE)
-    bad = torch.randn(20)
-    bad[4] = float('nan')
-    with pytest.raises(ValueError):
-        adalog_uniform_candidates(bad, 8)
+def test_fpcs_tol_stops_early_and_never_loses_the_best():
+    f = Counter(lambda c: -(c[:, 0] - 0.5) ** 2)   # 0.5 is on the coarse grid: no level improves
+    surv, s = fast_progressive_combining_search(torch.linspace(0, 1, 11), 0.1, f, top_k=2,
+                                                levels=6, eq_n=8, tol=0.0)
+    assert float(surv[0, 0]) == 0.5 and len(f.calls) == 2     # coarse grid + one level
+    f2 = Counter(lambda c: -(c[:, 0] - 0.5) ** 2)
+    fast_progressive_combining_search(torch.linspace(0, 1, 11), 0.1, f2, top_k=2, levels=6, eq_n=8)
+    assert len(f2.calls) == 6
+    with pytest.raises(ValueError, match='d = 1'):
+        fast_progressive_combining_search(torch.zeros(4, 2), [1, 1], lambda a: a[..., 0],
+                                          columns=3)

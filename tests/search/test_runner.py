@@ -1,6 +1,5 @@
 """Layer-wise search (PTQ4ViT Hessian grid / AdaLog FPCS) on small timm models."""
 import copy
-import logging
 
 import pytest
 import timm
@@ -8,14 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fqvit_det import search_runner as sr
-from fqvit_det.calibration import CalibrationRunner, named_quantizers
+import fqvit_det.search
+from fqvit_det.calibration import CalibrationRunner
 from fqvit_det.convert import quantize_model
 from fqvit_det.nn.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from fqvit_det.presets import GELU_MIN, make_spec
-from fqvit_det.quantizers.search import (fast_progressive_combining_search, output_gradients,
-                                         pseudo_label_loss)
 from fqvit_det.quantizers.uniform import UniformQuantizer
+from fqvit_det.search.capture import RowCapture
+from fqvit_det.search.objectives import output_gradients, pseudo_label_loss
+from fqvit_det.search.spaces import AdaLogSpace, UniformSpace
+from fqvit_det.walk import named_quantizers
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -59,19 +60,19 @@ def fast_roles(method, bits):
 
 
 def calibrate(build, method, bits, batches, search_cfg=None, monkeypatch=None):
-    model = build()
+    model = build().to(batches[0].device)
     spec = make_spec(method, bits, bits, roles=fast_roles(method, bits),
                      search_cfg=search_cfg or {})
     quantize_model(model, spec)
     seen = {}
     if monkeypatch is not None:
-        real = sr.run_layer_search
+        real = fqvit_det.search.run_search
 
         def wrapped(m, sp, b, fn, progress=True):
             seen['before'] = copy.deepcopy(m.state_dict())
             seen['report'] = real(m, sp, b, fn, progress=progress)
             return seen['report']
-        monkeypatch.setattr(sr, 'run_layer_search', wrapped)
+        monkeypatch.setattr(fqvit_det.search, 'run_search', wrapped)
     CalibrationRunner(model, spec, progress=False).run(batches)
     return model, spec, seen
 
@@ -135,9 +136,9 @@ CASES = [('vit', 'ptq4vit', 6, dict(screen_rows=0)),       # exhaustive PTQ4ViT 
 
 
 @pytest.mark.parametrize('arch,method,bits,cfg', CASES)
-def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch):
+def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch, device):
     build = vit if arch == 'vit' else swin
-    x = data(4 if arch == 'vit' else 2)
+    x = data(4 if arch == 'vit' else 2).to(device)
     batches = [x[:2], x[2:]] if arch == 'vit' else [x]
     cfg = dict(cfg, max_rows=100000)
     model, spec, seen = calibrate(build, method, bits, batches, cfg, monkeypatch=monkeypatch)
@@ -149,8 +150,10 @@ def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch):
     lin_names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     attn_names = [n for n, m in model.named_modules() if isinstance(m, AttentionQuantizers)]
     assert set(lin_names) <= set(mods) and set(attn_names) <= set(mods)
+    assert rep['modules_searched'] == len(mods) and not rep['skipped']
     for name, r in mods.items():
-        assert 'skipped' not in r, (name, r)
+        assert r['metric'] == ('mse' if name in attn_names or not hessian else 'hessian'), name
+        assert r['params'] and set(r['params']) == set(r['searched']) and r['seconds'] >= 0
         assert r['after'] >= r['before'] - 1e-6 * abs(r['before']), (name, r)
         if hessian and name in lin_names:
             assert r['grad_rms'] > 0, name          # real (non-zero) Fisher weights
@@ -177,9 +180,9 @@ def test_search_improves_every_layer(arch, method, bits, cfg, monkeypatch):
 
 @pytest.mark.parametrize('arch,method,bits,cfg', [('vit', 'adalog', 4, dict(TINY, screen_rows=32)),
                                                   ('swin', 'ptq4vit', 6, TINY)])
-def test_search_deterministic(arch, method, bits, cfg):
+def test_search_deterministic(arch, method, bits, cfg, device):
     build = vit if arch == 'vit' else swin
-    x = data(4 if arch == 'vit' else 2)
+    x = data(4 if arch == 'vit' else 2).to(device)
     states = []
     for _ in range(2):
         model, _, _ = calibrate(build, method, bits, [x[:2], x[2:]] if arch == 'vit' else [x], cfg)
@@ -188,22 +191,30 @@ def test_search_deterministic(arch, method, bits, cfg):
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-def test_non_tensor_output_uses_mse(caplog):
-    model = vit()
+def test_hessian_metric_needs_logits_and_says_the_fix(device):
+    """No silent fallback: a non-logits output with metric 'hessian' is an error naming the fix;
+    metric='mse' chosen explicitly runs."""
+    x = data(4).to(device)
+    fwd = lambda m, b: {'logits': m(b['img'])}  # noqa: E731  (a detector-like output)
+    model = vit().to(device)
     spec = make_spec('ptq4vit', 6, 6, search_cfg=TINY)
     quantize_model(model, spec)
-    x = data(4)
-    with caplog.at_level(logging.INFO, logger='fqvit_det'):
-        CalibrationRunner(model, spec, forward_fn=lambda m, b: {'logits': m(b['img'])},
-                          progress=False).run([{'img': x}])
-    msgs = [r.getMessage() for r in caplog.records if 'not a tensor' in r.getMessage()]
-    assert len(msgs) == 1
+    with pytest.raises(ValueError, match=r"quant_cfg.search_cfg.metric='mse'"):
+        CalibrationRunner(model, spec, forward_fn=fwd, progress=False).run([{'img': x}])
+    model = vit().to(device)
+    spec = make_spec('ptq4vit', 6, 6, search_cfg=dict(TINY, metric='mse'))
+    quantize_model(model, spec)
+    runner = CalibrationRunner(model, spec, forward_fn=fwd, progress=False)
+    runner.run([{'img': x}])
+    rep = runner.search_report
+    assert rep['metric'] == 'mse' and rep['modules']
+    assert all(r['metric'] == 'mse' for r in rep['modules'].values())
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
 
 
-def test_report_and_image_cap(monkeypatch):
-    x = data(8)
+def test_report_and_image_cap(monkeypatch, device):
+    x = data(8).to(device)
     _, _, seen = calibrate(vit, 'ptq4vit', 6, [x[:4], x[4:]],
                            dict(TINY, images=5, grad_batch=2, attn_images=1, screen_rows=32),
                            monkeypatch=monkeypatch)
@@ -216,37 +227,13 @@ def test_report_and_image_cap(monkeypatch):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def test_search_config_validation():
-    spec = make_spec('adalog', 4, 4, search_cfg=dict(bogus=1))
-    with pytest.raises(ValueError, match='search_cfg.bogus'):
-        sr.search_config(spec)
-    with pytest.raises(ValueError, match='max_rows'):
-        sr.search_config(make_spec('adalog', 4, 4, search_cfg=dict(max_rows=0)))
-    assert sr.search_config(make_spec('adalog', 4, 4))['eq_n'] == 128
-
-
-def test_fpcs_columns_matches_library_per_column():
-    g = torch.Generator().manual_seed(0)
-    opt = torch.rand(3, generator=g) + 0.3
-
-    def score(a):                      # (m, 3): independent bumpy functions per column
-        return -((a - opt) ** 2 + 0.01 * torch.sin(40 * a))
-    init = torch.linspace(0.01, 1.2, 32, dtype=torch.float64)
-    surv = sr._fpcs_columns(init, 1.19 / 31, score, 3, top_k=4, levels=4, eq_n=32, lower=1e-4)
-    for c in range(3):
-        best, _ = fast_progressive_combining_search(
-            init, 1.19 / 31, lambda a: score(a.expand(-1, 3))[:, c], top_k=4, levels=4, eq_n=32,
-            lower=1e-4)
-        assert float(surv[0, c]) == pytest.approx(float(best), abs=1e-12)
-
-
 def test_uniform_space_alpha_one_is_current():
     torch.manual_seed(0)
     for sym in (True, False):
         q = UniformQuantizer(4, symmetric=sym, ch_axis=0)
         q.observe(torch.randn(6, 10))
         q.finalize()
-        sp = sr._UniformSpace(q, 2, 0, per_channel=True)
+        sp = UniformSpace(q, 2, 0, per_channel=True)
         s, z = sp.from_alpha(torch.ones(1))
         torch.testing.assert_close(s[0], q.scale)
         torch.testing.assert_close(z[0], q.zero_point)
@@ -260,7 +247,7 @@ def test_uniform_space_alpha_one_is_current():
 def test_conv_patches_reproduce_output(kw):
     torch.manual_seed(0)
     conv = QuantConv2d.from_float(nn.Conv2d(3, 5, **kw))
-    cap = sr._RowCapture(conv, 0, 0)
+    cap = RowCapture(conv, 0, 0)
     cap.quota = 40
     x = torch.randn(2, 3, 12, 12)
     h = conv.register_forward_hook(cap.hook)
@@ -296,7 +283,7 @@ def test_uniform_candidates_match_quantizer(ch, axis, sym):
     x = torch.randn(2, 3, 5, 4)
     q.observe(x)
     q.finalize()
-    sp = sr._UniformSpace(q, 4, axis, per_channel=ch == 1)
+    sp = UniformSpace(q, 4, axis, per_channel=ch == 1)
     a = torch.rand(5, 3) + 0.3 if ch == 1 else torch.rand(5) + 0.3
     p = sp.from_alpha(a)
     out = sp.fq(x, p)
@@ -315,7 +302,7 @@ def test_adalog_candidates_match_quantizer(shift):
     q = AdaLogQuantizer(4, shift=shift)
     q.observe(x)
     q.finalize()
-    sp = sr._AdaLogSpace(q, 2)
+    sp = AdaLogSpace(q, 2)
     d, qq = torch.tensor([0.5, 1.0, 3.3]), torch.tensor([10, 37, 137])
     out = sp.fq(x, (d, qq))
     for i in range(3):

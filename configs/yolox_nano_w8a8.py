@@ -1,0 +1,38 @@
+# YOLOX-Nano (real COCO-trained weights), quantized W8A8: mmdet's own config, unchanged, plus what
+# a user adds to quantize it: the plugin import, quant_cfg, the checkpoint and the coco_mini data.
+# BatchNorm is folded into the convolutions before conversion (quant_cfg.fold_bn, default True);
+# every convolution of backbone, neck and head is quantized (depthwise ones too).
+_base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
+custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
+
+# RepQ-ViT's uniform quantizers (no LayerNorm here, so no reparameterization): per-channel
+# weights and per-tensor activations, both with percentile-search ranges. Depthwise convolutions
+# read their input per channel (role det_dw_input): each output channel reads one input channel,
+# so the scale stays integer-exact, and it lifts the head-output SQNR from 11 to 17 dB. The image
+# entering the stem conv is 8-bit (repq's patch_embed_input; exact for 0..255 pixels).
+quant_cfg = dict(method='repq', w_bits=8, a_bits=8, calib_images=32,
+                 roles=dict(det_dw_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
+                                              observer=dict(type='PercentileSearchObserver'))))
+
+# The official YOLOX-Nano weights as an mmdet state dict (safetensors; the quantized-model wrapper
+# loads it weights-only and strictly -- mmengine's own loader cannot read safetensors).
+load_from = '{{$FQVIT_DATA:../shared/data}}/yolox_nano/yolox_nano_coco.safetensors'
+# The base config's EMAHook would swap in its own (untrained) weight copy at test time.
+custom_hooks = []
+
+data_root = '{{$FQVIT_DATA:../shared/data}}/coco_mini/'
+test_dataloader = dict(
+    batch_size=1, num_workers=1, persistent_workers=False,
+    dataset=dict(data_root=data_root, ann_file='annotations/instances_val2017.json',
+                 data_prefix=dict(img='val2017/')))
+val_dataloader = test_dataloader
+test_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+val_evaluator = test_evaluator
+# Calibration: coco_mini train2017 images through the test pipeline (no augmentation).
+calib_dataloader = dict(
+    batch_size=1, num_workers=1, persistent_workers=False, drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type='CocoDataset', data_root=data_root,
+                 ann_file='annotations/instances_train2017.json',
+                 data_prefix=dict(img='train2017/'), test_mode=True,
+                 pipeline={{_base_.test_pipeline}}))

@@ -1,0 +1,210 @@
+"""The calibration runner shared by classification and detection.
+
+    weights → observe this rank's batches → merge statistics across ranks → finalize →
+    RepQ reparameterization → layer search (PTQ4ViT Hessian / AdaLog FPCS, on rank 0) →
+    broadcast rank 0's parameters → quantized inference.
+
+``forward_fn(model, batch)`` runs one batch and returns the model's output (logits for the
+Hessian search); the runner knows nothing else about the task. Distributed runs (torch.distributed
+initialised, several ranks) pass each rank its share of the global batch sequence — global batches
+r, r + W, … (``distributed.shard_batches``) — and end bit-identical on every rank and equal to one
+process on all batches; ``distributed`` says how each step achieves that.
+"""
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..log import get_logger
+from ..nn.modules import QuantModule
+from ..walk import activation_quantizers, set_quant_mode
+from . import distributed
+from .reparam import reparameterize
+
+
+def batch_images(batch) -> Optional[int]:
+    """Images in a calibration batch, when its structure tells (tensor, ``inputs``, list)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, dict):
+        inner = batch.get('inputs', batch.get('img'))
+        return None if inner is None else batch_images(inner)
+    if isinstance(batch, (list, tuple)):
+        return len(batch)
+    return None
+
+
+def move_to(obj, device: torch.device):
+    """``obj`` with its tensors (also in dicts, lists and data samples) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, '_fields'):
+        return type(obj)(move_to(v, device) for v in obj)
+    if hasattr(obj, 'to') and callable(obj.to) and not isinstance(obj, nn.Module):
+        try:
+            return obj.to(device)
+        except TypeError:
+            return obj
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device('cpu')
+
+
+class _Progress:
+    """tqdm bar over this rank's calibration images (a log line at the end either way)."""
+
+    def __init__(self, enabled: bool, rank_images: Optional[int], total_images: Optional[int]):
+        rank, world = distributed.world_info()
+        share = '' if rank_images is None else f'{rank_images} of {total_images or rank_images} images'
+        self.desc = (f'calibration rank {rank}/{world}: {share}' if world > 1
+                     else f'calibration: {share}').rstrip(': ')
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=rank_images, desc=self.desc, unit='img', leave=False,
+                                position=rank, dynamic_ncols=True)
+
+    def update(self, images: Optional[int]):
+        if self.bar is not None:
+            self.bar.update(images or 1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CalibrationRunner:
+    """Calibrates a converted model.
+
+    Args:
+        model: a model converted by ``fqvit_det.convert.quantize_model``.
+        spec: the ``QuantSpec`` it was converted with.
+        forward_fn: ``forward_fn(model, batch) -> output``; batches are moved to the model's
+            device first.
+        progress: a progress bar over the calibration images and log lines per step.
+    """
+
+    def __init__(self, model: nn.Module, spec, forward_fn: Callable = None, progress: bool = True):
+        self.model = model
+        self.spec = spec
+        self.forward_fn = forward_fn or (lambda m, b: m(b))
+        self.progress = progress
+        self.logger = get_logger()
+        self.timings = {}
+        self.search_report = None  # the layer search's report (rank 0; None elsewhere)
+
+    def _forward(self, batch):
+        return self.forward_fn(self.model, move_to(batch, model_device(self.model)))
+
+    # --- steps ------------------------------------------------------------------------------
+    def calibrate_weights(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, QuantModule):
+                m.calibrate_weight()
+
+    def observe(self, batches: Iterable, rank_images: Optional[int] = None,
+                total_images: Optional[int] = None) -> dict:
+        """Observe this rank's batches; returns ``dict(batches=, images=)`` seen here."""
+        acts = activation_quantizers(self.model)
+        for _, q in acts:
+            q.reset()
+            q.set_mode('observe')
+        bar = _Progress(self.progress, rank_images, total_images)
+        n_batches, n_images = 0, 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self._forward(batch)
+                    size = batch_images(batch)
+                    n_batches += 1
+                    n_images += size or 0
+                    bar.update(size)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        if self.progress:
+            self.logger.info(f'{bar.desc}: observed {n_batches} calibration batches ({n_images} images)')
+        return dict(batches=n_batches, images=n_images)
+
+    def finalize(self) -> None:
+        acts = activation_quantizers(self.model)
+        unseen = [name for name, q in acts if q.num_observed == 0]
+        if len(unseen) == len(acts) and acts:
+            raise ValueError('calibration received no batches: check the calibration dataset / loader')
+        if unseen:
+            raise RuntimeError('these quantizers saw no calibration data (their module never ran): '
+                               + ', '.join(unseen[:10]) + (' ...' if len(unseen) > 10 else ''))
+        for _, q in acts:
+            q.finalize()
+
+    def reparameterize(self):
+        """RepQ-ViT: fold channel-wise LayerNorm-output scales into the norm and the next Linears."""
+        return reparameterize(self.model)
+
+    def search(self, batches) -> Optional[dict]:
+        """The layer search on rank 0 over all ranks' batches (gathered in global order)."""
+        all_batches = distributed.gather_batches(batches)
+        if all_batches is None:  # not rank 0: rank 0's result arrives by broadcast
+            return None
+        set_quant_mode(self.model, 'quant')
+        device = model_device(self.model)
+        from ..search import run_search  # imported only when a recipe searches
+        return run_search(self.model, self.spec, [move_to(b, device) for b in all_batches],
+                          self.forward_fn, progress=self.progress)
+
+    # --- driver -----------------------------------------------------------------------------
+    def run(self, batches: Iterable, rank_images: Optional[int] = None,
+            total_images: Optional[int] = None) -> dict:
+        """Full calibration on this rank's ``batches`` (all batches with one process).
+
+        ``rank_images`` / ``total_images`` (this rank's share and the whole calibration set) only
+        label the progress. Returns ``dict(rank_batches, rank_images, world_size,
+        seconds={step: s, 'total': s}, search_report)`` (the report on rank 0 only)."""
+        t0 = time.time()
+        if self.spec.search:  # the search re-reads the batches
+            batches = list(batches)
+        set_quant_mode(self.model, 'float')
+        self.calibrate_weights()
+        seen = self.observe(batches, rank_images, total_images)
+        t1 = time.time()
+        distributed.merge_observations(self.model)
+        self.timings['merge'] = time.time() - t1
+        self.finalize()
+        self.timings['observe'] = time.time() - t0
+        result = dict(rank_batches=seen['batches'], rank_images=seen['images'])
+        if self.spec.reparam:
+            t1 = time.time()
+            self.reparameterize()
+            self.timings['reparam'] = time.time() - t1
+        if self.spec.search:
+            t1 = time.time()
+            self.search_report = self.search(batches)
+            if self.search_report is not None:
+                result['search_report'] = self.search_report
+            self.timings['search'] = time.time() - t1
+        t1 = time.time()
+        distributed.broadcast_calibration(self.model)
+        self.timings['broadcast'] = time.time() - t1
+        set_quant_mode(self.model, 'quant')
+        self.timings['total'] = time.time() - t0
+        rank, world = distributed.world_info()
+        result.update(world_size=world, seconds=dict(self.timings))
+        if self.progress:
+            self.logger.info(f'calibration done in {self.timings["total"]:.1f}s '
+                             f'(rank {rank}/{world}: {seen["batches"]} batches, {seen["images"]} images)')
+        return result
