@@ -81,20 +81,20 @@ def test_replace_and_from_dict_validate_again():
 
 def test_built_quantizers_do_not_share_or_leak_state():
     spec = make_spec('fqvit', 8, 8, 4)
-    a, b = spec.build('q', 'x.q'), spec.build('q', 'y.q')
-    assert a is not b and a.qname == 'x.q' and b.qname == 'y.q'
+    a, b = spec.build('qkv_output', 'x.qkv_output'), spec.build('qkv_output', 'y.qkv_output')
+    assert a is not b and a.qname == 'x.qkv_output' and b.qname == 'y.qkv_output'
     assert spec.build('attn_mask', 'x.attn_mask') is None
 
 
 # --- resolution rules ----------------------------------------------------------------------------
 def test_fqvit_variant_keys_default_and_are_fqvit_only():
     spec = make_spec('fqvit', 8, 8)
-    assert spec.roles['ln_input']['type'] == 'PTFQuantizer' and spec.integer_layernorm
+    assert spec.roles['residual']['type'] == 'PTFQuantizer' and spec.integer_layernorm
     assert spec.roles['attn_probs']['type'] == 'LogIntSoftmax'
-    assert spec.roles['q']['observer']['type'] == 'MinMaxObserver'
+    assert spec.roles['qkv_output']['observer']['type'] == 'MinMaxObserver'
     ema = make_spec('fqvit', 8, 8, observer='ema', lis=False)
     assert ema.roles['attn_probs']['type'] == 'UniformQuantizer'
-    assert ema.roles['q']['observer']['type'] == 'EMAObserver'
+    assert ema.roles['qkv_output']['observer']['type'] == 'EMAObserver'
     for key, value in (('observer', 'minmax'), ('ptf', True), ('lis', False)):
         with pytest.raises(QuantConfigError, match=f"quant_cfg.{key}: applies to method='fqvit' only"):
             make_spec('repq', 4, 4, **{key: value})

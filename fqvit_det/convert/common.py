@@ -119,7 +119,6 @@ def convert_model(model: nn.Module, spec, rules: Sequence[Rule]) -> List[str]:
     """
     for rule in rules:
         _check_rule(rule)
-    log = get_logger()
     converted, rule_of = [], {}
     for path, mod in list(model.named_modules()):
         rule = next((r for r in rules if fnmatch.fnmatchcase(path, r.pattern) and _kind_matches(r, mod)), None)
@@ -145,7 +144,7 @@ def convert_model(model: nn.Module, spec, rules: Sequence[Rule]) -> List[str]:
             integer = integer_layernorm_on(spec)
             if integer and inq is not None and IntegerInput.supports(inq) and outq is not None \
                     and not integer_output_ok(outq):
-                log.warning(f'{path}: integer LayerNorm needs a per-tensor unsigned uniform output '
+                get_logger().warning(f'{path}: integer LayerNorm needs a per-tensor unsigned uniform output '
                             f'quantizer, got {type(outq).__name__}; this norm runs the float '
                             'LayerNorm between its input and output quantizers')
             _set_child(model, path, QuantLayerNorm.from_float(mod, inq, outq, integer=integer))
