@@ -158,4 +158,4 @@ def test_tools_test_quantized_yolox_on_three_images(tmp_path):
     for kind in ('float', 'quant'):
         metrics = summary[kind]['metrics']
         assert 0.0 < metrics['coco/bbox_mAP_50'] <= 1.0, metrics
-    assert 'calibration batch 2' in proc.stdout + proc.stderr
+    assert 'calibration: 2 of 2 images' in proc.stdout + proc.stderr
