@@ -78,18 +78,22 @@ def fqvit_roles(w, a, attn, observer='minmax', ptf=True, lis=True):
     with the chosen observer; the residual stream (``QAct`` with the ``*_LN`` config) is PTF with
     its MinMax-based channel observer when PTF is on, else the plain activation quantizer."""
     obs = FQVIT_OBSERVERS[observer]
-    w_cfg = _u(w, symmetric=True, ch_axis=0)
-    act = _u(a, observer=obs)
+    # Official range conventions: Δ_w = max|w| / 127.5 (half the code range), activation ranges
+    # as observed (not widened to contain 0) with the zero point clamped to the code range.
+    w_cfg = _u(w, symmetric=True, ch_axis=0, symmetric_divisor='half_range')
+    act = _u(a, observer=obs, include_zero=False)
     return dict(
         weight=w_cfg, patch_embed_weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
         patch_embed_input=act, det_input=act,
         patch_embed_output=act, embed_tokens=act, pos_embed=act,
-        residual=dict(type='PTFQuantizer', bits=a, observer=dict(type='MinMaxObserver')) if ptf else act,
+        residual=(dict(type='PTFQuantizer', bits=a, observer=dict(type='MinMaxObserver'), include_zero=False)
+                  if ptf else act),
         ln_input=None, ln_output=act,
         qkv_output=act, q=None, k=None, v=None,
         attn_scores=act, attn_logits=act,  # with LIS, the LogIntSoftmax holds the logit quantizer
-        attn_probs=(dict(type='LogIntSoftmax', bits=attn, logit_observer=dict(type=obs)) if lis
-                    else _u(attn, observer=obs)),
+        attn_probs=(dict(type='LogIntSoftmax', bits=attn, logit_observer=dict(type=obs), include_zero=False)
+                    if lis
+                    else _u(attn, observer=obs, include_zero=False)),
         proj_input=act, attn_output=act, fc2_input=act, mlp_output=act,
         final_ln_output=act, head_input=act, head_output=act,
         rel_pos_bias=act, attn_mask=None,
@@ -112,12 +116,14 @@ def ptq4vit_roles(w, a, attn):
 
 def repq_roles(w, a, attn):
     pct = 'PercentileSearchObserver'
-    w_cfg = _u(w, ch_axis=0, observer=pct)
-    act = _u(a, observer=pct)
+    # Official range conventions: one-sided ranges kept as observed, zero point not clamped.
+    official = dict(observer=pct, include_zero=False, clamp_zero_point=False)
+    w_cfg = _u(w, ch_axis=0, **official)
+    act = _u(a, **official)
     return _float_fqvit_only(dict(
         weight=w_cfg, patch_embed_weight=w_cfg, head_weight=w_cfg, det_weight=w_cfg,
-        patch_embed_input=_u(8, observer=pct), det_input=act,
-        ln_input=None, ln_output=_u(a, ch_axis=-1, observer=pct),
+        patch_embed_input=_u(8, **official), det_input=act,
+        ln_input=None, ln_output=_u(a, ch_axis=-1, **official),
         q=act, k=act, v=act, attn_logits=None,
         attn_probs=dict(type='LogSqrt2Quantizer', bits=attn),
         proj_input=act, fc2_input=act, head_input=act, rel_pos_bias=None, attn_mask=None,
