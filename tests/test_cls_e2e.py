@@ -93,7 +93,7 @@ def test_tiny_config_through_the_cli_calibrates_saves_and_reloads(tiny_data, tmp
     summary, work, log = run([cfg, '--compare-float', '--out', str(tmp_path / 'preds.pkl')], tmp_path, 'calib')
     assert set(summary) == {'float', 'quant'}
     assert summary['quant']['calib_seconds'] > 0 and summary['float']['calib_seconds'] is None
-    assert 'calibration batch 2/2' in log  # 4 calibration images in batches of 2
+    assert 'observed 2 calibration batches (4 images)' in log  # 4 calibration images in batches of 2
     assert 'RANDOM weights' in log  # no checkpoint, no pretrained: said, not silent
     state = osp.join(work, 'quant_state.safetensors')
     summary2, _, log2 = run([cfg, '--quant-state', state, '--out', str(tmp_path / 'preds2.pkl')], tmp_path,

@@ -15,21 +15,25 @@ def test_fqvit_paper_placement():
     r = spec.roles
     # The residual stream is PTF-quantized where it is formed; norms read it (no ln_input).
     assert r['residual']['type'] == 'PTFQuantizer' and r['ln_input'] is None
-    assert r['attn_probs'] == dict(type='LogIntSoftmax', bits=4, logit_observer=dict(type='MinMaxObserver'))
+    assert r['attn_probs'] == dict(type='LogIntSoftmax', bits=4, logit_observer=dict(type='MinMaxObserver'),
+                                   include_zero=False)
+    # Official range conventions: weights max|w| / 127.5, activation ranges as observed.
     assert r['weight']['symmetric'] and r['weight']['ch_axis'] == 0
+    assert r['weight']['symmetric_divisor'] == 'half_range'
+    assert r['residual']['include_zero'] is False
     assert spec.integer_layernorm and spec.search is None
     # qkv output as one tensor: no separate q / k / v scales.
     assert r['qkv_output']['type'] == 'UniformQuantizer' and r['q'] is r['k'] is r['v'] is None
     for role in ('patch_embed_output', 'embed_tokens', 'pos_embed', 'attn_output', 'mlp_output',
                  'attn_scores', 'final_ln_output', 'head_input', 'head_output', 'rel_pos_bias'):
         assert r[role] == dict(type='UniformQuantizer', bits=8, symmetric=False, ch_axis=None,
-                               observer=dict(type='MinMaxObserver')), role
+                               observer=dict(type='MinMaxObserver'), include_zero=False), role
 
 
 def test_fqvit_switches_follow_official_config():
     no_ptf = make_spec('fqvit', 8, 8, 8, ptf=False, lis=False, observer='omse').roles
     act = dict(type='UniformQuantizer', bits=8, symmetric=False, ch_axis=None,
-               observer=dict(type='OMSEObserver'))
+               observer=dict(type='OMSEObserver'), include_zero=False)
     assert no_ptf['residual'] == act  # *_A_LN falls back to the activation config
     assert no_ptf['attn_probs'] == act
     lis = make_spec('fqvit', 8, 8, 4, observer='ema').roles['attn_probs']
@@ -49,6 +53,8 @@ def test_method_specific_roles():
     repq = make_spec('repq', 4, 4)
     assert repq.reparam and repq.roles['attn_probs']['type'] == 'LogSqrt2Quantizer'
     assert repq.roles['patch_embed_input']['bits'] == 8
+    for role in ('weight', 'ln_output', 'proj_input', 'patch_embed_input'):  # RepQ-ViT's ranges
+        assert repq.roles[role]['include_zero'] is False and repq.roles[role]['clamp_zero_point'] is False
     adalog = make_spec('adalog', 4, 4)
     assert adalog.search == 'fpcs' and adalog.roles['q']['ch_axis'] == 1
     assert adalog.roles['fc2_input']['shift'] > 0.16
