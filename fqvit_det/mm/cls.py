@@ -2,7 +2,6 @@
 import os
 from typing import List, Optional, Sequence
 
-import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, METRICS, MODELS

@@ -1,7 +1,6 @@
 """mmdet glue: the quantized-detector wrapper and a timm ViT/DeiT backbone with a simple pyramid."""
 from typing import Optional, Sequence
 
-import torch
 from mmengine.model import BaseModel, BaseModule
 from mmengine.registry import MODELS
 from torch import nn

@@ -22,9 +22,9 @@ import torch
 
 from .base import (MIN_SCALE, Quantizer, check_bool, check_float, check_int, flat_chunks,
                    needs_autograd, scratch, single_threaded)
-from .log import CODE_DTYPE, ZERO_CODE, _as_float, finish_log_codes, pooled_samples, subsample  # noqa: F401
+from .log import _as_float, finish_log_codes, pooled_samples, subsample  # noqa: F401
 from .registry import register_quantizer
-from .stats import BatchPool
+from .stats import BatchPool, PooledStatsMixin
 
 GELU_SHIFT = 0.16997124
 ADALOG_R = 37
@@ -162,7 +162,7 @@ def adalog_search(samples: torch.Tensor, deltas: torch.Tensor, qs: torch.Tensor,
 
 
 @register_quantizer()
-class AdaLogQuantizer(Quantizer):
+class AdaLogQuantizer(PooledStatsMixin, Quantizer):
     """AdaLog quantizer (buffers: ``delta``, ``q`` (int64), ``lut``).
 
     Args:
@@ -222,23 +222,6 @@ class AdaLogQuantizer(Quantizer):
     def observe(self, x):
         xs = _as_float(x.detach())
         self._pool.append(subsample(xs + self.shift if self.shift else xs, self.max_samples))
-
-    def reset_stats(self):
-        self._pool.reset()
-
-    @property
-    def num_observed(self) -> int:
-        return self._pool.num_batches
-
-    def calibration_stats(self):
-        """``{'num_batches', 'pool': the kept per-batch samples (of x + η), oldest first}``."""
-        return self._pool.stats()
-
-    def load_calibration_stats(self, stats):
-        self._pool.load(stats, self.device)
-
-    def merge_calibration_stats(self, per_rank):
-        return self._pool.merge(per_rank, self.qname)
 
     def finalize(self):
         if self._pool.num_batches == 0:

@@ -195,6 +195,15 @@ def check_bool(owner, name: str, value) -> bool:
     return value
 
 
+def check_percentiles(owner, percentiles) -> tuple:
+    """A non-empty sequence of upper-tail probabilities in (0.5, 1) (RepQ-ViT's percentile search)."""
+    from collections.abc import Sequence
+    if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) or not percentiles:
+        raise TypeError(f'{_who(owner)}: percentiles must be a non-empty sequence of numbers in '
+                        f'(0.5, 1), got {percentiles!r}')
+    return tuple(check_float(owner, 'percentiles', p, 0.5, 1.0, True, True) for p in percentiles)
+
+
 def check_float(owner, name: str, value, lo: float = None, hi: float = None,
                 lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` must be a real number (int or float, not a bool) in the given interval."""

@@ -22,8 +22,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import (MIN_SCALE, Quantizer, check_bool, check_float, check_int, chunk_step,
-                   single_threaded)
+from .base import (MIN_SCALE, Quantizer, check_bool, check_float, check_int, check_percentiles,
+                   chunk_step, single_threaded)
 from .observers import quantiles
 from .registry import register_quantizer
 from .stats import BatchPool, check_round_robin, to_cpu, to_device
@@ -292,12 +292,7 @@ class LogSqrt2Quantizer(Quantizer):
         super().__init__(bits)
         self.search = check_bool(self, 'search', search)
         self.max_candidate = check_bool(self, 'max_candidate', max_candidate)
-        if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) \
-                or not percentiles:
-            raise TypeError(f'{type(self).__name__}: percentiles must be a non-empty sequence of '
-                            f'numbers in (0.5, 1), got {percentiles!r}')
-        self.percentiles = tuple(check_float(self, 'percentiles', p, 0.5, 1.0, True, True)
-                                 for p in percentiles)
+        self.percentiles = check_percentiles(self, percentiles)
         if max_delta is not None:
             check_float(self, 'max_delta', max_delta, 0.0, None, lo_open=True)
         self.max_delta = max_delta

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import check_ch_axis, check_float, check_int, reduce_dims
+from .base import check_ch_axis, check_float, check_int, check_percentiles, reduce_dims
 from .registry import register_observer
 from .stats import BatchPool, check_round_robin, interleave, last_of, to_cpu, to_device
 
@@ -320,12 +320,7 @@ class PercentileSearchObserver(Observer):
     def __init__(self, ch_axis=None, percentiles: Sequence[float] = (0.999, 0.9999, 0.99999),
                  max_samples: int = 2 ** 22):
         super().__init__(ch_axis)
-        if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) \
-                or not percentiles:
-            raise TypeError(f'PercentileSearchObserver: percentiles must be a non-empty sequence '
-                            f'of numbers in (0.5, 1), got {percentiles!r}')
-        self.percentiles = tuple(check_float(self, 'percentiles', p, 0.5, 1.0, True, True)
-                                 for p in percentiles)
+        self.percentiles = check_percentiles(self, percentiles)
         self.max_samples = check_int(self, 'max_samples', max_samples, 1)
         self._pool = BatchPool(self.max_samples, size=lambda t: t.shape[-1])
 

@@ -150,3 +150,26 @@ class ThinnedPool:
         pieces = [[t[::2 ** (k - int(s['thin_exp']))] for t in s['pool']] for s in per_rank]
         items, k = self._thin(interleave(pieces), k)
         return {'num_batches': total, 'thin_exp': k, 'pool': items}
+
+
+class PooledStatsMixin:
+    """The calibration-statistics interface of a quantizer whose statistics are one pool
+    (``self._pool``: a ``BatchPool`` or ``ThinnedPool``) of per-batch samples."""
+
+    def reset_stats(self):
+        self._pool.reset()
+
+    @property
+    def num_observed(self) -> int:
+        return self._pool.num_batches
+
+    def calibration_stats(self):
+        """``{'num_batches', 'pool': the kept per-batch samples, oldest first}`` (plus the pool's
+        own bookkeeping, e.g. ``ThinnedPool``'s ``thin_exp``)."""
+        return self._pool.stats()
+
+    def load_calibration_stats(self, stats):
+        self._pool.load(stats, self.device)
+
+    def merge_calibration_stats(self, per_rank):
+        return self._pool.merge(per_rank, self.qname)

@@ -36,7 +36,7 @@ import torch
 from .base import (Quantizer, check_finite, check_int, flat_chunks, needs_autograd, round_ste,
                    scratch, single_threaded)
 from .registry import register_quantizer
-from .stats import ThinnedPool
+from .stats import PooledStatsMixin, ThinnedPool
 
 # |min_x GELU(x)| (the minimum is at x ≈ −0.7518); PTQ4ViT's negative-region constant.
 GELU_NEG_RANGE = 0.16997124
@@ -179,7 +179,7 @@ def twin_gelu_fake_quant_fast(x: torch.Tensor, m, bits: int) -> torch.Tensor:
 
 
 # --- quantizers ---------------------------------------------------------------------------------
-class _TwinUniformQuantizer(Quantizer):
+class _TwinUniformQuantizer(PooledStatsMixin, Quantizer):
     """Shared calibration: a bounded, deterministic random subsample of the observed values.
 
     A batch of more than ``max_samples`` values contributes ``max_samples`` of them drawn
@@ -210,23 +210,6 @@ class _TwinUniformQuantizer(Quantizer):
             idx = torch.randint(flat.numel(), (self.max_samples,), generator=gen).to(flat.device)
             flat = flat[idx]
         self._pool.append(flat.clone())
-
-    def reset_stats(self):
-        self._pool.reset()
-
-    @property
-    def num_observed(self) -> int:
-        return self._pool.num_batches
-
-    def calibration_stats(self):
-        """``{'num_batches', 'thin_exp', 'pool': per-batch samples thinned by 2^thin_exp}``."""
-        return self._pool.stats()
-
-    def load_calibration_stats(self, stats):
-        self._pool.load(stats, self.device)
-
-    def merge_calibration_stats(self, per_rank):
-        return self._pool.merge(per_rank, self.qname)
 
     def pooled_samples(self) -> torch.Tensor:
         if self._pool.num_batches == 0:
