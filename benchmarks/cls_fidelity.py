@@ -160,8 +160,10 @@ FQVIT_NOTE = ('FQ-ViT rows use the official placement (models/vit_quant.py): the
               '(PTF when on), the embeddings, the qkv output as one tensor, the projection and fc2 outputs '
               'and the logits are quantized; earlier runs kept the residual stream float (MinMax drop 0.15). '
               "The official code's MinMax 8/8/8 drop on these 1,300 images is 1.38. FQ-ViT targets are the "
-              'FQ-ViT README DeiT-T drops on the full ImageNet val. The FQ-ViT rows of 2026-12-05 ran as '
-              'separate single-threaded processes on a shared machine: their seconds are not comparable.')
+              'FQ-ViT README DeiT-T drops on the full ImageNet val. All rows of 2026-12-05 were re-measured '
+              'after core v2 (official placement and range conventions, torch.quantile percentiles, '
+              'ties-to-even integer LayerNorm / LIS rounding) as two single-threaded processes running '
+              'side by side on the 2-core machine: their seconds are not comparable with older runs.')
 NOTES = ['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.', FQVIT_NOTE,
          'float eval s is the float model over the same evaluation images; the observer-'
          'calibration cost compares with `fp_calib_forward_seconds` in the JSON.']

@@ -25,8 +25,9 @@ RESULT = 'yolox_benchmark.json'
 CONFIGS = ('configs/yolox_nano_w8a8.py', 'configs/yolox_nano_w6a6.py', 'configs/yolox_nano_w4a4.py')
 FLOAT_REFERENCE = dict(ap=31.0, ap50=49.2, ap75=32.1)  # ../shared/data/yolox_nano/README.md
 NOTES = [
-    'Goal W8A8 within 0.5 AP of float: missed by 0.3 (−0.8 AP). Runs used 2 threads on a shared '
-    '2-core CPU (times are wall-clock under load).',
+    'Goal W8A8 within 0.5 AP of float: missed by 0.2 (−0.7 AP). The rows were re-measured after core v2 '
+    '(official RepQ-ViT range conventions, torch.quantile percentiles): W8A8 30.2 → 30.3, W6A6 26.6 → 25.8. '
+    'Runs used 2 threads on a shared 2-core CPU (wall-clock).',
     'Role mix (all configs): RepQ-ViT\'s uniform quantizers with percentile-search ranges, per-channel '
     'weights, per-tensor activations, except the inputs of the 30 depthwise convolutions (role '
     '`det_dw_input`), which are per-channel: each depthwise output channel reads one input channel, '
@@ -35,7 +36,8 @@ NOTES = [
     'What the per-channel depthwise inputs buy (W8A8, 4–16 calibration images, SQNR of all head outputs '
     'on 2 val images): per-tensor everywhere 11.1 dB (repq and adalog alike; fqvit MinMax 10.4, '
     'OMSE 11.3, Percentile 11.5) → 17.2 dB. In AP: FQ-ViT per-channel MinMax weights + per-tensor '
-    'Percentile activations, 32 calibration images: 23.4 AP (−7.6); this config 30.2 (−0.8).',
+    'Percentile activations, 32 calibration images: 23.4 AP (−7.6); this config 30.2 (−0.8) '
+    '(both before core v2; this config now 30.3).',
     'Why 8 bits is hard here: BatchNorm folding leaves a few channels 10–80× larger than the median '
     'at depthwise inputs (stage1: channel max 82 vs median 6.6), and the error of ~100 chained '
     'layers adds up (weights alone at 8 bits: 21.6 dB; activations alone, per-tensor: 11.6 dB, '
