@@ -58,6 +58,7 @@ def cls_section(doc):
 def det_section(doc):
     out = ['## Detection: coco_mini', '', f'Machine: {doc["machine"]}; date {doc["date"]}.', '']
     out += doc.get('markdown', [])
+    out += [''] + [f'- {n}' for n in doc.get('notes', [])] if doc.get('notes') else []
     diag = doc.get('sqnr_diagnosis')
     if diag:
         out += ['', '### Why the backbone-feature SQNR is low: per-block SQNR of real DeiT-Tiny on COCO images', '',
