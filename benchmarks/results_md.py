@@ -50,15 +50,19 @@ def cls_section(doc):
         out.append(f'| {r["method"]} | {r["bits"]} | {r["calib_images"]} | {r["top1"]:.2f} | '
                    f'{r["top5"]:.2f} | {r["drop"]:.2f} | {status} | {r["calib_seconds"]:.1f} | '
                    f'{r["eval_seconds"]:.1f} | {r["fp_eval_seconds"]:.1f} |')
-    if doc.get('notes'):
-        out += [''] + [f'- {n}' for n in doc['notes']]
+    out += notes_md(doc)
     return '\n'.join(out)
+
+
+def notes_md(doc):
+    """A section's ``notes`` as markdown bullets after a blank line (nothing without notes)."""
+    return [''] + [f'- {n}' for n in doc['notes']] if doc.get('notes') else []
 
 
 def det_section(doc):
     out = ['## Detection: coco_mini', '', f'Machine: {doc["machine"]}; date {doc["date"]}.', '']
     out += doc.get('markdown', [])
-    out += [''] + [f'- {n}' for n in doc.get('notes', [])] if doc.get('notes') else []
+    out += notes_md(doc)
     diag = doc.get('sqnr_diagnosis')
     if diag:
         out += ['', '### Why the backbone-feature SQNR is low: per-block SQNR of real DeiT-Tiny on COCO images', '',

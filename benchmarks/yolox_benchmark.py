@@ -19,7 +19,7 @@ ROOT = osp.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from results_md import load_result, machine_info, save_result  # noqa: E402
+from results_md import load_result, machine_info, notes_md, save_result  # noqa: E402
 
 RESULT = 'yolox_benchmark.json'
 CONFIGS = ('configs/yolox_nano_w8a8.py', 'configs/yolox_nano_w6a6.py', 'configs/yolox_nano_w4a4.py')
@@ -122,8 +122,7 @@ def yolox_section(doc):
         out.append(f'| `{r["config"]}` | {q} | {f["ap"]} / {f["ap50"]} / {f["ap75"]} | '
                    f'{qa["ap"]} / {qa["ap50"]} / {qa["ap75"]} | {r["drop"]} | '
                    f'{r["calib_seconds"]:.0f} | {r["eval_seconds"]:.0f} |')
-    if doc.get('notes'):
-        out += [''] + [f'- {n}' for n in doc['notes']]
+    out += notes_md(doc)
     return '\n'.join(out)
 
 
