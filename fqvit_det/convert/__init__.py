@@ -1,4 +1,5 @@
 """Model conversion: which tensor role gets which quantizer, per architecture."""
+import importlib
 from typing import Callable, Dict, List, Sequence
 
 from torch import nn
@@ -18,33 +19,18 @@ def _from_timm(model: nn.Module) -> bool:
     return any(c.__module__.startswith('timm.') for c in type(model).__mro__)
 
 
-# timm is imported only when a timm model is converted (it is not a declared dependency).
-def _is_timm_vit(model):
-    if not _from_timm(model):
-        return False
-    from .timm_vit import is_timm_vit
-    return is_timm_vit(model)
+def _register_timm(name: str, module: str, predicate: str, rules: str) -> None:
+    """Register a timm architecture whose converter module (which imports timm) is imported only
+    when a timm model is converted: timm is not a declared dependency of the core."""
+    def converter():
+        return importlib.import_module(f'{__name__}.{module}')
+
+    register_architecture(name, lambda m: _from_timm(m) and getattr(converter(), predicate)(m),
+                          lambda: getattr(converter(), rules)())
 
 
-def _timm_vit_rules():
-    from .timm_vit import vit_rules
-    return vit_rules()
-
-
-def _is_timm_swin(model):
-    if not _from_timm(model):
-        return False
-    from .timm_swin import is_timm_swin
-    return is_timm_swin(model)
-
-
-def _timm_swin_rules():
-    from .timm_swin import swin_rules
-    return swin_rules()
-
-
-register_architecture('timm_vit', _is_timm_vit, _timm_vit_rules)
-register_architecture('timm_swin', _is_timm_swin, _timm_swin_rules)
+_register_timm('timm_vit', 'timm_vit', 'is_timm_vit', 'vit_rules')
+_register_timm('timm_swin', 'timm_swin', 'is_timm_swin', 'swin_rules')
 
 
 def detect_architecture(model: nn.Module) -> str:

@@ -197,7 +197,6 @@ def check_bool(owner, name: str, value) -> bool:
 
 def check_percentiles(owner, percentiles) -> tuple:
     """A non-empty sequence of upper-tail probabilities in (0.5, 1) (RepQ-ViT's percentile search)."""
-    from collections.abc import Sequence
     if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, Sequence) or not percentiles:
         raise TypeError(f'{_who(owner)}: percentiles must be a non-empty sequence of numbers in '
                         f'(0.5, 1), got {percentiles!r}')

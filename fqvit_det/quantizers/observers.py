@@ -79,10 +79,6 @@ def tail_quantiles(flat: torch.Tensor, probs: Sequence[float]):
     return [(qs[2 * i], qs[2 * i + 1]) for i in range(len(probs))]
 
 
-# Former name (nearest-rank); now the interpolated quantile of torch.quantile.
-quantile_kth = quantile
-
-
 class Observer(nn.Module):
     """Base observer: batch count, per-channel shape checks, the statistics interface."""
 
