@@ -3,11 +3,12 @@ from setuptools import find_packages, setup
 # What imports what (tests/test_packaging.py checks these against a wheel in a fresh venv):
 # the core (quantizers, presets, calibration, search, state files) imports torch, numpy and
 # safetensors only; fqvit_det.convert's built-in converters subclass timm's ViT and Swin modules;
-# fqvit_det.mm (mmengine/mmdet glue, classifier wrapper, ImageNet dataset) imports mmengine, mmdet,
-# mmcv's compiled ops (through mmdet's models, which do not declare mmcv), timm and Pillow.
+# fqvit_det.mm (mmengine/mmdet/mmpretrain glue, classifier wrapper) imports mmengine, mmdet,
+# mmcv's compiled ops (through mmdet's models, which do not declare mmcv), mmpretrain, timm and
+# Pillow; fqvit_det.convert's mmpretrain converters subclass mmpretrain's ViT and Swin modules.
 CORE = ['torch>=2.1', 'numpy', 'safetensors']
 TIMM = ['timm==1.0.31']
-MM = ['mmengine==0.10.7', 'mmdet==3.3.0', 'mmcv==2.1.0', 'pillow'] + TIMM
+MM = ['mmengine==0.10.7', 'mmdet==3.3.0', 'mmcv==2.1.0', 'mmpretrain==1.2.0', 'pillow'] + TIMM
 
 setup(
     name='fqvit-det',

@@ -42,7 +42,7 @@ PACKAGE = 'fqvit_det'
 # Module prefixes allowed to need an extra; every other module must import with the core alone.
 EXTRA_MODULES = {'fqvit_det.mm': 'mm', 'fqvit_det.convert': 'timm'}
 # Top-level modules only the extras provide (the core venv must not see them).
-EXTRA_IMPORTS = ('mmengine', 'mmdet', 'mmcv', 'timm', 'PIL', 'torchvision')
+EXTRA_IMPORTS = ('mmengine', 'mmdet', 'mmcv', 'mmpretrain', 'timm', 'PIL', 'torchvision')
 IGNORED = ('.git', '.venv', '__pycache__', 'build', 'dist', '*.egg-info', 'work_dirs', '.pytest_cache')
 
 
@@ -189,7 +189,7 @@ mods = json.loads(sys.argv[1])
 import fqvit_det
 result = {'file': fqvit_det.__file__, 'prefix': sys.prefix, 'modules': {},
           'visible': {m: importlib.util.find_spec(m) is not None
-                      for m in ('mmengine', 'mmdet', 'mmcv', 'timm', 'PIL', 'torchvision')}}
+                      for m in ('mmengine', 'mmdet', 'mmcv', 'mmpretrain', 'timm', 'PIL', 'torchvision')}}
 for m in mods:
     try:
         importlib.import_module(m)
@@ -226,7 +226,7 @@ def test_wheel_declares_what_the_code_imports(wheel):
     timm = {Requirement(r).name.lower() for r in _requires(wheel['meta'], 'timm')} - core
     assert core == {'torch', 'numpy', 'safetensors'}
     assert timm == {'timm'}
-    assert mm == {'mmengine', 'mmdet', 'mmcv', 'timm', 'pillow'}
+    assert mm == {'mmengine', 'mmdet', 'mmcv', 'mmpretrain', 'timm', 'pillow'}
 
 
 def test_core_imports_with_only_the_core_dependencies(fresh_venv):

@@ -15,22 +15,26 @@ def register_architecture(name: str, predicate: Callable[[nn.Module], bool],
     ARCHITECTURES[name] = (predicate, rules)
 
 
-def _from_timm(model: nn.Module) -> bool:
-    return any(c.__module__.startswith('timm.') for c in type(model).__mro__)
+def _from_package(model: nn.Module, package: str) -> bool:
+    return any(c.__module__.startswith(f'{package}.') for c in type(model).__mro__)
 
 
-def _register_timm(name: str, module: str, predicate: str, rules: str) -> None:
-    """Register a timm architecture whose converter module (which imports timm) is imported only
-    when a timm model is converted: timm is not a declared dependency of the core."""
+def _register_lazy(name: str, package: str, module: str, predicate: str, rules: str) -> None:
+    """Register an architecture of an optional ``package`` (timm, mmpretrain) whose converter
+    module (which imports that package) is imported only when a model of that package is
+    converted: neither is a dependency of the core."""
     def converter():
         return importlib.import_module(f'{__name__}.{module}')
 
-    register_architecture(name, lambda m: _from_timm(m) and getattr(converter(), predicate)(m),
+    register_architecture(name, lambda m: _from_package(m, package) and getattr(converter(), predicate)(m),
                           lambda: getattr(converter(), rules)())
 
 
-_register_timm('timm_vit', 'timm_vit', 'is_timm_vit', 'vit_rules')
-_register_timm('timm_swin', 'timm_swin', 'is_timm_swin', 'swin_rules')
+_register_lazy('timm_vit', 'timm', 'timm_vit', 'is_timm_vit', 'vit_rules')
+_register_lazy('timm_swin', 'timm', 'timm_swin', 'is_timm_swin', 'swin_rules')
+_register_lazy('mmpretrain_vit', 'mmpretrain', 'mmpretrain_vit', 'is_mmpretrain_vit', 'mmpretrain_vit_rules')
+_register_lazy('mmpretrain_swin', 'mmpretrain', 'mmpretrain_swin', 'is_mmpretrain_swin',
+               'mmpretrain_swin_rules')
 
 
 def detect_architecture(model: nn.Module) -> str:
