@@ -98,7 +98,7 @@ def test_compare_float_calibrates_saves_and_reports(tiny_root, tmp_path_factory)
     work, log = single_process('fqvit', tiny_root, tmp_path_factory)
     s = summary(work)
     for kind in ('float', 'quant'):
-        assert 0.0 <= s[kind]['metrics']['imagenet/top1'] <= 100.0
+        assert 0.0 <= s[kind]['metrics']['accuracy/top1'] <= 100.0
     calib = s['quant']['calibration']
     assert calib['images'] == 10 and calib['world_size'] == 1 and calib['rank_images'] == 10
     assert calib['rank_batches'] == 3 and calib['seconds']['total'] > 0
@@ -111,7 +111,7 @@ def test_compare_float_calibrates_saves_and_reports(tiny_root, tmp_path_factory)
 def test_float_only_run(tiny_root, tmp_path):
     _, log = run_cli(tiny_root, tmp_path, CONFIGS['fqvit'], '--float')
     s = summary(tmp_path)
-    assert set(s) == {'float'} and 'imagenet/top1' in s['float']['metrics']
+    assert set(s) == {'float'} and 'accuracy/top1' in s['float']['metrics']
     assert not osp.exists(osp.join(tmp_path, STATE))
 
 
@@ -127,7 +127,7 @@ def test_quant_state_reload_gives_identical_results(tiny_root, tmp_path, tmp_pat
         again = pickle.load(f)
     assert len(first) == len(again) == 12
     for a, b in zip(first, again):
-        assert torch.equal(a['logits'], b['logits'])
+        assert torch.equal(a['pred_score'], b['pred_score'])
 
 
 @pytest.mark.parametrize('flag', ['--quant-state', '--checkpoint'])

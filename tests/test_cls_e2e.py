@@ -16,7 +16,7 @@ from .helpers import DATA, HAS_DATA, ROOT
 from .tiny_cls import MODEL, load_tool, make_images, write_config
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f'real data not found at {DATA}')
-SMALL = ['--cfg-options', 'test_dataloader.dataset.max_images=8', 'test_dataloader.batch_size=4',
+SMALL = ['--cfg-options', 'test_dataloader.dataset.indices=8', 'test_dataloader.batch_size=4',
          'test_dataloader.num_workers=0', 'custom_hooks.0.dataloader.num_workers=0',
          'custom_hooks.0.dataloader.batch_size=4']
 
@@ -37,8 +37,8 @@ def test_deit_tiny_config_calibrates_evaluates_and_reloads(tmp_path):
     summary, work, log = run([cfg, '--compare-float', '--calib-images', '8', '--out',
                               str(tmp_path / 'preds.pkl'), *SMALL], tmp_path, 'calib')
     fp, q = summary['float']['metrics'], summary['quant']['metrics']
-    assert fp['imagenet/top1'] >= 50  # 8 real images, real weights
-    assert abs(fp['imagenet/top1'] - q['imagenet/top1']) <= 25
+    assert fp['accuracy/top1'] >= 50  # 8 real images, real weights
+    assert abs(fp['accuracy/top1'] - q['accuracy/top1']) <= 25
     assert 'calibration batch' in log  # progress is shown
     state = osp.join(work, 'quant_state.safetensors')
     assert osp.isfile(state)
@@ -52,7 +52,7 @@ def test_deit_tiny_config_calibrates_evaluates_and_reloads(tmp_path):
         second = pickle.load(f)
     assert len(first) == len(second) == 8
     for a, b in zip(first, second):
-        assert (a['logits'] == b['logits']).all()
+        assert torch.equal(a['pred_score'], b['pred_score'])
     assert summary2['quant']['metrics'] == summary['quant']['metrics']
 
 
@@ -105,19 +105,19 @@ def test_tiny_config_through_the_cli_calibrates_saves_and_reloads(tiny_data, tmp
         second = pickle.load(f)
     assert len(first) == len(second) == 6
     for a, b in zip(first, second):
-        assert torch.equal(a['logits'], b['logits'])
+        assert torch.equal(a['pred_score'], b['pred_score'])
     # The reported top-1 is the one of the dumped quantized predictions (labels: image i -> i % 4).
-    hits = sum(int(p['logits'].argmax()) == p['gt_label'] for p in first)
-    assert [p['gt_label'] for p in first] == [i % 4 for i in range(6)]
-    assert summary['quant']['metrics']['imagenet/top1'] == pytest.approx(100 * hits / 6)
+    hits = sum(int(p['pred_score'].argmax()) == int(p['gt_label']) for p in first)
+    assert [int(p['gt_label']) for p in first] == [i % 4 for i in range(6)]
+    assert summary['quant']['metrics']['accuracy/top1'] == pytest.approx(100 * hits / 6)
     assert summary2['quant']['metrics'] == summary['quant']['metrics']
 
 
-def test_classifier_weights_come_from_one_named_source(tiny_data, tmp_path, monkeypatch):
+def test_classifier_weights_come_from_one_named_source(tiny_data, tmp_path, monkeypatch, caplog):
     import timm
     from safetensors.torch import save_file
 
-    from fqvit_det.mm.cls import TimmClassifier
+    from fqvit_det.mm.cls import QuantizedClassifier
 
     def no_hub(*args, pretrained=False, **kwargs):
         assert not pretrained, 'a hub download was attempted'
@@ -125,15 +125,17 @@ def test_classifier_weights_come_from_one_named_source(tiny_data, tmp_path, monk
 
     real_create = timm.create_model
     monkeypatch.setattr(timm, 'create_model', no_hub)
-    kwargs = dict(model_name=MODEL['model_name'], model_kwargs=MODEL['model_kwargs'])
-    with pytest.raises(FileNotFoundError, match='/nope.safetensors.*pretrained=True'):
-        TimmClassifier(checkpoint='/nope.safetensors', **kwargs)
-    with pytest.raises(ValueError, match='choose one weight source'):
-        TimmClassifier(checkpoint='/nope.safetensors', pretrained=True, **kwargs)
-    # A checkpoint that exists is loaded (strictly), never replaced.
-    source = TimmClassifier(**kwargs)
+    with pytest.raises(FileNotFoundError, match='/nope.safetensors'):
+        QuantizedClassifier(MODEL, checkpoint='/nope.safetensors')
+    # No checkpoint: random weights, said in the log.
+    source = QuantizedClassifier(MODEL)
+    # A checkpoint that exists is loaded (strictly, timm key names), never replaced.
     path = str(tmp_path / 'w.safetensors')
-    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, path)
-    loaded = TimmClassifier(checkpoint=path, **kwargs)
-    for key, value in source.model.state_dict().items():
-        assert torch.equal(loaded.model.state_dict()[key], value), key
+    save_file({k: v.contiguous() for k, v in source.classifier.model.state_dict().items()}, path)
+    loaded = QuantizedClassifier(MODEL, checkpoint=path)
+    for key, value in source.classifier.model.state_dict().items():
+        assert torch.equal(loaded.classifier.model.state_dict()[key], value), key
+    bad = str(tmp_path / 'bad.safetensors')
+    save_file({'nothing.weight': torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match='bad.safetensors does not match the model'):
+        QuantizedClassifier(MODEL, checkpoint=bad)

@@ -200,7 +200,7 @@ for m in mods:
         result['modules'][m] = f'{type(err).__name__}: {err}'
 if result['visible']['mmengine']:
     from mmengine.registry import HOOKS, METRICS, MODELS
-    result['registered'] = [n for n in ('TimmClassifier', 'QuantizedDetector', 'TimmViTBackbone')
+    result['registered'] = [n for n in ('QuantizedClassifier', 'QuantizedDetector', 'TimmViTBackbone')
                             if MODELS.get(n) is not None] + \
                            [n for n in ('CalibrationHook',) if HOOKS.get(n) is not None]
 print(json.dumps(result))
@@ -250,5 +250,5 @@ def test_everything_imports_with_the_mm_extra(fresh_venv):
     assert result['file'].startswith(result['prefix']), result['file']
     failed = {m: o for m, o in result['modules'].items() if o != 'ok'}
     assert not failed, f'modules that do not import with the mm extra: {failed}'
-    assert set(result['registered']) == {'TimmClassifier', 'QuantizedDetector', 'TimmViTBackbone',
+    assert set(result['registered']) == {'QuantizedClassifier', 'QuantizedDetector', 'TimmViTBackbone',
                                          'CalibrationHook'}

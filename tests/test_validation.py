@@ -250,16 +250,17 @@ def test_malformed_quant_cfg_fails_before_model_work(case, quant_cfg, key, tiny_
 def test_scope_on_a_classifier_fails_before_timm_builds(monkeypatch):
     import timm
 
-    from fqvit_det.mm.cls import TimmClassifier
+    from fqvit_det.mm.cls import QuantizedClassifier
 
     def no_model(*args, **kwargs):
         raise AssertionError('timm.create_model ran before quant_cfg was validated')
 
     monkeypatch.setattr(timm, 'create_model', no_model)
-    with pytest.raises(QuantConfigError, match=r'quant_cfg.scope: not supported by TimmClassifier'):
-        TimmClassifier('vit_tiny_patch16_224', quant_cfg=dict(QUANT_CFG, scope='backbone'))
+    model = dict(type='TimmClassifier', model_name='vit_tiny_patch16_224')
+    with pytest.raises(QuantConfigError, match=r'quant_cfg.scope: not supported by QuantizedClassifier'):
+        QuantizedClassifier(model, quant_cfg=dict(QUANT_CFG, scope='backbone'))
     with pytest.raises(QuantConfigError, match='quant_cfg.w_bits'):
-        TimmClassifier('vit_tiny_patch16_224', quant_cfg=dict(QUANT_CFG, w_bits=12))
+        QuantizedClassifier(model, quant_cfg=dict(QUANT_CFG, w_bits=12))
 
 
 def test_split_quant_cfg_rejects_a_non_dict():

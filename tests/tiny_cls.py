@@ -10,9 +10,9 @@ import os.path as osp
 import numpy as np
 from PIL import Image
 
-MODEL = dict(type='TimmClassifier', model_name='vit_tiny_patch16_224',
-             model_kwargs=dict(depth=1, img_size=32, num_classes=4))
-TRANSFORM = dict(model_name='vit_tiny_patch16_224', input_size=(3, 32, 32), crop_pct=1.0)
+MODEL = dict(type='TimmClassifier', model_name='vit_tiny_patch16_224', depth=1, img_size=32,
+             num_classes=4)
+PIPELINE = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]  # the images are 32×32
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 QUANT_CFG = dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4, calib_images=4)
 
@@ -33,18 +33,20 @@ def make_images(root, n: int = 6, size: int = 32, seed: int = 0) -> str:
 
 
 def config_text(data_root: str, quant_cfg=QUANT_CFG, model=MODEL) -> str:
-    """A complete mmengine config (Python source) for ``tools/test.py``; ``quant_cfg`` is top level."""
+    """A complete mmpretrain config (Python source) for ``tools/test.py``; ``quant_cfg`` is top level."""
     loader = dict(batch_size=2, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
-                  collate_fn=dict(type='default_collate'),
-                  dataset=dict(type='ImageNetDataset', data_root=data_root, ann_file='labels.txt',
-                               img_dir='images', transform=TRANSFORM))
+                  dataset=dict(type='CustomDataset', data_root=data_root, ann_file='labels.txt',
+                               data_prefix='images', pipeline=PIPELINE))
     return '\n'.join([
+        "default_scope = 'mmpretrain'",
         "custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)",
         'randomness = dict(seed=0)',
         f'model = {model!r}',
         f'quant_cfg = {quant_cfg!r}',
+        "data_preprocessor = dict(num_classes=4, mean=[123.675, 116.28, 103.53], "
+        "std=[58.395, 57.12, 57.375], to_rgb=True)",
         f'test_dataloader = {loader!r}',
-        "test_evaluator = dict(type='TopKAccuracy', topk=(1,))",
+        "test_evaluator = dict(type='Accuracy', topk=(1,))",
         "test_cfg = dict(type='TestLoop')",
         "env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))",
         "default_hooks = dict(logger=dict(type='LoggerHook', interval=1))",

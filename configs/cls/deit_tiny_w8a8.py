@@ -1,5 +1,5 @@
 # DeiT-Tiny, FQ-ViT MinMax + PTF, 8/8/8.
 _base_ = ['./_base_imagenet.py']
 quant_cfg = dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=8, observer='minmax', ptf=True, lis=False, calib_images=1000)
-model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224',
-             checkpoint='{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors', quant_cfg=quant_cfg)
+model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224')
+load_from = '{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors'

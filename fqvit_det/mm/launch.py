@@ -9,8 +9,10 @@ from mmengine.config import Config, ConfigDict
 
 from .quant_model import split_quant_cfg
 
-CLASSIFIERS = ('TimmClassifier',)
+CLASSIFIERS = ('QuantizedClassifier',)
 WRAPPERS = ('QuantizedDetector',) + CLASSIFIERS
+# default_scope of a plain config -> the wrapper that quantizes its model
+WRAPPER_OF_SCOPE = {'mmdet': 'QuantizedDetector', 'mmpretrain': 'QuantizedClassifier'}
 
 
 def _check_path(path, what, key):
@@ -29,6 +31,9 @@ def check_dataset(ds_cfg, key):
     if ann:
         _check_path(ann if osp.isabs(ann) else osp.join(root, ann), 'annotation file', f'{key}.ann_file')
     prefix = ds_cfg.get('data_prefix')
+    if isinstance(prefix, str) and prefix:  # mmpretrain: one image folder
+        _check_path(prefix if osp.isabs(prefix) else osp.join(root, prefix), 'image folder',
+                    f'{key}.data_prefix')
     if isinstance(prefix, dict):
         for name, sub in prefix.items():
             if sub and isinstance(sub, str):
@@ -36,14 +41,25 @@ def check_dataset(ds_cfg, key):
                             f'{key}.data_prefix.{name}')
 
 
+def _wrap(cfg: Config, quant_cfg=None) -> None:
+    """Put a plain mmdet / mmpretrain model config inside its quantizing wrapper."""
+    # mmpretrain configs set default_scope='mmpretrain'; anything else is taken as a detector.
+    wrapper = WRAPPER_OF_SCOPE.get(cfg.get('default_scope'), 'QuantizedDetector')
+    inner = 'detector' if wrapper == 'QuantizedDetector' else 'classifier'
+    cfg.model = ConfigDict({'type': wrapper, inner: cfg.model})
+    if quant_cfg is not None:
+        cfg.model.quant_cfg = quant_cfg
+
+
 def _wrapper_checkpoint(cfg: Config, checkpoint):
-    """The wrapper loads detector weights itself (safetensors or weights-only .pth, strict, before
-    BatchNorm folding), so a config's ``load_from`` becomes its checkpoint (``--checkpoint`` wins)
-    and the Runner must not load it again. A plain mmdet config given a checkpoint is wrapped
-    without quantization, so ``--float --checkpoint X.safetensors`` works for any detector."""
+    """The wrapper loads the weights itself (safetensors or weights-only .pth, strict, before
+    BatchNorm folding / quantization), so a config's ``load_from`` becomes its checkpoint
+    (``--checkpoint`` wins) and the Runner must not load it again. A plain mmdet / mmpretrain config
+    given a checkpoint is wrapped without quantization, so ``--float --checkpoint X.safetensors``
+    works for any detector or classifier."""
     if (checkpoint and cfg.model.get('type') not in WRAPPERS
-            and cfg.get('default_scope') == 'mmdet'):
-        cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model)
+            and cfg.get('default_scope') in WRAPPER_OF_SCOPE):
+        _wrap(cfg)
     if cfg.model.get('type') in WRAPPERS and cfg.get('load_from'):
         checkpoint = checkpoint or cfg.load_from
         cfg.load_from = None
@@ -54,16 +70,21 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
                    show_dir=None, check_data: bool = True) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
 
-    ``check_data=False`` skips the dataset-path checks (building a model needs no data).
+    ``check_data=False`` skips the dataset and checkpoint path checks (resolving a config needs
+    neither; the wrapper still refuses a missing checkpoint when it is built).
     """
     cfg = copy.deepcopy(cfg)
     quant_cfg = cfg.get('quant_cfg')
     model_type = cfg.model.get('type')
+    if model_type not in WRAPPERS and 'quant_cfg' in cfg.model:  # quant_cfg written into the model
+        inner = cfg.model.pop('quant_cfg')
+        quant_cfg = inner if quant_cfg is None else quant_cfg
     if quant_cfg is not None:
-        if model_type in CLASSIFIERS or model_type == 'QuantizedDetector':
+        if model_type in WRAPPERS:
             cfg.model.quant_cfg = quant_cfg
-        else:  # a plain mmdet detector config + quant_cfg
-            cfg.model = ConfigDict(type='QuantizedDetector', detector=cfg.model, quant_cfg=quant_cfg)
+        else:  # a plain mmdet detector / mmpretrain classifier config + quant_cfg
+            _wrap(cfg, quant_cfg)
+    checkpoint_key = '--checkpoint' if checkpoint else 'load_from'
     checkpoint = _wrapper_checkpoint(cfg, checkpoint)
     qcfg = cfg.model.get('quant_cfg')
     if qcfg is not None:
@@ -71,7 +92,8 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
         # validate now, before any model or data is built
         split_quant_cfg(qdict, outputs_logits=cfg.model.get('type') != 'QuantizedDetector')
     if checkpoint:
-        _check_path(checkpoint, 'checkpoint', '--checkpoint')
+        if check_data:
+            _check_path(checkpoint, 'checkpoint', checkpoint_key)
         if cfg.model.get('type') in WRAPPERS:
             cfg.model.checkpoint = checkpoint
         else:

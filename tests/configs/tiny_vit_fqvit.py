@@ -2,4 +2,3 @@
 _base_ = ['./_tiny_cls_base.py']
 quant_cfg = dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4, observer='minmax', ptf=True,
                  lis=True, calib_images=10)
-model = dict(quant_cfg=quant_cfg)

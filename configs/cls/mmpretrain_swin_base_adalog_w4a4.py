@@ -1,0 +1,3 @@
+# mmpretrain Swin-B, AdaLog + FPCS, W4A4.
+_base_ = './_mmpretrain_swin_base.py'
+quant_cfg = dict(method='adalog', w_bits=4, a_bits=4, attn_bits=4, calib_images=32)

@@ -1,0 +1,3 @@
+# mmpretrain Swin-S, PTQ4ViT twin uniform + Hessian-guided search, W6A6.
+_base_ = './_mmpretrain_swin_small.py'
+quant_cfg = dict(method='ptq4vit', w_bits=6, a_bits=6, attn_bits=6, calib_images=32)

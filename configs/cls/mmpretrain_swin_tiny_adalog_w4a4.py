@@ -1,0 +1,3 @@
+# mmpretrain Swin-T, AdaLog + FPCS, W4A4.
+_base_ = './_mmpretrain_swin_tiny.py'
+quant_cfg = dict(method='adalog', w_bits=4, a_bits=4, attn_bits=4, calib_images=32)

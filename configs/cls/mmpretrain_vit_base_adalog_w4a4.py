@@ -1,0 +1,3 @@
+# mmpretrain ViT-B/16 at 384 px, AdaLog + FPCS, W4A4.
+_base_ = './_mmpretrain_vit_base.py'
+quant_cfg = dict(method='adalog', w_bits=4, a_bits=4, attn_bits=4, calib_images=32)
