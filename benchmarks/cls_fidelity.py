@@ -1,33 +1,31 @@
 #!/usr/bin/env python
-"""Classification fidelity benchmark: DeiT-Tiny (real weights) on real ImageNet images.
+"""Classification fidelity benchmark: DeiT-Tiny (real weights) on real ImageNet images, through the
+path users run (``tools/test.py``'s ``prepare_config`` + ``run_eval``: mmengine's Runner with
+mmpretrain's ImageNet dataset, pipeline and Accuracy, QuantizedClassifier, CalibrationHook).
 
-    python benchmarks/cls_fidelity.py [--data ../shared/data] [--rows all] [--val-images 1300]
+    python benchmarks/cls_fidelity.py [--data ../shared/data] [--rows all] [--family timm,mmpretrain]
 
-Calibrates each method on imagenet/calib1000 (32 images for search methods and RepQ-ViT, 1000 for
-the FQ-ViT observers, as in the papers), evaluates on imagenet/val1300, and writes
+Each row is the DeiT-Tiny config of a model family (``timm``: configs/cls/deit_tiny_w8a8a4.py, timm's
+model through mmpretrain's TimmClassifier; ``mmpretrain``: configs/cls/mmpretrain_deit_tiny_w8a8a4.py,
+mmpretrain's VisionTransformer with the same weights renamed) with the row's ``quant_cfg``:
+calibrated on imagenet/calib1000 (32 images for search methods and RepQ-ViT, 1000 for the FQ-ViT
+observers, as in the papers, batches of 100), evaluated on imagenet/val1300. Writes
 benchmarks/results/cls_fidelity.json and benchmarks/RESULTS.md.
 """
 import argparse
 import datetime
+import os
 import os.path as osp
 import sys
-import time
-
-import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-from fqvit_det.calibration import CalibrationRunner  # noqa: E402
-from fqvit_det.convert import quantize_model  # noqa: E402
-from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
-from fqvit_det.mm.cls import ImageNetDataset  # noqa: E402
-from fqvit_det.presets import make_spec  # noqa: E402
-
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from results_md import load_result, machine_info, save_result  # noqa: E402
 
-MODEL = 'deit_tiny_patch16_224'
+# model family -> the config whose model, data and weights a row uses (its quant_cfg is replaced)
+CONFIGS = {'timm': 'configs/cls/deit_tiny_w8a8a4.py',
+           'mmpretrain': 'configs/cls/mmpretrain_deit_tiny_w8a8a4.py'}
 # name: (quant_cfg, calibration images, target top-1 drop or None)
 # FQ-ViT targets: the DeiT-T drops of the FQ-ViT README (full ImageNet val, FP 72.21): MinMax
 # 70.94, Percentile 71.47, OMSE 71.30, MinMax+PTF 71.61, +LIS 71.07.
@@ -55,88 +53,73 @@ ROWS = {
 }
 
 
-def load_images(root, n, batch=100):
-    ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
-    xs, ys = [], []
-    for i in range(len(ds)):
-        item = ds[i]
-        xs.append(item['inputs'])
-        ys.append(item['data_samples']['gt_label'])
-    return torch.stack(xs), torch.tensor(ys)
+def row_config(family, quant_cfg, calib_images, args):
+    """The config tools/test.py would run for this row (``quant_cfg`` replaced, data sizes set)."""
+    from mmengine.config import Config
+    from fqvit_det.mm.launch import prepare_config
+    cfg = Config.fromfile(osp.join(ROOT, CONFIGS[family]))
+    cfg.quant_cfg = dict(quant_cfg, calib_images=calib_images)
+    cfg.test_dataloader.batch_size = args.batch
+    if args.val_images < 1300:
+        cfg.test_dataloader.dataset.indices = args.val_images
+    cfg.work_dir = osp.join(args.work_dir, family)
+    return prepare_config(cfg)
 
 
-def evaluate(model, x, y, batch=100):
-    t0 = time.time()
-    logits = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            logits.append(model(x[i:i + batch]))
-    logits = torch.cat(logits)
-    top5 = logits.topk(5, dim=-1).indices
-    top1 = (top5[:, 0] == y).float().mean().item() * 100
-    top5 = (top5 == y[:, None]).any(-1).float().mean().item() * 100
-    return top1, top5, time.time() - t0
-
-
-def fresh_model(ckpt):
-    import timm
-    model = timm.create_model(MODEL)
-    model.load_state_dict(load_weights(ckpt))
-    return model.eval()
+def evaluate(family, name, quant_cfg, calib_images, args, float_eval=False):
+    from fqvit_det.mm.launch import run_eval
+    cfg = row_config(family, quant_cfg, calib_images, args)
+    cfg.work_dir = osp.join(cfg.work_dir, name)
+    res = run_eval(cfg, float_eval=float_eval)
+    m = res['metrics']
+    return m['accuracy/top1'], m['accuracy/top5'], res['calib_seconds'] or 0.0, res['eval_seconds']
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
     p.add_argument('--rows', default='all', help=f'comma list of {sorted(ROWS)} or "all"')
+    p.add_argument('--family', default='timm', help=f'comma list of {sorted(CONFIGS)}')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=100)
+    p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'cls_fidelity'))
     p.add_argument('--fresh', action='store_true',
                    help='discard rows kept from earlier runs (by default a run replaces only its own rows)')
     args = p.parse_args(argv)
-    ckpt = osp.join(args.data, 'deit_tiny', 'deit_tiny_patch16_224.safetensors')
-    for path in (ckpt, osp.join(args.data, 'imagenet', 'calib1000', 'labels.txt'),
+    for path in (osp.join(args.data, 'deit_tiny', 'deit_tiny_patch16_224.safetensors'),
+                 osp.join(args.data, 'imagenet', 'calib1000', 'labels.txt'),
                  osp.join(args.data, 'imagenet', 'val1300', 'labels.txt')):
         if not osp.isfile(path):
             raise SystemExit(f'missing {path}: pass --data pointing at the shared data folder')
+    os.environ['FQVIT_DATA'] = osp.abspath(args.data)  # the configs read it
     rows = list(ROWS) if args.rows == 'all' else args.rows.split(',')
     unknown = [r for r in rows if r not in ROWS]
+    families = args.family.split(',')
+    unknown += [f for f in families if f not in CONFIGS]
     if unknown:
-        raise SystemExit(f'unknown rows {unknown}; choose from {sorted(ROWS)}')
-    torch.manual_seed(0)
-    t0 = time.time()
-    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'), 1000)
-    val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
-    print(f'loaded {len(calib_x)} calibration and {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
-
-    fp_model = fresh_model(ckpt)
-    fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
-    fp_calib_fwd = {}
-    records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
-                    fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
-                    fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
-    print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
-    for name in rows:
-        cfg, n_calib, target = ROWS[name]
-        if n_calib not in fp_calib_fwd:
-            _, _, fp_calib_fwd[n_calib] = evaluate(fp_model, calib_x[:n_calib], torch.zeros(n_calib, dtype=torch.long), args.batch)
-        model = fresh_model(ckpt)
-        spec = make_spec(**cfg)
-        quantize_model(model, spec)
-        batches = [calib_x[i:i + args.batch] for i in range(0, n_calib, args.batch)]
-        t1 = time.time()
-        CalibrationRunner(model, spec, progress=False).run(batches)
-        calib_s = time.time() - t1
-        top1, top5, eval_s = evaluate(model, val_x, val_y, args.batch)
-        bits = f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}'
-        rec = dict(method=name, bits=bits, calib_images=n_calib, top1=top1, top5=top5,
-                   fp_top1=fp_top1, drop=fp_top1 - top1, calib_seconds=calib_s, eval_seconds=eval_s,
-                   fp_eval_seconds=fp_eval, fp_calib_forward_seconds=fp_calib_fwd[n_calib],
-                   target_drop=target, quant_cfg=cfg, command=command(), date=today())
-        records.append(rec)
-        print(f'{name}: top-1 {top1:.2f} (drop {fp_top1 - top1:.2f}) calib {calib_s:.1f}s '
-              f'(float forward over the same images {fp_calib_fwd[n_calib]:.1f}s) eval {eval_s:.1f}s', flush=True)
-        write(records, args)
+        raise SystemExit(f'unknown rows / families {unknown}; rows: {sorted(ROWS)}, families: {sorted(CONFIGS)}')
+    records = []
+    for family in families:
+        any_cfg = ROWS[rows[0]][0] if rows else ROWS['fqvit_ptf_lis_884'][0]
+        fp_top1, fp_top5, _, fp_eval = evaluate(family, 'fp32', any_cfg, 1, args, float_eval=True)
+        records.append(dict(family=family, method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1,
+                            top5=fp_top5, fp_top1=fp_top1, drop=0.0, calib_seconds=0.0,
+                            eval_seconds=fp_eval, fp_eval_seconds=fp_eval, target_drop=None,
+                            command=command(), date=today()))
+        print(f'{family} fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
+        for name in rows:
+            cfg, n_calib, target = ROWS[name]
+            top1, top5, calib_s, eval_s = evaluate(family, name, cfg, n_calib, args)
+            from fqvit_det.presets import make_spec
+            spec = make_spec(**cfg)
+            records.append(dict(family=family, method=name, bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}',
+                                calib_images=n_calib, top1=top1, top5=top5, fp_top1=fp_top1,
+                                drop=fp_top1 - top1, calib_seconds=calib_s, eval_seconds=eval_s,
+                                fp_eval_seconds=fp_eval, target_drop=target, quant_cfg=cfg,
+                                command=command(), date=today()))
+            print(f'{family} {name}: top-1 {top1:.2f} (drop {fp_top1 - top1:.2f}) calib {calib_s:.1f}s '
+                  f'eval {eval_s:.1f}s', flush=True)
+            write(records, args)
     write(records, args)
 
 
@@ -150,10 +133,14 @@ def today():
 
 def merge(previous, records):
     """Rows of an earlier run on the same evaluation images that this run did not redo, in ROWS order."""
-    done = {r['method'] for r in records}
-    kept = [r for r in previous if r['method'] not in done]
+    key = lambda r: (r.get('family', 'timm'), r['method'])  # noqa: E731
+    done = {key(r) for r in records}
+    kept = [r for r in previous if key(r) not in done]
     order = ['fp32'] + list(ROWS)
-    return sorted(kept + records, key=lambda r: order.index(r['method']) if r['method'] in order else len(order))
+    families = list(CONFIGS)
+    return sorted(kept + records, key=lambda r: (
+        families.index(r.get('family', 'timm')) if r.get('family', 'timm') in families else len(families),
+        order.index(r['method']) if r['method'] in order else len(order)))
 
 
 FQVIT_NOTE = ('FQ-ViT rows use the official placement (models/vit_quant.py): the residual stream itself '
@@ -164,9 +151,14 @@ FQVIT_NOTE = ('FQ-ViT rows use the official placement (models/vit_quant.py): the
               'after core v2 (official placement and range conventions, torch.quantile percentiles, '
               'ties-to-even integer LayerNorm / LIS rounding) as two single-threaded processes running '
               'side by side on the 2-core machine: their seconds are not comparable with older runs.')
+PATH_NOTE = ('model `timm` / `mmpretrain`: measured through tools/test.py\'s path (mmengine Runner, mmpretrain '
+             'ImageNet dataset + pipeline + Accuracy, QuantizedClassifier, CalibrationHook; evaluation batches of '
+             '100): `timm` is timm\'s DeiT-Tiny in mmpretrain\'s TimmClassifier, `mmpretrain` is mmpretrain\'s '
+             'VisionTransformer with the same weights renamed. The pipeline reproduces timm\'s eval transform '
+             '(max pixel difference 5e-7). `timm (own loop)`: rows not yet re-measured, from the earlier '
+             'benchmark loop (timm transform, plain forward).')
 NOTES = ['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.', FQVIT_NOTE,
-         'float eval s is the float model over the same evaluation images; the observer-'
-         'calibration cost compares with `fp_calib_forward_seconds` in the JSON.']
+         PATH_NOTE, 'float eval s is the float model over the same evaluation images.']
 
 
 def write(records, args):

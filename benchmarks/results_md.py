@@ -42,12 +42,12 @@ def cls_section(doc):
            '`imagenet/val1300` (resize 248 bicubic, center crop 224). Drop = float top-1 − quantized '
            'top-1 on the same images.',
            '',
-           '| method | bits (W/A/attn) | calib images | top-1 | top-5 | drop | target | calib s | eval s | float eval s |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| model | method | bits (W/A/attn) | calib images | top-1 | top-5 | drop | target | calib s | eval s | float eval s |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         target = r.get('target_drop')
         status = '' if target is None else (f'≤ {target} ✓' if r['drop'] <= target else f'≤ {target} ✗')
-        out.append(f'| {r["method"]} | {r["bits"]} | {r["calib_images"]} | {r["top1"]:.2f} | '
+        out.append(f'| {r.get("family", "timm (own loop)")} | {r["method"]} | {r["bits"]} | {r["calib_images"]} | {r["top1"]:.2f} | '
                    f'{r["top5"]:.2f} | {r["drop"]:.2f} | {status} | {r["calib_seconds"]:.1f} | '
                    f'{r["eval_seconds"]:.1f} | {r["fp_eval_seconds"]:.1f} |')
     out += notes_md(doc)

@@ -45,8 +45,8 @@ def main(argv=None):
     lines = []
     cls, secs = run_test(args.cls_config, osp.join(args.work_dir, 'cls'))
     f, q = cls['float']['metrics'], cls['quant']['metrics']
-    lines.append(f'DeiT-Tiny ImageNet val1300 ({args.cls_config}): float top-1 {f["imagenet/top1"]:.2f} | '
-                 f'quantized top-1 {q["imagenet/top1"]:.2f} (drop {f["imagenet/top1"] - q["imagenet/top1"]:.2f}) '
+    lines.append(f'DeiT-Tiny ImageNet val1300 ({args.cls_config}): float top-1 {f["accuracy/top1"]:.2f} | '
+                 f'quantized top-1 {q["accuracy/top1"]:.2f} (drop {f["accuracy/top1"] - q["accuracy/top1"]:.2f}) '
                  f'| calibration {cls["quant"]["calib_seconds"]:.0f}s, float eval {cls["float"]["eval_seconds"]:.0f}s, '
                  f'quantized eval {cls["quant"]["eval_seconds"]:.0f}s, total {secs:.0f}s')
     if not args.skip_det:
