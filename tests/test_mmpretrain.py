@@ -1,6 +1,10 @@
 """mmpretrain classifiers: converters (same roles as timm's), the timm → mmpretrain key mapping,
 float equality with timm on real images, and the configs under configs/cls/."""
 import collections
+import pickle
+import copy
+import glob
+import os.path as osp
 
 import pytest
 import timm
@@ -12,7 +16,7 @@ from fqvit_det.convert.timm_to_mmpretrain import mmpretrain_vit_to_timm, timm_vi
 from fqvit_det.nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from fqvit_det.presets import make_spec
 
-from .helpers import images, tiny_swin, tiny_vit
+from .helpers import DATA, HAS_DATA, ROOT, images, tiny_swin, tiny_vit
 
 mmpretrain = pytest.importorskip('mmpretrain')
 from mmpretrain.registry import MODELS  # noqa: E402
@@ -123,3 +127,141 @@ def test_key_mapping_round_trip_and_refusals():
         timm_vit_to_mmpretrain({**state, 'dist_token': torch.zeros(1)})
     with pytest.raises(ValueError, match="'backbone.layers.0.attn.rel_pos'"):
         mmpretrain_vit_to_timm({**mm, 'backbone.layers.0.attn.rel_pos': torch.zeros(1)})
+
+
+def arch_depths(model):
+    backbone = model.backbone
+    if hasattr(backbone, 'stages'):
+        return [len(stage.blocks) for stage in backbone.stages]
+    return [len(backbone.layers)]
+
+
+# --- configs/cls/mmpretrain_*: build and convert every model (random weights, no data) ---------
+MM_BASES = sorted(glob.glob(osp.join(ROOT, 'configs', 'cls', '_mmpretrain_*.py')))
+PRESET_SUFFIXES = ('w8a8a4', 'ptq4vit_w6a6', 'repq_w4a4', 'adalog_w4a4')
+
+
+@pytest.mark.parametrize('base', MM_BASES, ids=[osp.basename(p)[len('_mmpretrain_'):-3] for p in MM_BASES])
+def test_every_mmpretrain_config_builds_and_converts(base):
+    from mmengine.config import Config
+
+    from fqvit_det.mm.launch import prepare_config
+    from fqvit_det.mm.quant_model import split_quant_cfg
+    model_key = osp.basename(base)[len('_mmpretrain_'):-3]
+    paths = [osp.join(ROOT, 'configs', 'cls', f'mmpretrain_{model_key}_{s}.py') for s in PRESET_SUFFIXES]
+    assert all(osp.isfile(p) for p in paths), 'a preset config is missing'
+    float_model = None
+    for path in paths:
+        cfg = prepare_config(Config.fromfile(path), check_data=False)
+        assert cfg.model.type == 'QuantizedClassifier' and cfg.model.checkpoint
+        if float_model is None:
+            torch.manual_seed(0)
+            float_model = MODELS.build(cfg.model.classifier).eval()
+            arch = detect_architecture(float_model)
+            assert arch == ('mmpretrain_swin' if 'swin' in model_key else 'mmpretrain_vit')
+        model = copy.deepcopy(float_model)
+        spec, _ = split_quant_cfg(cfg.model.quant_cfg.to_dict())
+        quantize_model(model, spec)
+        assert_complete(model)
+        roles = role_counts(model)
+        weights = sum(n for k, n in roles.items() if k.startswith('w_quantizer:'))
+        assert weights == sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in model.modules())
+        attentions = sum(n for k, n in roles.items() if k.startswith('probs:'))
+        assert attentions == (sum(arch_depths(float_model)))
+        if spec.method == 'fqvit':  # the residual stream is quantized (PTF) where it is formed
+            assert roles['attn_residual_quantizer:PTFQuantizer'] == attentions
+        if model_key in ('deit_tiny', 'swin_tiny') and spec.method == 'fqvit':
+            with torch.no_grad():  # one forward through the converted modules (quantizers still float)
+                assert torch.isfinite(model(torch.randn(1, 3, 224, 224), mode='tensor')).all()
+
+
+# --- real weights and real images ----------------------------------------------------------------
+needs_data = pytest.mark.skipif(not HAS_DATA, reason=f'real data not found at {DATA}')
+DEIT_CKPT = osp.join(DATA, 'deit_tiny', 'deit_tiny_patch16_224.safetensors')
+MM_DEIT = osp.join(ROOT, 'configs', 'cls', 'mmpretrain_deit_tiny_w8a8a4.py')
+TIMM_DEIT = osp.join(ROOT, 'configs', 'cls', 'deit_tiny_w8a8a4.py')
+
+
+def real_batch(config, n, monkeypatch):
+    """The first ``n`` val1300 images through ``config``'s own dataset and pipeline, collated."""
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
+    from mmpretrain.registry import DATASETS
+    monkeypatch.setenv('FQVIT_DATA', osp.abspath(DATA))
+    cfg = Config.fromfile(config)
+    ds_cfg = cfg.test_dataloader.dataset.to_dict()
+    ds_cfg['indices'] = n
+    ds = DATASETS.build(ds_cfg)
+    return cfg, pseudo_collate([ds[i] for i in range(n)])
+
+
+@needs_data
+def test_converted_deit_tiny_gives_timm_float_logits_on_real_images(monkeypatch):
+    from fqvit_det.mm.cls import QuantizedClassifier
+    from fqvit_det.mm.checkpoint import load_weights
+    cfg, batch = real_batch(MM_DEIT, 6, monkeypatch)
+    timm_cfg, timm_batch = real_batch(TIMM_DEIT, 6, monkeypatch)
+    mm = QuantizedClassifier(cfg.model, checkpoint=DEIT_CKPT, data_preprocessor=cfg.data_preprocessor)
+    via_timm = QuantizedClassifier(timm_cfg.model, checkpoint=DEIT_CKPT,
+                                   data_preprocessor=timm_cfg.data_preprocessor)
+    reference = timm.create_model('deit_tiny_patch16_224')
+    reference.load_state_dict(load_weights(DEIT_CKPT))
+    reference.eval()
+    with torch.no_grad():
+        inputs = mm.data_preprocessor(batch, False)['inputs']
+        torch.testing.assert_close(via_timm.data_preprocessor(timm_batch, False)['inputs'], inputs)
+        want = reference(inputs)
+        torch.testing.assert_close(mm(inputs), want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(via_timm(inputs), want, rtol=0, atol=1e-4)
+        labels = torch.cat([s.gt_label for s in batch['data_samples']])
+    assert (want.argmax(-1) == labels).sum() >= 4  # real weights on real images
+
+
+@needs_data
+def test_mmpretrain_deit_config_through_tools_test(tmp_path):
+    from .test_cls_e2e import run
+    small = ['--cfg-options', 'test_dataloader.dataset.indices=8', 'test_dataloader.batch_size=4',
+             'test_dataloader.num_workers=0', 'calib_dataloader.num_workers=0', 'calib_dataloader.batch_size=4']
+    summary, work, log = run([MM_DEIT, '--compare-float', '--calib-images', '8', '--out',
+                              str(tmp_path / 'preds.pkl'), *small], tmp_path, 'calib')
+    assert 'timm ViT key names; renamed to mmpretrain' in log
+    fp, q = summary['float']['metrics'], summary['quant']['metrics']
+    assert fp['accuracy/top1'] >= 50 and abs(fp['accuracy/top1'] - q['accuracy/top1']) <= 25
+    state = osp.join(work, 'quant_state.safetensors')
+    summary2, _, log2 = run([MM_DEIT, '--quant-state', state, '--out', str(tmp_path / 'preds2.pkl'), *small],
+                            tmp_path, 'reload')
+    assert 'calibration batch' not in log2
+    first, second = (pickle.load(open(tmp_path / f, 'rb')) for f in ('preds.pkl', 'preds2.pkl'))
+    assert len(first) == len(second) == 8
+    for a, b in zip(first, second):
+        assert torch.equal(a['pred_score'], b['pred_score'])
+    assert summary2['quant']['metrics'] == q
+
+
+def test_convert_tool_round_trip_and_verification(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .tiny_cls import load_tool
+    tool = load_tool('convert_timm_to_mmpretrain')
+    state = {k: v.contiguous() for k, v in tiny_vit().state_dict().items()}
+    src, mid, back = (str(tmp_path / f) for f in ('timm.safetensors', 'mm.safetensors', 'back.safetensors'))
+    save_file(state, src)
+    cfg = tmp_path / 'tiny_mm.py'
+    cfg.write_text("model = dict(type='ImageClassifier', backbone=dict(type='VisionTransformer', img_size=64, "
+                   "arch=dict(embed_dims=192, num_layers=2, num_heads=3, feedforward_channels=768)), "
+                   "neck=None, head=dict(type='VisionTransformerClsHead', num_classes=10, in_channels=192))\n")
+    tool.main([src, mid, '--config', str(cfg)])
+    tool.main([mid, back, '--reverse'])
+    again = load_file(back)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    # An mmengine-style .pth (weights under state_dict, metadata beside) loads into the wrapper.
+    from fqvit_det.mm.cls import QuantizedClassifier
+    pth = str(tmp_path / 'mm.pth')
+    torch.save(dict(meta=dict(mmpretrain_version='1.2.0', dataset_meta=dict(classes=('a', 'b'))),
+                    state_dict=load_file(mid)), pth)
+    from mmengine.config import Config
+    model = QuantizedClassifier(Config.fromfile(str(cfg)).model, checkpoint=pth)
+    for k, v in load_file(mid).items():
+        assert torch.equal(model.classifier.state_dict()[k], v), k
+    with pytest.raises(SystemExit, match='--reverse'):
+        tool.main([mid, back, '--reverse', '--config', str(cfg)])
