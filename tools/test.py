@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Evaluate a (quantized) model from an mmengine config: mmdet detectors and timm classifiers.
+"""Evaluate a (quantized) model from an mmengine config: mmdet detectors and mmpretrain classifiers
+(mmpretrain's own ViT / DeiT / Swin, or timm models through mmpretrain's TimmClassifier).
 
     python tools/test.py configs/cascade_swin_s_w8a8a4.py [--checkpoint ckpt.pth]
     python tools/test.py configs/cls/deit_tiny_w8a8a4.py --compare-float
+    python tools/test.py configs/cls/mmpretrain_deit_tiny_w8a8a4.py --compare-float
 
-The config's ``quant_cfg`` (top level or inside the model) selects the method. The model is
+The config's ``quant_cfg`` (top level or inside the model) selects the method; a plain mmdet /
+mmpretrain model is wrapped in ``QuantizedDetector`` / ``QuantizedClassifier``, which loads
+``load_from`` (or ``--checkpoint``) itself. The model is
 calibrated by ``CalibrationHook`` before testing and the calibrated state is saved as
 ``<work_dir>/quant_state.safetensors``; ``--quant-state`` evaluates from such a file instead.
 """

@@ -1,5 +1,7 @@
-"""mmengine / mmdet glue. Importing it (``custom_imports=dict(imports=['fqvit_det'])``) registers
-the dataset, models, metric and hooks in the mmengine registries.
+"""mmengine / mmdet / mmpretrain glue. Importing it (``custom_imports=dict(imports=['fqvit_det'])``)
+registers the wrappers (``QuantizedClassifier``, ``QuantizedDetector``), the timm detection backbone
+and the calibration hook in the mmengine registries; datasets, pipelines and metrics are
+mmpretrain's / mmdet's.
 
 Needs the ``mm`` extra (``pip install fqvit-det[mm]``). The detection glue is registered when mmdet
 is installed; an installed mmdet that fails to import (e.g. mmcv built against another torch)
