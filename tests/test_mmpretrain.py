@@ -67,7 +67,7 @@ def assert_complete(model):
             pytest.fail(f'{name} is still a float {type(mod).__name__}')
         if isinstance(mod, (QuantLinear, QuantConv2d)):
             assert mod.w_quantizer is not None, name
-        if name.endswith(('.ln1', '.ln2', '.norm1', '.norm2')) and '.layers.' in name + '.stages.':
+        if name.endswith(('.ln1', '.ln2', '.norm1', '.norm2')) and ('.layers.' in name or '.stages.' in name):
             assert isinstance(mod, QuantLayerNorm), name
 
 
