@@ -152,6 +152,15 @@ class CalibrationRunner:
         for _, q in acts:
             q.finalize()
 
+    def fold_input_scales(self) -> int:
+        """Quantize again, now with the calibrated input scales folded in, the weights of modules
+        whose per-channel input scales fold into their weights (``input_channel_scale``)."""
+        folded = [m for m in self.model.modules()
+                  if isinstance(m, QuantModule) and m.input_channel_scale() is not None]
+        for m in folded:
+            m.calibrate_weight()
+        return len(folded)
+
     def reparameterize(self):
         """RepQ-ViT: fold channel-wise LayerNorm-output scales into the norm and the next Linears."""
         return reparameterize(self.model)
@@ -187,6 +196,9 @@ class CalibrationRunner:
         self.finalize()
         self.timings['observe'] = time.time() - t0
         result = dict(rank_batches=seen['batches'], rank_images=seen['images'])
+        folded = self.fold_input_scales()
+        if folded:
+            result['folded_input_scales'] = folded
         if self.spec.reparam:
             t1 = time.time()
             self.reparameterize()
