@@ -62,7 +62,22 @@ class _WeightQuantMixin(QuantModule):
         mod.w_quantizer, mod.in_quantizer = w_quantizer, in_quantizer
         mod.out_quantizer = out_quantizer
         mod._wq_cache = None
+        # Empirical bias correction (``calibration.bias_correction``), added while quantizing;
+        # saved in the quant state, not in the model's state dict.
+        mod.register_buffer('bias_correction', None, persistent=False)
         return mod
+
+    @property
+    def quantizing(self) -> bool:
+        return any(q is not None and q.mode == 'quant' for q in (self.w_quantizer, self.in_quantizer))
+
+    def _corrected(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        bc = getattr(self, 'bias_correction', None)
+        if bc is None or not self.quantizing:
+            return y
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        return y + bc.reshape(shape)
 
     def quant_weight(self) -> torch.Tensor:
         wq = self.w_quantizer
@@ -88,7 +103,7 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
                           out_quantizer)
 
     def forward(self, x):
-        y = F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = self._corrected(F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias), -1)
         return _apply(self.out_quantizer, y)
 
 
@@ -118,7 +133,8 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
                           out_quantizer)
 
     def forward(self, x):
-        y = self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = self._corrected(self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(),
+                                               self.bias), 1)
         return _apply(self.out_quantizer, y)
 
 
