@@ -69,6 +69,15 @@ def test_masks_get_their_own_ap():
     assert out['bbox_mAP'] == 1.0 and out['segm_mAP_50'] == 1.0 and out['segm_mAP_75'] == 0.0
 
 
+def test_more_than_100_predictions_per_image_are_all_scored():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 200, (150, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (150, 2))], axis=1)
+    ref = [record(0, boxes, rng.uniform(0.5, 1.0, 150), rng.integers(0, 3, 150))]
+    out = agreement_ap(ref, ref)
+    assert out['bbox_mAP'] == out['bbox_mAP_50'] == out['bbox_mAP_75'] == 1.0, out
+
+
 def test_no_quantized_predictions_score_zero_and_image_sets_must_match():
     ref = float_predictions()
     empty = [record(r['img_id'], np.zeros((0, 4)), [], []) for r in ref]

@@ -135,18 +135,28 @@ def agreement_ap(reference: Sequence[dict], predictions: Sequence[dict],
         coco_gt.dataset = dict(
             images=[dict(id=image_ids[i], height=r['height'], width=r['width']) for i, r in ref.items()],
             annotations=gts, categories=[dict(id=c, name=str(c)) for c in sorted(labels)])
-        with contextlib.redirect_stdout(io.StringIO()) as text:
+        with contextlib.redirect_stdout(io.StringIO()):
             coco_gt.createIndex()
             coco_dt = coco_gt.loadRes(dets)
             ev = COCOeval(coco_gt, coco_dt, iou_type)
             ev.params.maxDets = [1, 10, max_dets]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        logger.info(f'agreement AP ({iou_type}, quantized vs float predictions scoring >= {thr}):\n'
-                    + text.getvalue().split('DONE', 1)[-1].strip())
-        out.update({k: round(float(v), 4) for k, v in zip(names, ev.stats[:3])})
+        # COCOeval.summarize() reads its AP@[.5:.95] at maxDets=100 only; read the precision table
+        # (IoU thresholds x recall points x classes x areas x maxDets) at area 'all', all detections.
+        precision = ev.eval['precision'][:, :, :, 0, -1]
+        iou_thrs = list(np.round(ev.params.iouThrs, 2))
+        values = [_mean_valid(precision), _mean_valid(precision[iou_thrs.index(0.5)]),
+                  _mean_valid(precision[iou_thrs.index(0.75)])]
+        out.update({k: round(v, 4) for k, v in zip(names, values)})
+        logger.info(f'agreement ({iou_type}, quantized vs float predictions scoring >= {thr}, '
+                    f'{len(gts)} pseudo-GT): ' + ', '.join(f'{k}={v:.4f}' for k, v in zip(names, values)))
     return dict(out, num_pseudo_gt=num_pseudo_gt, gt_score_thr=thr)
+
+
+def _mean_valid(precision: np.ndarray) -> float:
+    valid = precision[precision > -1]  # -1: a class without pseudo-GT
+    return float(valid.mean()) if valid.size else -1.0
 
 
 @METRICS.register_module()
