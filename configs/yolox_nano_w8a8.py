@@ -10,10 +10,7 @@ custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
 # read their input per channel (role det_dw_input): each output channel reads one input channel,
 # so the scale stays integer-exact, and it lifts the head-output SQNR from 11 to 17 dB. The image
 # entering the stem conv is 8-bit (repq's patch_embed_input; exact for 0..255 pixels).
-# bias_correction=16: after calibration, each conv's per-channel output mean shift (quantized vs
-# float, on 16 calibration images as one batch, layer after layer) is removed through its bias
-# (empirical bias correction, Nagel et al. 2019); head-output SQNR 15.9 -> 22.1 dB.
-quant_cfg = dict(method='repq', w_bits=8, a_bits=8, calib_images=32, bias_correction=16,
+quant_cfg = dict(method='repq', w_bits=8, a_bits=8, calib_images=32,
                  roles=dict(det_dw_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
                                               observer=dict(type='PercentileSearchObserver'))))
 
