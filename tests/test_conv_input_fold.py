@@ -12,7 +12,7 @@ from fqvit_det.nn.modules import QuantConv2d
 from fqvit_det.quantizers import UniformQuantizer
 from fqvit_det.state import load_quant_state, save_quant_state
 
-SPEC = types.SimpleNamespace(search=None, reparam=False)
+SPEC = types.SimpleNamespace(search=None, reparam=False, bias_correction=0)
 
 
 def _model(seed, in_ch_axis, groups=1, channels=6):

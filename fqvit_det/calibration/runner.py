@@ -203,7 +203,8 @@ class CalibrationRunner:
         label the progress. Returns ``dict(rank_batches, rank_images, world_size,
         seconds={step: s, 'total': s}, search_report)`` (the report on rank 0 only)."""
         t0 = time.time()
-        if self.spec.search or self.spec.bias_correction:  # they re-read the batches
+        bias_images = getattr(self.spec, 'bias_correction', 0)
+        if self.spec.search or bias_images:  # they re-read the batches
             batches = list(batches)
         set_quant_mode(self.model, 'float')
         self.calibrate_weights()
@@ -227,7 +228,7 @@ class CalibrationRunner:
             if self.search_report is not None:
                 result['search_report'] = self.search_report
             self.timings['search'] = time.time() - t1
-        if self.spec.bias_correction:
+        if bias_images:
             t1 = time.time()
             corrected = self.bias_correct(batches)
             if corrected is not None:
