@@ -10,7 +10,8 @@ custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
 # (det_input / det_dw_input with ch_axis=1), integer-exact: a depthwise conv's output channel
 # reads one input channel, and a dense conv folds the input scales into its weight before the
 # weight is quantized, Q(W·diag(s)) (as RepQ-ViT folds LayerNorm-output scales into the next
-# Linear). Per-tensor dense-conv inputs instead: 30.3 AP; these: 31.3 (float 31.0). The image
+# Linear). Per-tensor dense-conv inputs instead: 30.3 AP; these: 31.3 (float 31.0), though the
+# agreement AP with the float predictions drops 93.3 -> 92.2 (benchmarks/RESULTS.md). The image
 # entering the stem conv is 8-bit (repq's patch_embed_input; exact for 0..255 pixels).
 quant_cfg = dict(method='repq', w_bits=8, a_bits=8, calib_images=32,
                  roles=dict(det_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
