@@ -6,12 +6,18 @@ _base_ = 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py'
 custom_imports = dict(imports=['fqvit_det'], allow_failed_imports=False)
 
 # RepQ-ViT's uniform quantizers (no LayerNorm here, so no reparameterization): per-channel
-# weights and per-tensor activations, both with percentile-search ranges. Depthwise convolutions
-# read their input per channel (role det_dw_input): each output channel reads one input channel,
-# so the scale stays integer-exact, and it lifts the head-output SQNR from 11 to 17 dB. The image
+# weights, activations with percentile-search ranges. Every conv reads its input per channel
+# (det_input / det_dw_input with ch_axis=1), integer-exact: a depthwise conv's output channel
+# reads one input channel, and a dense conv folds the input scales into its weight before the
+# weight is quantized, Q(W·diag(s)) (as RepQ-ViT folds LayerNorm-output scales into the next
+# Linear). Per-tensor dense-conv inputs instead: 30.3 AP; these: 31.3 (float 31.0), though the
+# agreement AP with the float predictions drops 93.3 -> 92.2 (benchmarks/RESULTS.md). The image
 # entering the stem conv is 8-bit (repq's patch_embed_input; exact for 0..255 pixels).
 quant_cfg = dict(method='repq', w_bits=8, a_bits=8, calib_images=32,
-                 roles=dict(det_dw_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
+                 roles=dict(det_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
+                                           include_zero=False, clamp_zero_point=False,
+                                           observer=dict(type='PercentileSearchObserver')),
+                            det_dw_input=dict(type='UniformQuantizer', bits=8, ch_axis=1,
                                               observer=dict(type='PercentileSearchObserver'))))
 
 # The official YOLOX-Nano weights as an mmdet state dict (safetensors; the quantized-model wrapper

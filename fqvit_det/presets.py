@@ -159,6 +159,8 @@ OPTION_TYPES = {  # quant_cfg keys that override METHOD_DEFAULTS, and how they a
     'reparam': expect_bool,
     'integer_layernorm': expect_bool,
     'calib_images': lambda key, v: expect_int(key, v, 1),
+    # empirical bias correction on this many calibration images (one batch); 0 = off
+    'bias_correction': lambda key, v: expect_int(key, v, 0),
 }
 FQVIT_ONLY = ('observer', 'ptf', 'lis')
 QUANT_CFG_KEYS = ('method', 'w_bits', 'a_bits', 'attn_bits', *FQVIT_ONLY, 'roles', 'search_cfg',
@@ -182,6 +184,7 @@ class QuantSpec:
     reparam: bool = False
     integer_layernorm: bool = False
     calib_images: int = 32
+    bias_correction: int = 0
     search_cfg: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -224,8 +227,12 @@ class QuantSpec:
         return q
 
     def to_dict(self) -> dict:
-        """The full resolved recipe as plain JSON-serializable values (``from_dict`` inverts it)."""
-        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+        """The full resolved recipe as plain JSON-serializable values (``from_dict`` inverts it).
+
+        ``bias_correction`` is left out when off, so recipes (and state files) from before the
+        option existed still compare equal."""
+        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)
+                if not (f.name == 'bias_correction' and not self.bias_correction)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'QuantSpec':
@@ -253,7 +260,7 @@ def make_spec(method: str = 'fqvit', w_bits: int = 8, a_bits: int = 8, attn_bits
 
     ``observer`` / ``ptf`` / ``lis`` choose FQ-ViT's variant (defaults: 'minmax', True, True) and
     are errors for the other methods. ``options`` override ``METHOD_DEFAULTS`` (search, reparam,
-    integer_layernorm, calib_images) plus ``search_cfg``.
+    integer_layernorm, calib_images, bias_correction) plus ``search_cfg``.
     """
     unknown = sorted(set(options) - set(QUANT_CFG_KEYS))
     if unknown:

@@ -21,11 +21,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .calibration.bias_correction import bias_corrections, check_bias_corrections
 from .calibration.reparam import make_per_tensor, rewritten_module_paths
 from .walk import named_quantizers, refresh, set_quant_mode
 
 FORMAT = 'fqvit-det-quant-state/2'
 Q_PREFIX, M_PREFIX = 'quantizer/', 'module/'
+B_PREFIX = 'bias_correction/'  # per-channel output corrections of quantized convs / Linears
 
 
 def recipe_of(spec) -> Optional[dict]:
@@ -77,6 +79,8 @@ def quant_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for path in rewritten_module_paths(model):
         for k, v in model.get_submodule(path).named_parameters(recurse=False):
             state[f'{M_PREFIX}{path}.{k}'] = v
+    for path, v in bias_corrections(model).items():
+        state[f'{B_PREFIX}{path}'] = v
     return {k: torch.empty(v.shape, dtype=v.dtype).copy_(v.detach()) for k, v in state.items()}
 
 
@@ -165,9 +169,11 @@ def load_quant_state(model: nn.Module, path: str, spec=None, origin: Optional[st
         raise ValueError(f'{where} does not match this model: quantizers missing from the file '
                          f'{missing[:3]}, in the file but not in the model {unexpected[:3]}')
     params = {n: {} for n in saved_names}
-    modules = {}
+    modules, corrections = {}, {}
     for key, value in tensors.items():
-        if key.startswith(Q_PREFIX):
+        if key.startswith(B_PREFIX):
+            corrections[key[len(B_PREFIX):]] = value
+        elif key.startswith(Q_PREFIX):
             name, _, param = key[len(Q_PREFIX):].rpartition('/')
             if name not in params:
                 raise ValueError(f'{where}: tensor {key!r} belongs to no listed quantizer')
@@ -196,6 +202,8 @@ def load_quant_state(model: nn.Module, path: str, spec=None, origin: Optional[st
             raise ValueError(f'{where}: {key} has shape {tuple(value.shape)} in the file, '
                              f'{tuple(current.shape)} in this model')
 
+    set_corrections = check_bias_corrections(model, corrections, f'{where}: ')
+
     # --- validated: now change the model ----------------------------------------------------
     for norm_path, _ in reparam:  # reparameterized norms quantize their output per tensor
         outq = getattr(model.get_submodule(norm_path), 'out_quantizer', None)
@@ -214,6 +222,7 @@ def load_quant_state(model: nn.Module, path: str, spec=None, origin: Optional[st
                 current.copy_(value.to(current.device))
     for name, p in params.items():
         quantizers[name].set_params(**p)
+    set_corrections()
     set_quant_mode(model, 'quant')
     refresh(model)
 

@@ -39,6 +39,13 @@ def test_mask_rcnn_float_and_quantized_then_reload(tmp_path):
     for kind in ('float', 'quant'):
         metrics = summary[kind]['metrics']
         assert 'coco/bbox_mAP' in metrics and 'coco/segm_mAP' in metrics, metrics
+    # Agreement AP of the random-weight detector: no float score reaches 0.3, so every float
+    # prediction is pseudo ground truth; masks get their own AP.
+    agreement = summary['agreement']['metrics']
+    assert agreement['gt_score_thr'] == 0.0 and agreement['num_pseudo_gt'] > 0, agreement
+    for key in ('bbox_mAP', 'bbox_mAP_50', 'segm_mAP'):
+        assert 0.0 <= agreement[key] <= 1.0, agreement
+    assert 'agree : bbox_mAP=' in log
     assert 'calibration: 2 of 2 images' in log  # the progress shows the calibration share
     state = osp.join(work, 'quant_state.safetensors')
     assert osp.isfile(state)

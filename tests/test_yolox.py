@@ -158,4 +158,9 @@ def test_tools_test_quantized_yolox_on_three_images(tmp_path):
     for kind in ('float', 'quant'):
         metrics = summary[kind]['metrics']
         assert 0.0 < metrics['coco/bbox_mAP_50'] <= 1.0, metrics
+    # agreement: the quantized predictions scored against the float ones (score >= 0.3) as truth
+    agreement = summary['agreement']['metrics']
+    assert agreement['gt_score_thr'] == 0.3 and agreement['num_pseudo_gt'] > 0, agreement
+    assert 0.0 < agreement['bbox_mAP'] <= 1.0 and 'segm_mAP' not in agreement, agreement
+    assert 'agree : bbox_mAP=' in proc.stdout
     assert 'calibration: 2 of 2 images' in proc.stdout + proc.stderr

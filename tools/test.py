@@ -31,7 +31,9 @@ def parse_args(argv=None):
     p.add_argument('--quant-state', help='evaluate from a saved calibrated state (no calibration)')
     p.add_argument('--float', action='store_true', help='evaluate the float model only')
     p.add_argument('--compare-float', action='store_true',
-                   help='evaluate the float model first, then the quantized one, and print both')
+                   help='evaluate the float model first, then the quantized one, and print both; '
+                        'for detectors also the agreement AP (quantized predictions scored '
+                        'against the float predictions as ground truth)')
     p.add_argument('--calib-images', type=int, help='override the number of calibration images')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                    help='override config keys, e.g. test_dataloader.batch_size=2')
@@ -47,7 +49,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 
 def main(argv=None):
     args = parse_args(argv)
-    from fqvit_det.mm.launch import init_distributed, prepare_config, run_eval
+    from fqvit_det.mm.launch import AGREEMENT_FILE, init_distributed, is_detector, prepare_config, run_eval
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -58,10 +60,14 @@ def main(argv=None):
                          calib_images=args.calib_images, out=args.out, show_dir=args.show_dir)
     init_distributed(cfg, args.launcher)
     results = {}
+    agreement_file = (osp.join(cfg.work_dir, AGREEMENT_FILE)
+                      if args.compare_float and is_detector(cfg) else None)
     if args.compare_float or args.float:
-        results['float'] = run_eval(cfg, float_eval=True)
+        results['float'] = run_eval(cfg, float_eval=True, agreement_file=agreement_file)
     if not args.float:
-        results['quant'] = run_eval(cfg, float_eval=False)
+        results['quant'] = run_eval(cfg, float_eval=False, agreement_file=agreement_file)
+        if 'agreement' in results['quant']:
+            results['agreement'] = dict(metrics=results['quant'].pop('agreement'))
     summary_path = osp.join(cfg.work_dir, 'summary.json')
     if int(os.environ.get('RANK', '0')) == 0:
         os.makedirs(cfg.work_dir, exist_ok=True)
@@ -72,6 +78,9 @@ def main(argv=None):
         for kind, res in results.items():
             metrics = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                 for k, v in res['metrics'].items())
+            if kind == 'agreement':  # quantized vs float predictions, no timings of its own
+                print(f'agree : {metrics} (quantized vs float predictions)')
+                continue
             print(f'{kind:>6}: {metrics} | eval {res["eval_seconds"]:.1f}s'
                   + (f' | calibration {res["calib_seconds"]:.1f}s' if res.get('calib_seconds') else ''))
         print(f'summary: {summary_path}')

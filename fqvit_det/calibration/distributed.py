@@ -20,8 +20,10 @@ Strategy per calibration step:
 4. **Layer search** (PTQ4ViT Hessian grid, AdaLog FPCS): *computed on rank 0* over the whole
    calibration set — the other ranks' batches are gathered to rank 0 (``gather_batches``, global
    order) — while the other ranks wait.
-5. **Broadcast**: rank 0's final parameters (every quantizer's ``get_params()`` and the module
-   parameters the reparameterization rewrote) are broadcast and set on every other rank, so all
+5. **Bias correction** (``quant_cfg.bias_correction``): computed on rank 0 from the gathered
+   batches, like the search.
+6. **Broadcast**: rank 0's final parameters (every quantizer's ``get_params()``, the module
+   parameters the reparameterization rewrote and the bias corrections) are broadcast and set on every other rank, so all
    ranks end bit-identical to rank 0 even where devices round differently.
 
 Only ``torch.distributed`` is used (no mmengine); every function is a no-op with one process.
@@ -115,10 +117,11 @@ def broadcast_object(obj, src: int = 0):
 
 def calibrated_params(model: nn.Module) -> dict:
     """Everything calibration produced: quantizer parameters and rewritten module parameters."""
+    from .bias_correction import bias_corrections
     from .reparam import rewritten_module_params
     return dict(quantizers={name: {k: v.detach().cpu() for k, v in q.get_params().items()}
                             for name, q in named_quantizers(model)},
-                modules=rewritten_module_params(model))
+                modules=rewritten_module_params(model), bias_corrections=bias_corrections(model))
 
 
 def apply_params(model: nn.Module, state: dict) -> None:
@@ -130,6 +133,8 @@ def apply_params(model: nn.Module, state: dict) -> None:
         for key, value in state['modules'].items():
             param = model.get_parameter(key) if _is_param(model, key) else model.get_buffer(key)
             param.copy_(value.to(param.device))
+    from .bias_correction import set_bias_corrections
+    set_bias_corrections(model, state.get('bias_corrections', {}))
     refresh(model)
 
 

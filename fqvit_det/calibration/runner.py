@@ -1,7 +1,8 @@
 """The calibration runner shared by classification and detection.
 
     weights → observe this rank's batches → merge statistics across ranks → finalize →
-    RepQ reparameterization → layer search (PTQ4ViT Hessian / AdaLog FPCS, on rank 0) →
+    fold per-channel input scales into dense-conv weights → RepQ reparameterization → layer
+    search (PTQ4ViT Hessian / AdaLog FPCS, on rank 0) → bias correction (on rank 0) →
     broadcast rank 0's parameters → quantized inference.
 
 ``forward_fn(model, batch)`` runs one batch and returns the model's output (logits for the
@@ -152,6 +153,32 @@ class CalibrationRunner:
         for _, q in acts:
             q.finalize()
 
+    def fold_input_scales(self) -> int:
+        """Quantize again, now with the calibrated input scales folded in, the weights of modules
+        whose per-channel input scales fold into their weights (``input_channel_scale``)."""
+        folded = [m for m in self.model.modules()
+                  if isinstance(m, QuantModule) and m.input_channel_scale() is not None]
+        for m in folded:
+            m.calibrate_weight()
+        return len(folded)
+
+    def bias_correct(self, batches) -> Optional[int]:
+        """Empirical bias correction on the first ``spec.bias_correction`` calibration images, as
+        one batch (on rank 0, over all ranks' batches in global order; broadcast afterwards)."""
+        from .bias_correction import correct_biases, merge_batches
+        all_batches = distributed.gather_batches(batches)
+        if all_batches is None:
+            return None
+        chosen, images = [], 0
+        for b in all_batches:
+            if images >= self.spec.bias_correction:
+                break
+            chosen.append(b)
+            images += batch_images(b) or 1
+        device = model_device(self.model)
+        batch = move_to(merge_batches(chosen), device)
+        return len(correct_biases(self.model, batch, self.forward_fn))
+
     def reparameterize(self):
         """RepQ-ViT: fold channel-wise LayerNorm-output scales into the norm and the next Linears."""
         return reparameterize(self.model)
@@ -176,7 +203,8 @@ class CalibrationRunner:
         label the progress. Returns ``dict(rank_batches, rank_images, world_size,
         seconds={step: s, 'total': s}, search_report)`` (the report on rank 0 only)."""
         t0 = time.time()
-        if self.spec.search:  # the search re-reads the batches
+        bias_images = getattr(self.spec, 'bias_correction', 0)
+        if self.spec.search or bias_images:  # they re-read the batches
             batches = list(batches)
         set_quant_mode(self.model, 'float')
         self.calibrate_weights()
@@ -187,6 +215,9 @@ class CalibrationRunner:
         self.finalize()
         self.timings['observe'] = time.time() - t0
         result = dict(rank_batches=seen['batches'], rank_images=seen['images'])
+        folded = self.fold_input_scales()
+        if folded:
+            result['folded_input_scales'] = folded
         if self.spec.reparam:
             t1 = time.time()
             self.reparameterize()
@@ -197,6 +228,12 @@ class CalibrationRunner:
             if self.search_report is not None:
                 result['search_report'] = self.search_report
             self.timings['search'] = time.time() - t1
+        if bias_images:
+            t1 = time.time()
+            corrected = self.bias_correct(batches)
+            if corrected is not None:
+                result['bias_corrected_modules'] = corrected
+            self.timings['bias_correction'] = time.time() - t1
         t1 = time.time()
         distributed.broadcast_calibration(self.model)
         self.timings['broadcast'] = time.time() - t1

@@ -13,6 +13,11 @@ CLASSIFIERS = ('QuantizedClassifier',)
 WRAPPERS = ('QuantizedDetector',) + CLASSIFIERS
 # default_scope of a plain config -> the wrapper that quantizes its model
 WRAPPER_OF_SCOPE = {'mmdet': 'QuantizedDetector', 'mmpretrain': 'QuantizedClassifier'}
+# --compare-float on a detector: the float pass records its predictions here (in the work dir) and
+# the quantized pass is scored against them (``DetAgreementMetric``).
+AGREEMENT_FILE = 'float_predictions.json'
+AGREEMENT_KEYS = ('gt_score_thr',)
+AGREEMENT_PREFIX = 'agreement/'
 
 
 def _check_path(path, what, key):
@@ -66,6 +71,43 @@ def _wrapper_checkpoint(cfg: Config, checkpoint):
     return checkpoint
 
 
+def check_agreement_cfg(cfg: Config) -> dict:
+    """The config's optional ``agreement_evaluator`` (options of ``DetAgreementMetric``), checked."""
+    from .agreement import check_gt_score_thr
+    opts = cfg.get('agreement_evaluator')
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise TypeError(f'agreement_evaluator must be a dict like dict(gt_score_thr=0.3), got {opts!r}')
+    unknown = sorted(set(opts) - set(AGREEMENT_KEYS))
+    if unknown:
+        raise ValueError(f'agreement_evaluator.{unknown[0]}: unknown key; expected one of {list(AGREEMENT_KEYS)}')
+    if 'gt_score_thr' in opts:
+        check_gt_score_thr(opts['gt_score_thr'], 'agreement_evaluator.gt_score_thr')
+    return dict(opts)
+
+
+def is_detector(cfg: Config) -> bool:
+    """An mmdet model (wrapped or not): predictions the agreement metric can score."""
+    return cfg.model.get('type') == 'QuantizedDetector' or (
+        cfg.model.get('type') not in CLASSIFIERS and cfg.get('default_scope') == 'mmdet')
+
+
+def add_agreement_metric(cfg: Config, float_eval: bool, reference_file: str) -> None:
+    """Append ``DetAgreementMetric``: the float pass records, the quantized pass scores."""
+    metric = ConfigDict(type='DetAgreementMetric', reference_file=reference_file,
+                        mode='record' if float_eval else 'score', **check_agreement_cfg(cfg))
+    ev = cfg.test_evaluator
+    cfg.test_evaluator = list(ev) + [metric] if isinstance(ev, (list, tuple)) else [ev, metric]
+
+
+def split_agreement(metrics: dict):
+    """(metrics without the agreement keys, the agreement metrics without their prefix)."""
+    rest = {k: v for k, v in metrics.items() if not k.startswith(AGREEMENT_PREFIX)}
+    agreement = {k[len(AGREEMENT_PREFIX):]: v for k, v in metrics.items() if k.startswith(AGREEMENT_PREFIX)}
+    return rest, agreement
+
+
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
                    show_dir=None, check_data: bool = True) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
@@ -74,6 +116,7 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
     neither; the wrapper still refuses a missing checkpoint when it is built).
     """
     cfg = copy.deepcopy(cfg)
+    check_agreement_cfg(cfg)
     quant_cfg = cfg.get('quant_cfg')
     model_type = cfg.model.get('type')
     if model_type not in WRAPPERS and 'quant_cfg' in cfg.model:  # quant_cfg written into the model
@@ -181,10 +224,16 @@ def jsonable(obj):
     return repr(obj)
 
 
-def run_eval(cfg: Config, float_eval: bool = False) -> dict:
-    """Build a Runner and test; returns metrics and timings."""
+def run_eval(cfg: Config, float_eval: bool = False, agreement_file: str = None) -> dict:
+    """Build a Runner and test; returns metrics and timings.
+
+    ``agreement_file`` (detectors): the float pass records its predictions there and the quantized
+    pass returns its agreement AP against them under ``agreement`` (see ``DetAgreementMetric``).
+    """
     from mmengine.runner import Runner
     cfg = copy.deepcopy(cfg)
+    if agreement_file:
+        add_agreement_metric(cfg, float_eval, agreement_file)
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'CalibrationHook']
     for h in hooks:
         h['float_eval'] = float_eval
@@ -199,6 +248,10 @@ def run_eval(cfg: Config, float_eval: bool = False) -> dict:
     total = time.time() - t0
     result = calib_hook.result if calib_hook is not None and calib_hook.result else None
     calib = result.get('seconds', {}).get('total') if result else None
-    return dict(metrics={k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
-                eval_seconds=total - (calib or 0.0), calib_seconds=calib, work_dir=cfg.work_dir,
+    metrics, agreement = split_agreement(
+        {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()})
+    out = dict(metrics=metrics)
+    if agreement:
+        out['agreement'] = agreement
+    return dict(out, eval_seconds=total - (calib or 0.0), calib_seconds=calib, work_dir=cfg.work_dir,
                 calibration=jsonable(result))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers.base import Quantizer
+from ..quantizers.uniform import UniformQuantizer
 
 
 def _apply(q: Optional[Quantizer], x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,11 @@ class QuantModule(nn.Module):
     def refresh(self) -> None:
         """Drop caches derived from quantizer parameters (after a search or reparameterization)."""
 
+    def input_channel_scale(self) -> Optional[torch.Tensor]:
+        """The per-input-channel activation scale folded into the weight before it is quantized
+        (shaped to broadcast over the weight), or None."""
+        return None
+
 
 class _WeightQuantMixin(QuantModule):
     w_quantizer: Optional[Quantizer]
@@ -36,7 +42,8 @@ class _WeightQuantMixin(QuantModule):
             return
         mode = wq.mode
         wq.reset()
-        wq.observe(self.weight.detach())
+        s = self.input_channel_scale()
+        wq.observe(self.weight.detach() if s is None else self.weight.detach() * s)
         wq.finalize()
         wq.mode = mode if mode != 'observe' else 'float'
         self.refresh()
@@ -55,17 +62,34 @@ class _WeightQuantMixin(QuantModule):
         mod.w_quantizer, mod.in_quantizer = w_quantizer, in_quantizer
         mod.out_quantizer = out_quantizer
         mod._wq_cache = None
+        # Empirical bias correction (``calibration.bias_correction``), added while quantizing;
+        # saved in the quant state, not in the model's state dict.
+        mod.register_buffer('bias_correction', None, persistent=False)
         return mod
+
+    @property
+    def quantizing(self) -> bool:
+        return any(q is not None and q.mode == 'quant' for q in (self.w_quantizer, self.in_quantizer))
+
+    def _corrected(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        bc = getattr(self, 'bias_correction', None)
+        if bc is None or not self.quantizing:
+            return y
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        return y + bc.reshape(shape)
 
     def quant_weight(self) -> torch.Tensor:
         wq = self.w_quantizer
         if wq is None or wq.mode != 'quant':
             return self.weight
+        s = self.input_channel_scale()
         if torch.is_grad_enabled() and self.weight.requires_grad:
-            return wq.fake_quant(self.weight)
+            return wq.fake_quant(self.weight) if s is None else wq.fake_quant(self.weight * s) / s
         cache = getattr(self, '_wq_cache', None)
         if cache is None or cache.device != self.weight.device:
-            cache = wq.fake_quant(self.weight.detach())
+            w = self.weight.detach()
+            cache = wq.fake_quant(w) if s is None else wq.fake_quant(w * s) / s
             self._wq_cache = cache
         return cache
 
@@ -79,11 +103,28 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
                           out_quantizer)
 
     def forward(self, x):
-        y = F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = self._corrected(F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias), -1)
         return _apply(self.out_quantizer, y)
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
+    """Conv2d with weight, input and output quantizers.
+
+    A per-channel uniform input quantizer (``ch_axis=1``, scales s_c, zero points z_c) stays
+    integer-exact: a depthwise conv reads one input channel per output channel, so s_c factors
+    out of each sum; a dense conv (``groups=1``) folds s_c into its weight before quantizing it,
+    Ŵ = Q(W·diag(s))·diag(s)⁻¹, so that conv(x̂, Ŵ) = conv(q − z, Q(W·diag(s))): integer codes
+    times one integer weight tensor with per-output-channel scales (RepQ-ViT §4.2 folds
+    per-channel LayerNorm-output scales into the next Linear the same way).
+    """
+
+    def input_channel_scale(self):
+        iq = self.in_quantizer
+        if (self.groups != 1 or self.w_quantizer is None or not isinstance(iq, UniformQuantizer)
+                or iq.ch_axis not in (1, -3) or not bool(iq.calibrated) or iq.scale.numel() == 1):
+            return None
+        return iq.scale.reshape(1, -1, 1, 1).to(self.weight.dtype)
+
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_quantizer=None, in_quantizer=None, out_quantizer=None):
         return cls._adopt(conv, ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
@@ -92,7 +133,8 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
                           out_quantizer)
 
     def forward(self, x):
-        y = self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(), self.bias)
+        y = self._corrected(self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(),
+                                               self.bias), 1)
         return _apply(self.out_quantizer, y)
 
 
