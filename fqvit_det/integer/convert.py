@@ -1,0 +1,137 @@
+"""``to_integer``: a calibrated (simulated) model → a new module graph that computes with integers.
+
+What runs integer, per method (timm DeiT / ViT):
+
+=============================  =========================  ==========================================
+part                           FQ-ViT                     PTQ4ViT / RepQ-ViT / AdaLog
+=============================  =========================  ==========================================
+qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),   int8 GEMM, int32 bias, float rescale
+                               int32 bias; qkv / proj /   (their outputs stay float in the papers);
+                               fc2 / head requantized     PTQ4ViT fc2 on twin-uniform codes
+                               dyadically to the next     (two row blocks, one shift); AdaLog fc2
+                               quantizer's codes          input is log-coded: float GEMM on its
+                                                          dequantized values
+patch embedding                int8 GEMM over patches     int8 GEMM (RepQ / AdaLog 8-bit input);
+                                                          PTQ4ViT keeps the image float: simulated
+LayerNorm                      integer (FQ-ViT I-LN on    float (the methods keep it float)
+                               PTF codes)
+attention (QKᵀ, softmax, P·V)  see ``attention_path``     see ``attention_path``
+residual add, GELU             float on quantized values  float (the methods keep them float)
+=============================  =========================  ==========================================
+
+``to_integer`` never mutates its argument: it deep-copies the calibrated model and swaps every
+eligible quantized Linear / patch convolution for ``IntegerLinear`` / ``IntegerPatchEmbed``.
+Modules left simulated keep their quantizers in 'quant' mode, so the result computes what the
+simulation computes, with integer GEMMs where the codes allow them.
+"""
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..log import get_logger
+from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
+from ..quantizers.uniform import UniformQuantizer
+from .linear import IntegerLinear, IntegerPatchEmbed, integer_input_ok
+
+
+def _quant_on(q) -> bool:
+    return q is not None and getattr(q, 'mode', None) == 'quant'
+
+
+def _input_ok(q) -> bool:
+    from ..quantizers.twin import TwinUniformGeluQuantizer
+    return _quant_on(q) and (integer_input_ok(q) or isinstance(q, TwinUniformGeluQuantizer))
+
+
+def _weight_ok(mod) -> bool:
+    wq = mod.w_quantizer
+    return (_quant_on(wq) and type(wq) is UniformQuantizer and wq.bits <= 8
+            and (wq.ch_axis is None or wq.ch_axis % mod.weight.dim() == 0))
+
+
+def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition('.')
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def _feeding_norms(model: nn.Module) -> Dict[str, str]:
+    """linear path -> path of the LayerNorm whose (quantized) output is that Linear's input."""
+    out = {}
+    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
+        for p in linear_paths:
+            out[p] = norm_path
+    return out
+
+
+def _norm_is_integer(norm) -> bool:
+    return isinstance(norm, QuantLayerNorm) and norm._integer_pair() is not None
+
+
+def plan_integer(model: nn.Module) -> List[Tuple[str, str, Optional[str]]]:
+    """(module path, 'linear' | 'patch', feeding norm path whose output quantizer is the input
+    grid, or None) for every module ``to_integer`` converts."""
+    feeds = _feeding_norms(model)
+    plan = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            norm_path = None
+            in_q = mod.in_quantizer
+            if in_q is None and path in feeds:
+                norm_path = feeds[path]
+                in_q = getattr(model.get_submodule(norm_path), 'out_quantizer', None)
+            if _weight_ok(mod) and _input_ok(in_q):
+                plan.append((path, 'linear', norm_path if mod.in_quantizer is None else None))
+        elif isinstance(mod, QuantConv2d):
+            if (_weight_ok(mod) and integer_input_ok(mod.in_quantizer) and _quant_on(mod.in_quantizer)
+                    and IntegerPatchEmbed.supports(mod)):
+                plan.append((path, 'patch', None))
+    return plan
+
+
+def _integer_linear(mod, in_q) -> IntegerLinear:
+    out_q = mod.out_quantizer if _quant_on(mod.out_quantizer) else None
+    if mod.bias is None:
+        bias = None
+    else:
+        bias = mod.bias
+    return IntegerLinear.from_quant(mod.weight, bias, mod.w_quantizer, in_q, out_q)
+
+
+@torch.no_grad()
+def to_integer(model: nn.Module) -> nn.Module:
+    """A new module graph computing ``model`` (calibrated, quantizers in 'quant' mode) with
+    integer GEMMs; ``model`` itself is left unchanged. Runs on the CPU or CUDA (the device of the
+    model); integer constants are computed on the CPU."""
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    new = copy.deepcopy(model).cpu()
+    plan = plan_integer(new)
+    if not plan:
+        raise ValueError('to_integer: no quantized Linear / patch convolution with a per-tensor '
+                         'uniform input and a uniform weight quantizer in quant mode: calibrate first')
+    for path, kind, norm_path in plan:
+        mod = new.get_submodule(path)
+        if kind == 'patch':
+            w = mod.weight
+            lin = IntegerLinear.from_quant(w, mod.bias, mod.w_quantizer, mod.in_quantizer,
+                                           mod.out_quantizer if _quant_on(mod.out_quantizer) else None)
+            _set_child(new, path, IntegerPatchEmbed(lin, mod.kernel_size, mod.out_channels))
+            continue
+        in_q = mod.in_quantizer
+        if in_q is None:
+            norm = new.get_submodule(norm_path)
+            in_q = norm.out_quantizer
+            if not _norm_is_integer(norm):
+                # The integer Linear quantizes the norm output itself (same quantizer, same codes):
+                # the norm's own fake quantization would be a second pass over the same values.
+                norm.out_quantizer = None
+        _set_child(new, path, _integer_linear(mod, in_q))
+    new.fqvit_integer_plan = [list(p) for p in plan]
+    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules')
+    return new.to(device)
+
+
+def integer_modules(model: nn.Module):
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, IntegerLinear)]
