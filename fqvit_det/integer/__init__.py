@@ -8,3 +8,7 @@ from .linear import IntegerLinear, IntegerPatchEmbed, int_mm
 
 __all__ = ['to_integer', 'plan_integer', 'integer_modules', 'IntegerLinear', 'IntegerPatchEmbed',
            'int_mm']
+
+from .export import load_integer, pack_int4, save_integer, unpack_int4  # noqa: E402
+
+__all__ += ['save_integer', 'load_integer', 'pack_int4', 'unpack_int4']

@@ -100,6 +100,15 @@ def _integer_linear(mod, in_q) -> IntegerLinear:
     return IntegerLinear.from_quant(mod.weight, bias, mod.w_quantizer, in_q, out_q)
 
 
+def adopt_norm_targets(model: nn.Module) -> None:
+    """A LayerNorm that writes its integer output on the grid of a quantizer applied downstream
+    (``emit_to``: FQ-ViT's final norm → head input) takes that quantizer as its own output
+    quantizer, so it survives the replacement of the module that applied it."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLayerNorm) and mod.out_quantizer is None and mod.output_target is not None:
+            mod.out_quantizer = mod.output_target
+
+
 @torch.no_grad()
 def to_integer(model: nn.Module) -> nn.Module:
     """A new module graph computing ``model`` (calibrated, quantizers in 'quant' mode) with
@@ -107,6 +116,7 @@ def to_integer(model: nn.Module) -> nn.Module:
     model); integer constants are computed on the CPU."""
     device = next(iter(model.parameters()), torch.zeros(())).device
     new = copy.deepcopy(model).cpu()
+    adopt_norm_targets(new)
     plan = plan_integer(new)
     if not plan:
         raise ValueError('to_integer: no quantized Linear / patch convolution with a per-tensor '

@@ -116,7 +116,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer('in_scale', torch.ones((), dtype=torch.float32))
         self.register_buffer('in_zero_point', torch.zeros((), dtype=torch.int32))
         # float mode: Δ_x·Δ_w[c]; dyadic mode: M[c], N, and the output grid (Δ_out, z_out)
-        self.register_buffer('acc_scale', torch.ones(n, dtype=torch.float32))
+        self.register_buffer('acc_scale', torch.ones(n if out_mode == 'float' else 0, dtype=torch.float32))
         self.register_buffer('multiplier', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
         self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
         self.register_buffer('out_scale', torch.ones((), dtype=torch.float32))
@@ -172,8 +172,9 @@ class IntegerLinear(nn.Module):
             mod.bias_int.copy_(const.to(torch.int32))
             mod.in_scale.fill_(float(unit))
             mod.in_zero_point.fill_(z)
-            mod.acc_scale.copy_(acc_scale.float())
-            if out_mode == 'dyadic':
+            if out_mode == 'float':
+                mod.acc_scale.copy_(acc_scale.float())
+            else:
                 o_scale = out_quantizer.scale.reshape(()).double()
                 mult, shift = dyadic(acc_scale / o_scale)
                 mod.multiplier.copy_(mult)
