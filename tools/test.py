@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument('--float', action='store_true', help='evaluate the float model only')
     p.add_argument('--compare-float', action='store_true',
                    help='evaluate the float model first, then the quantized one, and print both')
+    p.add_argument('--integer', action='store_true',
+                   help='evaluate the integer model (int8 GEMMs, fqvit_det.integer) built from the '
+                        'calibrated one; classification configs')
     p.add_argument('--calib-images', type=int, help='override the number of calibration images')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                    help='override config keys, e.g. test_dataloader.batch_size=2')
@@ -51,13 +54,14 @@ def main(argv=None):
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
-                         calib_images=args.calib_images, out=args.out, show_dir=args.show_dir)
+                         calib_images=args.calib_images, out=args.out, show_dir=args.show_dir,
+                         integer=args.integer)
     init_distributed(cfg, args.launcher)
     results = {}
     if args.compare_float or args.float:
         results['float'] = run_eval(cfg, float_eval=True)
     if not args.float:
-        results['quant'] = run_eval(cfg, float_eval=False)
+        results['integer' if args.integer else 'quant'] = run_eval(cfg, float_eval=False)
     summary_path = osp.join(cfg.work_dir, 'summary.json')
     if int(os.environ.get('RANK', '0')) == 0:
         os.makedirs(cfg.work_dir, exist_ok=True)

@@ -136,6 +136,10 @@ class TimmClassifier(QuantizableMixin, BaseModel):
     def quant_target(self):
         return self.model
 
+    def convert_to_integer(self) -> None:
+        from ..integer import to_integer
+        self.model = to_integer(self.model)
+
     def calib_forward(self, model, batch):
         inputs = self.data_preprocessor(batch, False)['inputs']
         return model(inputs)
