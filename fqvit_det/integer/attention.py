@@ -1,0 +1,568 @@
+"""Integer attention core: QKᵀ as an int8 GEMM, requantization, P·V on log / twin codes.
+
+Kernels (all vectorized; the only Python loop is over the batch·heads matrices of a GEMM):
+
+* ``dyadic_multiplier`` / ``apply_dyadic`` / ``rounding_shift`` — a positive real multiplier m
+  as M·2^−N with a ``bits``-bit integer M (|M·2^−N − m| ≤ m·2^−bits) and its application to
+  integers, rounding half to even (``torch.round``, what the simulation does) or half up.
+* ``requantize`` — Σ_i acc_i·m_i → clamp(⌊·⌉ + z, q_min, q_max). ``method='dyadic'``: integer
+  multiply + rounding shift with one shared N; ``'float'``: float64 products (relative error
+  ≤ 2^−52). Either way the result differs from the exactly rounded value only where Σ acc·m lies
+  within (Σ|acc_i|·m_i)·2^−bits (dyadic) of a rounding tie: by at most one code.
+* ``int8_bmm`` — batched int8 × int8 → int32 GEMM through ``torch._int_mm`` (exact).
+* ``int_qk_matmul`` — Σ_d (q − z_q)(k − z_k) on uniform codes (any bits ≤ 8, per-tensor or
+  per-head zero points): int8 GEMM of the offset codes plus integer zero-point corrections.
+  Exact (int32 accumulator).
+* ``qk_logit_codes`` — that accumulator requantized to the codes of the logit quantizer, the
+  attention scale folded into the multiplier m = Δ_q·Δ_k·scale/Δ_logit.
+* ``pow2_matmul`` — P·V for probabilities whose values are mant·2^−shift·c (log2: mant 1;
+  log√2: an even and an odd class, the odd one scaled by 1/√2; AdaLog: mant = the LUT entry on
+  its 1/G grid; PTQ4ViT twin uniform: mant = magnitude, shift = 0 or the split exponent): the
+  shifts are grouped so that every operand −mant·2^k fits int8 ([−128, −1]), one int8 GEMM per
+  group present (value codes with a column of ones appended give the zero-point term), groups
+  combined by shifts. Exact in int64 while the total shift span is ≤ 40 bits (LIS 4-bit: 15);
+  beyond that the groups are combined in float64 (relative error ≤ 2^−50).
+* ``IntegerAttention`` — a calibrated ``QuantTimmAttention`` run on codes (q/k/v codes in,
+  ``proj_input`` codes or floats out).
+
+Agreement with the simulation (``AttentionQuantizers.attend``, float32): the integer kernels
+are exact, the simulation is not (float32 products and sums), so the logit codes and the
+``proj_input`` codes equal the simulated ones except where the simulated float32 value lies
+within its rounding error of a rounding tie; there they differ by one code (asserted in the
+tests; in practice < 0.1 % of the codes). Given the same logit codes the Log-Int-Softmax codes
+are bit-exact (see ``softmax.py``). Softmax stays float where the method keeps it float
+(PTQ4ViT, RepQ-ViT, AdaLog): their logits are the exact integer accumulator times
+Δ_q·Δ_k·scale in float32.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..quantizers.base import broadcast_param, is_integral
+
+ROUNDINGS = ('half_even', 'half_up')
+
+
+# ---------------------------------------------------------------------------------------------
+# Dyadic multipliers and requantization
+# ---------------------------------------------------------------------------------------------
+def dyadic_multiplier(scale, bits: int = 31) -> Tuple[torch.Tensor, torch.Tensor]:
+    """m → (M, N), int64 tensors of m's shape, with m ≈ M·2^−N and 2^(bits−1) ≤ M < 2^bits.
+
+    M = ⌊m·2^N⌉ with N = bits − e where m = f·2^e, f ∈ [0.5, 1), so |M·2^−N − m| ≤ 2^(−N−1)
+    ≤ m·2^−bits. N may be negative for m ≥ 2^bits (then apply multiplies by 2^−N).
+    """
+    if not 2 <= bits <= 62:
+        raise ValueError(f'dyadic_multiplier: bits must lie in [2, 62], got {bits}')
+    m = torch.as_tensor(scale, dtype=torch.float64)
+    if m.numel() == 0 or not bool(torch.isfinite(m).all()) or not bool((m > 0).all()):
+        raise ValueError(f'dyadic_multiplier: multipliers must be finite and positive, got {m}')
+    frac, exp = torch.frexp(m)
+    M = torch.round(torch.ldexp(frac, torch.tensor(bits, dtype=torch.int64))).to(torch.int64)
+    N = bits - exp.to(torch.int64)
+    top = M == 2 ** bits                      # f·2^bits rounded up to the next power of two
+    M = torch.where(top, torch.full_like(M, 2 ** (bits - 1)), M)
+    N = torch.where(top, N - 1, N)
+    return M, N
+
+
+def rounding_shift(x: torch.Tensor, n, rounding: str = 'half_even') -> torch.Tensor:
+    """⌊x / 2^n⌉ for int64 x and integer n ≥ 0 (tensor or int, broadcast), rounding ties half
+    to even (``torch.round``) or half up (+2^(n−1) then floor); n < 0 multiplies by 2^−n."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f'rounding must be one of {ROUNDINGS}, got {rounding!r}')
+    x = x.to(torch.int64)
+    n = torch.as_tensor(n, dtype=torch.int64, device=x.device)
+    pos = n.clamp(min=0)
+    fl = torch.bitwise_right_shift(x, pos)           # arithmetic shift: floor
+    rem = x - torch.bitwise_left_shift(fl, pos)
+    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(pos), pos), 1)
+    if rounding == 'half_up':
+        up = (rem >= half) & (pos > 0)
+    else:
+        up = (rem > half) | ((rem == half) & (pos > 0) & (torch.bitwise_and(fl, 1) == 1))
+    y = fl + up.to(torch.int64)
+    if bool((n < 0).any()):
+        y = torch.where(n < 0, torch.bitwise_left_shift(x, (-n).clamp(min=0)), y)
+    return y
+
+
+def apply_dyadic(x: torch.Tensor, M, N, rounding: str = 'half_even') -> torch.Tensor:
+    """⌊x·M / 2^N⌉ in int64 (see ``rounding_shift``); raises OverflowError if x·M could
+    leave int64."""
+    x = x.to(torch.int64)
+    M = torch.as_tensor(M, dtype=torch.int64, device=x.device)
+    xmax = int(x.abs().max()) if x.numel() else 0
+    if xmax * int(M.abs().max()) >= 2 ** 63:
+        raise OverflowError(f'apply_dyadic: |x|·M reaches {xmax} × {int(M.abs().max())} ≥ 2^63')
+    return rounding_shift(x * M, N, rounding)
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def requantize(accs, multipliers, zero_point, qmin: int, qmax: int, method: str = 'dyadic',
+               rounding: str = 'half_even', bits: int = 31,
+               out_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """clamp(⌊Σ_i acc_i·m_i⌉ + z, q_min, q_max) for integer accumulators ``accs`` (a tensor or a
+    list) and positive multipliers ``multipliers`` (floats or tensors broadcasting against the
+    accumulators, one per accumulator); ``zero_point`` must be integer-valued.
+
+    ``method='dyadic'``: M_i = ⌊m_i·2^N⌉ with one N per element (from the largest m_i), so
+    Σ acc_i·M_i is one int64 sum and a single rounding shift; M has up to ``bits`` bits, fewer
+    where |acc|·M could overflow int64 (never below 16 bits, else OverflowError).
+    ``method='float'``: ⌊Σ acc_i·m_i⌉ with float64 products (the accumulators must stay below 2^53).
+    """
+    accs, mults = _as_list(accs), _as_list(multipliers)
+    if len(accs) != len(mults):
+        raise ValueError(f'requantize: {len(accs)} accumulators but {len(mults)} multipliers')
+    dev = accs[0].device
+    mults = [torch.as_tensor(m, dtype=torch.float64, device=dev) for m in mults]
+    z = torch.as_tensor(zero_point, device=dev)
+    if not is_integral(z):
+        raise ValueError(f'requantize: the output zero point must be integer-valued, got {z}')
+    if method == 'float':
+        total = None
+        for a, m in zip(accs, mults):
+            if a.numel() and int(a.abs().max()) >= 2 ** 53:
+                raise OverflowError('requantize(method="float"): accumulator ≥ 2^53')
+            t = a.to(torch.float64) * m
+            total = t if total is None else total.add_(t)
+        y = torch.round(total)
+    elif method == 'dyadic':
+        xmax = max(int(a.abs().max()) if a.numel() else 0 for a in accs) * len(accs)
+        eff = min(bits, 61 - max(xmax, 1).bit_length())
+        if eff < 16:
+            raise OverflowError(f'requantize: accumulators up to {xmax} leave fewer than 16 bits '
+                                'for the dyadic multiplier; use method="float"')
+        top = mults[0]
+        for m in mults[1:]:
+            top = torch.maximum(top, m)
+        _, N = dyadic_multiplier(top, eff)
+        total = None
+        for a, m in zip(accs, mults):
+            Mi = torch.round(torch.ldexp(m, N)).to(torch.int64)
+            t = a.to(torch.int64) * Mi
+            total = t if total is None else total.add_(t)
+        y = rounding_shift(total, N, rounding)
+    else:
+        raise ValueError(f"requantize: method must be 'dyadic' or 'float', got {method!r}")
+    y = y + z.to(y.dtype)
+    return y.clamp_(qmin, qmax).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 GEMMs
+# ---------------------------------------------------------------------------------------------
+def int8_offset(qmin: int, qmax: int) -> int:
+    """Offset o with [q_min − o, q_max − o] inside int8 (codes of at most 8 bits)."""
+    if qmax - qmin > 255:
+        raise ValueError(f'int8 GEMM operands need codes of at most 8 bits, got [{qmin}, {qmax}]')
+    return (qmin + qmax + 1) // 2
+
+
+def to_int8(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    if offset == 0 and codes.dtype == torch.int8:
+        return codes
+    return (codes.to(torch.int32) - offset).to(torch.int8)
+
+
+def _pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if x.shape[dim] >= size:
+        return x
+    pad = list(x.shape)
+    pad[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_zeros(pad)], dim=dim)
+
+
+def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (…, M, K) @ b (…, K, N), int8 × int8 → int32, exact (|K|·2^14 < 2^31).
+
+    ``torch._int_mm`` per matrix of the flattened batch (CPU: any shapes; CUDA: M, K, N padded
+    with zeros to its alignment, which changes nothing)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f'int8_bmm: int8 operands expected, got {a.dtype} and {b.dtype}')
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.shape[-2] != K:
+        raise ValueError(f'int8_bmm: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}')
+    a3 = a.expand(*batch, M, K).reshape(-1, M, K)
+    b3 = b.expand(*batch, K, N).reshape(-1, K, N)
+    out = torch.empty((a3.shape[0], M, N), dtype=torch.int32, device=a.device)
+    if a.device.type == 'cuda':
+        Mp, Kp, Np = max(M, 17), max(-(-K // 8) * 8, 16), max(-(-N // 8) * 8, 8)
+        a3 = _pad_to(_pad_to(a3, 1, Mp), 2, Kp)
+        b3 = _pad_to(_pad_to(b3, 1, Kp), 2, Np)
+        for i in range(a3.shape[0]):
+            out[i] = torch._int_mm(a3[i], b3[i])[:M, :N]
+    else:
+        for i in range(a3.shape[0]):
+            torch._int_mm(a3[i], b3[i], out=out[i])
+    return out.reshape(*batch, M, N)
+
+
+def _zero_int(z, offset: int, who: str) -> torch.Tensor:
+    z = torch.as_tensor(z)
+    if not is_integral(z):
+        raise ValueError(f'{who}: integer GEMMs need an integer-valued zero point, got {z}')
+    return z.round().to(torch.int64) - offset
+
+
+def int_qk_matmul(q_codes: torch.Tensor, k_codes: torch.Tensor, q_zero, k_zero,
+                  q_range: Tuple[int, int], k_range: Tuple[int, int]) -> torch.Tensor:
+    """Σ_d (q − z_q)(k − z_k): (…, Nq, d) × (…, Nk, d) codes → (…, Nq, Nk) int32, exact.
+
+    Zero points are integer-valued scalars or tensors broadcasting against the codes with size 1
+    on the last two dims (per head). With int8 operands a = q − o_q, b = k − o_k and
+    z' = z − o: Σ(a − z'_q)(b − z'_k) = a·bᵀ − z'_k·Σ_d a − z'_q·Σ_d b + d·z'_q·z'_k.
+    """
+    oq, ok = int8_offset(*q_range), int8_offset(*k_range)
+    d = q_codes.shape[-1]
+    zq = _zero_int(q_zero, oq, 'int_qk_matmul').to(q_codes.device)
+    zk = _zero_int(k_zero, ok, 'int_qk_matmul').to(q_codes.device)
+    for z in (zq, zk):
+        if z.dim() >= 2 and (z.shape[-1] != 1 or z.shape[-2] != 1):
+            raise ValueError('int_qk_matmul: zero points must be constant over tokens and '
+                             f'channels (per tensor or per head), got shape {tuple(z.shape)}')
+    a, b = to_int8(q_codes, oq), to_int8(k_codes, ok)
+    acc = int8_bmm(a, b.transpose(-2, -1))
+    zq_max, zk_max = int(zq.abs().max()), int(zk.abs().max())
+    bound = d * (128 + zq_max) * (128 + zk_max)
+    dt = torch.int32 if bound < 2 ** 31 else torch.int64
+    acc = acc.to(dt)
+    if zk_max:
+        acc -= (a.sum(dim=-1, keepdim=True, dtype=dt) * zk.to(dt))
+    if zq_max:
+        acc -= (b.sum(dim=-1, dtype=dt).unsqueeze(-2) * zq.to(dt))
+    if zq_max and zk_max:
+        acc += (d * zq * zk).to(dt)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# P·V on power-of-two-structured probability codes
+# ---------------------------------------------------------------------------------------------
+def _group_width(max_mant: int) -> int:
+    """Shifts per group so that mant·2^k ≤ 128 for k < width."""
+    if not 1 <= max_mant <= 128:
+        raise ValueError(f'pow2_matmul: mantissas must lie in [1, 128], got max {max_mant}')
+    return 1 + int(math.floor(math.log2(128 / max_mant)))
+
+
+def pow2_matmul(index: torch.Tensor, mant_table: torch.Tensor, shift_table: torch.Tensor,
+                v_codes: torch.Tensor, v_zero, v_range: Tuple[int, int],
+                counts: Optional[torch.Tensor] = None):
+    """Σ_j mant_j·2^−shift_j·(v_j − z_v) with mant_j = mant_table[index_j] (0: no contribution),
+    shift_j = shift_table[index_j]; returns ``(acc, frac_bits)`` with the result acc·2^−frac_bits
+    (int64, exact; float64 where the shift span exceeds 40 bits, relative error ≤ 2^−50).
+
+    ``index``: (…, N, N) int (table rows), ``v_codes``: (…, N, d) uniform codes with zero
+    point ``v_zero`` (integer-valued, per tensor or per head). ``counts``: optional histogram of
+    ``index`` (skips the bincount). One int8 GEMM per group of shifts present, on operands
+    −mant·2^(top_g − shift) ∈ [−128, −1]; the value codes get a column of ones so that the same
+    GEMM returns Σ_j P_j for the zero-point term.
+    """
+    dev = v_codes.device
+    mant_table = mant_table.to(device=dev, dtype=torch.int64)
+    shift_table = shift_table.to(device=dev, dtype=torch.int64)
+    live = mant_table > 0
+    if counts is None:
+        counts = torch.bincount(index.reshape(-1).to(torch.int64), minlength=mant_table.numel())
+    present = (counts[:mant_table.numel()].to(dev) > 0) & live
+    d = v_codes.shape[-1]
+    ov = int8_offset(*v_range)
+    zv = _zero_int(v_zero, ov, 'pow2_matmul').to(dev)
+    out_shape = torch.broadcast_shapes(index.shape[:-2], v_codes.shape[:-2]) + \
+        (index.shape[-2], d)
+    if not bool(present.any()):
+        return torch.zeros(out_shape, dtype=torch.int64, device=dev), 0
+    w = _group_width(int(mant_table[live].max()))
+    groups = sorted(set((shift_table[present] // w).tolist()))
+    tops = [g * w + w - 1 for g in groups]
+    frac = max(tops)
+    v8 = to_int8(v_codes, ov)
+    v_aug = torch.cat([v8, torch.ones_like(v8[..., :1])], dim=-1)
+    idx = index.reshape(-1)
+    if idx.dtype not in (torch.int32, torch.int64):
+        idx = idx.to(torch.int32)
+    exact = frac - min(tops) <= 40
+    acc = None
+    for g, top in zip(groups, tops):
+        in_g = live & (torch.div(shift_table, w, rounding_mode='floor') == g)
+        op = torch.where(in_g, -mant_table * torch.bitwise_left_shift(
+            torch.ones_like(shift_table), (top - shift_table).clamp(min=0)), torch.zeros_like(mant_table))
+        p = op.to(torch.int8).index_select(0, idx).reshape(index.shape)
+        r = int8_bmm(p, v_aug).to(torch.int64)
+        s = r[..., d:] * zv - r[..., :d]              # Σ P·(v' − z'), P = −operand
+        if exact:
+            s = torch.bitwise_left_shift(s, frac - top)
+        else:
+            s = s.to(torch.float64) * 2.0 ** (frac - top)
+        acc = s if acc is None else acc.add_(s)
+    return acc, frac
+
+
+def split_mantissas(mant: torch.Tensor, shift: torch.Tensor, factor: float):
+    """[(mant, shift, factor)] classes with every mantissa ≤ 128: mantissas above 128 (AdaLog's
+    8-bit LUT grid G = 510) split into mant >> 7 (factor ·2^7) and mant & 127."""
+    if int(mant.max()) <= 128:
+        return [(mant, shift, factor)]
+    return [(torch.bitwise_right_shift(mant, 7), shift, factor * 128.0),
+            (torch.bitwise_and(mant, 127), shift, factor)]
+
+
+def log2_tables(bits: int):
+    """(mant, shift) tables indexed by code + 1 for log2 codes (x̂ = 2^−code, ``ZERO_CODE`` = −1)."""
+    codes = torch.arange(-1, 2 ** bits, dtype=torch.int64)
+    return (codes >= 0).to(torch.int64), codes.clamp(min=0)
+
+
+def log_sqrt2_tables(bits: int):
+    """Two classes for log√2 codes (x̂ = 2^(−code/2)), indexed by code + 1: even codes
+    (mant 1, shift code/2, factor 1) and odd codes (mant 1, shift (code − 1)/2, factor 1/√2):
+    2^(−c/2) = 2^(−(c−1)/2)/√2 for odd c — RepQ-ViT's log2 + parity form."""
+    codes = torch.arange(-1, 2 ** bits, dtype=torch.int64)
+    valid = codes >= 0
+    even = valid & (codes % 2 == 0)
+    odd = valid & (codes % 2 == 1)
+    return [(even.to(torch.int64), torch.div(codes.clamp(min=0), 2, rounding_mode='floor'), 1.0),
+            (odd.to(torch.int64), torch.div((codes - 1).clamp(min=0), 2, rounding_mode='floor'),
+             1.0 / math.sqrt(2.0))]
+
+
+def adalog_tables(bits: int, q: int, r: int):
+    """AdaLog codes (x̂ = Δ·2^(−⌊c·q/r⌋)·T̂[(c·q) mod r], T̂ = L/G on the grid G = 2^(b+1) − 2),
+    indexed by code + 1: mant = L (integer ≤ G), shift = ⌊c·q/r⌋, factor Δ/G (Δ applied by the
+    caller)."""
+    grid = 2 ** (bits + 1) - 2
+    codes = torch.arange(-1, 2 ** bits, dtype=torch.int64)
+    valid = codes >= 0
+    e = codes.clamp(min=0) * int(q)
+    j = torch.arange(r, dtype=torch.float64)
+    lut_int = torch.round(torch.exp2(-j / r) * grid).to(torch.int64)   # = adalog_lut · G
+    mant = torch.where(valid, lut_int[e % r], torch.zeros_like(e))
+    return mant, torch.div(e, r, rounding_mode='floor'), 1.0 / grid
+
+
+def twin_softmax_tables(bits: int, split_exp: int):
+    """PTQ4ViT twin-uniform softmax codes (MSB = large region), indexed by code + 1 (row 0
+    unused): mant = magnitude, shift = 0 (large, Δ_R2 = 1/n) or the split exponent i (small,
+    Δ_R1 = 2^−i/n), factor 1/n."""
+    n = 2 ** (bits - 1) - 1
+    codes = torch.arange(-1, 2 ** bits, dtype=torch.int64)
+    valid = codes >= 0
+    large = torch.bitwise_and(torch.bitwise_right_shift(codes.clamp(min=0), bits - 1), 1) == 1
+    mag = torch.bitwise_and(codes.clamp(min=0), n)
+    mant = torch.where(valid, mag, torch.zeros_like(mag))
+    shift = torch.where(large, torch.zeros_like(mag), torch.full_like(mag, int(split_exp)))
+    return mant, shift, 1.0 / n
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention core of a calibrated QuantTimmAttention on codes
+# ---------------------------------------------------------------------------------------------
+def _uniform_view(q, x: torch.Tensor, who: str):
+    """(scale, zero point) of a uniform quantizer broadcast against the (B, H, N, d) operand
+    ``x``; per tensor or per head (ch_axis 1), never per channel of d."""
+    from ..quantizers.uniform import UniformQuantizer
+    if not isinstance(q, UniformQuantizer):
+        raise NotImplementedError(f'{who}: integer attention needs a UniformQuantizer on q, k, v '
+                                  f'(or qkv_output), got {type(q).__name__}')
+    s = broadcast_param(q.scale, x, q.ch_axis)
+    z = broadcast_param(q.zero_point, x, q.ch_axis)
+    for t in (s, z):
+        if t.dim() >= 2 and (t.shape[-1] != 1 or t.shape[-2] != 1):
+            raise NotImplementedError(f'{who}: {q.qname} varies along tokens or head channels '
+                                      f'(ch_axis={q.ch_axis}); per tensor or per head only')
+    return s, z
+
+
+def qk_logit_codes(acc: torch.Tensor, q_scale, k_scale, attn_scale: float, logit_quantizer,
+                   method: str = 'dyadic') -> torch.Tensor:
+    """Codes of the (per-tensor) logit quantizer for the logits acc·Δ_q·Δ_k·scale: the attention
+    scale folded into one multiplier m = Δ_q·Δ_k·scale/Δ_logit (per head if Δ_q, Δ_k are)."""
+    lq = logit_quantizer
+    if lq.scale.numel() != 1 or lq.zero_point.numel() != 1:
+        raise NotImplementedError(f'{lq.qname}: the logit quantizer must be per tensor')
+    f64 = dict(dtype=torch.float64, device=acc.device)
+    m = (torch.as_tensor(q_scale).to(**f64) * torch.as_tensor(k_scale).to(**f64) * attn_scale
+         / lq.scale.to(**f64).reshape(()))
+    return requantize(acc, m, lq.zero_point.reshape(()), lq.qmin, lq.qmax, method=method)
+
+
+class IntegerAttention(nn.Module):
+    """The attention core of a calibrated ``QuantTimmAttention`` on integer codes.
+
+    ``forward(qkv)`` takes the qkv projection output (B, N, 3C): the integer codes of the
+    ``qkv_output`` quantizer (FQ-ViT) or floats (the q / k / v quantizers quantize them), and
+    returns the ``proj_input`` codes (B, N, C) (int32), or floats if that role is not quantized
+    (``dequantize=True`` returns floats in any case). Steps:
+
+    1. QKᵀ: ``int_qk_matmul`` (int8 GEMM, exact int32);
+    2. FQ-ViT LIS: logit codes by ``qk_logit_codes`` (dyadic requantization, the attention scale
+       folded in), then ``int_log_softmax`` (bit-exact integer softmax); other methods (and
+       FQ-ViT without LIS): float logits acc·Δ_q·Δ_k·scale (float32; through the logit
+       quantizer when there is one), float softmax (the method keeps it float), probability codes
+       by the method's quantizer;
+    3. P·V: ``pow2_matmul`` on the probability codes (log2, log√2 as even/odd log2 classes,
+       AdaLog shift + LUT, PTQ4ViT twin uniform), or an int8 GEMM for uniform probabilities;
+       an exact accumulator;
+    4. requantization to the ``proj_input`` codes (``requantize``: dyadic, or float64).
+
+    Bound vs the simulation: ≤ 1 code on the logit codes and on the output codes (see the module
+    docstring). Not supported (clear error): relative-position bias, masks (Swin), q/k norms.
+    """
+
+    def __init__(self, attn: nn.Module, method: str = 'dyadic'):
+        super().__init__()
+        from ..quantizers.adalog import AdaLogQuantizer
+        from ..quantizers.lis import LogIntSoftmax
+        from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer
+        from ..quantizers.twin import TwinUniformSoftmaxQuantizer
+        from ..quantizers.uniform import UniformQuantizer
+        aq = getattr(attn, 'aq', None)
+        name = type(attn).__name__
+        if aq is None:
+            raise TypeError(f'IntegerAttention: {name} has no attention quantizers (aq); convert the '
+                            'model with fqvit_det.convert.quantize_model first')
+        for part in ('q_norm', 'k_norm', 'norm'):
+            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
+                raise NotImplementedError(f'IntegerAttention: {name}.{part} is not Identity')
+        if getattr(attn, 'gate', None) is not None:
+            raise NotImplementedError(f'IntegerAttention: gated attention ({name}.gate)')
+        for role in ('scores', 'rel_pos_bias', 'mask'):
+            if getattr(aq, role, None) is not None:
+                raise NotImplementedError(f'IntegerAttention: the {role} quantizer (Swin) is not '
+                                          'supported')
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.scale = float(attn.scale)
+        self.method = method
+        self.qkv_quantizer = getattr(attn.qkv, 'out_quantizer', None)
+        self.q_quantizer = aq.q if aq.q is not None else self.qkv_quantizer
+        self.k_quantizer = aq.k if aq.k is not None else self.qkv_quantizer
+        self.v_quantizer = aq.v if aq.v is not None else self.qkv_quantizer
+        for role, q in (('q', self.q_quantizer), ('k', self.k_quantizer), ('v', self.v_quantizer)):
+            if q is None:
+                raise NotImplementedError(f'IntegerAttention: {role} is not quantized (neither the '
+                                          f'{role} nor the qkv_output role has a quantizer)')
+            if not isinstance(q, UniformQuantizer):
+                raise NotImplementedError(f'IntegerAttention: {q.qname} is '
+                                          f'{type(q).__name__}; q, k, v must be uniform')
+        if self.qkv_quantizer is not None and (aq.q is not None or aq.k is not None
+                                               or aq.v is not None):
+            raise NotImplementedError('IntegerAttention: both qkv_output and q/k/v quantizers are '
+                                      'set; the integer path reads one set of codes')
+        self.logit_quantizer = aq.logits
+        self.probs = aq.probs
+        self.out_quantizer = getattr(attn.proj, 'in_quantizer', None)
+        p = self.probs
+        if isinstance(p, LogIntSoftmax):
+            self.kind = 'lis'
+        elif isinstance(p, (Log2Quantizer, LogSqrt2Quantizer, AdaLogQuantizer,
+                            TwinUniformSoftmaxQuantizer)):
+            self.kind = 'pow2'
+            if isinstance(p, AdaLogQuantizer) and p.shift:
+                raise NotImplementedError(f'{p.qname}: a shifted AdaLog quantizer on probabilities')
+        elif type(p) is UniformQuantizer and p.scale.numel() == 1:
+            self.kind = 'uniform'
+        elif p is None:
+            raise NotImplementedError('IntegerAttention: the attention probabilities are not '
+                                      'quantized, so P·V has no integer operand')
+        else:
+            raise NotImplementedError(f'IntegerAttention: probability quantizer '
+                                      f'{type(p).__name__} is not supported')
+        oq = self.out_quantizer
+        if oq is not None and not (type(oq) is UniformQuantizer
+                                   and (oq.scale.numel() == 1 or oq.ch_axis in (-1,))):
+            raise NotImplementedError(f'IntegerAttention: proj_input quantizer {oq!r}')
+
+    # --- helpers --------------------------------------------------------------------------
+    def _pow2_classes(self):
+        """[(mant table, shift table, real factor)] for the probability codes (index code + 1)."""
+        from ..quantizers.adalog import AdaLogQuantizer
+        from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer
+        p = self.probs
+        if self.kind == 'lis':
+            return [log2_tables(p.bits) + (1.0,)]
+        if isinstance(p, Log2Quantizer):
+            return [log2_tables(p.bits) + (float(p.delta),)]
+        if isinstance(p, LogSqrt2Quantizer):
+            return [(m, s, f * float(p.delta)) for m, s, f in log_sqrt2_tables(p.bits)]
+        if isinstance(p, AdaLogQuantizer):
+            m, s, f = adalog_tables(p.bits, int(p.q), p.r)
+            return split_mantissas(m, s, f * float(p.delta))
+        m, s, f = twin_softmax_tables(p.bits, int(p.split_exp))
+        return split_mantissas(m, s, f)
+
+    def split(self, qkv: torch.Tensor):
+        """(q, k, v) codes (B, H, N, d) from the qkv output (codes of ``qkv_output`` or floats)."""
+        B, N, _ = qkv.shape
+        if self.qkv_quantizer is not None and qkv.is_floating_point():
+            qkv = self.qkv_quantizer.quantize(qkv)
+        parts = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = parts.unbind(0)
+        if self.qkv_quantizer is None:
+            if not qkv.is_floating_point():
+                raise TypeError('IntegerAttention: float qkv expected (q, k, v have their own '
+                                'quantizers)')
+            q, k, v = (self.q_quantizer.quantize(q), self.k_quantizer.quantize(k),
+                       self.v_quantizer.quantize(v))
+        return q, k, v
+
+    def forward(self, qkv: torch.Tensor, dequantize: bool = False) -> torch.Tensor:
+        return self.attend_codes(*self.split(qkv), dequantize=dequantize)
+
+    @torch.no_grad()
+    def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dequantize: bool = False) -> torch.Tensor:
+        from .softmax import int_log_softmax
+        qq, kq, vq = self.q_quantizer, self.k_quantizer, self.v_quantizer
+        sq, zq = _uniform_view(qq, q, 'q')
+        sk, zk = _uniform_view(kq, k, 'k')
+        sv, zv = _uniform_view(vq, v, 'v')
+        acc = int_qk_matmul(q, k, zq, zk, (qq.qmin, qq.qmax), (kq.qmin, kq.qmax))
+        p = self.probs
+        if self.kind == 'lis':
+            lq = p.logit_quant
+            lcodes = qk_logit_codes(acc, sq, sk, self.scale, lq, self.method)
+            pcodes = int_log_softmax(lcodes, float(lq.scale), p.bits, p.n, lq.qmin, lq.qmax)
+        else:
+            logits = (acc.to(torch.float64) * (sq.double() * sk.double() * self.scale)).float()
+            if self.logit_quantizer is not None:
+                logits = self.logit_quantizer.fake_quant(logits)
+            pcodes = p.quantize(logits.softmax(dim=-1))
+        f64 = dict(dtype=torch.float64, device=v.device)
+        if self.kind == 'uniform':
+            sp, zp = _uniform_view(p, pcodes, 'probs')
+            vt = v.transpose(-2, -1)                  # Σ_j P_ij V_jd = (P · (Vᵀ)ᵀ)
+            pv = int_qk_matmul(pcodes, vt, zp, zv, (p.qmin, p.qmax), (vq.qmin, vq.qmax))
+            terms = [(pv.to(torch.int64), sp.to(**f64) * sv.to(**f64))]
+        else:
+            index = pcodes.to(torch.int32) + 1
+            counts = torch.bincount(index.reshape(-1).to(torch.int64),
+                                    minlength=2 ** p.bits + 1)
+            terms = []
+            for mant, shift, factor in self._pow2_classes():
+                a, frac = pow2_matmul(index, mant, shift, v, zv, (vq.qmin, vq.qmax), counts)
+                terms.append((a, sv.to(**f64) * (factor * 2.0 ** -frac)))
+        # (B, H, N, d) → (B, N, H, d): the proj input layout; multipliers follow
+        accs = [a.transpose(1, 2) for a, _ in terms]
+        mults = [m.transpose(1, 2) if m.dim() == 4 else m for _, m in terms]
+        B, H, N, d = v.shape[0], self.num_heads, q.shape[-2], self.head_dim
+        oq = self.out_quantizer
+        if oq is None or dequantize and oq is None:
+            out = None
+            for a, m in zip(accs, mults):
+                t = a.to(torch.float64) * m
+                out = t if out is None else out + t
+            return out.float().reshape(B, N, H * d)
+        so = oq.scale.reshape(()) if oq.scale.numel() == 1 else oq.scale.reshape(H, d)
+        zo = oq.zero_point.reshape(()) if oq.zero_point.numel() == 1 else \
+            oq.zero_point.reshape(H, d)
+        mults = [m / so.to(**f64) for m in mults]
+        codes = requantize(accs, mults, zo, oq.qmin, oq.qmax, method=self.method)
+        codes = codes.reshape(B, N, H * d)
+        return oq.dequantize(codes) if dequantize else codes
