@@ -100,6 +100,45 @@ def _integer_linear(mod, in_q) -> IntegerLinear:
     return IntegerLinear.from_quant(mod.weight, bias, mod.w_quantizer, in_q, out_q)
 
 
+class IntegerTimmAttention(nn.Module):
+    """timm attention with the core (QKᵀ, softmax, P·V) on integer codes (``IntegerAttention``,
+    helper ``intattn``'s kernels): qkv → codes → attention → proj_input values → proj."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        from .attention import IntegerAttention
+        self.core = IntegerAttention(attn)
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError('IntegerTimmAttention: masks are not supported')
+        out = self.core(self.qkv(x), dequantize=True)
+        return self.proj_drop(self.proj(out))
+
+
+def integer_attention_paths(model: nn.Module) -> List[str]:
+    """Quantized timm attentions whose core ``IntegerAttention`` supports (others stay simulated)."""
+    from ..convert.timm_vit import QuantTimmAttention
+    from .attention import IntegerAttention
+    paths = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, QuantTimmAttention):
+            try:
+                IntegerAttention(mod)
+            except (NotImplementedError, TypeError) as err:
+                get_logger().info(f'to_integer: {path} stays simulated ({err})')
+                continue
+            paths.append(path)
+    return paths
+
+
+def install_integer_attention(model: nn.Module, paths) -> None:
+    for path in paths:
+        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path)))
+
+
 def adopt_norm_targets(model: nn.Module) -> None:
     """A LayerNorm that writes its integer output on the grid of a quantizer applied downstream
     (``emit_to``: FQ-ViT's final norm → head input) takes that quantizer as its own output
@@ -110,7 +149,7 @@ def adopt_norm_targets(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module) -> nn.Module:
+def to_integer(model: nn.Module, attention: bool = True) -> nn.Module:
     """A new module graph computing ``model`` (calibrated, quantizers in 'quant' mode) with
     integer GEMMs; ``model`` itself is left unchanged. Runs on the CPU or CUDA (the device of the
     model); integer constants are computed on the CPU."""
@@ -118,6 +157,8 @@ def to_integer(model: nn.Module) -> nn.Module:
     new = copy.deepcopy(model).cpu()
     adopt_norm_targets(new)
     plan = plan_integer(new)
+    attention = integer_attention_paths(new) if attention else []
+    install_integer_attention(new, attention)
     if not plan:
         raise ValueError('to_integer: no quantized Linear / patch convolution with a per-tensor '
                          'uniform input and a uniform weight quantizer in quant mode: calibrate first')
@@ -139,7 +180,8 @@ def to_integer(model: nn.Module) -> nn.Module:
                 norm.out_quantizer = None
         _set_child(new, path, _integer_linear(mod, in_q))
     new.fqvit_integer_plan = [list(p) for p in plan]
-    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules')
+    new.fqvit_integer_attention = attention
+    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')
     return new.to(device)
 
 

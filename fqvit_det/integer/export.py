@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .convert import adopt_norm_targets
+from .convert import adopt_norm_targets, install_integer_attention
 from .linear import IntegerLinear, IntegerPatchEmbed
 
 FORMAT = 'fqvit-det-integer/1'
@@ -58,7 +58,12 @@ def _plan_entries(model: nn.Module):
 def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The tensors of the export: the state dict with 4-bit weight codes packed and dyadic
     multipliers narrowed to int32."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:          # a module reached by two paths (IntegerAttention's quantizers)
+            continue
+        seen.add(id(v))
+        state[k] = v.detach().cpu().contiguous()
     for path, mod in model.named_modules():
         if not isinstance(mod, IntegerLinear):
             continue
@@ -87,6 +92,7 @@ def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
     meta = dict(format=FORMAT, arch=json.dumps(arch, sort_keys=True),
                 recipe=json.dumps(spec.to_dict(), sort_keys=True),
                 plan=json.dumps(_plan_entries(model)),
+                attention=json.dumps(list(getattr(model, 'fqvit_integer_attention', []))),
                 reparam=json.dumps([n for n, _ in getattr(model, 'fqvit_reparam_done', []) or []]),
                 modes=json.dumps({n: q.mode for n, q in named_quantizers(model)}))
     state = integer_state(model)
@@ -132,6 +138,8 @@ def load_integer(path: str, device='cpu') -> nn.Module:
             make_per_tensor(q)
     model.fqvit_reparam_done = [(n, []) for n in json.loads(meta['reparam'])]
     adopt_norm_targets(model)
+    attention = json.loads(meta.get('attention', '[]'))
+    install_integer_attention(model, attention)
     plan = json.loads(meta['plan'])
     for e in plan:
         lin = IntegerLinear(**e['config'])
@@ -146,11 +154,23 @@ def load_integer(path: str, device='cpu') -> nn.Module:
         _set_child(model, e['path'], lin)
         if e['drop_norm_quantizer']:
             model.get_submodule(e['norm']).out_quantizer = None
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # keys left out at saving are second paths to tensors that were saved once
+    aliased = {k for k, v in model.state_dict(keep_vars=True).items() if k not in state}
+    if unexpected or set(missing) - aliased:
+        raise ValueError(f'{path}: tensors do not match the rebuilt integer model (missing '
+                         f'{sorted(set(missing) - aliased)[:5]}, unexpected {sorted(unexpected)[:5]})')
+    shared = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        shared.setdefault(id(v), []).append(k)
+    orphans = [ks for ks in shared.values() if not any(k in state for k in ks)]
+    if orphans:
+        raise ValueError(f'{path}: tensors missing from the file: {orphans[:5]}')
     modes = json.loads(meta['modes'])
     from ..walk import named_quantizers, refresh
     for qname, q in named_quantizers(model):
         q.set_mode(modes.get(qname, 'quant'))
     refresh(model)
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
+    model.fqvit_integer_attention = attention
     return model.to(device)
