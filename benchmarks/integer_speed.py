@@ -7,8 +7,10 @@
 Every round runs each variant (float eager, then each integer preset; the order rotates per round)
 as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
 round is the median of its block, its ratio the block median over float's in the same round; the
-table reports medians over rounds. ``--compile`` adds ``torch.compile`` variants of the integer
-models (measured beside eager). The calibrated states come from ``tools/test.py`` as for
+table reports medians over rounds. ``--compile`` adds variants whose elementwise kernels
+around each integer GEMM (input quantization, int32 bias + rescale / dyadic requantization) are
+fused by ``torch.compile`` (``fqvit_det.integer.use_compiled_kernels``; compiling the whole integer
+model fails in inductor on the attention's data-dependent ops), measured beside eager. The calibrated states come from ``tools/test.py`` as for
 ``integer_agreement.py``. Writes benchmarks/results/integer_speed.json and re-renders RESULTS.md.
 """
 import argparse
@@ -71,11 +73,13 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--batches', default='1,32')
-    p.add_argument('--compile', action='store_true', help='also time torch.compile of the integer models')
+    p.add_argument('--compile', action='store_true',
+                   help='also time the integer models with torch.compile-fused elementwise kernels')
     p.add_argument('--no-profile', action='store_true')
     p.add_argument('--note', default='contended machine (other jobs running): ratios only',
                    help='what the machine was doing (goes into RESULTS.md)')
     args = p.parse_args(argv)
+    from fqvit_det.integer import linear as int_linear
     from fqvit_det.integer import to_integer
     from results_md import machine_info, save_result
     torch.set_num_threads(args.threads)
@@ -88,9 +92,23 @@ def main(argv=None):
         sim, _, _ = build_simulated(pr, args.states, args.data)
         variants[f'integer {pr}'] = to_integer(sim)
         del sim
+    eager_kernels = dict(int_linear.KERNELS)
+    compiled_kernels = None
     if args.compile:
-        for pr in presets:
-            variants[f'integer {pr} (torch.compile)'] = torch.compile(variants[f'integer {pr}'])
+        int_linear.use_compiled_kernels(True)
+        compiled_kernels = dict(int_linear.KERNELS)
+        int_linear.KERNELS.update(eager_kernels)
+
+    def with_kernels(model, kernels):
+        def run(x):
+            int_linear.KERNELS.update(kernels)
+            return model(x)
+        return run
+    for pr in presets:
+        model = variants[f'integer {pr}']
+        variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
+        if compiled_kernels is not None:
+            variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
     x32, _ = next(load_images(args.data, 32, 32))
     rows, profiles = [], []
     for bs in [int(b) for b in args.batches.split(',')]:
@@ -99,9 +117,14 @@ def main(argv=None):
         names = list(variants)
         per_round = {n: [] for n in names}
         ratios = {n: [] for n in names}
+        identical = {}
         with torch.inference_mode():      # compile / first-call costs outside the rounds
             for n in names:
-                variants[n](x)
+                out = variants[n](x)
+                if 'compiled' in n:
+                    identical[n] = bool(torch.equal(out, variants[n.replace(' (compiled kernels)', '')](x)))
+        if identical:
+            print(f'batch {bs}: compiled kernels give identical outputs: {identical}')
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             t = {n: time_block(variants[n], x, warmup, calls) for n in order}
@@ -111,7 +134,7 @@ def main(argv=None):
             print(f'batch {bs} round {r}: ' + ', '.join(f'{n} {1e3 * t[n]:.1f} ms' for n in names), flush=True)
         for n in names:
             rows.append(dict(variant=n, batch=bs, median_ms=1e3 * statistics.median(per_round[n]),
-                             ratio=statistics.median(ratios[n])))
+                             ratio=statistics.median(ratios[n]), identical_to_eager=identical.get(n)))
             print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
         if not args.no_profile:
             for n in names:

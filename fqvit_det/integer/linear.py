@@ -43,6 +43,40 @@ INT8_MIN, INT8_MAX = -128, 127
 MULT_BITS = 31
 
 
+# --- elementwise kernels around the GEMM (eager; ``use_compiled_kernels`` fuses each into one loop)
+def _quantize_input(x, scale, z: int, qmin: int, qmax: int, dtype):
+    """clamp(⌊x/Δ⌉ + z, q_min, q_max) as ``dtype``: the simulated quantizer's codes."""
+    c = torch.div(x, scale)
+    c = torch.round(c)
+    return torch.clamp(c + z, qmin, qmax).to(dtype)
+
+
+def _rescale(acc, bias_int, acc_scale):
+    """(acc + bias)·Δ_x·Δ_w[c] in float32."""
+    return (acc + bias_int).to(torch.float32) * acc_scale
+
+
+def _requantize_dequantize(acc, bias_int, multiplier, rnd: int, shift: int, zo, qmin: int, qmax: int,
+                           out_scale):
+    """(clamp(⌊(acc + bias)·M·2^−N⌉ + z_out) − z_out)·Δ_out: the next quantizer's values."""
+    q = ((acc + bias_int).to(torch.int64) * multiplier + rnd) >> shift
+    return (torch.clamp(q + zo, qmin, qmax) - zo).to(torch.float32) * out_scale
+
+
+KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Fuse the elementwise kernels with ``torch.compile`` (dynamic shapes; results identical to
+    eager, checked by ``benchmarks/integer_speed.py``); ``False`` restores eager."""
+    if enabled:
+        KERNELS.update(quantize=torch.compile(_quantize_input, dynamic=True),
+                       rescale=torch.compile(_rescale, dynamic=True),
+                       requantize=torch.compile(_requantize_dequantize, dynamic=True))
+    else:
+        KERNELS.update(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+
+
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int32 = a (M×K, int8 or uint8 on CPU) @ b_t (K×N int8), the backend's integer GEMM.
 
@@ -193,8 +227,7 @@ class IntegerLinear(nn.Module):
         self._z = int(self.in_zero_point)
         self._scale = float(self.in_scale)
         self._shift = int(self.shift)
-        if self.out_mode == 'dyadic':
-            self._round = 1 << (self._shift - 1) if self._shift > 0 else 0
+        self._round = 1 << (self._shift - 1) if self._shift > 0 else 0
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -208,12 +241,7 @@ class IntegerLinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Uniform: clamp(⌊x/Δ_x⌉ + z_x) as uint8 / int8, the simulated quantizer's codes."""
-        c = torch.div(x, self.in_scale)
-        c.round_()
-        if self._z:
-            c.add_(self._z)
-        c.clamp_(self._qmin, self._qmax)
-        return c.to(self._code_dtype)
+        return KERNELS['quantize'](x, self.in_scale, self._z, self._qmin, self._qmax, self._code_dtype)
 
     def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code."""
@@ -224,8 +252,9 @@ class IntegerLinear(nn.Module):
         pos = torch.where(x < 0, torch.zeros_like(x), torch.clamp(torch.round(x / d_pos), 0, h - 1))
         return torch.cat([pos, neg], 0).to(torch.int8)
 
-    def accumulate(self, x2: torch.Tensor) -> torch.Tensor:
-        """int32 (or int64 for twin inputs) accumulators in units of Δ_x·Δ_w[c], bias included."""
+    def accumulate(self, x2: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """int32 (or int64 for twin inputs) accumulators in units of Δ_x·Δ_w[c], with the bias
+        unless ``bias=False``."""
         if self.in_kind == 'twin_gelu':
             a = self._twin_operands(x2)
             acc2 = int_mm(a, self._b_t).to(torch.int64)
@@ -237,12 +266,12 @@ class IntegerLinear(nn.Module):
                 lv = a.to(torch.int64)
                 sums = (lv[:rows].sum(1) << max(m, 0)) + (lv[rows:].sum(1) << max(-m, 0))
                 acc += sums[:, None] * self.weight_offset
-            return acc.add_(self.bias_int)
+            return acc.add_(self.bias_int) if bias else acc
         a = self.input_codes(x2)
         acc = int_mm(a, self._b_t)
         if self.has_offset:
             acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
-        return acc.add_(self.bias_int)
+        return acc.add_(self.bias_int) if bias else acc
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Output codes clamp(⌊acc·M·2^−N⌉ + z_out) (int64 multiply, round half up, shift)."""
@@ -251,11 +280,12 @@ class IntegerLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        acc = self.accumulate(x.reshape(-1, shape[-1]))
+        acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
         if self.out_mode == 'dyadic':
-            y = self.requantize(acc).sub_(self.out_zero_point).to(torch.float32).mul_(self.out_scale)
+            y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self._round, self._shift,
+                                      self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         else:
-            y = acc.to(torch.float32).mul_(self.acc_scale)
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):
