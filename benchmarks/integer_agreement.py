@@ -116,8 +116,6 @@ def main(argv=None):
         if not osp.isfile(state_path(args.states, pr)):
             build_simulated(pr, args.states, args.data)
     float_bytes = os.path.getsize(osp.join(args.data, 'deit_tiny', f'{MODEL}.safetensors'))
-    old = load_result('integer_agreement.json') or {}
-    records = {r['preset']: r for r in old.get('records', []) if old.get('val_images') == args.val_images}
     for pr in presets:
         t0 = time.time()
         sim, spec, arch = build_simulated(pr, args.states, args.data)
@@ -150,6 +148,9 @@ def main(argv=None):
                    float_bytes=float_bytes, size_ratio=float_bytes / size,
                    reload_bit_identical=identical_reload, seconds=time.time() - t0,
                    date=datetime.date.today().isoformat(), command=command())
+        # re-read just before writing: runs for other presets may have saved in the meantime
+        old = load_result('integer_agreement.json') or {}
+        records = {r['preset']: r for r in old.get('records', []) if old.get('val_images') == args.val_images}
         records[pr] = rec
         print(f'{pr}: agree {rec["agree_pct"]:.2f}% ({n - same} of {n} differ), sim top-1 '
               f'{rec["sim_top1"]:.2f}, int top-1 {rec["int_top1"]:.2f}, max |logit diff| {max_diff:.4f}, '
