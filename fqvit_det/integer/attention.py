@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..quantizers.base import broadcast_param, is_integral
+from ..quantizers.base import broadcast_param, is_integral, scratch
 
 ROUNDINGS = ('half_even', 'half_up')
 
@@ -104,53 +104,81 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def dyadic_values(multipliers, bound: int, bits: int = 31):
+    """The dyadic multipliers ``requantize`` uses for accumulators with Σ_i |acc_i| ≤ ``bound``:
+    ``(values, exact_f64)``. ``values`` are float64 tensors M_i·2^−N (exactly representable),
+    M_i = ⌊m_i·2^N⌉ with one N per element from the largest m_i and M up to
+    eff = min(bits, 52 − bitlen(bound)) bits, so that Σ acc_i·M_i < 2^52 and the whole sum is
+    exact in float64 (``exact_f64``); where that leaves fewer than 16 bits, eff = min(bits,
+    61 − bitlen(bound)) and the sum must be formed in int64 (``exact_f64`` False)."""
+    mults = [torch.as_tensor(m, dtype=torch.float64) for m in multipliers]
+    eff = min(bits, 52 - max(int(bound), 1).bit_length())
+    exact_f64 = eff >= 16
+    if not exact_f64:
+        eff = min(bits, 61 - max(int(bound), 1).bit_length())
+        if eff < 16:
+            raise OverflowError(f'requantize: accumulators up to {bound} leave fewer than 16 bits '
+                                'for the dyadic multiplier; use method="float"')
+    top = mults[0]
+    for m in mults[1:]:
+        top = torch.maximum(top, m.to(top.device))
+    _, N = dyadic_multiplier(top, eff)
+    N = N.to(top.device)
+    values = [torch.ldexp(torch.round(torch.ldexp(m, N.to(m.device))), -N.to(m.device))
+              for m in mults]
+    return values, N, exact_f64
+
+
 def requantize(accs, multipliers, zero_point, qmin: int, qmax: int, method: str = 'dyadic',
-               rounding: str = 'half_even', bits: int = 31,
+               rounding: str = 'half_even', bits: int = 31, bound: Optional[int] = None,
                out_dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """clamp(⌊Σ_i acc_i·m_i⌉ + z, q_min, q_max) for integer accumulators ``accs`` (a tensor or a
     list) and positive multipliers ``multipliers`` (floats or tensors broadcasting against the
-    accumulators, one per accumulator); ``zero_point`` must be integer-valued.
+    accumulators, one per accumulator); ``zero_point`` must be integer-valued. ``bound``: a known
+    bound on Σ_i |acc_i| (skips a pass over the data).
 
-    ``method='dyadic'``: M_i = ⌊m_i·2^N⌉ with one N per element (from the largest m_i), so
-    Σ acc_i·M_i is one int64 sum and a single rounding shift; M has up to ``bits`` bits, fewer
-    where |acc|·M could overflow int64 (never below 16 bits, else OverflowError).
-    ``method='float'``: ⌊Σ acc_i·m_i⌉ with float64 products (the accumulators must stay below 2^53).
+    ``method='dyadic'``: m_i → M_i·2^−N (``dyadic_values``; one N per element), then
+    ⌊Σ acc_i·M_i / 2^N⌉ — evaluated in float64 where every product and the sum are exact
+    integers times 2^−N (then identical to the int64 evaluation), else in int64 with a rounding
+    shift. ``method='float'``: ⌊Σ acc_i·m_i⌉ with float64 products (accumulators < 2^53).
     """
     accs, mults = _as_list(accs), _as_list(multipliers)
     if len(accs) != len(mults):
         raise ValueError(f'requantize: {len(accs)} accumulators but {len(mults)} multipliers')
+    if rounding not in ROUNDINGS:
+        raise ValueError(f'rounding must be one of {ROUNDINGS}, got {rounding!r}')
     dev = accs[0].device
     mults = [torch.as_tensor(m, dtype=torch.float64, device=dev) for m in mults]
     z = torch.as_tensor(zero_point, device=dev)
     if not is_integral(z):
         raise ValueError(f'requantize: the output zero point must be integer-valued, got {z}')
+    if bound is None:
+        bound = sum(int(a.abs().max()) if a.numel() else 0 for a in accs)
     if method == 'float':
-        total = None
-        for a, m in zip(accs, mults):
-            if a.numel() and int(a.abs().max()) >= 2 ** 53:
-                raise OverflowError('requantize(method="float"): accumulator ≥ 2^53')
-            t = a.to(torch.float64) * m
-            total = t if total is None else total.add_(t)
-        y = torch.round(total)
+        if bound >= 2 ** 53:
+            raise OverflowError('requantize(method="float"): accumulator ≥ 2^53')
+        exact_f64 = True
     elif method == 'dyadic':
-        xmax = max(int(a.abs().max()) if a.numel() else 0 for a in accs) * len(accs)
-        eff = min(bits, 61 - max(xmax, 1).bit_length())
-        if eff < 16:
-            raise OverflowError(f'requantize: accumulators up to {xmax} leave fewer than 16 bits '
-                                'for the dyadic multiplier; use method="float"')
-        top = mults[0]
-        for m in mults[1:]:
-            top = torch.maximum(top, m)
-        _, N = dyadic_multiplier(top, eff)
-        total = None
-        for a, m in zip(accs, mults):
-            Mi = torch.round(torch.ldexp(m, N)).to(torch.int64)
-            t = a.to(torch.int64) * Mi
-            total = t if total is None else total.add_(t)
-        y = rounding_shift(total, N, rounding)
+        mults, N, exact_f64 = dyadic_values(mults, bound, bits)
     else:
         raise ValueError(f"requantize: method must be 'dyadic' or 'float', got {method!r}")
-    y = y + z.to(y.dtype)
+    if exact_f64:
+        total = None
+        for a, m in zip(accs, mults):
+            t = torch.mul(a, m) if a.dtype == torch.float64 else a.to(torch.float64).mul_(m)
+            total = t if total is None else total.add_(t)
+        if rounding == 'half_even':
+            y = torch.round(total)
+        else:                                  # total − ⌊total⌋ is exact (multiples of 2^−N)
+            y = torch.floor(total)
+            y = y.add_((total - y >= 0.5).to(y.dtype))
+    else:
+        total = None
+        for a, m in zip(accs, mults):
+            t = a.to(torch.int64) * torch.round(torch.ldexp(m, N)).to(torch.int64)
+            total = t if total is None else total.add_(t)
+        y = rounding_shift(total, N, rounding)
+    y = y.add_(z.to(y.dtype)) if y.dtype == torch.float64 else y + z.to(y.dtype)
     return y.clamp_(qmin, qmax).to(out_dtype)
 
 
@@ -416,8 +444,11 @@ class IntegerAttention(nn.Module):
     docstring). Not supported (clear error): relative-position bias, masks (Swin), q/k norms.
     """
 
-    def __init__(self, attn: nn.Module, method: str = 'dyadic'):
+    def __init__(self, attn: nn.Module, method: str = 'dyadic', fast: bool = True):
         super().__init__()
+        self.fast = fast
+        self.chunk_elems = 1 << 17       # CPU: batch·head matrices per chunk of the fused path
+        self._fast_cache = None
         from ..quantizers.adalog import AdaLogQuantizer
         from ..quantizers.lis import LogIntSoftmax
         from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer
@@ -519,6 +550,11 @@ class IntegerAttention(nn.Module):
     def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dequantize: bool = False) -> torch.Tensor:
         from .softmax import int_log_softmax
+        if self.kind == 'lis' and self.fast:
+            out = self._lis_fast(q, k, v)
+            if out is not None:
+                oq = self.out_quantizer
+                return oq.dequantize(out) if dequantize else out
         qq, kq, vq = self.q_quantizer, self.k_quantizer, self.v_quantizer
         sq, zq = _uniform_view(qq, q, 'q')
         sk, zk = _uniform_view(kq, k, 'k')
@@ -566,3 +602,131 @@ class IntegerAttention(nn.Module):
         codes = requantize(accs, mults, zo, oq.qmin, oq.qmax, method=self.method)
         codes = codes.reshape(B, N, H * d)
         return oq.dequantize(codes) if dequantize else codes
+
+    # --- FQ-ViT fast path -------------------------------------------------------------------
+    # The same integer algorithm as the generic path (int8 QKᵀ, dyadic logit requantization,
+    # the integer LIS of ``softmax.int_log_softmax``, P·V as int8 GEMMs on −2^(top − code),
+    # dyadic output requantization), fused per chunk of batch·head matrices so intermediates
+    # stay in cache: the zero-point corrections enter the logit requantization as row / column
+    # terms, and the LIS codes never materialize — a per-row table maps d = max − x straight to
+    # the P·V operands. Dyadic products and sums are exact in float64 (``dyadic_values``), so
+    # this equals the integer evaluation bit for bit.
+    def _lis_setup(self, n_tok: int, d: int, device):
+        from .softmax import half_up_thresholds, lis_exp_table
+        qq, kq, vq, p = self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs
+        lq, oq = p.logit_quant, self.out_quantizer
+        params = [t for qz in (qq, kq, vq, lq) for t in (qz.scale, qz.zero_point)]
+        if oq is None or any(t.numel() != 1 for t in params) or oq.scale.numel() != 1 \
+                or oq.zero_point.numel() != 1 or p.bits > 15:
+            return None
+        if not all(is_integral(t) for t in (qq.zero_point, kq.zero_point, vq.zero_point,
+                                            lq.zero_point, oq.zero_point)):
+            return None
+        key = (n_tok, d, str(device)) + tuple(float(t) for t in params) + \
+            (float(oq.scale), float(oq.zero_point), p.bits, p.n, self.scale, self.method)
+        if self._fast_cache is not None and self._fast_cache[0] == key:
+            return self._fast_cache[1]
+        levels = lq.qmax - lq.qmin + 1
+        hit = lis_exp_table(float(lq.scale), levels, p.n, device)
+        if hit is None or not hit[1] or int(hit[0].max()) * n_tok >= 2 ** 61:
+            self._fast_cache = (key, None)
+            return None
+        oq_, ok_, ov_ = (int8_offset(x.qmin, x.qmax) for x in (qq, kq, vq))
+        zq, zk, zv = (int(round(float(x.zero_point))) - o
+                      for x, o in ((qq, oq_), (kq, ok_), (vq, ov_)))
+        f64 = dict(dtype=torch.float64, device=device)
+        m_logit = (torch.tensor(float(qq.scale), **f64) * float(kq.scale) * self.scale
+                   / float(lq.scale))
+        qk_bound = d * (128 + abs(zq)) * (128 + abs(zk))
+        (mv,), _, exact = dyadic_values([m_logit], qk_bound)
+        K = 2 ** p.bits
+        groups = -(-K // 8)
+        frac = 8 * groups - 1
+        pv_bound = n_tok * (2 ** frac) * (128 + abs(zv))
+        m_out = torch.tensor(float(vq.scale), **f64) * 2.0 ** -frac / float(oq.scale)
+        (mo,), _, exact_out = dyadic_values([m_out], pv_bound)
+        if not (exact and exact_out):
+            self._fast_cache = (key, None)
+            return None
+        c = torch.tensor(half_up_thresholds(p.bits), dtype=torch.int64, device=device)
+        table = hit[0]
+        setup = dict(
+            offsets=(oq_, ok_, ov_), zq=zq, zk=zk, zv=zv, mv=mv, mo=mo, frac=frac,
+            tops=[8 * g + 7 for g in range(groups)], pv_int32=pv_bound < 2 ** 31,
+            neg_table=-table, table=table, odd=c % 2, den=2 * c - 1, levels=levels,
+            lo=float(lq.qmin - float(lq.zero_point)), hi=float(lq.qmax - float(lq.zero_point)),
+            z_out=float(oq.zero_point), out_range=(oq.qmin, oq.qmax))
+        self._fast_cache = (key, setup)
+        return setup
+
+    @torch.no_grad()
+    def _lis_fast(self, q, k, v):
+        B, H, N, d = q.shape
+        st = self._lis_setup(N, d, q.device)
+        if st is None:
+            return None
+        dev = q.device
+        oq_, ok_, ov_ = st['offsets']
+        G = B * H
+        qa = to_int8(q, oq_).reshape(G, N, d)
+        ka = to_int8(k, ok_).reshape(G, N, d)
+        va = to_int8(v, ov_).reshape(G, N, d)
+        v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
+        zq, zk, zv, mv = st['zq'], st['zk'], st['zv'], float(st['mv'])
+        # zero-point terms of Σ(a − z'_q)(b − z'_k), times the dyadic multiplier (exact in f64)
+        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64).mul_(mv)
+        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64).mul_(mv)
+        row, col = row.unsqueeze(-1), col.unsqueeze(-2)
+        cg = max(1, self.chunk_elems // (N * N)) if dev.type == 'cpu' else G
+        levels, table, neg_table = st['levels'], st['table'], st['neg_table']
+        lo, hi, frac = st['lo'], st['hi'], st['frac']
+        width = levels + 1
+        tops = st['tops']
+        two_top = [torch.tensor(2 ** t, dtype=torch.int32, device=dev) for t in tops]
+        pv = torch.empty((len(tops), G, N, d + 1), dtype=torch.int32, device=dev)
+        for i in range(0, G, cg):
+            j = min(G, i + cg)
+            n = j - i
+            rows = n * N
+            acc = int8_bmm(qa[i:j], ka[i:j].transpose(-2, -1))
+            # logit code − z_logit = clamp(⌊acc·m + row + col⌉): exact dyadic arithmetic
+            y = scratch('ia_y', (n, N, N), torch.float64, dev)
+            torch.add(row[i:j], acc, alpha=mv, out=y)
+            y.add_(col[i:j]).round_().clamp_(lo, hi)
+            ymax = y.amax(-1, keepdim=True)
+            dd = scratch('ia_d', (rows, N), torch.int32, dev)
+            dd.copy_(torch.sub(ymax, y, out=y).view(rows, N))          # d = max − x
+            e = scratch('ia_e', (rows, N), torch.int64, dev)
+            torch.index_select(table, 0, dd.view(-1), out=e.view(-1))
+            s2 = e.sum(-1, keepdim=True).mul_(2)
+            theta = torch.div(s2 - st['odd'], st['den'], rounding_mode='floor')
+            D = torch.searchsorted(neg_table, theta.neg_(), side='left')   # first d: T[d] ≤ θ_k
+            lut = torch.zeros((rows, width), dtype=torch.uint8, device=dev)
+            lut.scatter_add_(1, D, torch.ones(D.shape, dtype=torch.uint8, device=dev))
+            lut = torch.cumsum(lut, 1, dtype=torch.uint8).view(-1)  # code(d) = #{k: D_k ≤ d}
+            flat = dd.add_(torch.arange(0, rows * width, width, dtype=torch.int32,
+                                        device=dev).unsqueeze(1)).view(-1)
+            code = scratch('ia_code', (n, N, N), torch.uint8, dev)
+            torch.index_select(lut, 0, flat, out=code.view(-1))
+            code32 = code.to(torch.int32)
+            for g, top in enumerate(tops):
+                # operand −2^(top − code) for codes of group g, else 0: codes of earlier groups
+                # give 2^(top − code) ≥ 256 (masked by & 255), later ones shift to 0
+                p = torch.bitwise_right_shift(two_top[g], code32)
+                if g:
+                    p.bitwise_and_(255)
+                pv[g, i:j] = int8_bmm(p.neg_().to(torch.int8), v_aug[i:j])
+        # Σ_j P_j (v'_j − z'_v) per group (P = −operand), groups aligned by shifts: exact
+        # (int32 while |Σ| ≤ 2^frac·N·(128 + |z'_v|) < 2^31, else int64)
+        acc_out = None
+        for g, top in enumerate(tops):
+            r = pv[g] if st['pv_int32'] else pv[g].to(torch.int64)
+            s_g = torch.sub(r[..., d:] * zv, r[..., :d])
+            if acc_out is None:
+                acc_out = s_g.mul_(2 ** (frac - top)) if frac != top else s_g
+            else:
+                acc_out.add_(s_g, alpha=2 ** (frac - top))
+        qmin_o, qmax_o = st['out_range']
+        out = acc_out.to(torch.float64).mul_(st['mo']).round_().add_(st['z_out'])
+        out = out.clamp_(qmin_o, qmax_o).to(torch.int32)
+        return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)

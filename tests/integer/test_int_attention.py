@@ -243,3 +243,14 @@ def test_integer_attention_refuses_unconverted_or_unquantized_attention():
     quantize_model(model, spec)
     with pytest.raises(NotImplementedError, match='probabilities are not quantized'):
         IntegerAttention(model.blocks[0].attn)
+
+
+def test_lis_fast_path_equals_the_generic_integer_path(device):
+    model, x = calibrated('fqvit_lis', device)
+    caps = capture_attention(model, x[:4])
+    for blk, cap in zip(model.blocks, caps):
+        fast, slow = IntegerAttention(blk.attn), IntegerAttention(blk.attn, fast=False)
+        codes = fast.qkv_quantizer.quantize(cap['qkv'])
+        assert fast._lis_fast(*fast.split(codes)) is not None      # the fast path applies
+        a, b = fast(codes), slow(codes)
+        assert int((a - b).abs().max()) <= 1 and float((a != b).float().mean()) <= 0.001
