@@ -193,9 +193,13 @@ def int8_offset(qmin: int, qmax: int) -> int:
 
 
 def to_int8(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """codes − offset as a contiguous int8 tensor (GEMM operands; the values must fit)."""
     if offset == 0 and codes.dtype == torch.int8:
-        return codes
-    return (codes.to(torch.int32) - offset).to(torch.int8)
+        return codes.contiguous()
+    if codes.dtype in (torch.uint8, torch.int8, torch.bool):
+        codes = codes.to(torch.int16)
+    out = torch.empty(codes.shape, dtype=torch.int8, device=codes.device)
+    return out.copy_(codes - offset if offset else codes)
 
 
 def _pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -699,6 +703,12 @@ class IntegerAttention(nn.Module):
             out = self._lis_fast(q, k, v)
             if out is not None:
                 return self.dequantize_out(out) if dequantize else out
+        B, H, N = q.shape[0], q.shape[1], q.shape[2]
+        cb = max(1, self.chunk_elems // (H * N * N)) if q.device.type == 'cpu' else B
+        if cb < B:       # images are independent: chunks keep the intermediates in cache
+            return torch.cat([self.attend_codes(q[i:i + cb], k[i:i + cb], v[i:i + cb],
+                                                dequantize)
+                              for i in range(0, B, cb)])
         sq, zq = _per_head(self.q_scale), _per_head(self.q_zero)
         sk, zk = _per_head(self.k_scale), _per_head(self.k_zero)
         sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)

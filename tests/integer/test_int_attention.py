@@ -290,3 +290,27 @@ def test_integer_attention_state_round_trip(method):
     if qkv_q is not None:
         qkv = qkv_q.quantize(qkv)
     assert torch.equal(clone(qkv), ia(qkv))
+
+
+@pytest.mark.parametrize('method', ['repq_w4a4', 'fqvit_lis'])
+def test_integer_attention_chunking_does_not_change_codes(method):
+    model, x = calibrated(method, 'cpu')
+    cap = capture_attention(model, x[:4])[1]
+    ia = IntegerAttention(model.blocks[1].attn)
+    qkv = cap['qkv']
+    qkv_q = model.blocks[1].attn.qkv.out_quantizer
+    if qkv_q is not None:
+        qkv = qkv_q.quantize(qkv)
+    ia.chunk_elems = 1                    # one image (generic) / one head matrix (fast) per chunk
+    small = ia(qkv)
+    ia.chunk_elems = 1 << 40
+    assert torch.equal(small, ia(qkv))
+
+
+def test_to_int8_offsets_any_integer_codes():
+    from fqvit_det.integer.attention import to_int8
+    codes = torch.arange(256, dtype=torch.int32).view(16, 16).t()      # non-contiguous
+    for c in (codes, codes.to(torch.uint8), codes.to(torch.int16)):
+        out = to_int8(c, 128)
+        assert out.dtype == torch.int8 and out.is_contiguous()
+        assert torch.equal(out.long(), codes.long() - 128)
