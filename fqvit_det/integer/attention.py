@@ -1,38 +1,44 @@
 """Integer attention core: QKᵀ as an int8 GEMM, requantization, P·V on log / twin codes.
 
-Kernels (all vectorized; the only Python loop is over the batch·heads matrices of a GEMM):
+Kernels (vectorized; the only Python loops are over the batch·head matrices of a GEMM and over
+cache-sized chunks), with what is integer, what is not, and the bound:
 
 * ``dyadic_multiplier`` / ``apply_dyadic`` / ``rounding_shift`` — a positive real multiplier m
   as M·2^−N with a ``bits``-bit integer M (|M·2^−N − m| ≤ m·2^−bits) and its application to
   integers, rounding half to even (``torch.round``, what the simulation does) or half up.
-* ``requantize`` — Σ_i acc_i·m_i → clamp(⌊·⌉ + z, q_min, q_max). ``method='dyadic'``: integer
-  multiply + rounding shift with one shared N; ``'float'``: float64 products (relative error
-  ≤ 2^−52). Either way the result differs from the exactly rounded value only where Σ acc·m lies
-  within (Σ|acc_i|·m_i)·2^−bits (dyadic) of a rounding tie: by at most one code.
-* ``int8_bmm`` — batched int8 × int8 → int32 GEMM through ``torch._int_mm`` (exact).
-* ``int_qk_matmul`` — Σ_d (q − z_q)(k − z_k) on uniform codes (any bits ≤ 8, per-tensor or
-  per-head zero points): int8 GEMM of the offset codes plus integer zero-point corrections.
-  Exact (int32 accumulator).
-* ``qk_logit_codes`` — that accumulator requantized to the codes of the logit quantizer, the
-  attention scale folded into the multiplier m = Δ_q·Δ_k·scale/Δ_logit.
-* ``pow2_matmul`` — P·V for probabilities whose values are mant·2^−shift·c (log2: mant 1;
-  log√2: an even and an odd class, the odd one scaled by 1/√2; AdaLog: mant = the LUT entry on
-  its 1/G grid; PTQ4ViT twin uniform: mant = magnitude, shift = 0 or the split exponent): the
-  shifts are grouped so that every operand −mant·2^k fits int8 ([−128, −1]), one int8 GEMM per
-  group present (value codes with a column of ones appended give the zero-point term), groups
-  combined by shifts. Exact in int64 while the total shift span is ≤ 40 bits (LIS 4-bit: 15);
-  beyond that the groups are combined in float64 (relative error ≤ 2^−50).
-* ``IntegerAttention`` — a calibrated ``QuantTimmAttention`` run on codes (q/k/v codes in,
-  ``proj_input`` codes or floats out).
+* ``requantize`` — Σ_i acc_i·m_i → clamp(⌊·⌉ + z, q_min, q_max). ``method='dyadic'`` (default):
+  M_i·2^−N with one N per element, M up to 31 bits but at most 52 − bitlen(Σ|acc|) so that
+  Σ acc_i·M_i is an exact float64 integer (then float64 is just a fast int64; else int64 with a
+  rounding shift). ``'float'``: float64 products (relative error ≤ 2^−52). Either way the result
+  is the exactly rounded Σ acc·m except within (Σ|acc_i|·m_i)·2^−(bits of M) of a rounding tie,
+  where it is one code off: bound ≤ 1 code (asserted against exact rational arithmetic).
+* ``int8_bmm`` — batched int8 × int8 → int32 GEMM through ``torch._int_mm``: exact.
+* ``int_qk_matmul`` — Σ_d (q − z_q)(k − z_k) on uniform codes (≤ 8 bits, per-tensor or per-head
+  integer zero points): int8 GEMM of the offset codes plus integer zero-point corrections:
+  exact (int32 / int64 accumulator).
+* ``qk_logit_codes`` — that accumulator requantized (dyadic) to the codes of the logit quantizer,
+  the attention scale folded into the multiplier m = Δ_q·Δ_k·scale/Δ_logit: ≤ 1 code.
+* ``pow2_matmul`` — P·V for probabilities whose values are mant·2^−shift·c (log2 / LIS: mant 1;
+  log√2: an even and an odd class, the odd one scaled by 1/√2 — RepQ-ViT's log2 + parity form;
+  AdaLog: mant = the LUT entry on its 1/G grid, shift = ⌊code·q/r⌋ — shift + LUT; PTQ4ViT twin
+  uniform: mant = magnitude, shift = 0 or the split exponent): the shifts are grouped so that
+  every operand −mant·2^k fits int8 ([−128, −1]), one int8 GEMM per group present (value codes
+  with a column of ones appended give the zero-point term), groups aligned by shifts: exact
+  int64 while the shift span is ≤ 40 bits (LIS 4-bit: 15, log√2 4-bit: 7); beyond that the
+  groups are combined in float64 (relative error ≤ 2^−50). Only the final per-class factor
+  (1/√2, Δ, 1/G) is irrational / float: it goes into the requantization multiplier.
+* ``IntegerAttention`` — a calibrated ``QuantTimmAttention`` run on codes (qkv codes or values
+  in, ``proj_input`` codes or values out); its own constants as buffers + ``config()`` (export).
+  FQ-ViT (LIS) runs a fused chunked path of the same integer steps; softmax stays float only
+  for the methods that keep it float (PTQ4ViT, RepQ-ViT, AdaLog; and FQ-ViT without LIS):
+  their logits are the exact integer accumulator times Δ_q·Δ_k·scale, in float32.
 
 Agreement with the simulation (``AttentionQuantizers.attend``, float32): the integer kernels
-are exact, the simulation is not (float32 products and sums), so the logit codes and the
-``proj_input`` codes equal the simulated ones except where the simulated float32 value lies
-within its rounding error of a rounding tie; there they differ by one code (asserted in the
-tests; in practice < 0.1 % of the codes). Given the same logit codes the Log-Int-Softmax codes
-are bit-exact (see ``softmax.py``). Softmax stays float where the method keeps it float
-(PTQ4ViT, RepQ-ViT, AdaLog): their logits are the exact integer accumulator times
-Δ_q·Δ_k·scale in float32.
+are exact up to the one requantization rounding, the simulation is not (float32 products and
+sums), so the logit codes and the ``proj_input`` codes equal the simulated ones except where the
+simulated float32 value lies within its rounding error of a rounding tie; there they differ by
+one code (asserted: max |Δ| ≤ 1 and ≤ 0.5 % of codes; 0 differences on the tiny test models).
+Given the same logit codes the Log-Int-Softmax codes are bit-exact (``softmax.py``).
 """
 import math
 from typing import Optional, Tuple
