@@ -1,38 +1,44 @@
 """Integer attention core: QKᵀ as an int8 GEMM, requantization, P·V on log / twin codes.
 
-Kernels (all vectorized; the only Python loop is over the batch·heads matrices of a GEMM):
+Kernels (vectorized; the only Python loops are over the batch·head matrices of a GEMM and over
+cache-sized chunks), with what is integer, what is not, and the bound:
 
 * ``dyadic_multiplier`` / ``apply_dyadic`` / ``rounding_shift`` — a positive real multiplier m
   as M·2^−N with a ``bits``-bit integer M (|M·2^−N − m| ≤ m·2^−bits) and its application to
   integers, rounding half to even (``torch.round``, what the simulation does) or half up.
-* ``requantize`` — Σ_i acc_i·m_i → clamp(⌊·⌉ + z, q_min, q_max). ``method='dyadic'``: integer
-  multiply + rounding shift with one shared N; ``'float'``: float64 products (relative error
-  ≤ 2^−52). Either way the result differs from the exactly rounded value only where Σ acc·m lies
-  within (Σ|acc_i|·m_i)·2^−bits (dyadic) of a rounding tie: by at most one code.
-* ``int8_bmm`` — batched int8 × int8 → int32 GEMM through ``torch._int_mm`` (exact).
-* ``int_qk_matmul`` — Σ_d (q − z_q)(k − z_k) on uniform codes (any bits ≤ 8, per-tensor or
-  per-head zero points): int8 GEMM of the offset codes plus integer zero-point corrections.
-  Exact (int32 accumulator).
-* ``qk_logit_codes`` — that accumulator requantized to the codes of the logit quantizer, the
-  attention scale folded into the multiplier m = Δ_q·Δ_k·scale/Δ_logit.
-* ``pow2_matmul`` — P·V for probabilities whose values are mant·2^−shift·c (log2: mant 1;
-  log√2: an even and an odd class, the odd one scaled by 1/√2; AdaLog: mant = the LUT entry on
-  its 1/G grid; PTQ4ViT twin uniform: mant = magnitude, shift = 0 or the split exponent): the
-  shifts are grouped so that every operand −mant·2^k fits int8 ([−128, −1]), one int8 GEMM per
-  group present (value codes with a column of ones appended give the zero-point term), groups
-  combined by shifts. Exact in int64 while the total shift span is ≤ 40 bits (LIS 4-bit: 15);
-  beyond that the groups are combined in float64 (relative error ≤ 2^−50).
-* ``IntegerAttention`` — a calibrated ``QuantTimmAttention`` run on codes (q/k/v codes in,
-  ``proj_input`` codes or floats out).
+* ``requantize`` — Σ_i acc_i·m_i → clamp(⌊·⌉ + z, q_min, q_max). ``method='dyadic'`` (default):
+  M_i·2^−N with one N per element, M up to 31 bits but at most 52 − bitlen(Σ|acc|) so that
+  Σ acc_i·M_i is an exact float64 integer (then float64 is just a fast int64; else int64 with a
+  rounding shift). ``'float'``: float64 products (relative error ≤ 2^−52). Either way the result
+  is the exactly rounded Σ acc·m except within (Σ|acc_i|·m_i)·2^−(bits of M) of a rounding tie,
+  where it is one code off: bound ≤ 1 code (asserted against exact rational arithmetic).
+* ``int8_bmm`` — batched int8 × int8 → int32 GEMM through ``torch._int_mm``: exact.
+* ``int_qk_matmul`` — Σ_d (q − z_q)(k − z_k) on uniform codes (≤ 8 bits, per-tensor or per-head
+  integer zero points): int8 GEMM of the offset codes plus integer zero-point corrections:
+  exact (int32 / int64 accumulator).
+* ``qk_logit_codes`` — that accumulator requantized (dyadic) to the codes of the logit quantizer,
+  the attention scale folded into the multiplier m = Δ_q·Δ_k·scale/Δ_logit: ≤ 1 code.
+* ``pow2_matmul`` — P·V for probabilities whose values are mant·2^−shift·c (log2 / LIS: mant 1;
+  log√2: an even and an odd class, the odd one scaled by 1/√2 — RepQ-ViT's log2 + parity form;
+  AdaLog: mant = the LUT entry on its 1/G grid, shift = ⌊code·q/r⌋ — shift + LUT; PTQ4ViT twin
+  uniform: mant = magnitude, shift = 0 or the split exponent): the shifts are grouped so that
+  every operand −mant·2^k fits int8 ([−128, −1]), one int8 GEMM per group present (value codes
+  with a column of ones appended give the zero-point term), groups aligned by shifts: exact
+  int64 while the shift span is ≤ 40 bits (LIS 4-bit: 15, log√2 4-bit: 7); beyond that the
+  groups are combined in float64 (relative error ≤ 2^−50). Only the final per-class factor
+  (1/√2, Δ, 1/G) is irrational / float: it goes into the requantization multiplier.
+* ``IntegerAttention`` — a calibrated ``QuantTimmAttention`` run on codes (qkv codes or values
+  in, ``proj_input`` codes or values out); its own constants as buffers + ``config()`` (export).
+  FQ-ViT (LIS) runs a fused chunked path of the same integer steps; softmax stays float only
+  for the methods that keep it float (PTQ4ViT, RepQ-ViT, AdaLog; and FQ-ViT without LIS):
+  their logits are the exact integer accumulator times Δ_q·Δ_k·scale, in float32.
 
 Agreement with the simulation (``AttentionQuantizers.attend``, float32): the integer kernels
-are exact, the simulation is not (float32 products and sums), so the logit codes and the
-``proj_input`` codes equal the simulated ones except where the simulated float32 value lies
-within its rounding error of a rounding tie; there they differ by one code (asserted in the
-tests; in practice < 0.1 % of the codes). Given the same logit codes the Log-Int-Softmax codes
-are bit-exact (see ``softmax.py``). Softmax stays float where the method keeps it float
-(PTQ4ViT, RepQ-ViT, AdaLog): their logits are the exact integer accumulator times
-Δ_q·Δ_k·scale in float32.
+are exact up to the one requantization rounding, the simulation is not (float32 products and
+sums), so the logit codes and the ``proj_input`` codes equal the simulated ones except where the
+simulated float32 value lies within its rounding error of a rounding tie; there they differ by
+one code (asserted: max |Δ| ≤ 1 and ≤ 0.5 % of codes; 0 differences on the tiny test models).
+Given the same logit codes the Log-Int-Softmax codes are bit-exact (``softmax.py``).
 """
 import math
 from typing import Optional, Tuple
@@ -40,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..quantizers.base import broadcast_param, is_integral
+from ..quantizers.base import broadcast_param, is_integral, scratch
 
 ROUNDINGS = ('half_even', 'half_up')
 
@@ -104,53 +110,81 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def dyadic_values(multipliers, bound: int, bits: int = 31):
+    """The dyadic multipliers ``requantize`` uses for accumulators with Σ_i |acc_i| ≤ ``bound``:
+    ``(values, exact_f64)``. ``values`` are float64 tensors M_i·2^−N (exactly representable),
+    M_i = ⌊m_i·2^N⌉ with one N per element from the largest m_i and M up to
+    eff = min(bits, 52 − bitlen(bound)) bits, so that Σ acc_i·M_i < 2^52 and the whole sum is
+    exact in float64 (``exact_f64``); where that leaves fewer than 16 bits, eff = min(bits,
+    61 − bitlen(bound)) and the sum must be formed in int64 (``exact_f64`` False)."""
+    mults = [torch.as_tensor(m, dtype=torch.float64) for m in multipliers]
+    eff = min(bits, 52 - max(int(bound), 1).bit_length())
+    exact_f64 = eff >= 16
+    if not exact_f64:
+        eff = min(bits, 61 - max(int(bound), 1).bit_length())
+        if eff < 16:
+            raise OverflowError(f'requantize: accumulators up to {bound} leave fewer than 16 bits '
+                                'for the dyadic multiplier; use method="float"')
+    top = mults[0]
+    for m in mults[1:]:
+        top = torch.maximum(top, m.to(top.device))
+    _, N = dyadic_multiplier(top, eff)
+    N = N.to(top.device)
+    values = [torch.ldexp(torch.round(torch.ldexp(m, N.to(m.device))), -N.to(m.device))
+              for m in mults]
+    return values, N, exact_f64
+
+
 def requantize(accs, multipliers, zero_point, qmin: int, qmax: int, method: str = 'dyadic',
-               rounding: str = 'half_even', bits: int = 31,
+               rounding: str = 'half_even', bits: int = 31, bound: Optional[int] = None,
                out_dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """clamp(⌊Σ_i acc_i·m_i⌉ + z, q_min, q_max) for integer accumulators ``accs`` (a tensor or a
     list) and positive multipliers ``multipliers`` (floats or tensors broadcasting against the
-    accumulators, one per accumulator); ``zero_point`` must be integer-valued.
+    accumulators, one per accumulator); ``zero_point`` must be integer-valued. ``bound``: a known
+    bound on Σ_i |acc_i| (skips a pass over the data).
 
-    ``method='dyadic'``: M_i = ⌊m_i·2^N⌉ with one N per element (from the largest m_i), so
-    Σ acc_i·M_i is one int64 sum and a single rounding shift; M has up to ``bits`` bits, fewer
-    where |acc|·M could overflow int64 (never below 16 bits, else OverflowError).
-    ``method='float'``: ⌊Σ acc_i·m_i⌉ with float64 products (the accumulators must stay below 2^53).
+    ``method='dyadic'``: m_i → M_i·2^−N (``dyadic_values``; one N per element), then
+    ⌊Σ acc_i·M_i / 2^N⌉ — evaluated in float64 where every product and the sum are exact
+    integers times 2^−N (then identical to the int64 evaluation), else in int64 with a rounding
+    shift. ``method='float'``: ⌊Σ acc_i·m_i⌉ with float64 products (accumulators < 2^53).
     """
     accs, mults = _as_list(accs), _as_list(multipliers)
     if len(accs) != len(mults):
         raise ValueError(f'requantize: {len(accs)} accumulators but {len(mults)} multipliers')
+    if rounding not in ROUNDINGS:
+        raise ValueError(f'rounding must be one of {ROUNDINGS}, got {rounding!r}')
     dev = accs[0].device
     mults = [torch.as_tensor(m, dtype=torch.float64, device=dev) for m in mults]
     z = torch.as_tensor(zero_point, device=dev)
     if not is_integral(z):
         raise ValueError(f'requantize: the output zero point must be integer-valued, got {z}')
+    if bound is None:
+        bound = sum(int(a.abs().max()) if a.numel() else 0 for a in accs)
     if method == 'float':
-        total = None
-        for a, m in zip(accs, mults):
-            if a.numel() and int(a.abs().max()) >= 2 ** 53:
-                raise OverflowError('requantize(method="float"): accumulator ≥ 2^53')
-            t = a.to(torch.float64) * m
-            total = t if total is None else total.add_(t)
-        y = torch.round(total)
+        if bound >= 2 ** 53:
+            raise OverflowError('requantize(method="float"): accumulator ≥ 2^53')
+        exact_f64 = True
     elif method == 'dyadic':
-        xmax = max(int(a.abs().max()) if a.numel() else 0 for a in accs) * len(accs)
-        eff = min(bits, 61 - max(xmax, 1).bit_length())
-        if eff < 16:
-            raise OverflowError(f'requantize: accumulators up to {xmax} leave fewer than 16 bits '
-                                'for the dyadic multiplier; use method="float"')
-        top = mults[0]
-        for m in mults[1:]:
-            top = torch.maximum(top, m)
-        _, N = dyadic_multiplier(top, eff)
-        total = None
-        for a, m in zip(accs, mults):
-            Mi = torch.round(torch.ldexp(m, N)).to(torch.int64)
-            t = a.to(torch.int64) * Mi
-            total = t if total is None else total.add_(t)
-        y = rounding_shift(total, N, rounding)
+        mults, N, exact_f64 = dyadic_values(mults, bound, bits)
     else:
         raise ValueError(f"requantize: method must be 'dyadic' or 'float', got {method!r}")
-    y = y + z.to(y.dtype)
+    if exact_f64:
+        total = None
+        for a, m in zip(accs, mults):
+            t = torch.mul(a, m) if a.dtype == torch.float64 else a.to(torch.float64).mul_(m)
+            total = t if total is None else total.add_(t)
+        if rounding == 'half_even':
+            y = torch.round(total)
+        else:                                  # total − ⌊total⌋ is exact (multiples of 2^−N)
+            y = torch.floor(total)
+            y = y.add_((total - y >= 0.5).to(y.dtype))
+    else:
+        total = None
+        for a, m in zip(accs, mults):
+            t = a.to(torch.int64) * torch.round(torch.ldexp(m, N)).to(torch.int64)
+            total = t if total is None else total.add_(t)
+        y = rounding_shift(total, N, rounding)
+    y = y.add_(z.to(y.dtype)) if y.dtype == torch.float64 else y + z.to(y.dtype)
     return y.clamp_(qmin, qmax).to(out_dtype)
 
 
@@ -165,9 +199,13 @@ def int8_offset(qmin: int, qmax: int) -> int:
 
 
 def to_int8(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """codes − offset as a contiguous int8 tensor (GEMM operands; the values must fit)."""
     if offset == 0 and codes.dtype == torch.int8:
-        return codes
-    return (codes.to(torch.int32) - offset).to(torch.int8)
+        return codes.contiguous()
+    if codes.dtype in (torch.uint8, torch.int8, torch.bool):
+        codes = codes.to(torch.int16)
+    out = torch.empty(codes.shape, dtype=torch.int8, device=codes.device)
+    return out.copy_(codes - offset if offset else codes)
 
 
 def _pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -393,31 +431,104 @@ def qk_logit_codes(acc: torch.Tensor, q_scale, k_scale, attn_scale: float, logit
     return requantize(acc, m, lq.zero_point.reshape(()), lq.qmin, lq.qmax, method=method)
 
 
+PROBS_KINDS = ('lis', 'log2', 'log_sqrt2', 'adalog', 'twin', 'uniform')
+
+
+def _uniform_codes(x: torch.Tensor, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """``UniformQuantizer.quantize``: clamp(⌊x/Δ⌉ + z, q_min, q_max), int32."""
+    return torch.clamp(torch.round(x / scale) + zero, qmin, qmax).to(torch.int32)
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    """A per-tensor () or per-head (H,) parameter broadcast against (B, H, N, d)."""
+    return t if t.dim() == 0 else t.view(1, -1, 1, 1)
+
+
 class IntegerAttention(nn.Module):
     """The attention core of a calibrated ``QuantTimmAttention`` on integer codes.
 
+    Build with ``IntegerAttention(attn)`` from a calibrated attention (its quantizers are read
+    once; the module keeps its own constants as buffers and holds no quantizer), or with
+    ``IntegerAttention(config=cfg)`` (empty buffers of the right shapes, for loading a state
+    dict); ``config()`` is the JSON that rebuilds it.
+
     ``forward(qkv)`` takes the qkv projection output (B, N, 3C): the integer codes of the
-    ``qkv_output`` quantizer (FQ-ViT) or floats (the q / k / v quantizers quantize them), and
-    returns the ``proj_input`` codes (B, N, C) (int32), or floats if that role is not quantized
-    (``dequantize=True`` returns floats in any case). Steps:
+    ``qkv_output`` quantizer (FQ-ViT) or floats (quantized here by that quantizer, or by the
+    q / k / v quantizers), and returns the ``proj_input`` codes (B, N, C) (int32), or floats
+    when that role is not quantized (``dequantize=True`` returns floats in any case). Steps:
 
     1. QKᵀ: ``int_qk_matmul`` (int8 GEMM, exact int32);
     2. FQ-ViT LIS: logit codes by ``qk_logit_codes`` (dyadic requantization, the attention scale
        folded in), then ``int_log_softmax`` (bit-exact integer softmax); other methods (and
        FQ-ViT without LIS): float logits acc·Δ_q·Δ_k·scale (float32; through the logit
        quantizer when there is one), float softmax (the method keeps it float), probability codes
-       by the method's quantizer;
+       by the method's quantizer formula;
     3. P·V: ``pow2_matmul`` on the probability codes (log2, log√2 as even/odd log2 classes,
        AdaLog shift + LUT, PTQ4ViT twin uniform), or an int8 GEMM for uniform probabilities;
        an exact accumulator;
     4. requantization to the ``proj_input`` codes (``requantize``: dyadic, or float64).
 
+    FQ-ViT (LIS, per-tensor scales) runs a fused, chunked version of the same integer steps
+    (``_lis_fast``; equal to the generic path up to the dyadic multiplier width, ≤ 1 code).
     Bound vs the simulation: ≤ 1 code on the logit codes and on the output codes (see the module
     docstring). Not supported (clear error): relative-position bias, masks (Swin), q/k norms.
     """
 
-    def __init__(self, attn: nn.Module, method: str = 'dyadic'):
+    def __init__(self, attn: Optional[nn.Module] = None, method: str = 'dyadic',
+                 fast: bool = True, config: Optional[dict] = None):
         super().__init__()
+        if (attn is None) == (config is None):
+            raise ValueError('IntegerAttention: pass a calibrated attention module or a config')
+        self.fast = fast
+        self.chunk_elems = 1 << 17       # CPU: batch·head matrices per chunk of the fused path
+        self._fast_cache = None
+        params = None
+        if attn is not None:
+            config = self._read_attention(attn, method)
+            params = config.pop('_params')
+        self._configure(config)
+        if params is not None:
+            self._load_params(params)
+            device = next(iter(params.values())).device
+            self.to(device)
+
+    # --- construction -------------------------------------------------------------------------
+    def _configure(self, cfg: dict):
+        cfg = dict(cfg)
+        if cfg.get('probs') not in PROBS_KINDS:
+            raise ValueError(f'IntegerAttention config: probs must be one of {PROBS_KINDS}, got '
+                             f'{cfg.get("probs")!r}')
+        self.cfg = cfg
+        self.num_heads, self.head_dim = int(cfg['num_heads']), int(cfg['head_dim'])
+        self.scale, self.method = float(cfg['scale']), cfg['method']
+        self.probs_kind = cfg['probs']
+        self.kind = ('lis' if self.probs_kind == 'lis' else
+                     'uniform' if self.probs_kind == 'uniform' else 'pow2')
+        H, C = self.num_heads, self.num_heads * self.head_dim
+
+        def shape(flag, n):
+            return (n,) if flag else ()
+        for role in ('q', 'k', 'v'):
+            per = shape(cfg[f'{role}_per_head'], H)
+            self.register_buffer(f'{role}_scale', torch.ones(per))
+            self.register_buffer(f'{role}_zero', torch.zeros(per))
+        has_logit = cfg['logit_range'] is not None
+        self.register_buffer('logit_scale', torch.ones(() if has_logit else (0,)))
+        self.register_buffer('logit_zero', torch.zeros(() if has_logit else (0,)))
+        self.register_buffer('probs_delta', torch.ones(()))       # log2 / log√2 / AdaLog Δ
+        self.register_buffer('probs_zero', torch.zeros(()))       # uniform probabilities
+        self.register_buffer('probs_q', torch.zeros((), dtype=torch.int64))   # AdaLog q; twin i
+        has_out = cfg['out_range'] is not None
+        per_out = (C,) if cfg['out_per_channel'] else ()
+        self.register_buffer('out_scale', torch.ones(per_out if has_out else (0,)))
+        self.register_buffer('out_zero', torch.zeros(per_out if has_out else (0,)))
+
+    def config(self) -> dict:
+        """Constructor arguments (JSON) that rebuild an empty module for ``load_state_dict``."""
+        return dict(self.cfg)
+
+    @staticmethod
+    def _read_attention(attn: nn.Module, method: str) -> dict:
         from ..quantizers.adalog import AdaLogQuantizer
         from ..quantizers.lis import LogIntSoftmax
         from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer
@@ -437,132 +548,348 @@ class IntegerAttention(nn.Module):
             if getattr(aq, role, None) is not None:
                 raise NotImplementedError(f'IntegerAttention: the {role} quantizer (Swin) is not '
                                           'supported')
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.scale = float(attn.scale)
-        self.method = method
-        self.qkv_quantizer = getattr(attn.qkv, 'out_quantizer', None)
-        self.q_quantizer = aq.q if aq.q is not None else self.qkv_quantizer
-        self.k_quantizer = aq.k if aq.k is not None else self.qkv_quantizer
-        self.v_quantizer = aq.v if aq.v is not None else self.qkv_quantizer
-        for role, q in (('q', self.q_quantizer), ('k', self.k_quantizer), ('v', self.v_quantizer)):
+        qkv_q = getattr(attn.qkv, 'out_quantizer', None)
+        if qkv_q is not None and (aq.q is not None or aq.k is not None or aq.v is not None):
+            raise NotImplementedError('IntegerAttention: both qkv_output and q/k/v quantizers are '
+                                      'set; the integer path reads one set of codes')
+        if qkv_q is not None and not (isinstance(qkv_q, UniformQuantizer)
+                                      and qkv_q.scale.numel() == 1):
+            raise NotImplementedError(f'IntegerAttention: {qkv_q.qname} must be a per-tensor '
+                                      'UniformQuantizer')
+        cfg = dict(num_heads=int(attn.num_heads), head_dim=int(attn.head_dim),
+                   scale=float(attn.scale), method=method, shared_qkv=qkv_q is not None)
+        H = attn.num_heads
+        params = {}
+        for role in ('q', 'k', 'v'):
+            q = getattr(aq, role) if qkv_q is None else qkv_q
             if q is None:
                 raise NotImplementedError(f'IntegerAttention: {role} is not quantized (neither the '
                                           f'{role} nor the qkv_output role has a quantizer)')
             if not isinstance(q, UniformQuantizer):
                 raise NotImplementedError(f'IntegerAttention: {q.qname} is '
                                           f'{type(q).__name__}; q, k, v must be uniform')
-        if self.qkv_quantizer is not None and (aq.q is not None or aq.k is not None
-                                               or aq.v is not None):
-            raise NotImplementedError('IntegerAttention: both qkv_output and q/k/v quantizers are '
-                                      'set; the integer path reads one set of codes')
-        self.logit_quantizer = aq.logits
-        self.probs = aq.probs
-        self.out_quantizer = getattr(attn.proj, 'in_quantizer', None)
-        p = self.probs
+            per_head = q.scale.numel() != 1 or q.zero_point.numel() != 1
+            if per_head and (q.ch_axis is None or q.ch_axis % 4 != 1 or q.scale.numel() != H):
+                raise NotImplementedError(f'IntegerAttention: {q.qname} (ch_axis={q.ch_axis}) '
+                                          'must be per tensor or per head (ch_axis=1)')
+            int8_offset(q.qmin, q.qmax)
+            cfg[f'{role}_per_head'] = per_head
+            cfg[f'{role}_range'] = [q.qmin, q.qmax]
+            params[f'{role}_scale'] = q.scale.reshape(-1) if per_head else q.scale.reshape(())
+            zp = q.zero_point.expand(q.scale.shape) if per_head else q.zero_point
+            params[f'{role}_zero'] = zp.reshape(-1) if per_head else zp.reshape(())
+            if not is_integral(zp):
+                raise NotImplementedError(f'IntegerAttention: {q.qname} has a fractional zero point')
+        p = aq.probs
+        logit_q = aq.logits
+        cfg.update(probs_bits=0, lis_n=0, adalog_r=0, probs_range=None)
         if isinstance(p, LogIntSoftmax):
-            self.kind = 'lis'
-        elif isinstance(p, (Log2Quantizer, LogSqrt2Quantizer, AdaLogQuantizer,
-                            TwinUniformSoftmaxQuantizer)):
-            self.kind = 'pow2'
-            if isinstance(p, AdaLogQuantizer) and p.shift:
+            cfg['probs'], logit_q = 'lis', p.logit_quant
+            cfg.update(probs_bits=p.bits, lis_n=p.n)
+        elif isinstance(p, Log2Quantizer):
+            cfg.update(probs='log2', probs_bits=p.bits)
+            params['probs_delta'] = p.delta
+        elif isinstance(p, LogSqrt2Quantizer):
+            cfg.update(probs='log_sqrt2', probs_bits=p.bits)
+            params['probs_delta'] = p.delta
+        elif isinstance(p, AdaLogQuantizer):
+            if p.shift:
                 raise NotImplementedError(f'{p.qname}: a shifted AdaLog quantizer on probabilities')
+            cfg.update(probs='adalog', probs_bits=p.bits, adalog_r=p.r)
+            params.update(probs_delta=p.delta, probs_q=p.q)
+        elif isinstance(p, TwinUniformSoftmaxQuantizer):
+            cfg.update(probs='twin', probs_bits=p.bits)
+            params['probs_q'] = p.split_exp
         elif type(p) is UniformQuantizer and p.scale.numel() == 1:
-            self.kind = 'uniform'
+            int8_offset(p.qmin, p.qmax)
+            cfg.update(probs='uniform', probs_bits=p.bits, probs_range=[p.qmin, p.qmax])
+            params.update(probs_delta=p.scale, probs_zero=p.zero_point)
+            if not is_integral(p.zero_point):
+                raise NotImplementedError(f'IntegerAttention: {p.qname} has a fractional zero point')
         elif p is None:
             raise NotImplementedError('IntegerAttention: the attention probabilities are not '
                                       'quantized, so P·V has no integer operand')
         else:
             raise NotImplementedError(f'IntegerAttention: probability quantizer '
                                       f'{type(p).__name__} is not supported')
-        oq = self.out_quantizer
-        if oq is not None and not (type(oq) is UniformQuantizer
-                                   and (oq.scale.numel() == 1 or oq.ch_axis in (-1,))):
-            raise NotImplementedError(f'IntegerAttention: proj_input quantizer {oq!r}')
+        cfg['logit_range'] = None
+        if logit_q is not None:
+            if not (isinstance(logit_q, UniformQuantizer) and logit_q.scale.numel() == 1):
+                raise NotImplementedError(f'IntegerAttention: {logit_q.qname} must be a per-tensor '
+                                          'UniformQuantizer')
+            cfg['logit_range'] = [logit_q.qmin, logit_q.qmax]
+            params.update(logit_scale=logit_q.scale.reshape(()),
+                          logit_zero=logit_q.zero_point.reshape(()))
+        oq = getattr(attn.proj, 'in_quantizer', None)
+        cfg.update(out_range=None, out_per_channel=False)
+        if oq is not None:
+            per_ch = oq.scale.numel() != 1
+            if not (type(oq) is UniformQuantizer and (not per_ch or oq.ch_axis in (-1, 2))):
+                raise NotImplementedError(f'IntegerAttention: proj_input quantizer {oq!r}')
+            cfg.update(out_range=[oq.qmin, oq.qmax], out_per_channel=per_ch)
+            params.update(out_scale=oq.scale.reshape(-1) if per_ch else oq.scale.reshape(()),
+                          out_zero=(oq.zero_point.expand(oq.scale.shape).reshape(-1) if per_ch
+                                    else oq.zero_point.reshape(())))
+            if not is_integral(oq.zero_point):
+                raise NotImplementedError(f'IntegerAttention: {oq.qname} has a fractional zero point')
+        cfg['_params'] = {k: v.detach().clone() for k, v in params.items()}
+        return cfg
+
+    def _load_params(self, params: dict):
+        with torch.no_grad():
+            for k, v in params.items():
+                buf = getattr(self, k)
+                buf.copy_(v.to(buf.dtype).reshape(buf.shape))
 
     # --- helpers --------------------------------------------------------------------------
     def _pow2_classes(self):
         """[(mant table, shift table, real factor)] for the probability codes (index code + 1)."""
-        from ..quantizers.adalog import AdaLogQuantizer
-        from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer
-        p = self.probs
-        if self.kind == 'lis':
-            return [log2_tables(p.bits) + (1.0,)]
-        if isinstance(p, Log2Quantizer):
-            return [log2_tables(p.bits) + (float(p.delta),)]
-        if isinstance(p, LogSqrt2Quantizer):
-            return [(m, s, f * float(p.delta)) for m, s, f in log_sqrt2_tables(p.bits)]
-        if isinstance(p, AdaLogQuantizer):
-            m, s, f = adalog_tables(p.bits, int(p.q), p.r)
-            return split_mantissas(m, s, f * float(p.delta))
-        m, s, f = twin_softmax_tables(p.bits, int(p.split_exp))
+        bits, kind = self.cfg['probs_bits'], self.probs_kind
+        if kind == 'lis':
+            return [log2_tables(bits) + (1.0,)]
+        if kind == 'log2':
+            return [log2_tables(bits) + (float(self.probs_delta),)]
+        if kind == 'log_sqrt2':
+            return [(m, s, f * float(self.probs_delta)) for m, s, f in log_sqrt2_tables(bits)]
+        if kind == 'adalog':
+            m, s, f = adalog_tables(bits, int(self.probs_q), self.cfg['adalog_r'])
+            return split_mantissas(m, s, f * float(self.probs_delta))
+        m, s, f = twin_softmax_tables(bits, int(self.probs_q))
         return split_mantissas(m, s, f)
+
+    def _probs_codes(self, probs: torch.Tensor) -> torch.Tensor:
+        """The probability quantizer's ``quantize`` (same formulas)."""
+        from ..quantizers.adalog import adalog_quantize
+        from ..quantizers.log import log2_quantize, log_sqrt2_quantize
+        from ..quantizers.twin import twin_softmax_codes
+        kind, bits = self.probs_kind, self.cfg['probs_bits']
+        if kind == 'log2':
+            return log2_quantize(probs, self.probs_delta, bits)
+        if kind == 'log_sqrt2':
+            return log_sqrt2_quantize(probs, self.probs_delta, bits)
+        if kind == 'adalog':
+            return adalog_quantize(probs, self.probs_delta, self.probs_q, bits,
+                                   self.cfg['adalog_r'])
+        if kind == 'twin':
+            return twin_softmax_codes(probs, self.probs_q, bits)
+        lo, hi = self.cfg['probs_range']
+        return _uniform_codes(probs, self.probs_delta, self.probs_zero, lo, hi)
 
     def split(self, qkv: torch.Tensor):
         """(q, k, v) codes (B, H, N, d) from the qkv output (codes of ``qkv_output`` or floats)."""
         B, N, _ = qkv.shape
-        if self.qkv_quantizer is not None and qkv.is_floating_point():
-            qkv = self.qkv_quantizer.quantize(qkv)
+        cfg = self.cfg
+        if cfg['shared_qkv'] and qkv.is_floating_point():
+            qkv = _uniform_codes(qkv, self.q_scale, self.q_zero, *cfg['q_range'])
         parts = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = parts.unbind(0)
-        if self.qkv_quantizer is None:
+        if not cfg['shared_qkv']:
             if not qkv.is_floating_point():
                 raise TypeError('IntegerAttention: float qkv expected (q, k, v have their own '
                                 'quantizers)')
-            q, k, v = (self.q_quantizer.quantize(q), self.k_quantizer.quantize(k),
-                       self.v_quantizer.quantize(v))
+            q, k, v = (_uniform_codes(t, _per_head(getattr(self, f'{r}_scale')),
+                                      _per_head(getattr(self, f'{r}_zero')), *cfg[f'{r}_range'])
+                       for t, r in ((q, 'q'), (k, 'k'), (v, 'v')))
         return q, k, v
 
     def forward(self, qkv: torch.Tensor, dequantize: bool = False) -> torch.Tensor:
         return self.attend_codes(*self.split(qkv), dequantize=dequantize)
 
+    def dequantize_out(self, codes: torch.Tensor) -> torch.Tensor:
+        """``proj_input`` codes → values, as ``UniformQuantizer.dequantize``."""
+        return (codes.to(self.out_scale.dtype) - self.out_zero) * self.out_scale
+
     @torch.no_grad()
     def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dequantize: bool = False) -> torch.Tensor:
+        from ..quantizers.uniform import fake_quant_uniform
         from .softmax import int_log_softmax
-        qq, kq, vq = self.q_quantizer, self.k_quantizer, self.v_quantizer
-        sq, zq = _uniform_view(qq, q, 'q')
-        sk, zk = _uniform_view(kq, k, 'k')
-        sv, zv = _uniform_view(vq, v, 'v')
-        acc = int_qk_matmul(q, k, zq, zk, (qq.qmin, qq.qmax), (kq.qmin, kq.qmax))
-        p = self.probs
+        cfg = self.cfg
+        if self.kind == 'lis' and self.fast:
+            out = self._lis_fast(q, k, v)
+            if out is not None:
+                return self.dequantize_out(out) if dequantize else out
+        B, H, N = q.shape[0], q.shape[1], q.shape[2]
+        cb = max(1, self.chunk_elems // (H * N * N)) if q.device.type == 'cpu' else B
+        if cb < B:       # images are independent: chunks keep the intermediates in cache
+            return torch.cat([self.attend_codes(q[i:i + cb], k[i:i + cb], v[i:i + cb],
+                                                dequantize)
+                              for i in range(0, B, cb)])
+        sq, zq = _per_head(self.q_scale), _per_head(self.q_zero)
+        sk, zk = _per_head(self.k_scale), _per_head(self.k_zero)
+        sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)
+        acc = int_qk_matmul(q, k, zq, zk, tuple(cfg['q_range']), tuple(cfg['k_range']))
         if self.kind == 'lis':
-            lq = p.logit_quant
-            lcodes = qk_logit_codes(acc, sq, sk, self.scale, lq, self.method)
-            pcodes = int_log_softmax(lcodes, float(lq.scale), p.bits, p.n, lq.qmin, lq.qmax)
+            lo, hi = cfg['logit_range']
+            f64 = dict(dtype=torch.float64, device=acc.device)
+            m = sq.to(**f64) * sk.to(**f64) * self.scale / self.logit_scale.to(**f64)
+            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method)
+            pcodes = int_log_softmax(lcodes, float(self.logit_scale), cfg['probs_bits'],
+                                     cfg['lis_n'], lo, hi)
         else:
             logits = (acc.to(torch.float64) * (sq.double() * sk.double() * self.scale)).float()
-            if self.logit_quantizer is not None:
-                logits = self.logit_quantizer.fake_quant(logits)
-            pcodes = p.quantize(logits.softmax(dim=-1))
+            if cfg['logit_range'] is not None:
+                logits = fake_quant_uniform(logits, self.logit_scale, self.logit_zero,
+                                            *cfg['logit_range'])
+            pcodes = self._probs_codes(logits.softmax(dim=-1))
         f64 = dict(dtype=torch.float64, device=v.device)
+        v_range = tuple(cfg['v_range'])
         if self.kind == 'uniform':
-            sp, zp = _uniform_view(p, pcodes, 'probs')
             vt = v.transpose(-2, -1)                  # Σ_j P_ij V_jd = (P · (Vᵀ)ᵀ)
-            pv = int_qk_matmul(pcodes, vt, zp, zv, (p.qmin, p.qmax), (vq.qmin, vq.qmax))
-            terms = [(pv.to(torch.int64), sp.to(**f64) * sv.to(**f64))]
+            pv = int_qk_matmul(pcodes, vt, self.probs_zero, zv, tuple(cfg['probs_range']),
+                               v_range)
+            terms = [(pv.to(torch.int64), self.probs_delta.to(**f64) * sv.to(**f64))]
         else:
             index = pcodes.to(torch.int32) + 1
             counts = torch.bincount(index.reshape(-1).to(torch.int64),
-                                    minlength=2 ** p.bits + 1)
+                                    minlength=2 ** cfg['probs_bits'] + 1)
             terms = []
             for mant, shift, factor in self._pow2_classes():
-                a, frac = pow2_matmul(index, mant, shift, v, zv, (vq.qmin, vq.qmax), counts)
+                a, frac = pow2_matmul(index, mant, shift, v, zv, v_range, counts)
                 terms.append((a, sv.to(**f64) * (factor * 2.0 ** -frac)))
         # (B, H, N, d) → (B, N, H, d): the proj input layout; multipliers follow
         accs = [a.transpose(1, 2) for a, _ in terms]
         mults = [m.transpose(1, 2) if m.dim() == 4 else m for _, m in terms]
         B, H, N, d = v.shape[0], self.num_heads, q.shape[-2], self.head_dim
-        oq = self.out_quantizer
-        if oq is None or dequantize and oq is None:
+        if cfg['out_range'] is None:
             out = None
             for a, m in zip(accs, mults):
                 t = a.to(torch.float64) * m
                 out = t if out is None else out + t
             return out.float().reshape(B, N, H * d)
-        so = oq.scale.reshape(()) if oq.scale.numel() == 1 else oq.scale.reshape(H, d)
-        zo = oq.zero_point.reshape(()) if oq.zero_point.numel() == 1 else \
-            oq.zero_point.reshape(H, d)
+        so = self.out_scale if self.out_scale.dim() == 0 else self.out_scale.view(H, d)
+        zo = self.out_zero if self.out_zero.dim() == 0 else self.out_zero.view(H, d)
         mults = [m / so.to(**f64) for m in mults]
-        codes = requantize(accs, mults, zo, oq.qmin, oq.qmax, method=self.method)
+        codes = requantize(accs, mults, zo, *cfg['out_range'], method=self.method)
         codes = codes.reshape(B, N, H * d)
-        return oq.dequantize(codes) if dequantize else codes
+        return self.dequantize_out(codes) if dequantize else codes
+
+    def extra_repr(self):
+        return (f'heads={self.num_heads}, head_dim={self.head_dim}, probs={self.probs_kind}, '
+                f'method={self.method}')
+
+    # --- FQ-ViT fast path -------------------------------------------------------------------
+    # The same integer algorithm as the generic path (int8 QKᵀ, dyadic logit requantization,
+    # the integer LIS of ``softmax.int_log_softmax``, P·V as int8 GEMMs on −2^(top − code),
+    # dyadic output requantization), fused per chunk of batch·head matrices so intermediates
+    # stay in cache: the zero-point corrections enter the logit requantization as row / column
+    # terms, and the LIS codes are looked up in a per-row table of d = max − x. Dyadic products
+    # and sums are exact in float64 (``dyadic_values``), so this is the integer evaluation.
+    def _lis_setup(self, n_tok: int, d: int, device):
+        from .softmax import half_up_thresholds, lis_exp_table
+        cfg = self.cfg
+        bufs = (self.q_scale, self.q_zero, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
+                self.logit_scale, self.logit_zero)
+        if cfg['out_range'] is None or any(t.numel() != 1 for t in bufs) \
+                or self.out_scale.numel() != 1 or cfg['probs_bits'] > 15:
+            return None
+        bits, n_exp = cfg['probs_bits'], cfg['lis_n']
+        key = (n_tok, d, str(device)) + tuple(float(t) for t in bufs) + \
+            (float(self.out_scale), float(self.out_zero), bits, n_exp, self.scale, self.method)
+        if self._fast_cache is not None and self._fast_cache[0] == key:
+            return self._fast_cache[1]
+        lq_min, lq_max = cfg['logit_range']
+        levels = lq_max - lq_min + 1
+        hit = lis_exp_table(float(self.logit_scale), levels, n_exp, device)
+        if hit is None or not hit[1] or int(hit[0].max()) * n_tok >= 2 ** 61:
+            self._fast_cache = (key, None)
+            return None
+        oq_, ok_, ov_ = (int8_offset(*cfg[f'{r}_range']) for r in ('q', 'k', 'v'))
+        zq, zk, zv = (int(round(float(z))) - o
+                      for z, o in ((self.q_zero, oq_), (self.k_zero, ok_), (self.v_zero, ov_)))
+        f64 = dict(dtype=torch.float64, device=device)
+        m_logit = (torch.tensor(float(self.q_scale), **f64) * float(self.k_scale) * self.scale
+                   / float(self.logit_scale))
+        qk_bound = d * (128 + abs(zq)) * (128 + abs(zk))
+        (mv,), _, exact = dyadic_values([m_logit], qk_bound)
+        K = 2 ** bits
+        groups = -(-K // 8)
+        frac = 8 * groups - 1
+        pv_bound = n_tok * (2 ** frac) * (128 + abs(zv))
+        m_out = torch.tensor(float(self.v_scale), **f64) * 2.0 ** -frac / float(self.out_scale)
+        (mo,), _, exact_out = dyadic_values([m_out], pv_bound)
+        if not (exact and exact_out):
+            self._fast_cache = (key, None)
+            return None
+        c = torch.tensor(half_up_thresholds(bits), dtype=torch.int64, device=device)
+        table = hit[0]
+        setup = dict(
+            offsets=(oq_, ok_, ov_), zq=zq, zk=zk, zv=zv, mv=mv, mo=mo, frac=frac,
+            tops=[8 * g + 7 for g in range(groups)], pv_int32=pv_bound < 2 ** 31,
+            neg_table=-table, table=table, odd=c % 2, den=2 * c - 1, levels=levels,
+            lo=float(lq_min - float(self.logit_zero)), hi=float(lq_max - float(self.logit_zero)),
+            z_out=float(self.out_zero), out_range=tuple(cfg['out_range']))
+        self._fast_cache = (key, setup)
+        return setup
+
+    @torch.no_grad()
+    def _lis_fast(self, q, k, v):
+        B, H, N, d = q.shape
+        st = self._lis_setup(N, d, q.device)
+        if st is None:
+            return None
+        dev = q.device
+        oq_, ok_, ov_ = st['offsets']
+        G = B * H
+        qa = to_int8(q, oq_).reshape(G, N, d)
+        ka = to_int8(k, ok_).reshape(G, N, d)
+        va = to_int8(v, ov_).reshape(G, N, d)
+        v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
+        zq, zk, zv, mv = st['zq'], st['zk'], st['zv'], float(st['mv'])
+        # zero-point terms of Σ(a − z'_q)(b − z'_k), times the dyadic multiplier (exact in f64)
+        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64).mul_(mv)
+        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64).mul_(mv)
+        row, col = row.unsqueeze(-1), col.unsqueeze(-2)
+        cg = max(1, self.chunk_elems // (N * N)) if dev.type == 'cpu' else G
+        levels, table, neg_table = st['levels'], st['table'], st['neg_table']
+        lo, hi, frac = st['lo'], st['hi'], st['frac']
+        width = levels + 1
+        tops = st['tops']
+        two_top = [torch.tensor(2 ** t, dtype=torch.int32, device=dev) for t in tops]
+        pv = torch.empty((len(tops), G, N, d + 1), dtype=torch.int32, device=dev)
+        for i in range(0, G, cg):
+            j = min(G, i + cg)
+            n = j - i
+            rows = n * N
+            acc = int8_bmm(qa[i:j], ka[i:j].transpose(-2, -1))
+            # logit code − z_logit = clamp(⌊acc·m + row + col⌉): exact dyadic arithmetic
+            y = scratch('ia_y', (n, N, N), torch.float64, dev)
+            torch.add(row[i:j], acc, alpha=mv, out=y)
+            y.add_(col[i:j]).round_().clamp_(lo, hi)
+            ymax = y.amax(-1, keepdim=True)
+            dd = scratch('ia_d', (rows, N), torch.int32, dev)
+            dd.copy_(torch.sub(ymax, y, out=y).view(rows, N))          # d = max − x
+            e = scratch('ia_e', (rows, N), torch.int64, dev)
+            torch.index_select(table, 0, dd.view(-1), out=e.view(-1))
+            s2 = e.sum(-1, keepdim=True).mul_(2)
+            theta = torch.div(s2 - st['odd'], st['den'], rounding_mode='floor')
+            D = torch.searchsorted(neg_table, theta.neg_(), side='left')   # first d: T[d] ≤ θ_k
+            lut = torch.zeros((rows, width), dtype=torch.uint8, device=dev)
+            lut.scatter_add_(1, D, torch.ones(D.shape, dtype=torch.uint8, device=dev))
+            lut = torch.cumsum(lut, 1, dtype=torch.uint8).view(-1)  # code(d) = #{k: D_k ≤ d}
+            flat = dd.add_(torch.arange(0, rows * width, width, dtype=torch.int32,
+                                        device=dev).unsqueeze(1)).view(-1)
+            code = scratch('ia_code', (n, N, N), torch.uint8, dev)
+            torch.index_select(lut, 0, flat, out=code.view(-1))
+            code32 = code.to(torch.int32)
+            for g, top in enumerate(tops):
+                # operand −2^(top − code) for codes of group g, else 0: codes of earlier groups
+                # give 2^(top − code) ≥ 256 (masked by & 255), later ones shift to 0
+                p = torch.bitwise_right_shift(two_top[g], code32)
+                if g:
+                    p.bitwise_and_(255)
+                pv[g, i:j] = int8_bmm(p.neg_().to(torch.int8), v_aug[i:j])
+        # Σ_j P_j (v'_j − z'_v) per group (P = −operand), groups aligned by shifts: exact
+        # (int32 while |Σ| ≤ 2^frac·N·(128 + |z'_v|) < 2^31, else int64)
+        acc_out = None
+        for g, top in enumerate(tops):
+            r = pv[g] if st['pv_int32'] else pv[g].to(torch.int64)
+            s_g = torch.sub(r[..., d:] * zv, r[..., :d])
+            if acc_out is None:
+                acc_out = s_g.mul_(2 ** (frac - top)) if frac != top else s_g
+            else:
+                acc_out.add_(s_g, alpha=2 ** (frac - top))
+        qmin_o, qmax_o = st['out_range']
+        out = acc_out.to(torch.float64).mul_(st['mo']).round_().add_(st['z_out'])
+        out = out.clamp_(qmin_o, qmax_o).to(torch.int32)
+        return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)

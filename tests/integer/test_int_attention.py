@@ -1,5 +1,6 @@
 """Integer attention kernels: dyadic requantization, QKᵀ int8 GEMM, P·V on power-of-two codes,
 and ``IntegerAttention`` against the simulated attention of calibrated tiny ViTs."""
+import json
 import math
 from fractions import Fraction
 
@@ -14,6 +15,7 @@ from fqvit_det.integer.attention import (IntegerAttention, adalog_tables, apply_
                                          rounding_shift, split_mantissas, twin_softmax_tables)
 from fqvit_det.presets import make_spec
 from fqvit_det.quantizers.adalog import adalog_dequantize
+from fqvit_det.quantizers.base import Quantizer
 from fqvit_det.quantizers.log import log_sqrt2_dequantize
 from fqvit_det.quantizers.twin import twin_softmax_decode
 
@@ -168,12 +170,25 @@ METHODS = {
     'fqvit_lis': ('fqvit', 8, 8, dict(attn_bits=4)),
     'fqvit_uniform': ('fqvit', 8, 8, dict(attn_bits=8, lis=False)),
     'repq_w4a4': ('repq', 4, 4, {}),
-    'adalog_6': ('adalog', 6, 6, dict(search=None)),
+    # the post-GELU AdaLog search (Δ × q) is slow and outside the attention: uniform fc2 input
+    'adalog_6': ('adalog', 6, 6, dict(search=None, roles=dict(
+        fc2_input=dict(type='UniformQuantizer', bits=6)))),
     'ptq4vit': ('ptq4vit', 8, 8, dict(search=None)),
 }
 
 
+_CALIBRATED = {}
+
+
 def calibrated(method, device, seed=0):
+    """A calibrated tiny ViT (cached per method and device; tests only read it)."""
+    key = (method, str(device), seed)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _calibrate(method, device, seed)
+    return _CALIBRATED[key]
+
+
+def _calibrate(method, device, seed):
     name, w, a, kw = METHODS[method]
     model = tiny_vit(seed).to(device)
     spec = make_spec(name, w, a, **kw)
@@ -207,8 +222,11 @@ def test_integer_attention_matches_the_simulation(device, method):
     for blk, cap in zip(model.blocks, caps):
         ia = IntegerAttention(blk.attn)
         qkv = cap['qkv']
-        if ia.qkv_quantizer is not None:
-            qkv = ia.qkv_quantizer.quantize(qkv)       # FQ-ViT: the codes the qkv GEMM emits
+        qkv_q = blk.attn.qkv.out_quantizer
+        if qkv_q is not None:
+            codes_in = qkv_q.quantize(qkv)              # FQ-ViT: the codes the qkv GEMM emits
+            assert torch.equal(ia(codes_in), ia(qkv_q(qkv)))   # codes in = dequantized values in
+            qkv = codes_in
         codes = ia(qkv)
         oq = blk.attn.proj.in_quantizer
         ref = oq.quantize(cap['proj_in'])
@@ -225,8 +243,8 @@ def test_integer_attention_lis_logit_codes_within_one_code(device):
     caps = capture_attention(model, x[:4])
     attn = model.blocks[0].attn
     ia = IntegerAttention(attn)
-    q, k, _ = ia.split(ia.qkv_quantizer.quantize(caps[0]['qkv']))
-    qq = ia.qkv_quantizer
+    qq = attn.qkv.out_quantizer
+    q, k, _ = ia.split(qq.quantize(caps[0]['qkv']))
     acc = int_qk_matmul(q, k, qq.zero_point, qq.zero_point, (qq.qmin, qq.qmax), (qq.qmin, qq.qmax))
     lq = attn.aq.probs.logit_quant
     ours = qk_logit_codes(acc, qq.scale, qq.scale, attn.scale, lq)
@@ -243,3 +261,56 @@ def test_integer_attention_refuses_unconverted_or_unquantized_attention():
     quantize_model(model, spec)
     with pytest.raises(NotImplementedError, match='probabilities are not quantized'):
         IntegerAttention(model.blocks[0].attn)
+
+
+def test_lis_fast_path_equals_the_generic_integer_path(device):
+    model, x = calibrated('fqvit_lis', device)
+    caps = capture_attention(model, x[:4])
+    for blk, cap in zip(model.blocks, caps):
+        fast, slow = IntegerAttention(blk.attn), IntegerAttention(blk.attn, fast=False)
+        codes = blk.attn.qkv.out_quantizer.quantize(cap['qkv'])
+        assert fast._lis_fast(*fast.split(codes)) is not None      # the fast path applies
+        a, b = fast(codes), slow(codes)
+        assert int((a - b).abs().max()) <= 1 and float((a != b).float().mean()) <= 0.001
+
+
+@pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4', 'adalog_6'])
+def test_integer_attention_state_round_trip(method):
+    model, x = calibrated(method, 'cpu')
+    cap = capture_attention(model, x[:2])[0]
+    ia = IntegerAttention(model.blocks[0].attn)
+    state = ia.state_dict()
+    ptrs = [t.data_ptr() for t in state.values() if t.numel()]
+    assert len(ptrs) == len(set(ptrs))                  # no shared storage (safetensors-ready)
+    assert not any(isinstance(m, Quantizer) for m in ia.modules())   # its own constants only
+    clone = IntegerAttention(config=json.loads(json.dumps(ia.config())))
+    clone.load_state_dict(state, strict=True)
+    qkv = cap['qkv']
+    qkv_q = model.blocks[0].attn.qkv.out_quantizer
+    if qkv_q is not None:
+        qkv = qkv_q.quantize(qkv)
+    assert torch.equal(clone(qkv), ia(qkv))
+
+
+@pytest.mark.parametrize('method', ['repq_w4a4', 'fqvit_lis'])
+def test_integer_attention_chunking_does_not_change_codes(method):
+    model, x = calibrated(method, 'cpu')
+    cap = capture_attention(model, x[:4])[1]
+    ia = IntegerAttention(model.blocks[1].attn)
+    qkv = cap['qkv']
+    qkv_q = model.blocks[1].attn.qkv.out_quantizer
+    if qkv_q is not None:
+        qkv = qkv_q.quantize(qkv)
+    ia.chunk_elems = 1                    # one image (generic) / one head matrix (fast) per chunk
+    small = ia(qkv)
+    ia.chunk_elems = 1 << 40
+    assert torch.equal(small, ia(qkv))
+
+
+def test_to_int8_offsets_any_integer_codes():
+    from fqvit_det.integer.attention import to_int8
+    codes = torch.arange(256, dtype=torch.int32).view(16, 16).t()      # non-contiguous
+    for c in (codes, codes.to(torch.uint8), codes.to(torch.int16)):
+        out = to_int8(c, 128)
+        assert out.dtype == torch.int8 and out.is_contiguous()
+        assert torch.equal(out.long(), codes.long() - 128)
