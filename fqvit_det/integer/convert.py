@@ -102,12 +102,14 @@ def _integer_linear(mod, in_q) -> IntegerLinear:
 
 class IntegerTimmAttention(nn.Module):
     """timm attention with the core (QKᵀ, softmax, P·V) on integer codes (``IntegerAttention``,
-    helper ``intattn``'s kernels): qkv → codes → attention → proj_input values → proj."""
+    helper ``intattn``'s kernels): qkv → codes → attention → proj_input values → proj.
+    ``core_config`` rebuilds an empty core for loading (``attn`` then only lends qkv / proj)."""
 
-    def __init__(self, attn: nn.Module):
+    def __init__(self, attn: nn.Module, core_config: Optional[dict] = None):
         super().__init__()
         from .attention import IntegerAttention
-        self.core = IntegerAttention(attn)
+        self.core = (IntegerAttention(attn) if core_config is None
+                     else IntegerAttention(config=core_config))
         self.qkv, self.proj = attn.qkv, attn.proj
         self.proj_drop = attn.proj_drop
 
@@ -127,16 +129,19 @@ def integer_attention_paths(model: nn.Module) -> List[str]:
         if isinstance(mod, QuantTimmAttention):
             try:
                 IntegerAttention(mod)
-            except (NotImplementedError, TypeError) as err:
+            except (NotImplementedError, TypeError, ValueError) as err:
                 get_logger().info(f'to_integer: {path} stays simulated ({err})')
                 continue
             paths.append(path)
     return paths
 
 
-def install_integer_attention(model: nn.Module, paths) -> None:
-    for path in paths:
-        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path)))
+def install_integer_attention(model: nn.Module, paths, configs=None) -> None:
+    """Swap the attentions at ``paths`` for ``IntegerTimmAttention`` (from the calibrated module,
+    or empty from ``configs`` when loading)."""
+    for i, path in enumerate(paths):
+        cfg = None if configs is None else configs[i]
+        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path), cfg))
 
 
 def adopt_norm_targets(model: nn.Module) -> None:

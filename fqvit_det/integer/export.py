@@ -92,7 +92,8 @@ def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
     meta = dict(format=FORMAT, arch=json.dumps(arch, sort_keys=True),
                 recipe=json.dumps(spec.to_dict(), sort_keys=True),
                 plan=json.dumps(_plan_entries(model)),
-                attention=json.dumps(list(getattr(model, 'fqvit_integer_attention', []))),
+                attention=json.dumps([dict(path=p, config=model.get_submodule(p).core.config())
+                                      for p in getattr(model, 'fqvit_integer_attention', [])]),
                 reparam=json.dumps([n for n, _ in getattr(model, 'fqvit_reparam_done', []) or []]),
                 modes=json.dumps({n: q.mode for n, q in named_quantizers(model)}))
     state = integer_state(model)
@@ -138,8 +139,9 @@ def load_integer(path: str, device='cpu') -> nn.Module:
             make_per_tensor(q)
     model.fqvit_reparam_done = [(n, []) for n in json.loads(meta['reparam'])]
     adopt_norm_targets(model)
-    attention = json.loads(meta.get('attention', '[]'))
-    install_integer_attention(model, attention)
+    attn_entries = json.loads(meta.get('attention', '[]'))
+    attention = [e['path'] for e in attn_entries]
+    install_integer_attention(model, attention, [e['config'] for e in attn_entries])
     plan = json.loads(meta['plan'])
     for e in plan:
         lin = IntegerLinear(**e['config'])
