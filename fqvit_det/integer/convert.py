@@ -113,10 +113,32 @@ class IntegerTimmAttention(nn.Module):
         self.qkv, self.proj = attn.qkv, attn.proj
         self.proj_drop = attn.proj_drop
 
+    def _same_grid(self, lin, scale, zero) -> bool:
+        return (scale.numel() == 1 and zero.numel() == 1
+                and float(lin.out_scale if lin is self.qkv else lin.in_scale) == float(scale)
+                and int(lin.out_zero_point if lin is self.qkv else lin.in_zero_point) == int(zero))
+
+    def _code_links(self):
+        """(qkv hands codes to the core, the core hands codes to proj): where the integer GEMM's
+        output grid is the core's input grid (FQ-ViT's qkv_output) and the core's output grid is
+        proj's input grid (proj_input), codes pass directly, with no dequantize / quantize pair."""
+        core = self.core
+        qkv_codes = (isinstance(self.qkv, IntegerLinear) and self.qkv.out_mode == 'dyadic'
+                     and core.cfg.get('shared_qkv', False)
+                     and self._same_grid(self.qkv, core.q_scale, core.q_zero))
+        proj_codes = (isinstance(self.proj, IntegerLinear) and self.proj.in_kind == 'uniform'
+                      and core.out_scale.numel() > 0
+                      and self._same_grid(self.proj, core.out_scale, core.out_zero))
+        return qkv_codes, proj_codes
+
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
             raise NotImplementedError('IntegerTimmAttention: masks are not supported')
-        out = self.core(self.qkv(x), dequantize=True)
+        links = getattr(self, '_code_links_cache', None)
+        if links is None:
+            links = self._code_links_cache = self._code_links()
+        qkv = self.qkv.forward_codes(x) if links[0] else self.qkv(x)
+        out = self.core(qkv, dequantize=not links[1])
         return self.proj_drop(self.proj(out))
 
 

@@ -278,9 +278,22 @@ class IntegerLinear(nn.Module):
         q = acc.to(torch.int64).mul_(self.multiplier).add_(self._round).bitwise_right_shift_(self._shift)
         return q.add_(self.out_zero_point).clamp_(self.out_qmin, self.out_qmax)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Dyadic mode: the next quantizer's codes (int32) instead of their values."""
         shape = x.shape
-        acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
+        acc = self.accumulate(x.reshape(-1, shape[-1]))
+        return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float input (quantized here), or integer input = codes of the input quantizer."""
+        shape = x.shape
+        if not x.is_floating_point() and self.in_kind == 'uniform':
+            a = x.reshape(-1, shape[-1]).to(self._code_dtype)
+            acc = int_mm(a, self._b_t)
+            if self.has_offset:
+                acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
+        else:
+            acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
         if self.out_mode == 'dyadic':
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
