@@ -2,22 +2,34 @@
 
 What runs integer, per method (timm DeiT / ViT):
 
-=============================  =========================  ==========================================
-part                           FQ-ViT                     PTQ4ViT / RepQ-ViT / AdaLog
-=============================  =========================  ==========================================
-qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),   int8 GEMM, int32 bias, float rescale
-                               int32 bias; qkv / proj /   (their outputs stay float in the papers);
-                               fc2 / head requantized     PTQ4ViT fc2 on twin-uniform codes
-                               dyadically to the next     (two row blocks, one shift); AdaLog fc2
-                               quantizer's codes          input is log-coded: float GEMM on its
-                                                          dequantized values
-patch embedding                int8 GEMM over patches     int8 GEMM (RepQ / AdaLog 8-bit input);
-                                                          PTQ4ViT keeps the image float: simulated
-LayerNorm                      integer (FQ-ViT I-LN on    float (the methods keep it float)
-                               PTF codes)
-attention (QKᵀ, softmax, P·V)  see ``attention_path``     see ``attention_path``
-residual add, GELU             float on quantized values  float (the methods keep them float)
-=============================  =========================  ==========================================
+=============================  ===========================  ========================================
+part                           FQ-ViT                       PTQ4ViT / RepQ-ViT / AdaLog
+=============================  ===========================  ========================================
+qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),     int8 GEMM, int32 bias, exact float
+                               int32 bias; qkv / proj /     rescale (the papers keep these outputs
+                               fc2 / head outputs           float); PTQ4ViT fc2 on twin-uniform
+                               requantized dyadically to    codes (two row blocks joined by a
+                               the next quantizer's codes;  shift); AdaLog fc2 reads log codes:
+                               fc1 → float (GELU)           simulated (float GEMM on their values)
+patch embedding                int8 GEMM over patches       int8 GEMM (RepQ / AdaLog 8-bit image
+                                                            codes); PTQ4ViT keeps the image float:
+                                                            simulated
+attention core                 ``IntegerAttention``: QKᵀ    ``IntegerAttention``: QKᵀ int8 GEMM,
+                               int8 GEMM, dyadic logit      float softmax (the methods keep it
+                               codes, integer LIS, P·V by   float), probability codes, P·V on the
+                               shifts on log2 codes         codes (twin / log√2 parity / AdaLog LUT)
+LayerNorm                      integer (FQ-ViT I-LN on PTF  float (the methods keep it float)
+                               codes, the bit-exact
+                               integer algorithm of
+                               ``QuantLayerNorm``)
+residual add, GELU             float add of quantized       float (the methods keep them float)
+                               values, PTF-quantized; GELU
+                               float
+=============================  ===========================  ========================================
+
+Codes pass directly between the qkv GEMM, the attention core and the proj GEMM where their grids
+match; elsewhere modules exchange the dequantized values of the codes (exactly the simulated
+values), and each integer GEMM quantizes its input itself with the simulation's quantizer.
 
 ``to_integer`` never mutates its argument: it deep-copies the calibrated model and swaps every
 eligible quantized Linear / patch convolution for ``IntegerLinear`` / ``IntegerPatchEmbed``.
