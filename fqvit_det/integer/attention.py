@@ -723,7 +723,11 @@ class IntegerAttention(nn.Module):
             lo, hi = cfg['logit_range']
             f64 = dict(dtype=torch.float64, device=acc.device)
             m = sq.to(**f64) * sk.to(**f64) * self.scale / self.logit_scale.to(**f64)
-            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method)
+            # the analytic bound of ``int_qk_matmul`` (as the fast path): one multiplier width
+            zq_, zk_ = (int(float((z - int8_offset(*cfg[f'{r}_range'])).abs().max()))
+                        for z, r in ((self.q_zero, 'q'), (self.k_zero, 'k')))
+            bound = q.shape[-1] * (128 + zq_) * (128 + zk_)
+            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method, bound=bound)
             pcodes = int_log_softmax(lcodes, float(self.logit_scale), cfg['probs_bits'],
                                      cfg['lis_n'], lo, hi)
         else:
