@@ -702,9 +702,7 @@ class IntegerAttention(nn.Module):
     @torch.no_grad()
     def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dequantize: bool = False) -> torch.Tensor:
-        from ..quantizers.uniform import fake_quant_uniform
-        from .softmax import int_log_softmax
-        cfg = self.cfg
+        """Steps 1–4 on q, k, v codes (B, H, N, d)."""
         if self.kind == 'lis' and self.fast:
             out = self._lis_fast(q, k, v)
             if out is not None:
@@ -715,9 +713,17 @@ class IntegerAttention(nn.Module):
             return torch.cat([self.attend_codes(q[i:i + cb], k[i:i + cb], v[i:i + cb],
                                                 dequantize)
                               for i in range(0, B, cb)])
+        return self.pv_codes(self.probability_codes(q, k), v, dequantize)
+
+    @torch.no_grad()
+    def probability_codes(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Steps 1–2: the probability codes (B, H, N, N) of the method's quantizer (LIS: log2
+        codes of the integer softmax)."""
+        from ..quantizers.uniform import fake_quant_uniform
+        from .softmax import int_log_softmax
+        cfg = self.cfg
         sq, zq = _per_head(self.q_scale), _per_head(self.q_zero)
         sk, zk = _per_head(self.k_scale), _per_head(self.k_zero)
-        sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)
         acc = int_qk_matmul(q, k, zq, zk, tuple(cfg['q_range']), tuple(cfg['k_range']))
         if self.kind == 'lis':
             lo, hi = cfg['logit_range']
@@ -736,6 +742,16 @@ class IntegerAttention(nn.Module):
                 logits = fake_quant_uniform(logits, self.logit_scale, self.logit_zero,
                                             *cfg['logit_range'])
             pcodes = self._probs_codes(logits.softmax(dim=-1))
+        return pcodes
+
+    @torch.no_grad()
+    def pv_codes(self, pcodes: torch.Tensor, v: torch.Tensor,
+                 dequantize: bool = False) -> torch.Tensor:
+        """Steps 3–4: P·V on probability codes (B, H, N, N) and value codes (B, H, N, d), an
+        exact accumulator, requantized to the ``proj_input`` codes (B, N, C) (≤ 1 code from the
+        exactly rounded value)."""
+        cfg = self.cfg
+        sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)
         f64 = dict(dtype=torch.float64, device=v.device)
         v_range = tuple(cfg['v_range'])
         if self.kind == 'uniform':
@@ -754,7 +770,7 @@ class IntegerAttention(nn.Module):
         # (B, H, N, d) → (B, N, H, d): the proj input layout; multipliers follow
         accs = [a.transpose(1, 2) for a, _ in terms]
         mults = [m.transpose(1, 2) if m.dim() == 4 else m for _, m in terms]
-        B, H, N, d = v.shape[0], self.num_heads, q.shape[-2], self.head_dim
+        B, H, N, d = v.shape[0], self.num_heads, pcodes.shape[-2], self.head_dim
         if cfg['out_range'] is None:
             out = None
             for a, m in zip(accs, mults):
