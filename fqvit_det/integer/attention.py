@@ -33,12 +33,16 @@ cache-sized chunks), with what is integer, what is not, and the bound:
   for the methods that keep it float (PTQ4ViT, RepQ-ViT, AdaLog; and FQ-ViT without LIS):
   their logits are the exact integer accumulator times Δ_q·Δ_k·scale, in float32.
 
-Agreement with the simulation (``AttentionQuantizers.attend``, float32): the integer kernels
-are exact up to the one requantization rounding, the simulation is not (float32 products and
-sums), so the logit codes and the ``proj_input`` codes equal the simulated ones except where the
-simulated float32 value lies within its rounding error of a rounding tie; there they differ by
-one code (asserted: max |Δ| ≤ 1 and ≤ 0.5 % of codes; 0 differences on the tiny test models).
-Given the same logit codes the Log-Int-Softmax codes are bit-exact (``softmax.py``).
+Agreement with the simulation (``AttentionQuantizers.attend``, float32), stage by stage: the
+integer kernels are exact up to their one requantization rounding, the simulation is not
+(float32 products and sums). So (1) the logit codes equal the simulated ones except where the
+simulated float32 logit lies within its rounding error of a rounding tie: ≤ 1 code there;
+(2) given the same logit codes the Log-Int-Softmax codes are bit-exact (``softmax.py``); (3)
+given the same probability codes, P·V + requantization is ≤ 1 code from the simulation. End to
+end, a logit (or, for float softmax, a probability) code flipped by (1) changes a whole row of
+probabilities, which can move an output by more than one code: measured on the real DeiT-Tiny
+(16 val1300 images, 12 blocks, 7.26 M proj_input codes): FQ-ViT 8/8/4 0.0032 % of the codes
+differ (max 5 codes), RepQ-ViT W4A4 0.0001 % (max 1), AdaLog 6/6 0.0003 % (max 1).
 """
 import math
 from typing import Optional, Tuple
@@ -470,8 +474,8 @@ class IntegerAttention(nn.Module):
 
     FQ-ViT (LIS, per-tensor scales) runs a fused, chunked version of the same integer steps
     (``_lis_fast``; equal to the generic path up to the dyadic multiplier width, ≤ 1 code).
-    Bound vs the simulation: ≤ 1 code on the logit codes and on the output codes (see the module
-    docstring). Not supported (clear error): relative-position bias, masks (Swin), q/k norms.
+    Agreement with the simulation: stage by stage (see the module docstring). Not supported
+    (clear error): relative-position bias, masks (Swin), q/k norms, gates.
     """
 
     def __init__(self, attn: Optional[nn.Module] = None, method: str = 'dyadic',
@@ -702,9 +706,7 @@ class IntegerAttention(nn.Module):
     @torch.no_grad()
     def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dequantize: bool = False) -> torch.Tensor:
-        from ..quantizers.uniform import fake_quant_uniform
-        from .softmax import int_log_softmax
-        cfg = self.cfg
+        """Steps 1–4 on q, k, v codes (B, H, N, d)."""
         if self.kind == 'lis' and self.fast:
             out = self._lis_fast(q, k, v)
             if out is not None:
@@ -715,15 +717,27 @@ class IntegerAttention(nn.Module):
             return torch.cat([self.attend_codes(q[i:i + cb], k[i:i + cb], v[i:i + cb],
                                                 dequantize)
                               for i in range(0, B, cb)])
+        return self.pv_codes(self.probability_codes(q, k), v, dequantize)
+
+    @torch.no_grad()
+    def probability_codes(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Steps 1–2: the probability codes (B, H, N, N) of the method's quantizer (LIS: log2
+        codes of the integer softmax)."""
+        from ..quantizers.uniform import fake_quant_uniform
+        from .softmax import int_log_softmax
+        cfg = self.cfg
         sq, zq = _per_head(self.q_scale), _per_head(self.q_zero)
         sk, zk = _per_head(self.k_scale), _per_head(self.k_zero)
-        sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)
         acc = int_qk_matmul(q, k, zq, zk, tuple(cfg['q_range']), tuple(cfg['k_range']))
         if self.kind == 'lis':
             lo, hi = cfg['logit_range']
             f64 = dict(dtype=torch.float64, device=acc.device)
             m = sq.to(**f64) * sk.to(**f64) * self.scale / self.logit_scale.to(**f64)
-            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method)
+            # the analytic bound of ``int_qk_matmul`` (as the fast path): one multiplier width
+            zq_, zk_ = (int(float((z - int8_offset(*cfg[f'{r}_range'])).abs().max()))
+                        for z, r in ((self.q_zero, 'q'), (self.k_zero, 'k')))
+            bound = q.shape[-1] * (128 + zq_) * (128 + zk_)
+            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method, bound=bound)
             pcodes = int_log_softmax(lcodes, float(self.logit_scale), cfg['probs_bits'],
                                      cfg['lis_n'], lo, hi)
         else:
@@ -732,6 +746,16 @@ class IntegerAttention(nn.Module):
                 logits = fake_quant_uniform(logits, self.logit_scale, self.logit_zero,
                                             *cfg['logit_range'])
             pcodes = self._probs_codes(logits.softmax(dim=-1))
+        return pcodes
+
+    @torch.no_grad()
+    def pv_codes(self, pcodes: torch.Tensor, v: torch.Tensor,
+                 dequantize: bool = False) -> torch.Tensor:
+        """Steps 3–4: P·V on probability codes (B, H, N, N) and value codes (B, H, N, d), an
+        exact accumulator, requantized to the ``proj_input`` codes (B, N, C) (≤ 1 code from the
+        exactly rounded value)."""
+        cfg = self.cfg
+        sv, zv = _per_head(self.v_scale), _per_head(self.v_zero)
         f64 = dict(dtype=torch.float64, device=v.device)
         v_range = tuple(cfg['v_range'])
         if self.kind == 'uniform':
@@ -750,7 +774,7 @@ class IntegerAttention(nn.Module):
         # (B, H, N, d) → (B, N, H, d): the proj input layout; multipliers follow
         accs = [a.transpose(1, 2) for a, _ in terms]
         mults = [m.transpose(1, 2) if m.dim() == 4 else m for _, m in terms]
-        B, H, N, d = v.shape[0], self.num_heads, q.shape[-2], self.head_dim
+        B, H, N, d = v.shape[0], self.num_heads, pcodes.shape[-2], self.head_dim
         if cfg['out_range'] is None:
             out = None
             for a, m in zip(accs, mults):

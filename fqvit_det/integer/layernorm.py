@@ -24,13 +24,15 @@ but for the dyadic rounding, ≤ 1 code from the exactly rounded sum; the float3
 rounds its products and sum, so it agrees with the exact result except within float32 rounding
 of a tie: ≤ 1 code (asserted in the tests).
 """
+import math
 from typing import Tuple
 
 import torch
 
 from ..quantizers.ptf import PTFQuantizer, int_layernorm
 from ..quantizers.uniform import UniformQuantizer
-from .attention import requantize
+from ..quantizers.base import chunk_step, scratch
+from .attention import dyadic_values, requantize
 
 
 def _int_zero(z: torch.Tensor, who: str) -> int:
@@ -106,18 +108,48 @@ def residual_params(q) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
 def int_residual_add(a_codes: torch.Tensor, a_quantizer, b_codes: torch.Tensor, b_quantizer,
                      out_quantizer, method: str = 'dyadic') -> torch.Tensor:
     """Codes of ``out_quantizer`` for â + b̂ (channels on the last dim), from the integer codes
-    of both operands; int32. See the module docstring for the bound."""
-    sa, za, _, _ = residual_params(a_quantizer)
-    sb, zb, _, _ = residual_params(b_quantizer)
+    of both operands; int32. See the module docstring for the bound.
+
+    ``method='dyadic'``: y = clamp(⌊a·M_a,c·2^−N_c + b·M_b,c·2^−N_c + K_c⌉ + z_out) with
+    K_c = −(z_a·M_a,c + z_b·M_b,c)·2^−N_c: every term an integer times 2^−N_c below 2^52, so the
+    float64 evaluation is the exact integer one (``requantize``'s multipliers), computed in
+    cache-sized chunks of tokens."""
+    sa, za, a_lo, a_hi = residual_params(a_quantizer)
+    sb, zb, b_lo, b_hi = residual_params(b_quantizer)
     so, zo, qmin, qmax = residual_params(out_quantizer)
     if zo.numel() != 1:
         raise ValueError('int_residual_add: the output zero point must be per tensor')
+    if a_codes.shape != b_codes.shape:
+        raise ValueError(f'int_residual_add: operand shapes differ: {tuple(a_codes.shape)} vs '
+                         f'{tuple(b_codes.shape)}')
     dev = a_codes.device
     f64 = dict(dtype=torch.float64, device=dev)
-    za_i = za.to(dev).round().to(torch.int32)
-    zb_i = zb.to(dev).round().to(torch.int32)
-    a = a_codes.to(torch.int32) - za_i
-    b = b_codes.to(torch.int32) - zb_i
+    for z in (za, zb, zo):
+        if not bool((z == torch.round(z)).all()):
+            raise ValueError(f'int_residual_add: integer-valued zero points required, got {z}')
     ma = sa.to(**f64) / so.to(**f64)
     mb = sb.to(**f64) / so.to(**f64)
-    return requantize([a, b], [ma, mb], zo.to(dev), qmin, qmax, method=method)
+    # |a − z_a| + |b − z_b| from the code ranges (no pass over the data)
+    bound = sum(max(abs(hi_ - float(z.min())), abs(float(z.max()) - lo_))
+                for z, lo_, hi_ in ((za, a_lo, a_hi), (zb, b_lo, b_hi)))
+    bound = int(math.ceil(bound))
+    if method != 'dyadic':
+        a = a_codes.to(torch.int32) - za.to(dev).round().to(torch.int32)
+        b = b_codes.to(torch.int32) - zb.to(dev).round().to(torch.int32)
+        return requantize([a, b], [ma, mb], zo.to(dev), qmin, qmax, method=method, bound=bound)
+    (ma, mb), _, exact = dyadic_values([ma, mb], bound)
+    if not exact:
+        raise OverflowError('int_residual_add: operand codes too wide for the dyadic path')
+    ma, mb = ma.to(dev), mb.to(dev)
+    k = -(za.to(**f64) * ma + zb.to(**f64) * mb)          # exact: z·M·2^−N
+    z_out = float(zo)
+    C = a_codes.shape[-1] if a_codes.dim() else 1
+    a2, b2 = a_codes.reshape(-1, C), b_codes.reshape(-1, C)
+    out = torch.empty(a2.shape, dtype=torch.int32, device=dev)
+    step = chunk_step(C, device=dev)
+    for i in range(0, a2.shape[0], step):
+        t = scratch('res_t', a2[i:i + step].shape, torch.float64, dev)
+        torch.mul(a2[i:i + step], ma, out=t)
+        t.addcmul_(b2[i:i + step].to(torch.float64), mb).add_(k)
+        out[i:i + step] = t.round_().add_(z_out).clamp_(qmin, qmax)
+    return out.reshape(a_codes.shape)

@@ -129,3 +129,21 @@ def test_int_layernorm_codes_rejects_other_quantizers():
     with pytest.raises(TypeError, match='PTFQuantizer'):
         int_layernorm_codes(torch.zeros(2, 4, dtype=torch.int32), q, None, None,
                             UniformQuantizer(8))
+
+
+def test_int_residual_add_chunked_equals_requantize():
+    from fqvit_det.integer.attention import requantize
+    g = torch.Generator().manual_seed(4)
+    C = 24
+    rq = calibrated_ptf(torch.randn(3, 30, C, generator=g) * torch.logspace(-1, 1, C), 'cpu')
+    bq = UniformQuantizer(8, include_zero=False)
+    bq.set_params(scale=torch.tensor(0.013), zero_point=torch.tensor(141.0))
+    oq = calibrated_ptf(torch.randn(3, 30, C, generator=g) * torch.logspace(-1, 1.2, C), 'cpu')
+    a = torch.randint(0, 256, (3, 30, C), generator=g)
+    b = torch.randint(0, 256, (3, 30, C), generator=g)
+    ours = int_residual_add(a, rq, b, bq, oq)
+    ref = requantize([a - rq.zero_point.long(), b - 141],
+                     [rq.channel_scale.double() / oq.channel_scale.double(),
+                      bq.scale.double() / oq.channel_scale.double()],
+                     oq.zero_point, 0, 255, bound=510)
+    assert torch.equal(ours, ref)
