@@ -103,6 +103,8 @@ def main(argv=None):
     p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
+    p.add_argument('--json', default='integer_agreement.json',
+                   help='result file under benchmarks/results (RESULTS.md renders integer_agreement.json)')
     p.add_argument('--export-dir', default=osp.join('work_dirs', 'integer_export'),
                    help='where the integer exports (safetensors) are written for the size column')
     args = p.parse_args(argv)
@@ -149,14 +151,14 @@ def main(argv=None):
                    reload_bit_identical=identical_reload, seconds=time.time() - t0,
                    date=datetime.date.today().isoformat(), command=command())
         # re-read just before writing: runs for other presets may have saved in the meantime
-        old = load_result('integer_agreement.json') or {}
+        old = load_result(args.json) or {}
         records = {r['preset']: r for r in old.get('records', []) if old.get('val_images') == args.val_images}
         records[pr] = rec
         print(f'{pr}: agree {rec["agree_pct"]:.2f}% ({n - same} of {n} differ), sim top-1 '
               f'{rec["sim_top1"]:.2f}, int top-1 {rec["int_top1"]:.2f}, max |logit diff| {max_diff:.4f}, '
               f'export {size / 1e6:.2f} MB ({rec["size_ratio"]:.2f}x smaller), reload identical '
               f'{identical_reload}', flush=True)
-        save_result('integer_agreement.json', dict(
+        save_result(args.json, dict(
             machine=machine_info(), val_images=args.val_images, records=list(records.values()),
             date=datetime.date.today().isoformat()))
 

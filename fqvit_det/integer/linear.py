@@ -10,16 +10,17 @@ One module serves every calibrated ``QuantLinear`` whose input has a per-tensor 
   operand ``torch._int_mm`` reads) — when q_w − z_w does not fit int8 (asymmetric 8-bit weights),
   b = q_w − 128 and the per-channel offset o = 128 − z_w is carried separately;
 * acc = Σ_k (a_k − z_x)(b_k + o) = a·b − z_x·Σb − z_x·o·K + o·Σa, where every term but o·Σa is a
-  per-output-channel int32 constant folded into ``bias_int`` together with ⌊bias / (Δ_x·Δ_w)⌉.
+  per-output-channel int32 constant folded into ``bias_int`` (dyadic outputs: together with
+  ⌊bias / (Δ_x·Δ_w)⌉; float outputs add the float bias after the rescale).
 
 Output, per role (``out_mode``):
 
 ==============  ======================================================  =====================
 out_mode        computes                                                used for
 ==============  ======================================================  =====================
-``'float'``     y = acc · (Δ_x·Δ_w[c])  (float32, exact rescale of the  outputs the method
-                int32 accumulator; the bias rounding adds at most       keeps float: fc1
-                ½·Δ_x·Δ_w[c])                                           (→ GELU), every Linear
+``'float'``     y = acc · (Δ_x·Δ_w[c]) + bias (float32: an exact       outputs the method
+                rescale of the int32 accumulator, the float bias added  keeps float: fc1
+                after it as the simulation adds it)                     (→ GELU), every Linear
                                                                         of PTQ4ViT / RepQ /
                                                                         AdaLog (→ residual)
 ``'dyadic'``    codes = clamp(⌊acc·M[c]·2^−N⌉ + z_out), M[c]·2^−N ≈    outputs the preset
@@ -51,9 +52,10 @@ def _quantize_input(x, scale, z: int, qmin: int, qmax: int, dtype):
     return torch.clamp(c + z, qmin, qmax).to(dtype)
 
 
-def _rescale(acc, bias_int, acc_scale):
-    """(acc + bias)·Δ_x·Δ_w[c] in float32."""
-    return (acc + bias_int).to(torch.float32) * acc_scale
+def _rescale(acc, bias_int, acc_scale, bias_float):
+    """(acc + zero-point terms)·Δ_x·Δ_w[c] + bias in float32 (the bias stays float here: in
+    units of Δ_x·Δ_w its rounding would move 4-bit outputs by up to half a unit)."""
+    return (acc + bias_int).to(torch.float32) * acc_scale + bias_float
 
 
 def _requantize_dequantize(acc, bias_int, multiplier, rnd: int, shift: int, zo, qmin: int, qmax: int,
@@ -151,6 +153,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer('in_zero_point', torch.zeros((), dtype=torch.int32))
         # float mode: Δ_x·Δ_w[c]; dyadic mode: M[c], N, and the output grid (Δ_out, z_out)
         self.register_buffer('acc_scale', torch.ones(n if out_mode == 'float' else 0, dtype=torch.float32))
+        self.register_buffer('bias_float', torch.zeros(n if out_mode == 'float' else 0, dtype=torch.float32))
         self.register_buffer('multiplier', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
         self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
         self.register_buffer('out_scale', torch.ones((), dtype=torch.float32))
@@ -195,7 +198,7 @@ class IntegerLinear(nn.Module):
         const = -z * b.sum(dim=1)
         if offset is not None:
             const = const - z * offset.to(torch.int64) * k
-        if bias is not None:
+        if bias is not None and out_mode == 'dyadic':
             const = const + torch.round(bias.detach().double() / acc_scale).to(torch.int64)
         if int(const.abs().max()) >= 2 ** 31:
             raise ValueError('IntegerLinear: the int32 bias overflows (scales too small for the bias)')
@@ -208,6 +211,8 @@ class IntegerLinear(nn.Module):
             mod.in_zero_point.fill_(z)
             if out_mode == 'float':
                 mod.acc_scale.copy_(acc_scale.float())
+                if bias is not None:
+                    mod.bias_float.copy_(bias.detach().float())
             else:
                 o_scale = out_quantizer.scale.reshape(()).double()
                 mult, shift = dyadic(acc_scale / o_scale)
@@ -298,7 +303,7 @@ class IntegerLinear(nn.Module):
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         else:
-            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale)
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):
