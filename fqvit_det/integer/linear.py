@@ -10,8 +10,10 @@ One module serves every calibrated ``QuantLinear`` whose input has a per-tensor 
   operand ``torch._int_mm`` reads) — when q_w − z_w does not fit int8 (asymmetric 8-bit weights),
   b = q_w − 128 and the per-channel offset o = 128 − z_w is carried separately;
 * acc = Σ_k (a_k − z_x)(b_k + o) = a·b − z_x·Σb − z_x·o·K + o·Σa, where every term but o·Σa is a
-  per-output-channel int32 constant folded into ``bias_int`` (dyadic outputs: together with
-  ⌊bias / (Δ_x·Δ_w)⌉; float outputs add the float bias after the rescale).
+  per-output-channel int32 constant folded into ``bias_int``; the bias itself enters dyadic
+  outputs in output units with N fraction bits (int64 ``bias_out``) and float outputs as the
+  float bias after the rescale (an int32 bias in units of Δ_x·Δ_w moves outputs by up to half a
+  unit: enough to flip 4-bit codes).
 
 Output, per role (``out_mode``):
 
@@ -58,10 +60,11 @@ def _rescale(acc, bias_int, acc_scale, bias_float):
     return (acc + bias_int).to(torch.float32) * acc_scale + bias_float
 
 
-def _requantize_dequantize(acc, bias_int, multiplier, rnd: int, shift: int, zo, qmin: int, qmax: int,
-                           out_scale):
-    """(clamp(⌊(acc + bias)·M·2^−N⌉ + z_out) − z_out)·Δ_out: the next quantizer's values."""
-    q = ((acc + bias_int).to(torch.int64) * multiplier + rnd) >> shift
+def _requantize_dequantize(acc, bias_int, multiplier, bias_out, rnd: int, shift: int, zo, qmin: int,
+                           qmax: int, out_scale):
+    """(clamp(⌊((acc + z terms)·M + B)·2^−N⌉ + z_out) − z_out)·Δ_out: the next quantizer's values,
+    B = ⌊bias·2^N/Δ_out⌉ the bias in output units with N fraction bits."""
+    q = ((acc + bias_int).to(torch.int64) * multiplier + bias_out + rnd) >> shift
     return (torch.clamp(q + zo, qmin, qmax) - zo).to(torch.float32) * out_scale
 
 
@@ -155,6 +158,7 @@ class IntegerLinear(nn.Module):
         self.register_buffer('acc_scale', torch.ones(n if out_mode == 'float' else 0, dtype=torch.float32))
         self.register_buffer('bias_float', torch.zeros(n if out_mode == 'float' else 0, dtype=torch.float32))
         self.register_buffer('multiplier', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
+        self.register_buffer('bias_out', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
         self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
         self.register_buffer('out_scale', torch.ones((), dtype=torch.float32))
         self.register_buffer('out_zero_point', torch.zeros((), dtype=torch.int64))
@@ -198,8 +202,6 @@ class IntegerLinear(nn.Module):
         const = -z * b.sum(dim=1)
         if offset is not None:
             const = const - z * offset.to(torch.int64) * k
-        if bias is not None and out_mode == 'dyadic':
-            const = const + torch.round(bias.detach().double() / acc_scale).to(torch.int64)
         if int(const.abs().max()) >= 2 ** 31:
             raise ValueError('IntegerLinear: the int32 bias overflows (scales too small for the bias)')
         with torch.no_grad():
@@ -217,6 +219,9 @@ class IntegerLinear(nn.Module):
                 o_scale = out_quantizer.scale.reshape(()).double()
                 mult, shift = dyadic(acc_scale / o_scale)
                 mod.multiplier.copy_(mult)
+                if bias is not None:
+                    mod.bias_out.copy_(torch.round(bias.detach().double() / o_scale * 2.0 ** shift)
+                                       .to(torch.int64))
                 mod.shift.fill_(shift)
                 mod.out_scale.fill_(float(out_quantizer.scale.reshape(())))
                 mod.out_zero_point.fill_(int(out_quantizer.zero_point.reshape(())))
@@ -280,7 +285,8 @@ class IntegerLinear(nn.Module):
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Output codes clamp(⌊acc·M·2^−N⌉ + z_out) (int64 multiply, round half up, shift)."""
-        q = acc.to(torch.int64).mul_(self.multiplier).add_(self._round).bitwise_right_shift_(self._shift)
+        q = acc.to(torch.int64).mul_(self.multiplier).add_(self.bias_out).add_(self._round)
+        q = q.bitwise_right_shift_(self._shift)
         return q.add_(self.out_zero_point).clamp_(self.out_qmin, self.out_qmax)
 
     def forward_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +306,7 @@ class IntegerLinear(nn.Module):
         else:
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
         if self.out_mode == 'dyadic':
-            y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self._round, self._shift,
+            y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         else:
             y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
