@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument('--compile', action='store_true',
                    help='also time the integer models with torch.compile-fused elementwise kernels')
     p.add_argument('--no-profile', action='store_true')
-    p.add_argument('--note', default='contended machine (other jobs running): ratios only',
+    p.add_argument('--note', default='contended machine (load average ~15-20 on 2 cores): ratios only',
                    help='what the machine was doing (goes into RESULTS.md)')
     args = p.parse_args(argv)
     from fqvit_det.integer import linear as int_linear
