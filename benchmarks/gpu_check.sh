@@ -78,9 +78,46 @@ raise SystemExit(1 if failed else 0)
 EOF
 sed 's/^/gpu_check: /' "$OUT/calibration.log" | tee -a "$OUT/summary.txt"
 
+# 3. Integer execution (issue 8) on CUDA: the integer kernel tests with their models on the GPU,
+#    then a tiny ViT converted by to_integer on CUDA against the same conversion on the CPU.
+#    (Written without a GPU at hand: unverified until this script runs on one.)
+t0=$(date +%s)
+"$PY" -m pytest -q -p no:cacheprovider tests/integer -k "not tools_test" > "$OUT/integer_pytest.log" 2>&1 || status=1
+echo "gpu_check: integer tests on cuda: $(tail -n 1 "$OUT/integer_pytest.log") ($(( $(date +%s) - t0 ))s; log $OUT/integer_pytest.log)" \
+  | tee -a "$OUT/summary.txt"
+"$PY" - > "$OUT/integer.log" 2>&1 <<'EOF' || status=1
+import torch
+
+from fqvit_det.calibration import CalibrationRunner
+from fqvit_det.convert import quantize_model
+from fqvit_det.integer import to_integer
+from fqvit_det.presets import make_spec
+from tests.helpers import images, tiny_vit
+
+failed = False
+for cfg in (dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4), dict(method='repq', w_bits=4, a_bits=4),
+            dict(method='ptq4vit', w_bits=6, a_bits=6, search=None)):
+    model = tiny_vit()
+    x = images(model, 8)
+    spec = make_spec(**cfg)
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x[:4], x[4:]])
+    with torch.no_grad():
+        cpu = to_integer(model)(x)
+        gpu = to_integer(model.cuda())(x.cuda()).cpu()
+        sim = model(x.cuda()).cpu()
+    same = bool((cpu.argmax(1) == gpu.argmax(1)).all() and (sim.argmax(1) == gpu.argmax(1)).all())
+    gap = (cpu - gpu).abs().max().item()
+    failed |= not same
+    print(f'{cfg["method"]:8s} integer on cuda: top-1 equal to cpu and simulation {same} | '
+          f'max |cuda - cpu| {gap:.2e} | {"ok" if same else "FAILED"}')
+raise SystemExit(1 if failed else 0)
+EOF
+sed 's/^/gpu_check: /' "$OUT/integer.log" | tee -a "$OUT/summary.txt"
+
 if [ $status -eq 0 ]; then
   echo "gpu_check: PASSED" | tee -a "$OUT/summary.txt"
 else
-  echo "gpu_check: FAILED (see $OUT/pytest.log and $OUT/calibration.log)" | tee -a "$OUT/summary.txt"
+  echo "gpu_check: FAILED (see $OUT/pytest.log, $OUT/calibration.log, $OUT/integer*.log)" | tee -a "$OUT/summary.txt"
 fi
 exit $status

@@ -90,6 +90,48 @@ def speed_section(doc):
     return '\n'.join(out)
 
 
+def integer_section(doc):
+    out = ['## Integer execution: integer DeiT-Tiny vs the simulated model (issue 8)', '',
+           f'Machine: {doc["machine"]}; date {doc["date"]}.  ',
+           'Commands: ' + ', '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in doc['records'])) + '  ',
+           f'Agreement = same top-1 class as the simulated (fake-quant) model on {doc["val_images"]} '
+           '`val1300` images; export = `save_integer` safetensors vs the float32 safetensors file.', '',
+           '| preset | bits W/A/attn | integer GEMMs | agree % | differ | sim top-1 | int top-1 | '
+           'max logit diff | export MB | x smaller | reload identical |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in doc['records']:
+        out.append(f'| {r["preset"]} | {r["bits"]} | {r["integer_gemms"]} | {r["agree_pct"]:.2f} | '
+                   f'{r["disagree"]} | {r["sim_top1"]:.2f} | {r["int_top1"]:.2f} | '
+                   f'{r["max_logit_diff"]:.4f} | {r["export_bytes"] / 1e6:.2f} | {r["size_ratio"]:.2f} | '
+                   f'{r["reload_bit_identical"]} |')
+    out += ['', 'Where differences start (first 16 images): max |residual-stream difference| after each '
+            'block (relative to the block output\'s max |value|).', '',
+            '| preset | block 1 … 12 |', '|---|---|']
+    for r in doc['records']:
+        out.append(f'| {r["preset"]} | ' + ', '.join(f'{b["max_abs"]:.3g} ({b["rel"]:.1e})'
+                                                      for b in r['block_divergence']) + ' |')
+    out += notes_md(doc)
+    speed = load_result('integer_speed.json')
+    if speed:
+        out += ['', integer_speed_section(speed)]
+    return '\n'.join(out)
+
+
+def integer_speed_section(doc):
+    out = ['### Integer model speed vs float (DeiT-Tiny, CPU)', '',
+           f'Command: `{doc["command"]}`  ', f'Machine: {doc["machine"]}; date {doc["date"]}; '
+           f'{doc["threads"]} threads; {doc["note"]}', '',
+           '| model | batch | median ms | ratio to float eager (median of per-round ratios) |',
+           '|---|---|---|---|']
+    for r in doc['rows']:
+        out.append(f'| {r["variant"]} | {r["batch"]} | {r["median_ms"]:.1f} | {r["ratio"]:.3f} |')
+    for prof in doc.get('profiles', []):
+        out += ['', f'Profile: {prof["variant"]}, batch {prof["batch"]} (self CPU time, top ops)', '',
+                '| op | self ms | % |', '|---|---|---|']
+        out += [f'| `{o["op"]}` | {o["ms"]:.2f} | {o["pct"]:.1f} |' for o in prof['ops']]
+    return '\n'.join(out)
+
+
 def render():
     parts = ['# Benchmark results', '',
              'Produced by the scripts in `benchmarks/`; each section names the command that wrote it. '
@@ -100,6 +142,9 @@ def render():
     speed = load_result('cls_speed.json')
     if speed:
         parts += [speed_section(speed), '']
+    integer = load_result('integer_agreement.json')
+    if integer:
+        parts += [integer_section(integer), '']
     det = load_result('det_benchmark.json')
     if det:
         parts += [det_section(det), '']

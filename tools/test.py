@@ -34,6 +34,9 @@ def parse_args(argv=None):
                    help='evaluate the float model first, then the quantized one, and print both; '
                         'for detectors also the agreement AP (quantized predictions scored '
                         'against the float predictions as ground truth)')
+    p.add_argument('--integer', action='store_true',
+                   help='evaluate the integer model (int8 GEMMs, fqvit_det.integer) built from the '
+                        'calibrated one; classification configs')
     p.add_argument('--calib-images', type=int, help='override the number of calibration images')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                    help='override config keys, e.g. test_dataloader.batch_size=2')
@@ -57,7 +60,8 @@ def main(argv=None):
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
-                         calib_images=args.calib_images, out=args.out, show_dir=args.show_dir)
+                         calib_images=args.calib_images, out=args.out, show_dir=args.show_dir,
+                         integer=args.integer)
     init_distributed(cfg, args.launcher)
     results = {}
     agreement_file = (osp.join(cfg.work_dir, AGREEMENT_FILE)
@@ -65,9 +69,10 @@ def main(argv=None):
     if args.compare_float or args.float:
         results['float'] = run_eval(cfg, float_eval=True, agreement_file=agreement_file)
     if not args.float:
-        results['quant'] = run_eval(cfg, float_eval=False, agreement_file=agreement_file)
-        if 'agreement' in results['quant']:
-            results['agreement'] = dict(metrics=results['quant'].pop('agreement'))
+        key = 'integer' if args.integer else 'quant'
+        results[key] = run_eval(cfg, float_eval=False, agreement_file=agreement_file)
+        if 'agreement' in results[key]:
+            results['agreement'] = dict(metrics=results[key].pop('agreement'))
     summary_path = osp.join(cfg.work_dir, 'summary.json')
     if int(os.environ.get('RANK', '0')) == 0:
         os.makedirs(cfg.work_dir, exist_ok=True)

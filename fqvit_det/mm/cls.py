@@ -102,6 +102,15 @@ class QuantizedClassifier(QuantizableMixin, BaseModel):
     def quant_target(self):
         return self.classifier.model if _is_timm_classifier(self.classifier) else self.classifier
 
+    def convert_to_integer(self) -> None:
+        """Replace the calibrated timm model by its integer twin (``fqvit_det.integer.to_integer``)."""
+        if not _is_timm_classifier(self.classifier):
+            raise NotImplementedError(
+                f'--integer: the integer converter handles timm ViT/DeiT models (configs with '
+                f'TimmClassifier); {type(self.classifier).__name__} is not converted yet')
+        from ..integer import to_integer
+        self.classifier.model = to_integer(self.classifier.model)
+
     def calib_forward(self, model, batch):
         """Classification logits of one calibration batch (the Hessian-guided search uses them)."""
         inputs = self.data_preprocessor(batch, False)['inputs']

@@ -93,12 +93,15 @@ class CalibrationHook(Hook):
         quant_state: a saved state to load instead of calibrating.
         save_state: write ``<work_dir>/quant_state.safetensors`` after calibrating.
         float_eval: leave the model in float mode (a float baseline run of the same config).
+        integer: after calibrating (or loading the state), evaluate the integer model
+            (``fqvit_det.integer.to_integer`` through the wrapper's ``convert_to_integer``).
     """
     priority = 'VERY_HIGH'
 
     def __init__(self, dataloader: Optional[dict] = None, num_images: Optional[int] = None,
                  quant_state: Optional[str] = None, save_state: bool = True,
-                 float_eval: bool = False):
+                 float_eval: bool = False, integer: bool = False):
+        self.integer = integer
         self.dataloader = dataloader
         self.num_images = num_images
         self.quant_state = quant_state
@@ -147,6 +150,18 @@ class CalibrationHook(Hook):
 
     def before_test(self, runner) -> None:
         self._calibrate(runner)
+        self._maybe_integer(runner)
+
+    def _maybe_integer(self, runner) -> None:
+        if not self.integer or self.float_eval:
+            return
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if getattr(model, 'quant_spec', None) is None:
+            raise ValueError('--integer needs a quantized model (the config has no quant_cfg)')
+        t0 = time.time()
+        model.convert_to_integer()
+        runner.logger.info(f'CalibrationHook: evaluating the integer model (converted in '
+                           f'{time.time() - t0:.1f}s)')
 
     def before_val(self, runner) -> None:
         self._calibrate(runner)

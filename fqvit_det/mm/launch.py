@@ -109,7 +109,7 @@ def split_agreement(metrics: dict):
 
 
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
-                   show_dir=None, check_data: bool = True) -> Config:
+                   show_dir=None, check_data: bool = True, integer: bool = False) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
 
     ``check_data=False`` skips the dataset and checkpoint path checks (resolving a config needs
@@ -145,6 +145,9 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
         _check_path(cfg.model.checkpoint, 'checkpoint', 'model.checkpoint')
     if quant_state:
         _check_path(quant_state, 'quant state', '--quant-state')
+    if integer and qcfg is None:
+        raise ValueError('--integer needs a config with quant_cfg (it runs the calibrated model with '
+                         'integer GEMMs)')
     if check_data:
         check_dataset(cfg.get('test_dataloader', {}).get('dataset'), 'test_dataloader.dataset')
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'CalibrationHook']
@@ -160,6 +163,8 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             h['quant_state'] = quant_state
         if calib_images:
             h['num_images'] = calib_images
+        if integer:
+            h['integer'] = True
     if out:
         if cfg.model.get('type') in CLASSIFIERS:
             dump = ConfigDict(type='DumpResults', out_file_path=out)

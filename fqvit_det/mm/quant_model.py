@@ -58,6 +58,11 @@ class QuantizableMixin:
     def quant_target(self):
         raise NotImplementedError
 
+    def convert_to_integer(self) -> None:
+        """Replace the calibrated quantized model by its integer twin (``tools/test.py --integer``)."""
+        raise NotImplementedError(f'{type(self).__name__} has no integer execution yet '
+                                  '(supported: TimmClassifier)')
+
     def conversion_rules(self, glue: dict):
         """Architecture rules for ``quantize_model``; None = detect from the model type."""
         return None

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Integer DeiT-Tiny vs float eager: latency at batch 1 and 32, interleaved rounds, per-op profile.
+
+    python benchmarks/integer_speed.py [--presets repq_w4a4,fqvit_884] [--threads 2] [--rounds 7]
+        [--states work_dirs/integer_states] [--compile]
+
+Every round runs each variant (float eager, then each integer preset; the order rotates per round)
+as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
+round is the median of its block, its ratio the block median over float's in the same round; the
+table reports medians over rounds. ``--compile`` adds variants whose elementwise kernels
+around each integer GEMM (input quantization, int32 bias + rescale / dyadic requantization) are
+fused by ``torch.compile`` (``fqvit_det.integer.use_compiled_kernels``; compiling the whole integer
+model fails in inductor on the attention's data-dependent ops), measured beside eager. The calibrated states come from ``tools/test.py`` as for
+``integer_agreement.py``. Writes benchmarks/results/integer_speed.json and re-renders RESULTS.md.
+"""
+import argparse
+import datetime
+import os.path as osp
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+from integer_agreement import MODEL, PRESETS, build_simulated, load_images  # noqa: E402
+
+
+def float_model(data):
+    import timm
+
+    from fqvit_det.mm.checkpoint import load_weights
+    model = timm.create_model(MODEL)
+    model.load_state_dict(load_weights(osp.join(data, 'deit_tiny', f'{MODEL}.safetensors')))
+    return model.eval()
+
+
+def time_block(fn, x, warmup, calls):
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile(fn, x, calls, top=14):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    with torch.inference_mode():
+        fn(x)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(calls):
+                fn(x)
+    events = p.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [dict(op=e.key, ms=e.self_cpu_time_total / 1e3 / calls, pct=100.0 * e.self_cpu_time_total / total)
+            for e in rows]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
+    p.add_argument('--presets', default='repq_w4a4,fqvit_884')
+    p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=7)
+    p.add_argument('--batches', default='1,32')
+    p.add_argument('--compile', action='store_true',
+                   help='also time the integer models with torch.compile-fused elementwise kernels')
+    p.add_argument('--no-profile', action='store_true')
+    p.add_argument('--note', default='contended machine (load average ~15-20 on 2 cores): ratios only',
+                   help='what the machine was doing (goes into RESULTS.md)')
+    args = p.parse_args(argv)
+    from fqvit_det.integer import linear as int_linear
+    from fqvit_det.integer import to_integer
+    from results_md import machine_info, save_result
+    torch.set_num_threads(args.threads)
+    presets = args.presets.split(',')
+    for pr in presets:
+        if pr not in PRESETS:
+            raise SystemExit(f'unknown preset {pr!r}; choose from {sorted(PRESETS)}')
+    variants = {'float eager': float_model(args.data)}
+    for pr in presets:
+        sim, _, _ = build_simulated(pr, args.states, args.data)
+        variants[f'integer {pr}'] = to_integer(sim)
+        del sim
+    eager_kernels = dict(int_linear.KERNELS)
+    compiled_kernels = None
+    if args.compile:
+        int_linear.use_compiled_kernels(True)
+        compiled_kernels = dict(int_linear.KERNELS)
+        int_linear.KERNELS.update(eager_kernels)
+
+    def with_kernels(model, kernels):
+        def run(x):
+            int_linear.KERNELS.update(kernels)
+            return model(x)
+        return run
+    for pr in presets:
+        model = variants[f'integer {pr}']
+        variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
+        if compiled_kernels is not None:
+            variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
+    x32, _ = next(load_images(args.data, 32, 32))
+    rows, profiles = [], []
+    for bs in [int(b) for b in args.batches.split(',')]:
+        x = x32[:bs].contiguous()
+        warmup, calls = (3, 10) if bs == 1 else (1, 2)
+        names = list(variants)
+        per_round = {n: [] for n in names}
+        ratios = {n: [] for n in names}
+        identical = {}
+        with torch.inference_mode():      # compile / first-call costs outside the rounds
+            for n in names:
+                out = variants[n](x)
+                if 'compiled' in n:
+                    identical[n] = bool(torch.equal(out, variants[n.replace(' (compiled kernels)', '')](x)))
+        if identical:
+            print(f'batch {bs}: compiled kernels give identical outputs: {identical}')
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            t = {n: time_block(variants[n], x, warmup, calls) for n in order}
+            for n in names:
+                per_round[n].append(t[n])
+                ratios[n].append(t[n] / t['float eager'])
+            print(f'batch {bs} round {r}: ' + ', '.join(f'{n} {1e3 * t[n]:.1f} ms' for n in names), flush=True)
+        for n in names:
+            rows.append(dict(variant=n, batch=bs, median_ms=1e3 * statistics.median(per_round[n]),
+                             ratio=statistics.median(ratios[n]), identical_to_eager=identical.get(n)))
+            print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
+        if not args.no_profile:
+            for n in names:
+                if 'compile' in n:
+                    continue
+                profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
+    save_result('integer_speed.json', dict(
+        command='python benchmarks/integer_speed.py ' + ' '.join(sys.argv[1:]),
+        machine=machine_info(), threads=args.threads, date=datetime.date.today().isoformat(),
+        note=args.note, rows=rows, profiles=profiles))
+
+
+if __name__ == '__main__':
+    main()

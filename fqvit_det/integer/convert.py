@@ -1,0 +1,228 @@
+"""``to_integer``: a calibrated (simulated) model → a new module graph that computes with integers.
+
+What runs integer, per method (timm DeiT / ViT):
+
+=============================  ===========================  ========================================
+part                           FQ-ViT                       PTQ4ViT / RepQ-ViT / AdaLog
+=============================  ===========================  ========================================
+qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),     int8 GEMM, int32 bias, exact float
+                               int32 bias; qkv / proj /     rescale (the papers keep these outputs
+                               fc2 / head outputs           float); PTQ4ViT fc2 on twin-uniform
+                               requantized dyadically to    codes (two row blocks joined by a
+                               the next quantizer's codes;  shift); AdaLog fc2 reads log codes:
+                               fc1 → float (GELU)           simulated (float GEMM on their values)
+patch embedding                int8 GEMM over patches       int8 GEMM (RepQ / AdaLog 8-bit image
+                                                            codes); PTQ4ViT keeps the image float:
+                                                            simulated
+attention core                 ``IntegerAttention``: QKᵀ    ``IntegerAttention``: QKᵀ int8 GEMM,
+                               int8 GEMM, dyadic logit      float softmax (the methods keep it
+                               codes, integer LIS, P·V by   float), probability codes, P·V on the
+                               shifts on log2 codes         codes (twin / log√2 parity / AdaLog LUT)
+LayerNorm                      integer (FQ-ViT I-LN on PTF  float (the methods keep it float)
+                               codes, the bit-exact
+                               integer algorithm of
+                               ``QuantLayerNorm``)
+residual add, GELU             float add of quantized       float (the methods keep them float)
+                               values, PTF-quantized; GELU
+                               float
+=============================  ===========================  ========================================
+
+Codes pass directly between the qkv GEMM, the attention core and the proj GEMM where their grids
+match; elsewhere modules exchange the dequantized values of the codes (exactly the simulated
+values), and each integer GEMM quantizes its input itself with the simulation's quantizer.
+
+``to_integer`` never mutates its argument: it deep-copies the calibrated model and swaps every
+eligible quantized Linear / patch convolution for ``IntegerLinear`` / ``IntegerPatchEmbed``.
+Modules left simulated keep their quantizers in 'quant' mode, so the result computes what the
+simulation computes, with integer GEMMs where the codes allow them.
+"""
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..log import get_logger
+from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
+from ..quantizers.uniform import UniformQuantizer
+from .linear import IntegerLinear, IntegerPatchEmbed, integer_input_ok
+
+
+def _quant_on(q) -> bool:
+    return q is not None and getattr(q, 'mode', None) == 'quant'
+
+
+def _input_ok(q) -> bool:
+    from ..quantizers.twin import TwinUniformGeluQuantizer
+    return _quant_on(q) and (integer_input_ok(q) or isinstance(q, TwinUniformGeluQuantizer))
+
+
+def _weight_ok(mod) -> bool:
+    wq = mod.w_quantizer
+    return (_quant_on(wq) and type(wq) is UniformQuantizer and wq.bits <= 8
+            and (wq.ch_axis is None or wq.ch_axis % mod.weight.dim() == 0))
+
+
+def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition('.')
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def _feeding_norms(model: nn.Module) -> Dict[str, str]:
+    """linear path -> path of the LayerNorm whose (quantized) output is that Linear's input."""
+    out = {}
+    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
+        for p in linear_paths:
+            out[p] = norm_path
+    return out
+
+
+def _norm_is_integer(norm) -> bool:
+    return isinstance(norm, QuantLayerNorm) and norm._integer_pair() is not None
+
+
+def plan_integer(model: nn.Module) -> List[Tuple[str, str, Optional[str]]]:
+    """(module path, 'linear' | 'patch', feeding norm path whose output quantizer is the input
+    grid, or None) for every module ``to_integer`` converts."""
+    feeds = _feeding_norms(model)
+    plan = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            norm_path = None
+            in_q = mod.in_quantizer
+            if in_q is None and path in feeds:
+                norm_path = feeds[path]
+                in_q = getattr(model.get_submodule(norm_path), 'out_quantizer', None)
+            if _weight_ok(mod) and _input_ok(in_q):
+                plan.append((path, 'linear', norm_path if mod.in_quantizer is None else None))
+        elif isinstance(mod, QuantConv2d):
+            if (_weight_ok(mod) and integer_input_ok(mod.in_quantizer) and _quant_on(mod.in_quantizer)
+                    and IntegerPatchEmbed.supports(mod)):
+                plan.append((path, 'patch', None))
+    return plan
+
+
+def _integer_linear(mod, in_q) -> IntegerLinear:
+    out_q = mod.out_quantizer if _quant_on(mod.out_quantizer) else None
+    if mod.bias is None:
+        bias = None
+    else:
+        bias = mod.bias
+    return IntegerLinear.from_quant(mod.weight, bias, mod.w_quantizer, in_q, out_q)
+
+
+class IntegerTimmAttention(nn.Module):
+    """timm attention with the core (QKᵀ, softmax, P·V) on integer codes (``IntegerAttention``,
+    helper ``intattn``'s kernels): qkv → codes → attention → proj_input values → proj.
+    ``core_config`` rebuilds an empty core for loading (``attn`` then only lends qkv / proj)."""
+
+    def __init__(self, attn: nn.Module, core_config: Optional[dict] = None):
+        super().__init__()
+        from .attention import IntegerAttention
+        self.core = (IntegerAttention(attn) if core_config is None
+                     else IntegerAttention(config=core_config))
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.proj_drop = attn.proj_drop
+
+    def _same_grid(self, lin, scale, zero) -> bool:
+        return (scale.numel() == 1 and zero.numel() == 1
+                and float(lin.out_scale if lin is self.qkv else lin.in_scale) == float(scale)
+                and int(lin.out_zero_point if lin is self.qkv else lin.in_zero_point) == int(zero))
+
+    def _code_links(self):
+        """(qkv hands codes to the core, the core hands codes to proj): where the integer GEMM's
+        output grid is the core's input grid (FQ-ViT's qkv_output) and the core's output grid is
+        proj's input grid (proj_input), codes pass directly, with no dequantize / quantize pair."""
+        core = self.core
+        qkv_codes = (isinstance(self.qkv, IntegerLinear) and self.qkv.out_mode == 'dyadic'
+                     and core.cfg.get('shared_qkv', False)
+                     and self._same_grid(self.qkv, core.q_scale, core.q_zero))
+        proj_codes = (isinstance(self.proj, IntegerLinear) and self.proj.in_kind == 'uniform'
+                      and core.out_scale.numel() > 0
+                      and self._same_grid(self.proj, core.out_scale, core.out_zero))
+        return qkv_codes, proj_codes
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError('IntegerTimmAttention: masks are not supported')
+        links = getattr(self, '_code_links_cache', None)
+        if links is None:
+            links = self._code_links_cache = self._code_links()
+        qkv = self.qkv.forward_codes(x) if links[0] else self.qkv(x)
+        out = self.core(qkv, dequantize=not links[1])
+        return self.proj_drop(self.proj(out))
+
+
+def integer_attention_paths(model: nn.Module) -> List[str]:
+    """Quantized timm attentions whose core ``IntegerAttention`` supports (others stay simulated)."""
+    from ..convert.timm_vit import QuantTimmAttention
+    from .attention import IntegerAttention
+    paths = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, QuantTimmAttention):
+            try:
+                IntegerAttention(mod)
+            except (NotImplementedError, TypeError, ValueError) as err:
+                get_logger().info(f'to_integer: {path} stays simulated ({err})')
+                continue
+            paths.append(path)
+    return paths
+
+
+def install_integer_attention(model: nn.Module, paths, configs=None) -> None:
+    """Swap the attentions at ``paths`` for ``IntegerTimmAttention`` (from the calibrated module,
+    or empty from ``configs`` when loading)."""
+    for i, path in enumerate(paths):
+        cfg = None if configs is None else configs[i]
+        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path), cfg))
+
+
+def adopt_norm_targets(model: nn.Module) -> None:
+    """A LayerNorm that writes its integer output on the grid of a quantizer applied downstream
+    (``emit_to``: FQ-ViT's final norm → head input) takes that quantizer as its own output
+    quantizer, so it survives the replacement of the module that applied it."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLayerNorm) and mod.out_quantizer is None and mod.output_target is not None:
+            mod.out_quantizer = mod.output_target
+
+
+@torch.no_grad()
+def to_integer(model: nn.Module, attention: bool = True) -> nn.Module:
+    """A new module graph computing ``model`` (calibrated, quantizers in 'quant' mode) with
+    integer GEMMs; ``model`` itself is left unchanged. Runs on the CPU or CUDA (the device of the
+    model); integer constants are computed on the CPU."""
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    new = copy.deepcopy(model).cpu()
+    adopt_norm_targets(new)
+    plan = plan_integer(new)
+    attention = integer_attention_paths(new) if attention else []
+    install_integer_attention(new, attention)
+    if not plan:
+        raise ValueError('to_integer: no quantized Linear / patch convolution with a per-tensor '
+                         'uniform input and a uniform weight quantizer in quant mode: calibrate first')
+    for path, kind, norm_path in plan:
+        mod = new.get_submodule(path)
+        if kind == 'patch':
+            w = mod.weight
+            lin = IntegerLinear.from_quant(w, mod.bias, mod.w_quantizer, mod.in_quantizer,
+                                           mod.out_quantizer if _quant_on(mod.out_quantizer) else None)
+            _set_child(new, path, IntegerPatchEmbed(lin, mod.kernel_size, mod.out_channels))
+            continue
+        in_q = mod.in_quantizer
+        if in_q is None:
+            norm = new.get_submodule(norm_path)
+            in_q = norm.out_quantizer
+            if not _norm_is_integer(norm):
+                # The integer Linear quantizes the norm output itself (same quantizer, same codes):
+                # the norm's own fake quantization would be a second pass over the same values.
+                norm.out_quantizer = None
+        _set_child(new, path, _integer_linear(mod, in_q))
+    new.fqvit_integer_plan = [list(p) for p in plan]
+    new.fqvit_integer_attention = attention
+    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')
+    return new.to(device)
+
+
+def integer_modules(model: nn.Module):
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, IntegerLinear)]

@@ -1,0 +1,178 @@
+"""Integer model export: one safetensors file (no pickle), loadable with torch + safetensors + timm.
+
+The file holds the integer model's state: int8 weight codes (4-bit codes packed two per byte with
+a per-channel int8 offset), int32 biases, float32 scales or int32 dyadic multipliers, and the
+remaining float tensors (LayerNorm, position embedding, quantizers of the simulated parts). Its
+metadata holds what rebuilds the module graph before the tensors are loaded: the timm
+architecture, the resolved recipe (``QuantSpec``), the integer plan (path, kind, constructor
+arguments) and the quantizer modes. ``load_integer`` reproduces the saved model's outputs bit for
+bit. Written to a temporary file in the target directory, then renamed.
+"""
+import json
+import os
+import tempfile
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .convert import adopt_norm_targets, install_integer_attention
+from .linear import IntegerLinear, IntegerPatchEmbed
+
+FORMAT = 'fqvit-det-integer/1'
+PACK_SUFFIX, LOW_SUFFIX = '.packed4', '.low4'
+
+
+def pack_int4(codes: torch.Tensor):
+    """(packed uint8 [N, ⌈K/2⌉], low int8 [N]) for int8 codes [N, K] spanning ≤ 16 values per row:
+    nibble = code − low (0 … 15), two per byte (even column in the low nibble)."""
+    low = codes.to(torch.int16).amin(dim=1)
+    nib = (codes.to(torch.int16) - low[:, None])
+    if int(nib.max()) > 15:
+        raise ValueError('pack_int4: a row spans more than 16 code values')
+    if nib.shape[1] % 2:
+        nib = torch.cat([nib, torch.zeros_like(nib[:, :1])], 1)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
+    return packed, low.to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor, low: torch.Tensor, k: int) -> torch.Tensor:
+    p = packed.to(torch.int16)
+    nib = torch.stack([p & 15, p >> 4], dim=2).reshape(p.shape[0], -1)[:, :k]
+    return (nib + low.to(torch.int16)[:, None]).to(torch.int8)
+
+
+def _plan_entries(model: nn.Module):
+    entries = []
+    for path, kind, norm_path in getattr(model, 'fqvit_integer_plan', []):
+        mod = model.get_submodule(path)
+        lin = mod.linear if kind == 'patch' else mod
+        extra = dict(patch_size=list(mod.patch_size), out_channels=mod.out_channels) if kind == 'patch' else {}
+        norm = model.get_submodule(norm_path) if norm_path else None
+        entries.append(dict(path=path, kind=kind, norm=norm_path, config=lin.config(),
+                            drop_norm_quantizer=bool(norm is not None and norm.out_quantizer is None),
+                            **extra))
+    return entries
+
+
+def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors of the export: the state dict with 4-bit weight codes packed and dyadic
+    multipliers narrowed to int32."""
+    state, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:          # a module reached by two paths (IntegerAttention's quantizers)
+            continue
+        seen.add(id(v))
+        state[k] = v.detach().cpu().contiguous()
+    for path, mod in model.named_modules():
+        if not isinstance(mod, IntegerLinear):
+            continue
+        key = f'{path}.weight_codes'
+        if mod.w_bits <= 4:
+            packed, low = pack_int4(state.pop(key))
+            state[key + PACK_SUFFIX], state[key + LOW_SUFFIX] = packed, low
+        mk = f'{path}.multiplier'
+        if state[mk].numel():
+            state[mk] = state[mk].to(torch.int32)      # M < 2^31
+    return state
+
+
+def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
+    """Write ``model`` (from ``to_integer``) to ``path``; returns the file size in bytes.
+
+    ``arch``: ``dict(model_name=..., **timm kwargs)`` that ``timm.create_model`` rebuilds the float
+    skeleton from; ``spec``: the ``QuantSpec`` the model was calibrated with."""
+    from safetensors.torch import save_file
+
+    from ..walk import named_quantizers
+    if not getattr(model, 'fqvit_integer_plan', None):
+        raise ValueError('save_integer: the model has no integer plan; convert it with to_integer first')
+    if not isinstance(arch, dict) or not isinstance(arch.get('model_name'), str):
+        raise ValueError(f"save_integer: arch must be dict(model_name=<timm name>, ...), got {arch!r}")
+    meta = dict(format=FORMAT, arch=json.dumps(arch, sort_keys=True),
+                recipe=json.dumps(spec.to_dict(), sort_keys=True),
+                plan=json.dumps(_plan_entries(model)),
+                attention=json.dumps([dict(path=p, config=model.get_submodule(p).core.config())
+                                      for p in getattr(model, 'fqvit_integer_attention', [])]),
+                reparam=json.dumps([n for n, _ in getattr(model, 'fqvit_reparam_done', []) or []]),
+                modes=json.dumps({n: q.mode for n, q in named_quantizers(model)}))
+    state = integer_state(model)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.integer-', suffix='.safetensors', dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return os.path.getsize(path)
+
+
+def _set_child(model, path, new):
+    parent_path, _, name = path.rpartition('.')
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+
+
+def load_integer(path: str, device='cpu') -> nn.Module:
+    """The integer model saved by ``save_integer`` (eval mode, on ``device``)."""
+    import timm
+    from safetensors import safe_open
+
+    from ..calibration.reparam import make_per_tensor
+    from ..convert import quantize_model
+    from ..presets import QuantSpec
+    with safe_open(path, framework='pt') as f:
+        meta = f.metadata() or {}
+        if meta.get('format') != FORMAT:
+            raise ValueError(f'{path}: not an integer export (format {meta.get("format")!r}, '
+                             f'expected {FORMAT!r})')
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    arch = json.loads(meta['arch'])
+    name = arch.pop('model_name')
+    model = timm.create_model(name, pretrained=False, **arch).eval()
+    quantize_model(model, QuantSpec.from_dict(json.loads(meta['recipe'])))
+    for norm_path in json.loads(meta['reparam']):
+        q = getattr(model.get_submodule(norm_path), 'out_quantizer', None)
+        if q is not None:
+            make_per_tensor(q)
+    model.fqvit_reparam_done = [(n, []) for n in json.loads(meta['reparam'])]
+    adopt_norm_targets(model)
+    attn_entries = json.loads(meta.get('attention', '[]'))
+    attention = [e['path'] for e in attn_entries]
+    install_integer_attention(model, attention, [e['config'] for e in attn_entries])
+    plan = json.loads(meta['plan'])
+    for e in plan:
+        lin = IntegerLinear(**e['config'])
+        key = f'{e["path"]}{".linear" if e["kind"] == "patch" else ""}.weight_codes'
+        if key + PACK_SUFFIX in state:
+            state[key] = unpack_int4(state.pop(key + PACK_SUFFIX), state.pop(key + LOW_SUFFIX),
+                                     e['config']['in_features'])
+        mk = key.replace('.weight_codes', '.multiplier')
+        state[mk] = state[mk].to(torch.int64)
+        if e['kind'] == 'patch':
+            lin = IntegerPatchEmbed(lin, e['patch_size'], e['out_channels'])
+        _set_child(model, e['path'], lin)
+        if e['drop_norm_quantizer']:
+            model.get_submodule(e['norm']).out_quantizer = None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # keys left out at saving are second paths to tensors that were saved once
+    aliased = {k for k, v in model.state_dict(keep_vars=True).items() if k not in state}
+    if unexpected or set(missing) - aliased:
+        raise ValueError(f'{path}: tensors do not match the rebuilt integer model (missing '
+                         f'{sorted(set(missing) - aliased)[:5]}, unexpected {sorted(unexpected)[:5]})')
+    shared = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        shared.setdefault(id(v), []).append(k)
+    orphans = [ks for ks in shared.values() if not any(k in state for k in ks)]
+    if orphans:
+        raise ValueError(f'{path}: tensors missing from the file: {orphans[:5]}')
+    modes = json.loads(meta['modes'])
+    from ..walk import named_quantizers, refresh
+    for qname, q in named_quantizers(model):
+        q.set_mode(modes.get(qname, 'quant'))
+    refresh(model)
+    model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
+    model.fqvit_integer_attention = attention
+    return model.to(device)

@@ -1,0 +1,155 @@
+"""Residual-stream kernels on codes: FQ-ViT integer LayerNorm on PTF codes and the integer
+residual add.
+
+``int_layernorm_codes(codes, in_quantizer, weight, bias, out_quantizer)`` — PTF (or per-tensor
+unsigned uniform) input codes → ``ln_output`` codes, bit-exact with the simulation
+(``QuantLayerNorm`` integer mode = ``int_layernorm_fake_quant``):
+
+* integer: the shifted codes x_c = (q − z)·2^α_c (a left shift: every channel in units of Δ_1),
+  S1 = Σ x_c, S2 = Σ x_c², D = C·S2 − S1² (exact integers), the output
+  y = ⌊(M_c·x_c + B_c) / 2^N_c⌉ + z_out, clamped (integer multiply-add and rounding shift);
+* per token, the dyadic parameters M_c (8-bit), N_c, B_c are derived from the exact integers
+  S1, D and the float γ, β, Δ_1, Δ_out as in FQ-ViT's official code (σ = Δ_1/C·sqrt(D + eps·C²/Δ_1²)
+  in float64, γ and β stay float: FQ-ViT issue #42). An integer square root would change σ and
+  with it M, i.e. the codes, so it is not used: the parameters are the simulation's to the bit.
+  The integer parts run in float64 carrying exact integers (< 2^52, checked per chunk; a chunk
+  that could leave that range runs the int64 reference) — ``quantizers.ptf.int_layernorm``.
+
+``int_residual_add(a_codes, a_quantizer, b_codes, b_quantizer, out_quantizer)`` — the residual
+sum x + f(x) of two quantized operands (FQ-ViT: PTF residual codes + the uniform
+``attn_output`` / ``mlp_output`` codes) requantized to the ``residual`` quantizer's codes:
+y = clamp(⌊(a − z_a)·m_a,c + (b − z_b)·m_b,c⌉ + z_out, 0, q_max) with per-channel multipliers
+m = Δ_in,c/Δ_out,c as dyadic numbers sharing one N per channel (``requantize``). Bound: exact
+but for the dyadic rounding, ≤ 1 code from the exactly rounded sum; the float32 simulation
+rounds its products and sum, so it agrees with the exact result except within float32 rounding
+of a tie: ≤ 1 code (asserted in the tests).
+"""
+import math
+from typing import Tuple
+
+import torch
+
+from ..quantizers.ptf import PTFQuantizer, int_layernorm
+from ..quantizers.uniform import UniformQuantizer
+from ..quantizers.base import chunk_step, scratch
+from .attention import dyadic_values, requantize
+
+
+def _int_zero(z: torch.Tensor, who: str) -> int:
+    z = z.reshape(-1)
+    if z.numel() != 1 or float(z) != round(float(z)):
+        raise ValueError(f'{who}: an integer-valued per-tensor zero point is required, got {z}')
+    return int(round(float(z)))
+
+
+def ptf_shifted_codes(codes: torch.Tensor, zero_point, alpha: torch.Tensor) -> torch.Tensor:
+    """x_c = (q − z) << α_c (int32): PTF codes in units of Δ_1 (channels on the last dim)."""
+    z = _int_zero(torch.as_tensor(zero_point), 'ptf_shifted_codes')
+    alpha = torch.as_tensor(alpha, device=codes.device).to(torch.int32).reshape(-1)
+    x = codes.to(torch.int32) - z
+    return torch.bitwise_left_shift(x, alpha) if bool((alpha != 0).any()) else x
+
+
+def _expand(t: torch.Tensor, expand: int, mode: str) -> torch.Tensor:
+    if expand == 1 or t.numel() == 1:
+        return t
+    t = t.reshape(-1)
+    return t.repeat(expand) if mode == 'repeat' else t.repeat_interleave(expand)
+
+
+def layernorm_input_params(q, expand: int = 1, expand_mode: str = 'repeat'):
+    """(base scale Δ_1, zero point, α) of a LayerNorm input quantizer: a ``PTFQuantizer`` or a
+    per-tensor unsigned ``UniformQuantizer`` (α = 0), as ``nn.modules.IntegerInput`` reads them."""
+    if isinstance(q, PTFQuantizer):
+        return q.base_scale.reshape(()), q.zero_point.reshape(()), _expand(q.alpha, expand,
+                                                                          expand_mode)
+    if type(q) is UniformQuantizer and q.ch_axis is None and not q.signed and q.scale.numel() == 1:
+        return q.scale.reshape(()), q.zero_point.reshape(()), torch.zeros(
+            (), dtype=torch.long, device=q.scale.device)
+    raise TypeError(f'integer LayerNorm input: PTFQuantizer or per-tensor unsigned '
+                    f'UniformQuantizer expected, got {type(q).__name__}')
+
+
+def int_layernorm_codes(codes: torch.Tensor, in_quantizer, weight, bias, out_quantizer,
+                        eps: float = 1e-5, dyadic_bits: int = 8, fold_mean: bool = True,
+                        expand: int = 1, expand_mode: str = 'repeat') -> torch.Tensor:
+    """FQ-ViT integer LayerNorm over the last dim: input codes of ``in_quantizer`` (PTF or
+    per-tensor unsigned uniform) → int32 codes of ``out_quantizer`` (per-tensor unsigned
+    uniform). Bit-exact with ``QuantLayerNorm``'s integer mode. ``expand`` / ``expand_mode``:
+    Swin patch merging (see ``nn.modules.IntegerInput``)."""
+    base, zp, alpha = layernorm_input_params(in_quantizer, expand, expand_mode)
+    oq = out_quantizer
+    if not (type(oq) is UniformQuantizer and oq.ch_axis is None and not oq.signed
+            and oq.scale.numel() == 1):
+        raise TypeError('integer LayerNorm output: per-tensor unsigned UniformQuantizer expected, '
+                        f'got {oq!r}')
+    x = ptf_shifted_codes(codes, zp, alpha)
+    return int_layernorm(x, base, weight, bias, oq.scale.reshape(()), oq.zero_point.reshape(()),
+                         out_bits=oq.bits, eps=eps, dyadic_bits=dyadic_bits, fold_mean=fold_mean)
+
+
+def residual_params(q) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(scale, zero point, q_min, q_max) of a residual-stream operand's quantizer, the scale per
+    channel of the last dim or scalar: PTF (Δ_1·2^α_c) or uniform (per tensor / ch_axis = −1)."""
+    if isinstance(q, PTFQuantizer):
+        if q.ch_axis not in (-1,):
+            raise ValueError(f'{q.qname}: PTF channels must be the last dim (ch_axis=-1)')
+        return q.channel_scale.reshape(-1), q.zero_point.reshape(()), q.qmin, q.qmax
+    if isinstance(q, UniformQuantizer):
+        if q.scale.numel() != 1 and q.ch_axis not in (-1,):
+            raise ValueError(f'{q.qname}: per-channel residual operands must be channel-last')
+        s = q.scale.reshape(()) if q.scale.numel() == 1 else q.scale.reshape(-1)
+        z = q.zero_point.reshape(()) if q.zero_point.numel() == 1 else q.zero_point.reshape(-1)
+        return s, z, q.qmin, q.qmax
+    raise TypeError(f'residual add: PTFQuantizer or UniformQuantizer expected, got '
+                    f'{type(q).__name__}')
+
+
+def int_residual_add(a_codes: torch.Tensor, a_quantizer, b_codes: torch.Tensor, b_quantizer,
+                     out_quantizer, method: str = 'dyadic') -> torch.Tensor:
+    """Codes of ``out_quantizer`` for â + b̂ (channels on the last dim), from the integer codes
+    of both operands; int32. See the module docstring for the bound.
+
+    ``method='dyadic'``: y = clamp(⌊a·M_a,c·2^−N_c + b·M_b,c·2^−N_c + K_c⌉ + z_out) with
+    K_c = −(z_a·M_a,c + z_b·M_b,c)·2^−N_c: every term an integer times 2^−N_c below 2^52, so the
+    float64 evaluation is the exact integer one (``requantize``'s multipliers), computed in
+    cache-sized chunks of tokens."""
+    sa, za, a_lo, a_hi = residual_params(a_quantizer)
+    sb, zb, b_lo, b_hi = residual_params(b_quantizer)
+    so, zo, qmin, qmax = residual_params(out_quantizer)
+    if zo.numel() != 1:
+        raise ValueError('int_residual_add: the output zero point must be per tensor')
+    if a_codes.shape != b_codes.shape:
+        raise ValueError(f'int_residual_add: operand shapes differ: {tuple(a_codes.shape)} vs '
+                         f'{tuple(b_codes.shape)}')
+    dev = a_codes.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    for z in (za, zb, zo):
+        if not bool((z == torch.round(z)).all()):
+            raise ValueError(f'int_residual_add: integer-valued zero points required, got {z}')
+    ma = sa.to(**f64) / so.to(**f64)
+    mb = sb.to(**f64) / so.to(**f64)
+    # |a − z_a| + |b − z_b| from the code ranges (no pass over the data)
+    bound = sum(max(abs(hi_ - float(z.min())), abs(float(z.max()) - lo_))
+                for z, lo_, hi_ in ((za, a_lo, a_hi), (zb, b_lo, b_hi)))
+    bound = int(math.ceil(bound))
+    if method != 'dyadic':
+        a = a_codes.to(torch.int32) - za.to(dev).round().to(torch.int32)
+        b = b_codes.to(torch.int32) - zb.to(dev).round().to(torch.int32)
+        return requantize([a, b], [ma, mb], zo.to(dev), qmin, qmax, method=method, bound=bound)
+    (ma, mb), _, exact = dyadic_values([ma, mb], bound)
+    if not exact:
+        raise OverflowError('int_residual_add: operand codes too wide for the dyadic path')
+    ma, mb = ma.to(dev), mb.to(dev)
+    k = -(za.to(**f64) * ma + zb.to(**f64) * mb)          # exact: z·M·2^−N
+    z_out = float(zo)
+    C = a_codes.shape[-1] if a_codes.dim() else 1
+    a2, b2 = a_codes.reshape(-1, C), b_codes.reshape(-1, C)
+    out = torch.empty(a2.shape, dtype=torch.int32, device=dev)
+    step = chunk_step(C, device=dev)
+    for i in range(0, a2.shape[0], step):
+        t = scratch('res_t', a2[i:i + step].shape, torch.float64, dev)
+        torch.mul(a2[i:i + step], ma, out=t)
+        t.addcmul_(b2[i:i + step].to(torch.float64), mb).add_(k)
+        out[i:i + step] = t.round_().add_(z_out).clamp_(qmin, qmax)
+    return out.reshape(a_codes.shape)

@@ -1,0 +1,349 @@
+"""Integer Linear / patch-embedding convolution: int8 × int8 → int32 GEMM with an int32 bias.
+
+One module serves every calibrated ``QuantLinear`` whose input has a per-tensor uniform quantizer
+(or PTQ4ViT's twin-uniform post-GELU quantizer) and whose weight has a uniform quantizer
+(per-channel or per-tensor, symmetric or asymmetric):
+
+* input codes a (uint8 for unsigned quantizers, int8 for signed ones) are produced from the float
+  input exactly as the simulated quantizer does (⌊x/Δ_x⌉ + z_x, clamped);
+* weight codes b = q_w − z_w (int8, precomputed once, stored (N, K) so that ``b.t()`` is the K×N
+  operand ``torch._int_mm`` reads) — when q_w − z_w does not fit int8 (asymmetric 8-bit weights),
+  b = q_w − 128 and the per-channel offset o = 128 − z_w is carried separately;
+* acc = Σ_k (a_k − z_x)(b_k + o) = a·b − z_x·Σb − z_x·o·K + o·Σa, where every term but o·Σa is a
+  per-output-channel int32 constant folded into ``bias_int``; the bias itself enters dyadic
+  outputs in output units with N fraction bits (int64 ``bias_out``) and float outputs as the
+  float bias after the rescale (an int32 bias in units of Δ_x·Δ_w moves outputs by up to half a
+  unit: enough to flip 4-bit codes).
+
+Output, per role (``out_mode``):
+
+==============  ======================================================  =====================
+out_mode        computes                                                used for
+==============  ======================================================  =====================
+``'float'``     y = acc · (Δ_x·Δ_w[c]) + bias (float32: an exact       outputs the method
+                rescale of the int32 accumulator, the float bias added  keeps float: fc1
+                after it as the simulation adds it)                     (→ GELU), every Linear
+                                                                        of PTQ4ViT / RepQ /
+                                                                        AdaLog (→ residual)
+``'dyadic'``    codes = clamp(⌊acc·M[c]·2^−N⌉ + z_out), M[c]·2^−N ≈    outputs the preset
+                Δ_x·Δ_w[c]/Δ_out (31-bit M, int64 product): the next    quantizes per tensor
+                quantizer's codes, at most one code from the            (FQ-ViT qkv, proj, fc2,
+                simulation's; returned dequantized ((q − z_out)·Δ_out)  patch embedding, head)
+                for the float parts downstream
+==============  ======================================================  =====================
+
+Twin-uniform inputs (PTQ4ViT post-GELU, Δ_pos = 2^m·Δ_neg): the codes split into a positive and a
+negative int8 operand (levels 0 … h − 1 and −h … 0), stacked on the rows of one ``_int_mm``; the
+two accumulators meet in the finer unit by an exact left shift (int64), so the sum stays integer.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+INT8_MIN, INT8_MAX = -128, 127
+MULT_BITS = 31
+
+
+# --- elementwise kernels around the GEMM (eager; ``use_compiled_kernels`` fuses each into one loop)
+def _quantize_input(x, scale, z: int, qmin: int, qmax: int, dtype):
+    """clamp(⌊x/Δ⌉ + z, q_min, q_max) as ``dtype``: the simulated quantizer's codes."""
+    c = torch.div(x, scale)
+    c = torch.round(c)
+    return torch.clamp(c + z, qmin, qmax).to(dtype)
+
+
+def _rescale(acc, bias_int, acc_scale, bias_float):
+    """(acc + zero-point terms)·Δ_x·Δ_w[c] + bias in float32 (the bias stays float here: in
+    units of Δ_x·Δ_w its rounding would move 4-bit outputs by up to half a unit)."""
+    return (acc + bias_int).to(torch.float32) * acc_scale + bias_float
+
+
+def _requantize_dequantize(acc, bias_int, multiplier, bias_out, rnd: int, shift: int, zo, qmin: int,
+                           qmax: int, out_scale):
+    """(clamp(⌊((acc + z terms)·M + B)·2^−N⌉ + z_out) − z_out)·Δ_out: the next quantizer's values,
+    B = ⌊bias·2^N/Δ_out⌉ the bias in output units with N fraction bits."""
+    q = ((acc + bias_int).to(torch.int64) * multiplier + bias_out + rnd) >> shift
+    return (torch.clamp(q + zo, qmin, qmax) - zo).to(torch.float32) * out_scale
+
+
+KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Fuse the elementwise kernels with ``torch.compile`` (dynamic shapes; results identical to
+    eager, checked by ``benchmarks/integer_speed.py``); ``False`` restores eager."""
+    if enabled:
+        KERNELS.update(quantize=torch.compile(_quantize_input, dynamic=True),
+                       rescale=torch.compile(_rescale, dynamic=True),
+                       requantize=torch.compile(_requantize_dequantize, dynamic=True))
+    else:
+        KERNELS.update(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+
+
+def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int32 = a (M×K, int8 or uint8 on CPU) @ b_t (K×N int8), the backend's integer GEMM.
+
+    CPU (oneDNN, VNNI) takes uint8 or int8 activations of any shape. CUDA's kernel needs int8,
+    M > 16 and K, N multiples of 8: other cases go through an exact int32-in-float64 matmul
+    (every partial sum of int8 products below 2^53)."""
+    if a.device.type == 'cpu':
+        return torch._int_mm(a, b_t)
+    M, K = a.shape
+    N = b_t.shape[1]
+    if a.dtype == torch.int8 and M > 16 and K % 8 == 0 and N % 8 == 0:
+        return torch._int_mm(a, b_t)
+    return (a.to(torch.float64) @ b_t.to(torch.float64)).to(torch.int32)
+
+
+def dyadic(real: torch.Tensor, bits: int = MULT_BITS):
+    """(M, N) with M·2^−N ≈ real (> 0), one shared N for all entries: M < 2^bits (int64)."""
+    real = real.double()
+    top = float(real.max())
+    if not (top > 0 and math.isfinite(top)):
+        raise ValueError(f'dyadic multiplier needs positive finite scales, got max {top}')
+    shift = bits - 1 - math.floor(math.log2(top))
+    shift = max(0, min(shift, 62))   # M < 2^bits, |acc| < 2^31: the product stays inside int64
+    mult = torch.round(real * 2.0 ** shift).to(torch.int64).clamp(max=2 ** bits - 1)
+    return mult, shift
+
+
+def _per_channel(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.detach().reshape(-1).to(torch.float32)
+    return t.expand(n).clone() if t.numel() == 1 else t.clone()
+
+
+def weight_codes(w_quantizer, weight: torch.Tensor):
+    """(b int8 [N, K], offset int32 [N] or None, Δ_w float32 [N]) for a uniform weight quantizer
+    with per-tensor or per-output-channel (ch_axis 0) parameters."""
+    w2 = weight.detach().reshape(weight.shape[0], -1).float()
+    n = w2.shape[0]
+    codes = w_quantizer.quantize(weight.detach().float()).reshape(n, -1).to(torch.int64)
+    zp = _per_channel(w_quantizer.zero_point, n)
+    if not torch.equal(zp, zp.round()):
+        raise ValueError(f'{w_quantizer.qname}: integer weights need an integral zero point')
+    zp = zp.to(torch.int64)
+    centred = codes - zp[:, None]
+    if int(centred.min()) >= INT8_MIN and int(centred.max()) <= INT8_MAX:
+        return centred.to(torch.int8), None, _per_channel(w_quantizer.scale, n)
+    if int(codes.min()) < 0 or int(codes.max()) > 255:
+        raise ValueError(f'{w_quantizer.qname}: weight codes do not fit 8 bits')
+    return (codes - 128).to(torch.int8), (128 - zp).to(torch.int32), _per_channel(w_quantizer.scale, n)
+
+
+class IntegerLinear(nn.Module):
+    """See the module docstring. Build with ``from_quant`` (calibrated) or ``empty`` (loading)."""
+
+    def __init__(self, in_features: int, out_features: int, in_kind: str = 'uniform',
+                 in_signed: bool = False, in_bits: int = 8, w_bits: int = 8, out_mode: str = 'float',
+                 has_offset: bool = False, out_qmin: int = 0, out_qmax: int = 255, twin_m: int = 0):
+        super().__init__()
+        if in_kind not in ('uniform', 'twin_gelu'):
+            raise ValueError(f'IntegerLinear: in_kind must be uniform or twin_gelu, got {in_kind!r}')
+        if out_mode not in ('float', 'dyadic'):
+            raise ValueError(f'IntegerLinear: out_mode must be float or dyadic, got {out_mode!r}')
+        self.in_features, self.out_features = in_features, out_features
+        self.in_kind, self.in_signed, self.in_bits, self.w_bits = in_kind, in_signed, in_bits, w_bits
+        self.out_mode, self.has_offset = out_mode, has_offset
+        self.out_qmin, self.out_qmax, self.twin_m = out_qmin, out_qmax, twin_m
+        n = out_features
+        self.register_buffer('weight_codes', torch.zeros(n, in_features, dtype=torch.int8))
+        self.register_buffer('weight_offset', torch.zeros(n if has_offset else 0, dtype=torch.int32))
+        self.register_buffer('bias_int', torch.zeros(n, dtype=torch.int32))
+        # input grid: Δ_x and z_x (uniform); twin: Δ of the finer region
+        self.register_buffer('in_scale', torch.ones((), dtype=torch.float32))
+        self.register_buffer('in_zero_point', torch.zeros((), dtype=torch.int32))
+        # float mode: Δ_x·Δ_w[c]; dyadic mode: M[c], N, and the output grid (Δ_out, z_out)
+        self.register_buffer('acc_scale', torch.ones(n if out_mode == 'float' else 0, dtype=torch.float32))
+        self.register_buffer('bias_float', torch.zeros(n if out_mode == 'float' else 0, dtype=torch.float32))
+        self.register_buffer('multiplier', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
+        self.register_buffer('bias_out', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
+        self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
+        self.register_buffer('out_scale', torch.ones((), dtype=torch.float32))
+        self.register_buffer('out_zero_point', torch.zeros((), dtype=torch.int64))
+        self._prepare()
+
+    # --- construction -------------------------------------------------------------------------
+    def config(self) -> dict:
+        """Constructor arguments (JSON): what the export records to rebuild an empty module."""
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    in_kind=self.in_kind, in_signed=self.in_signed, in_bits=self.in_bits,
+                    w_bits=self.w_bits, out_mode=self.out_mode, has_offset=self.has_offset,
+                    out_qmin=self.out_qmin, out_qmax=self.out_qmax, twin_m=self.twin_m)
+
+    @classmethod
+    def from_quant(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], w_quantizer, in_quantizer,
+                   out_quantizer=None):
+        """An integer twin of a simulated Linear whose input is quantized by ``in_quantizer``
+        (applied by this module) and whose output, when ``out_quantizer`` is a per-tensor uniform
+        quantizer, is requantized to its codes (dyadic)."""
+        from ..quantizers.twin import TwinUniformGeluQuantizer, twin_gelu_steps
+        codes, offset, w_scale = weight_codes(w_quantizer, weight)
+        n, k = codes.shape
+        if isinstance(in_quantizer, TwinUniformGeluQuantizer):
+            m = int(in_quantizer.pos_exp)
+            d_neg, d_pos = twin_gelu_steps(m, in_quantizer.bits)
+            unit = torch.minimum(d_neg, d_pos).reshape(())
+            in_kind, signed, z = 'twin_gelu', True, 0
+        else:
+            if not integer_input_ok(in_quantizer):
+                raise ValueError(f'{in_quantizer.qname}: integer input needs a per-tensor uniform quantizer')
+            unit = in_quantizer.scale.reshape(()).float()
+            z = int(in_quantizer.zero_point.reshape(()))
+            in_kind, signed, m = 'uniform', bool(in_quantizer.signed), 0
+        out_mode = 'dyadic' if (out_quantizer is not None and integer_input_ok(out_quantizer)) else 'float'
+        mod = cls(k, n, in_kind, signed, in_quantizer.bits, w_quantizer.bits, out_mode,
+                  offset is not None,
+                  out_quantizer.qmin if out_mode == 'dyadic' else 0,
+                  out_quantizer.qmax if out_mode == 'dyadic' else 255, m)
+        acc_scale = (unit.double() * w_scale.double())
+        b = codes.to(torch.int64)
+        const = -z * b.sum(dim=1)
+        if offset is not None:
+            const = const - z * offset.to(torch.int64) * k
+        if int(const.abs().max()) >= 2 ** 31:
+            raise ValueError('IntegerLinear: the int32 bias overflows (scales too small for the bias)')
+        with torch.no_grad():
+            mod.weight_codes.copy_(codes)
+            if offset is not None:
+                mod.weight_offset.copy_(offset)
+            mod.bias_int.copy_(const.to(torch.int32))
+            mod.in_scale.fill_(float(unit))
+            mod.in_zero_point.fill_(z)
+            if out_mode == 'float':
+                mod.acc_scale.copy_(acc_scale.float())
+                if bias is not None:
+                    mod.bias_float.copy_(bias.detach().float())
+            else:
+                o_scale = out_quantizer.scale.reshape(()).double()
+                mult, shift = dyadic(acc_scale / o_scale)
+                mod.multiplier.copy_(mult)
+                if bias is not None:
+                    mod.bias_out.copy_(torch.round(bias.detach().double() / o_scale * 2.0 ** shift)
+                                       .to(torch.int64))
+                mod.shift.fill_(shift)
+                mod.out_scale.fill_(float(out_quantizer.scale.reshape(())))
+                mod.out_zero_point.fill_(int(out_quantizer.zero_point.reshape(())))
+        mod._prepare()
+        return mod
+
+    def _prepare(self):
+        """Hot-path constants derived from the buffers (after construction or loading)."""
+        self._b_t = self.weight_codes.t()                       # K×N view of the (N, K) codes
+        self._qmin, self._qmax = ((-(2 ** (self.in_bits - 1)), 2 ** (self.in_bits - 1) - 1)
+                                  if self.in_signed else (0, 2 ** self.in_bits - 1))
+        self._code_dtype = torch.int8 if self.in_signed else torch.uint8
+        self._z = int(self.in_zero_point)
+        self._scale = float(self.in_scale)
+        self._shift = int(self.shift)
+        self._round = 1 << (self._shift - 1) if self._shift > 0 else 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._prepare()
+        return out
+
+    # --- forward ------------------------------------------------------------------------------
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform: clamp(⌊x/Δ_x⌉ + z_x) as uint8 / int8, the simulated quantizer's codes."""
+        return KERNELS['quantize'](x, self.in_scale, self._z, self._qmin, self._qmax, self._code_dtype)
+
+    def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code."""
+        from ..quantizers.twin import twin_gelu_steps
+        h = 2 ** (self.in_bits - 1)
+        d_neg, d_pos = twin_gelu_steps(self.twin_m, self.in_bits, x.device)
+        neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0), torch.zeros_like(x))
+        pos = torch.where(x < 0, torch.zeros_like(x), torch.clamp(torch.round(x / d_pos), 0, h - 1))
+        return torch.cat([pos, neg], 0).to(torch.int8)
+
+    def accumulate(self, x2: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """int32 (or int64 for twin inputs) accumulators in units of Δ_x·Δ_w[c], with the bias
+        unless ``bias=False``."""
+        if self.in_kind == 'twin_gelu':
+            a = self._twin_operands(x2)
+            acc2 = int_mm(a, self._b_t).to(torch.int64)
+            rows = x2.shape[0]
+            pos, neg = acc2[:rows], acc2[rows:]
+            m = self.twin_m        # Δ_pos = 2^m Δ_neg; the unit is the finer step
+            acc = (pos << m) + neg if m >= 0 else pos + (neg << -m)
+            if self.has_offset:
+                lv = a.to(torch.int64)
+                sums = (lv[:rows].sum(1) << max(m, 0)) + (lv[rows:].sum(1) << max(-m, 0))
+                acc += sums[:, None] * self.weight_offset
+            return acc.add_(self.bias_int) if bias else acc
+        a = self.input_codes(x2)
+        acc = int_mm(a, self._b_t)
+        if self.has_offset:
+            acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
+        return acc.add_(self.bias_int) if bias else acc
+
+    def requantize(self, acc: torch.Tensor) -> torch.Tensor:
+        """Output codes clamp(⌊acc·M·2^−N⌉ + z_out) (int64 multiply, round half up, shift)."""
+        q = acc.to(torch.int64).mul_(self.multiplier).add_(self.bias_out).add_(self._round)
+        q = q.bitwise_right_shift_(self._shift)
+        return q.add_(self.out_zero_point).clamp_(self.out_qmin, self.out_qmax)
+
+    def forward_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Dyadic mode: the next quantizer's codes (int32) instead of their values."""
+        shape = x.shape
+        acc = self.accumulate(x.reshape(-1, shape[-1]))
+        return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float input (quantized here), or integer input = codes of the input quantizer."""
+        shape = x.shape
+        if not x.is_floating_point() and self.in_kind == 'uniform':
+            a = x.reshape(-1, shape[-1]).to(self._code_dtype)
+            acc = int_mm(a, self._b_t)
+            if self.has_offset:
+                acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
+        else:
+            acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
+        if self.out_mode == 'dyadic':
+            y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
+                                      self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
+        else:
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f'{self.in_features}→{self.out_features}, in={self.in_kind}'
+                f'{"/s" if self.in_signed else "/u"}{self.in_bits}, w{self.w_bits}, out={self.out_mode}')
+
+
+def integer_input_ok(q) -> bool:
+    """A per-tensor uniform quantizer with an integral zero point (codes fit 8 bits)."""
+    from ..quantizers.uniform import UniformQuantizer
+    return (type(q) is UniformQuantizer and q.scale.numel() == 1 and q.zero_point.numel() == 1
+            and q.bits <= 8 and float(q.zero_point) == round(float(q.zero_point)))
+
+
+class IntegerPatchEmbed(nn.Module):
+    """A non-overlapping patch convolution (kernel = stride, no padding) as ``IntegerLinear`` over
+    the flattened patches (channel-major, the order of the conv weight)."""
+
+    def __init__(self, linear: IntegerLinear, patch_size, out_channels: int):
+        super().__init__()
+        self.linear = linear
+        self.patch_size = tuple(patch_size)
+        self.out_channels = out_channels
+
+    @staticmethod
+    def supports(conv: nn.Conv2d) -> bool:
+        return (tuple(conv.kernel_size) == tuple(conv.stride) and tuple(conv.padding) == (0, 0)
+                and conv.groups == 1 and tuple(conv.dilation) == (1, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ph, pw = self.patch_size
+        gh, gw = H // ph, W // pw
+        x = x[:, :, :gh * ph, :gw * pw]
+        patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
+        y = self.linear(patches)                                     # (B, L, out)
+        return y.transpose(1, 2).reshape(B, self.out_channels, gh, gw)

@@ -1,0 +1,102 @@
+"""A tiny ViT converted with ``to_integer`` per preset, its export, and ``tools/test.py --integer``."""
+import json
+import os
+import os.path as osp
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fqvit_det.calibration import CalibrationRunner
+from fqvit_det.convert import quantize_model
+from fqvit_det.integer import IntegerLinear, load_integer, save_integer, to_integer
+from fqvit_det.presets import make_spec
+
+from ..helpers import ROOT, images, tiny_vit
+from ..tiny_cls import make_images, write_config
+
+ARCH = dict(model_name='vit_tiny_patch16_224', depth=2, img_size=64, num_classes=10)
+PRESETS = {
+    'fqvit_884': dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4),
+    'ptq4vit_w6a6': dict(method='ptq4vit', w_bits=6, a_bits=6, search=None),
+    'repq_w4a4': dict(method='repq', w_bits=4, a_bits=4),
+}
+# integer GEMMs of the 2-block tiny ViT: 4 per block, the head, and the patch embedding where
+# the preset quantizes the image (PTQ4ViT keeps it float)
+GEMMS = {'fqvit_884': 10, 'ptq4vit_w6a6': 9, 'repq_w4a4': 10}
+
+
+def _calibrated(name, device):
+    model = tiny_vit().to(device)
+    x = images(model, 8).to(device)
+    spec = make_spec(**PRESETS[name])
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x[:4], x[4:]])
+    return model, spec, x
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_tiny_vit_integer_agrees_with_the_simulation(name, device):
+    model, spec, x = _calibrated(name, device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    integer = to_integer(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not mutated
+    assert sum(isinstance(m, IntegerLinear) for m in integer.modules()) == GEMMS[name]
+    with torch.no_grad():
+        sim, out = model(x), integer(x)
+    assert torch.equal(sim.argmax(1), out.argmax(1))
+    # differences come only from codes at rounding boundaries: small against the logit range
+    assert float((sim - out).abs().max()) < 0.1 * float(sim.abs().max())
+
+
+def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
+    from safetensors import safe_open
+    for name in ('fqvit_884', 'repq_w4a4'):
+        model, spec, x = _calibrated(name, device)
+        integer = to_integer(model)
+        path = str(tmp_path / f'{name}.safetensors')
+        size = save_integer(integer, path, ARCH, spec)
+        assert size == osp.getsize(path) and not any(p.name.startswith('.integer-') for p in tmp_path.iterdir())
+        with safe_open(path, framework='pt') as f:
+            keys = list(f.keys())
+        packed = [k for k in keys if k.endswith('weight_codes.packed4')]
+        assert bool(packed) == (name == 'repq_w4a4')
+        loaded = load_integer(path, device=device)
+        with torch.no_grad():
+            assert torch.equal(integer(x), loaded(x))
+
+
+def test_export_refuses_an_unconverted_model(tmp_path):
+    with pytest.raises(ValueError, match='to_integer first'):
+        save_integer(tiny_vit(), str(tmp_path / 'x.safetensors'), ARCH, make_spec('repq'))
+
+
+def test_to_integer_needs_a_calibrated_model():
+    model = tiny_vit()
+    quantize_model(model, make_spec('repq', w_bits=4, a_bits=4))
+    with pytest.raises(ValueError, match='calibrate first'):
+        to_integer(model)
+
+
+def test_tools_test_integer_on_a_few_images(tmp_path):
+    data = make_images(str(tmp_path / 'imgs'))
+    cfg = write_config(tmp_path / 'tiny.py', data)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    work = str(tmp_path / 'work')
+    outs = {}
+    for tag, extra in (('quant', []), ('integer', ['--integer'])):
+        proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'test.py'), cfg, '--work-dir', work,
+                               '--out', str(tmp_path / f'{tag}.pkl'), *extra,
+                               *(['--quant-state', osp.join(work, 'quant_state.safetensors')] if extra else [])],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(osp.join(work, 'summary.json')) as f:
+            assert tag in json.load(f)
+        with open(tmp_path / f'{tag}.pkl', 'rb') as f:
+            outs[tag] = pickle.load(f)
+    assert 'evaluating the integer model' in proc.stdout + proc.stderr
+    for a, b in zip(outs['quant'], outs['integer']):
+        assert int(a['pred_label']) == int(b['pred_label'])
+        assert float((a['pred_score'] - b['pred_score']).abs().max()) < 0.1 * float(a['pred_score'].abs().max())
