@@ -25,6 +25,7 @@ from fqvit_det.mm.cls import ImageNetDataset  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from dyn_mixes import MIXES, TIMM_NORM  # noqa: E402
 from results_md import load_result, machine_info, save_result  # noqa: E402
 
 MODEL = 'deit_tiny_patch16_224'
@@ -53,6 +54,16 @@ ROWS = {
     'mix_w4a4': (dict(method='adalog', w_bits=4, a_bits=4,
                       roles=dict(attn_probs=dict(type='LogSqrt2Quantizer', bits=4))), 32, 6.0),
 }
+
+
+def resolve_row(name):
+    """A ROWS entry, or ``<mix>@w<bits>`` for a role mix of benchmarks/dyn_mixes.py (32 images)."""
+    if name in ROWS:
+        return ROWS[name]
+    mix, _, bits = name.partition('@w')
+    if mix in MIXES and bits.isdigit():
+        return MIXES[mix](int(bits), TIMM_NORM), 32, None
+    return None
 
 
 def load_images(root, n, batch=100):
@@ -91,6 +102,9 @@ def main(argv=None):
     p.add_argument('--rows', default='all', help=f'comma list of {sorted(ROWS)} or "all"')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=100)
+    p.add_argument('--out', default='cls_fidelity.json',
+                   help='result file under benchmarks/results (another name keeps screening runs out '
+                        'of RESULTS.md)')
     p.add_argument('--fresh', action='store_true',
                    help='discard rows kept from earlier runs (by default a run replaces only its own rows)')
     args = p.parse_args(argv)
@@ -100,12 +114,14 @@ def main(argv=None):
         if not osp.isfile(path):
             raise SystemExit(f'missing {path}: pass --data pointing at the shared data folder')
     rows = list(ROWS) if args.rows == 'all' else args.rows.split(',')
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if resolve_row(r) is None]
     if unknown:
-        raise SystemExit(f'unknown rows {unknown}; choose from {sorted(ROWS)}')
+        raise SystemExit(f'unknown rows {unknown}; choose from {sorted(ROWS)} or <mix>@w<bits> with '
+                         f'a mix of {sorted(MIXES)}')
     torch.manual_seed(0)
     t0 = time.time()
-    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'), 1000)
+    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'),
+                             max(resolve_row(r)[1] for r in rows))
     val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
     print(f'loaded {len(calib_x)} calibration and {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
 
@@ -117,7 +133,7 @@ def main(argv=None):
                     fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
     print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
     for name in rows:
-        cfg, n_calib, target = ROWS[name]
+        cfg, n_calib, target = resolve_row(name)
         if n_calib not in fp_calib_fwd:
             _, _, fp_calib_fwd[n_calib] = evaluate(fp_model, calib_x[:n_calib], torch.zeros(n_calib, dtype=torch.long), args.batch)
         model = fresh_model(ckpt)
@@ -173,14 +189,14 @@ def write(records, args):
     """Save this run's rows, keeping an earlier run's other rows (and its extra notes) on the same
     evaluation images unless ``--fresh``."""
     previous, notes = [], list(NOTES)
-    old = None if args.fresh else load_result('cls_fidelity.json')
+    old = None if args.fresh else load_result(args.out)
     if old and old.get('val_images') == args.val_images:
         cmd = old.get('command')
         previous = [dict(r, command=r.get('command', cmd), date=r.get('date', old.get('date')))
                     for r in old['records']]
         notes += [n for n in old.get('notes', []) if n not in notes]
     records = merge(previous, records)
-    save_result('cls_fidelity.json', dict(
+    save_result(args.out, dict(
         commands=list(dict.fromkeys(r['command'] for r in records)), machine=machine_info(),
         date=today(), val_images=args.val_images, records=records, notes=notes))
 

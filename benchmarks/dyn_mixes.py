@@ -10,8 +10,8 @@ def dyn(bits, **kw):
     return dict(type='DynamicQuantizer', bits=bits, **kw)
 
 
-def probs(bits):
-    return dict(type='DynamicSoftmaxQuantizer', bits=bits)
+def probs(bits, grid='uniform'):
+    return dict(type='DynamicSoftmaxQuantizer', bits=bits, grid=grid)
 
 
 def pixels(norm):
@@ -32,18 +32,18 @@ def _tokens(bits, group=None):
 
 
 def mix(base, bits, norm, tokens=True, row_probs=True, pixel=True, group=None, weights=None,
-        probs_bits=None, **extra):
+        probs_bits=None, probs_grid='uniform', **extra):
     roles = {}
     if tokens:
         roles.update(_tokens(bits, group))
     if row_probs:
-        roles['attn_probs'] = probs(probs_bits or bits)
+        roles['attn_probs'] = probs(probs_bits or bits, probs_grid)
     if pixel:
         roles['patch_embed_input'] = pixels(norm)
     if weights == 'sym_channel':
         roles.update(weight=sym_channel_weights(bits), patch_embed_weight=sym_channel_weights(bits))
-    elif weights is not None:
-        roles.update(weight=weights, patch_embed_weight=weights)
+    elif weights is not None:   # Linear weights (N, K); the patch-embedding conv keeps the preset's
+        roles.update(weight=weights)
     cfg = dict(method=base, w_bits=bits, a_bits=bits, roles=roles, **extra)
     if base in ('repq', 'adalog') and tokens:
         cfg['reparam'] = False   # RepQ-ViT's reparameterization needs a static per-channel ln_output
@@ -69,4 +69,15 @@ MIXES = {
     # weights as groups of 32 input channels (dynamic = MinMax on the weight itself)
     'dyn_g32_wg32': lambda b, n: mix('repq', b, n, group=32, weights=dyn(b, granularity='group', group_size=32, symmetric=True)),
     'dyn_g32_wg32_probs8': lambda b, n: mix('repq', b, n, group=32, probs_bits=8, weights=dyn(b, granularity='group', group_size=32, symmetric=True)),
+    'dyn_g32_rowlog': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2'),
+    'dyn_g32_rowlog2': lambda b, n: mix('repq', b, n, group=32, probs_grid='log2'),
+    'dyn_g32_staticprobs': lambda b, n: mix('repq', b, n, group=32, row_probs=False),
+    'dyn_g32_wg32_rowlog': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2', weights=dyn(b, granularity='group', group_size=32, symmetric=True)),
+    # diagnosis: the weights alone (every activation float) and the activations alone
+    'weights_only': lambda b, n: dict(method='repq', w_bits=b, a_bits=b, reparam=False, roles={
+        r: None for r in ('patch_embed_input', 'ln_output', 'q', 'k', 'v', 'attn_probs', 'proj_input',
+                          'fc2_input', 'head_input', 'det_input')}),
+    'dyn_g32_rowlog_wfloat': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2', weights=None,
+                                              **{}) | {'roles': dict(mix('repq', b, n, group=32, probs_grid='log_sqrt2')['roles'],
+                                                                       weight=None, patch_embed_weight=None)},
 }

@@ -211,15 +211,59 @@ class DynamicQuantizer(Quantizer):
                 f'signed={self.signed}, clip_ratio={float(self.clip_ratio):g}, mode={self.mode}')
 
 
+SOFTMAX_GRIDS = ('uniform', 'log2', 'log_sqrt2')
+
+
 @register_quantizer()
 class DynamicSoftmaxQuantizer(DynamicQuantizer):
-    """Attention probabilities, uniform with one scale per attention row: Δ = max_j p_ij / q_max,
-    z = 0, unsigned codes (the row maximum is exact). The per-row counterpart of the static
-    post-softmax quantizers (LIS / log√2 / twin uniform)."""
+    """Attention probabilities with one scale per attention row, M_i = max_j p_ij.
 
-    def __init__(self, bits: int = 8, clip_ratio: float = 1.0):
+    ``grid='uniform'``: Δ_i = M_i / q_max, z = 0, unsigned codes (the row maximum is exact).
+    ``grid='log2'`` / ``'log_sqrt2'``: codes c = ⌊−k·log2(p / M_i)⌉ (k = 1, 2) for c ≤ 2^b − 2,
+    p̂ = M_i · 2^(−c/k); the code 2^b − 1 stands for 0 (every p below the last level). The per-row
+    counterpart of LIS / RepQ-ViT's log√2: M_i factors out of the row of P·V, and 2^(−c/k) is a
+    shift (times √2 for odd c), so the row stays integer.
+    """
+
+    def __init__(self, bits: int = 8, clip_ratio: float = 1.0, grid: str = 'uniform'):
         super().__init__(bits, granularity='token', symmetric=True, signed=False,
                          clip_ratio=clip_ratio, dim=-1)
+        if grid not in SOFTMAX_GRIDS:
+            raise ValueError(f'DynamicSoftmaxQuantizer: grid must be one of {SOFTMAX_GRIDS}, '
+                             f'got {grid!r}')
+        self.grid = grid
+
+    @property
+    def _k(self):
+        return 1.0 if self.grid == 'log2' else 2.0
+
+    def quantize_dynamic(self, x):
+        if self.grid == 'uniform':
+            return super().quantize_dynamic(x)
+        row_max = (x.amax(dim=-1, keepdim=True) * self.clip_ratio.to(x.dtype)).clamp(min=MIN_SCALE)
+        zero_code = 2 ** self.bits - 1
+        c = torch.round(-self._k * torch.log2((x / row_max).clamp(min=1e-30)))
+        c = torch.where(x > 0, c.clamp(min=0), torch.full_like(c, zero_code))
+        codes = torch.where(c > zero_code - 1, torch.full_like(c, zero_code), c).to(torch.int32)
+        return codes, row_max, torch.zeros_like(row_max)
+
+    def dequantize_dynamic(self, codes, scale, zero_point):
+        if self.grid == 'uniform':
+            return super().dequantize_dynamic(codes, scale, zero_point)
+        c = codes.to(scale.dtype)
+        out = scale * torch.pow(2.0, -c / self._k)
+        return torch.where(codes == 2 ** self.bits - 1, torch.zeros_like(out), out)
+
+    def fake_quant(self, x):
+        if self.grid == 'uniform':
+            return super().fake_quant(x)
+        out = self.dequantize_dynamic(*self.quantize_dynamic(x.detach()))
+        if needs_autograd(x):   # straight-through
+            return x + (out - x).detach()
+        return out.to(x.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', grid={self.grid}'
 
 
 @register_quantizer()
