@@ -174,14 +174,22 @@ class CalibrationRunner:
                 if isinstance(m, _WeightQuantMixin) and compensates_with_inputs(m.w_quantizer)]
 
     def compensate_weights(self, batches) -> int:
-        """GPTQ step: one pass over this rank's batches through the calibrated model (activation
-        quantizers and the other weight quantizers on, GPTQ layers with float weights), each GPTQ
-        layer collecting the Hessian of its quantized input; merged across ranks; finalized.
-        Returns the number of layers compensated."""
+        """GPTQ step. Returns the number of layers compensated.
+
+        One pass over this rank's batches per input source the GPTQ quantizers ask for
+        (``inputs``): ``'quant'`` runs the calibrated model (activation quantizers and the other
+        weight quantizers on, GPTQ layers with float weights), ``'float'`` the float model. Each
+        GPTQ layer collects the Hessian of its input; merged across ranks; finalized."""
         targets = self.compensated_weight_modules()
-        if not targets:
-            return 0
+        for source in ('float', 'quant'):
+            group = [(n, m) for n, m in targets if getattr(m.w_quantizer, 'inputs', 'quant') == source]
+            if group:
+                self._compensate(group, batches, source)
         set_quant_mode(self.model, 'quant')
+        return len(targets)
+
+    def _compensate(self, targets, batches, source: str) -> None:
+        set_quant_mode(self.model, source)
         for _, m in targets:
             m.calibrate_weight()        # bind the current weight (after any reparameterization)
             m.w_quantizer.reset_stats()
@@ -205,9 +213,8 @@ class CalibrationRunner:
         for q in quantizers:
             q.finalize()
             q.reset_stats()             # the Hessians are large; the codes are the result
-            q.set_mode('quant')
+            q.set_mode(source)
         refresh(self.model)
-        return len(targets)
 
     # --- driver -----------------------------------------------------------------------------
     def run(self, batches: Iterable, rank_images: Optional[int] = None,

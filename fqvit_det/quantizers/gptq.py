@@ -138,6 +138,9 @@ def search_row_ranges(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 1
     return best_lo, best_hi
 
 
+INPUT_SOURCES = ('quant', 'float')
+
+
 @register_quantizer()
 class GPTQWeightQuantizer(Quantizer):
     """Hessian-compensated (GPTQ) weight quantizer for any weight role (see the module docstring).
@@ -151,7 +154,10 @@ class GPTQWeightQuantizer(Quantizer):
             float rounding).
         act_order: quantize columns in order of decreasing H_ii.
         range_search: shrink each row's (or the tensor's) range by an MSE grid search first.
-        groups: set by the converter for grouped convolutions (one Hessian per group).
+        inputs: which layer inputs the Hessian is built from (the runner's GPTQ pass):
+            ``'quant'`` (default) — as the calibrated model sees them, activation quantizers and
+            the other weight quantizers on (GPTQ layers keep float weights during the pass);
+            ``'float'`` — the float model's inputs (every quantizer off).
     """
 
     PARAMS = ('scale', 'zero_point', 'codes')
@@ -160,7 +166,7 @@ class GPTQWeightQuantizer(Quantizer):
 
     def __init__(self, bits: int = 8, ch_axis: Optional[int] = 0, symmetric: bool = False,
                  percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                 range_search: bool = False):
+                 range_search: bool = False, inputs: str = 'quant'):
         super().__init__(bits)
         self.ch_axis = check_ch_axis(self, ch_axis)
         if self.ch_axis not in (None, 0):
@@ -171,6 +177,9 @@ class GPTQWeightQuantizer(Quantizer):
         self.block_size = check_int(self, 'block_size', block_size, 1)
         self.act_order = check_bool(self, 'act_order', act_order)
         self.range_search = check_bool(self, 'range_search', range_search)
+        if inputs not in INPUT_SOURCES:
+            raise ValueError(f'GPTQWeightQuantizer: inputs must be one of {INPUT_SOURCES}, got {inputs!r}')
+        self.inputs = inputs
         self.qmin, self.qmax = integer_range(bits, self.symmetric)
         self.groups = 1
         self.register_buffer('scale', torch.ones(()))
@@ -325,4 +334,4 @@ class GPTQWeightQuantizer(Quantizer):
         gran = 'per-tensor' if self.ch_axis is None else 'ch_axis=0'
         return (f'bits={self.bits}, symmetric={self.symmetric}, {gran}, percdamp={self.percdamp}, '
                 f'block_size={self.block_size}, act_order={self.act_order}, '
-                f'range_search={self.range_search}, groups={self.groups}, mode={self.mode}')
+                f'range_search={self.range_search}, inputs={self.inputs}, groups={self.groups}, mode={self.mode}')

@@ -182,7 +182,7 @@ def test_params_round_trip_through_state_dict_and_set_params():
 @pytest.mark.parametrize('arg,value,match', [
     ('percdamp', 0, 'percdamp'), ('percdamp', 'x', 'percdamp'), ('ch_axis', 1, 'ch_axis'),
     ('block_size', 0, 'block_size'), ('act_order', 'yes', 'act_order'), ('bits', 1, 'bits'),
-    ('range_search', 1, 'range_search')])
+    ('range_search', 1, 'range_search'), ('inputs', 'fp', 'inputs')])
 def test_bad_arguments_name_the_role_key(arg, value, match):
     with pytest.raises(QuantConfigError, match=r'quant_cfg\.roles\.weight.*' + match):
         check_role_cfg('weight', dict(type='GPTQWeightQuantizer', **{'bits': 4, arg: value}))
@@ -192,3 +192,24 @@ def test_bad_arguments_name_the_role_key(arg, value, match):
 def test_finalize_without_bound_weight_is_a_clear_error():
     with pytest.raises(RuntimeError, match='no weight bound'):
         GPTQWeightQuantizer(bits=4).finalize()
+
+
+@pytest.mark.parametrize('inputs', ['quant', 'float'])
+def test_runner_compensates_every_weight_role_of_a_tiny_vit(inputs, device):
+    from fqvit_det.calibration import CalibrationRunner
+    from fqvit_det.convert import quantize_model
+    from fqvit_det.presets import make_spec
+    from fqvit_det.walk import named_quantizers
+    from tests.helpers import images, tiny_vit
+    g = dict(type='GPTQWeightQuantizer', bits=4, inputs=inputs)
+    model = tiny_vit().to(device)
+    spec = make_spec(method='repq', w_bits=4, a_bits=4,
+                     roles=dict(weight=g, head_weight=g, patch_embed_weight=g))
+    quantize_model(model, spec)
+    x = images(model, 4, seed=2).to(device)
+    result = CalibrationRunner(model, spec, progress=False).run([x[:2], x[2:]])
+    gptq = [q for _, q in named_quantizers(model) if isinstance(q, GPTQWeightQuantizer)]
+    assert result['gptq_layers'] == len(gptq) > 0
+    assert all(q.mode == 'quant' and q.last_damping is not None for q in gptq)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
