@@ -42,6 +42,9 @@ def mix(base, bits, norm, tokens=True, row_probs=True, pixel=True, group=None, w
         roles['patch_embed_input'] = pixels(norm)
     if weights == 'sym_channel':
         roles.update(weight=sym_channel_weights(bits), patch_embed_weight=sym_channel_weights(bits))
+    elif weights == 'gptq' or weights == 'gptq_rs':   # Hessian-compensated (benchmarks: merged gptq branch)
+        g = dict(type='GPTQWeightQuantizer', bits=bits, act_order=True, range_search=weights == 'gptq_rs')
+        roles.update(weight=g, patch_embed_weight=g)
     elif weights is not None:   # Linear weights (N, K); the patch-embedding conv keeps the preset's
         roles.update(weight=weights)
     cfg = dict(method=base, w_bits=bits, a_bits=bits, roles=roles, **extra)
@@ -73,6 +76,9 @@ MIXES = {
     'dyn_g32_rowlog2': lambda b, n: mix('repq', b, n, group=32, probs_grid='log2'),
     'dyn_g32_staticprobs': lambda b, n: mix('repq', b, n, group=32, row_probs=False),
     'dyn_g32_wg32_rowlog': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2', weights=dyn(b, granularity='group', group_size=32, symmetric=True)),
+    'dyn_g32_rowlog_gptq': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2', weights='gptq'),
+    'dyn_g32_rowlog_gptq_rs': lambda b, n: mix('repq', b, n, group=32, probs_grid='log_sqrt2', weights='gptq_rs'),
+    'dyn_rowlog_gptq': lambda b, n: mix('repq', b, n, probs_grid='log_sqrt2', weights='gptq'),
     # diagnosis: the weights alone (every activation float) and the activations alone
     'weights_only': lambda b, n: dict(method='repq', w_bits=b, a_bits=b, reparam=False, roles={
         r: None for r in ('patch_embed_input', 'ln_output', 'q', 'k', 'v', 'attn_probs', 'proj_input',

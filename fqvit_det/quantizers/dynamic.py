@@ -257,10 +257,21 @@ class DynamicSoftmaxQuantizer(DynamicQuantizer):
     def fake_quant(self, x):
         if self.grid == 'uniform':
             return super().fake_quant(x)
-        out = self.dequantize_dynamic(*self.quantize_dynamic(x.detach()))
         if needs_autograd(x):   # straight-through
+            out = self.dequantize_dynamic(*self.quantize_dynamic(x.detach()))
             return x + (out - x).detach()
-        return out.to(x.dtype)
+        return self._log_fake_quant_chunked(x)
+
+    @torch.no_grad()
+    @single_threaded
+    def _log_fake_quant_chunked(self, x):
+        """The same values in cache-sized row chunks (attention rows can be 10^8 entries)."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(flat)
+        step = chunk_step(flat.shape[-1], device=x.device)
+        for i in range(0, flat.shape[0], step):
+            out[i:i + step] = self.dequantize_dynamic(*self.quantize_dynamic(flat[i:i + step]))
+        return out.view(x.shape)
 
     def extra_repr(self):
         return super().extra_repr() + f', grid={self.grid}'

@@ -227,3 +227,26 @@ def test_dynamic_int_linear_rejects_wrong_axis_and_wide_codes():
         dynamic_int_linear(x, ready(dict(type='DynamicQuantizer', dim=0)), codes, scale)
     with pytest.raises(ValueError, match='8 bits'):
         dynamic_int_linear(x, ready(dict(type='DynamicQuantizer', bits=10)), codes, scale)
+
+
+@pytest.mark.parametrize('grid,k', [('log2', 1.0), ('log_sqrt2', 2.0)])
+def test_softmax_log_grids_per_row(grid, k):
+    bits = 4
+    q = ready(dict(type='DynamicSoftmaxQuantizer', bits=bits, grid=grid))
+    p = torch.softmax(data((2, 3, 9, 40), seed=5), -1)
+    p[0, 0, 0, :5] = 0.0   # exact zeros stay zero
+    out = q(p)
+    m = p.amax(-1, keepdim=True)
+    c = torch.round(-k * torch.log2(p.double() / m.double()))
+    ref = torch.where((p > 0) & (c <= 2 ** bits - 2), m.double() * torch.pow(2.0, -c / k),
+                      torch.zeros_like(c))
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=0)
+    assert torch.equal(out[0, 0, 0, :5], torch.zeros(5))
+    codes, scale, zp = q.quantize_dynamic(p)
+    assert int(codes.max()) <= 2 ** bits - 1 and scale.shape == (2, 3, 9, 1)
+    assert torch.equal(q.dequantize_dynamic(codes, scale, zp), q.dequantize_dynamic(codes, scale, zp))
+    pg = p.clone().requires_grad_(True)
+    y = q(pg)
+    assert torch.allclose(y.detach(), out)
+    y.sum().backward()
+    assert torch.equal(pg.grad, torch.ones_like(p))   # straight-through
