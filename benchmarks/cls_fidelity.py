@@ -53,6 +53,10 @@ ROWS = {
     # adalog (drop 6.2), this (5.6) and twin-uniform probabilities (7.8).
     'mix_w4a4': (dict(method='adalog', w_bits=4, a_bits=4,
                       roles=dict(attn_probs=dict(type='LogSqrt2Quantizer', bits=4))), 32, 6.0),
+    # Dynamic activations + GPTQ weights (configs/cls/deit_tiny_dyn_w*a*.py; issue 11 §2): must not
+    # lose top-1 against the faithful presets; at W4A4 it should beat mix_w4a4's 5.92 drop.
+    **{f'dyn_w{b}a{b}': (MIXES['dyn_g32_rowlog_gptq'](b, TIMM_NORM), 32, target)
+       for b, target in ((8, 0.31), (6, 0.62), (4, 5.92))},
 }
 
 

@@ -123,7 +123,6 @@ def main(argv=None):
     refs = [run_backbone(model.quant_target, x) for x in test]
     print(f'{len(calib)} calibration / {len(test)} test images {tuple(test[0].shape[-2:])}, '
           f'float reference in {time.time() - t0:.0f}s', flush=True)
-    doc = load_result('vit_block_sqnr.json') or dict(rows=[])
     for b in bits:
         for name in mixes:
             qcfg = MIXES[name](b, MMDET_NORM)
@@ -137,6 +136,7 @@ def main(argv=None):
             row = dict(mix=name, bits=b, quant_cfg=qcfg, calib_images=len(calib), test_images=len(test),
                        input_hw=list(test[0].shape[-2:]), calib_seconds=calib_s, tag=args.tag,
                        date=datetime.date.today().isoformat(), **res)
+            doc = load_result('vit_block_sqnr.json') or dict(rows=[])   # other runs may have saved
             doc['rows'] = [r for r in doc['rows'] if not (r['mix'] == name and r['bits'] == b
                                                           and r.get('tag', '') == args.tag
                                                           and r['input_hw'] == row['input_hw'])]
@@ -153,3 +153,53 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+
+
+def _fmt(v):
+    return f'{v:.1f}'
+
+
+def dyn_section(doc, cls_screen=None):
+    """RESULTS.md section: the dynamic-activation mixes (issue 11 §2)."""
+    out = ['## Dynamic activations: a plain-ViT backbone at 8 / 6 / 4 bits (issue 11 §2)', '',
+           f'Command: `{doc.get("command")}` (rows name their settings).  ', f'Machine: {doc.get("machine")}.', '',
+           'Mixes (`benchmarks/dyn_mixes.py`): `repq` = the RepQ-ViT preset; `+pixel` = the image on its '
+           'uint8 pixel grid (`PixelInputQuantizer`); `+tokens` = `DynamicQuantizer` per token on '
+           'ln_output / proj_input / fc2_input / head_input, q, k per token, v per channel (reparam off); '
+           '`+rowprobs` = `DynamicSoftmaxQuantizer` (uniform, scale per attention row); `dyn` = all three; '
+           '`_g32` = groups of 32 channels instead of whole tokens; `_rowlog` = per-row log√2 probabilities; '
+           '`_gptq` = `GPTQWeightQuantizer` (act_order) on the Linear and patch-embedding weights; '
+           '`weights_only` / `_wfloat` = every activation / every weight float. SQNR of the four pyramid '
+           'features ("features"), and of the class token and the patch tokens after the last block; '
+           'per block in the JSON (`benchmarks/results/vit_block_sqnr.json`).', '']
+    rows = doc.get('rows', [])
+    for tag, title in (('full', 'Full test resolution (1333×800 resize)'),
+                       ('screen', 'Screening: 640×384 resize, 2 val images, 8 calibration images')):
+        sel = [r for r in rows if r.get('tag') == tag]
+        if not sel:
+            continue
+        out += [f'### {title}', '',
+                '| mix | W/A bits | input | calib / test images | features dB | class token dB | patch tokens dB |',
+                '|---|---|---|---|---|---|---|']
+        for r in sorted(sel, key=lambda r: (-r['bits'], r['mix'])):
+            out.append(f'| {r["mix"]} | {r["bits"]} | {r["input_hw"][1]}×{r["input_hw"][0]} | '
+                       f'{r["calib_images"]} / {r["test_images"]} | {_fmt(r["features_db"])} | '
+                       f'{_fmt(r["cls_db"][-1])} | {_fmt(r["patch_db"][-1])} |')
+        out.append('')
+        if tag == 'full':
+            out += ['Per block (after block 1 … 12), class token / patch tokens:', '']
+            for r in sorted(sel, key=lambda r: (-r['bits'], r['mix'])):
+                out.append(f'- {r["mix"]} W{r["bits"]}A{r["bits"]}: class '
+                           + ', '.join(map(_fmt, r['cls_db'])) + ' · patch '
+                           + ', '.join(map(_fmt, r['patch_db'])))
+            out.append('')
+    if cls_screen:
+        out += [f'### Classification screening: DeiT-Tiny top-1 on the first {cls_screen["val_images"]} '
+                'val1300 images', '', f'Command: `benchmarks/cls_fidelity.py --out cls_screen_dyn.json` '
+                '(rows `<mix>@w<bits>`, 32 calibration images).', '',
+                '| mix | bits | top-1 | drop |', '|---|---|---|---|']
+        for r in cls_screen['records']:
+            out.append(f'| {r["method"]} | {r["bits"]} | {r["top1"]:.2f} | {r["drop"]:.2f} |')
+        out.append('')
+    out += [f'- {n}' for n in doc.get('notes', [])]
+    return '\n'.join(out)
