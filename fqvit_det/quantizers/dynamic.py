@@ -384,13 +384,16 @@ def _int8_codes(codes: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: 
 
 
 def dynamic_int_linear(x: torch.Tensor, act: DynamicQuantizer, w_codes: torch.Tensor,
-                       w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       w_zero_point: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(act.fake_quant(x), ŵ, bias)`` in integer arithmetic.
 
     ``act``: a per-token or per-group ``DynamicQuantizer`` (``dim=-1``) of at most 8 bits.
-    ``w_codes`` (N, K): symmetric signed weight codes (int, |c| ≤ 127); ``w_scale``: (N,) per
-    output channel, or (N, K/group_size) per group with a group-wise ``act``. Every dot product of
-    codes is an exact int32 (``torch._int_mm``); only the per-row / per-channel rescale is float.
+    ``w_codes`` (N, K): weight codes of at most 8 bits; ŵ = (w_codes − z_w)·Δw with ``w_scale``
+    (N,) per output channel, or (N, K/group_size) per group with a group-wise ``act``, and
+    ``w_zero_point`` z_w (N,) (asymmetric weights, e.g. GPTQ / RepQ-ViT; default 0). Per group of
+    K' inputs: Σ(c − z)(w − z_w) = Σ c·w − z Σ w − z_w Σ c + K' z z_w, where Σ c·w is one exact int32
+    GEMM (``torch._int_mm``) and the rest are row / column sums; only the rescale is float.
     """
     if act.dim % x.dim() != x.dim() - 1:
         raise ValueError('dynamic_int_linear: the activation quantizer must share scales along '
@@ -399,6 +402,12 @@ def dynamic_int_linear(x: torch.Tensor, act: DynamicQuantizer, w_codes: torch.Te
     N = w_codes.shape[0]
     codes, scale, zp = act.quantize_dynamic(x.reshape(-1, K))
     codes, zp = _int8_codes(codes, zp, act.qmin, act.qmax)
+    wz = (torch.zeros(N, dtype=torch.int32, device=x.device) if w_zero_point is None
+          else w_zero_point.reshape(N).round().to(torch.int32))
+    if int(w_codes.min()) < -128 or int(w_codes.max()) > 255:
+        raise ValueError('dynamic_int_linear: weight codes must fit 8 bits')
+    if int(w_codes.max()) > 127:   # unsigned 8-bit weight codes: shift into int8 (cancels in w − z_w)
+        w_codes, wz = w_codes - 128, wz - 128
     wq = w_codes.to(torch.int8)
     groups = scale.shape[-1]
     gs = K // groups
@@ -410,7 +419,9 @@ def dynamic_int_linear(x: torch.Tensor, act: DynamicQuantizer, w_codes: torch.Te
     for g in range(groups):
         sl = slice(g * gs, (g + 1) * gs)
         acc = int_matmul(codes[:, sl], wq[:, sl].t())
-        acc = acc - zp[:, g:g + 1].to(torch.int32) * wq[:, sl].to(torch.int32).sum(1)
+        zg = zp[:, g:g + 1].to(torch.int32)
+        acc = (acc - zg * wq[:, sl].to(torch.int32).sum(1)
+               - codes[:, sl].to(torch.int32).sum(1, keepdim=True) * wz + gs * zg * wz)
         out += acc.to(torch.float32) * scale[:, g:g + 1].to(torch.float32) * \
             ws[:, min(g, ws.shape[1] - 1)]
     if bias is not None:

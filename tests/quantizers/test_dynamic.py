@@ -250,3 +250,22 @@ def test_softmax_log_grids_per_row(grid, k):
     assert torch.allclose(y.detach(), out)
     y.sum().backward()
     assert torch.equal(pg.grad, torch.ones_like(p))   # straight-through
+
+
+@pytest.mark.parametrize('act_cfg', [dict(bits=8), dict(bits=6, granularity='group', group_size=16)])
+def test_dynamic_int_linear_with_asymmetric_weights(act_cfg):
+    """Asymmetric per-channel weights (GPTQ / RepQ-ViT grids): the zero-point terms are exact."""
+    from fqvit_det.quantizers import build_quantizer as bq
+    x = data((3, 5, 64), seed=6)
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(16, 64, generator=g) * 0.05 + 0.02
+    for bits in (8, 4):
+        wq = bq(dict(type='UniformQuantizer', bits=bits, ch_axis=0))
+        wq.observe(weight)
+        wq.finalize()
+        codes = wq.quantize(weight)
+        act = ready(dict(type='DynamicQuantizer', **act_cfg))
+        out = dynamic_int_linear(x, act, codes, wq.scale, None, wq.zero_point)
+        w_hat = (codes.double() - wq.zero_point.double()[:, None]) * wq.scale.double()[:, None]
+        ref = F.linear(act(x).double(), w_hat)
+        assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-6
