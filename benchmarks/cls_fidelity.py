@@ -55,6 +55,20 @@ ROWS = {
 }
 
 
+def _gptq_roles(bits):
+    """Every weight role (transformer Linears, patch embedding, head) quantized by GPTQ
+    (act-order, Hessian of the calibrated model's quantized layer inputs)."""
+    g = dict(type='GPTQWeightQuantizer', bits=bits, act_order=True)
+    return dict(weight=g, patch_embed_weight=g, head_weight=g)
+
+
+# The same presets with GPTQ weights (fqvit_det/quantizers/gptq.py).
+for _name in ('repq_w6a6', 'repq_w4a4', 'adalog_w6a6', 'adalog_w4a4', 'mix_w4a4'):
+    _cfg, _n, _ = ROWS[_name]
+    ROWS[f'{_name}_gptq'] = (dict(_cfg, roles={**_cfg.get('roles', {}), **_gptq_roles(_cfg['w_bits'])}),
+                             _n, None)
+
+
 def load_images(root, n, batch=100):
     ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
     xs, ys = [], []
