@@ -105,6 +105,9 @@ def main(argv=None):
     p.add_argument('--rows', default='all', help=f'comma list of {sorted(ROWS)} or "all"')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=100)
+    p.add_argument('--reuse-float', action='store_true',
+                   help='take the fp32 row from the previous run on the same evaluation images '
+                        'instead of re-evaluating the float model')
     p.add_argument('--fresh', action='store_true',
                    help='discard rows kept from earlier runs (by default a run replaces only its own rows)')
     args = p.parse_args(argv)
@@ -119,17 +122,28 @@ def main(argv=None):
         raise SystemExit(f'unknown rows {unknown}; choose from {sorted(ROWS)}')
     torch.manual_seed(0)
     t0 = time.time()
-    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'), 1000)
+    n_load = max(ROWS[r][1] for r in rows)  # only the calibration images these rows use
+    calib_x, _ = load_images(osp.join(args.data, 'imagenet', 'calib1000'), n_load)
     val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
     print(f'loaded {len(calib_x)} calibration and {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
 
     fp_model = fresh_model(ckpt)
-    fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
+    old = load_result('cls_fidelity.json') if args.reuse_float else None
+    fp_row = None
+    if old and old.get('val_images') == args.val_images:
+        fp_row = next((r for r in old['records'] if r['method'] == 'fp32'), None)
+    if args.reuse_float and fp_row is None:
+        raise SystemExit(f'--reuse-float: no fp32 row on {args.val_images} images in cls_fidelity.json')
+    if fp_row is not None:
+        fp_top1, fp_eval = fp_row['top1'], fp_row['eval_seconds']
+        records = []
+    else:
+        fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
+        records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
+                        fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
+                        fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
     fp_calib_fwd = {}
-    records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
-                    fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
-                    fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
-    print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
+    print(f'fp32: top-1 {fp_top1:.2f} ({fp_eval:.1f}s{", previous run" if fp_row else ""})', flush=True)
     for name in rows:
         cfg, n_calib, target = ROWS[name]
         if n_calib not in fp_calib_fwd:
