@@ -71,12 +71,14 @@ for _name in ('repq_w6a6', 'repq_w4a4', 'adalog_w6a6', 'adalog_w4a4', 'mix_w4a4'
 
 def load_images(root, n, batch=100):
     ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
-    xs, ys = [], []
-    for i in range(len(ds)):
+    xs, ys = None, []
+    for i in range(len(ds)):   # filled in place: no second copy of all images (memory)
         item = ds[i]
-        xs.append(item['inputs'])
+        if xs is None:
+            xs = torch.empty((len(ds), *item['inputs'].shape), dtype=item['inputs'].dtype)
+        xs[i] = item['inputs']
         ys.append(item['data_samples']['gt_label'])
-    return torch.stack(xs), torch.tensor(ys)
+    return xs, torch.tensor(ys)
 
 
 def evaluate(model, x, y, batch=100):
