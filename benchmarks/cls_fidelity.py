@@ -70,14 +70,30 @@ def resolve_row(name):
     return None
 
 
+def _gptq_roles(bits):
+    """Every weight role (transformer Linears, patch embedding, head) quantized by GPTQ
+    (act-order, Hessian of the calibrated model's quantized layer inputs)."""
+    g = dict(type='GPTQWeightQuantizer', bits=bits, act_order=True)
+    return dict(weight=g, patch_embed_weight=g, head_weight=g)
+
+
+# The same presets with GPTQ weights (fqvit_det/quantizers/gptq.py).
+for _name in ('repq_w6a6', 'repq_w4a4', 'adalog_w6a6', 'adalog_w4a4', 'mix_w4a4'):
+    _cfg, _n, _ = ROWS[_name]
+    ROWS[f'{_name}_gptq'] = (dict(_cfg, roles={**_cfg.get('roles', {}), **_gptq_roles(_cfg['w_bits'])}),
+                             _n, None)
+
+
 def load_images(root, n, batch=100):
     ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
-    xs, ys = [], []
-    for i in range(len(ds)):
+    xs, ys = None, []
+    for i in range(len(ds)):   # filled in place: no second copy of all images (memory)
         item = ds[i]
-        xs.append(item['inputs'])
+        if xs is None:
+            xs = torch.empty((len(ds), *item['inputs'].shape), dtype=item['inputs'].dtype)
+        xs[i] = item['inputs']
         ys.append(item['data_samples']['gt_label'])
-    return torch.stack(xs), torch.tensor(ys)
+    return xs, torch.tensor(ys)
 
 
 def evaluate(model, x, y, batch=100):
@@ -109,6 +125,9 @@ def main(argv=None):
     p.add_argument('--out', default='cls_fidelity.json',
                    help='result file under benchmarks/results (another name keeps screening runs out '
                         'of RESULTS.md)')
+    p.add_argument('--reuse-float', action='store_true',
+                   help='take the fp32 row from the previous run on the same evaluation images '
+                        'instead of re-evaluating the float model')
     p.add_argument('--fresh', action='store_true',
                    help='discard rows kept from earlier runs (by default a run replaces only its own rows)')
     args = p.parse_args(argv)
@@ -130,12 +149,22 @@ def main(argv=None):
     print(f'loaded {len(calib_x)} calibration and {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
 
     fp_model = fresh_model(ckpt)
-    fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
+    old = load_result('cls_fidelity.json') if args.reuse_float else None
+    fp_row = None
+    if old and old.get('val_images') == args.val_images:
+        fp_row = next((r for r in old['records'] if r['method'] == 'fp32'), None)
+    if args.reuse_float and fp_row is None:
+        raise SystemExit(f'--reuse-float: no fp32 row on {args.val_images} images in cls_fidelity.json')
+    if fp_row is not None:
+        fp_top1, fp_eval = fp_row['top1'], fp_row['eval_seconds']
+        records = []
+    else:
+        fp_top1, fp_top5, fp_eval = evaluate(fp_model, val_x, val_y, args.batch)
+        records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
+                        fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
+                        fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
     fp_calib_fwd = {}
-    records = [dict(method='fp32', bits='32/32/32', calib_images=0, top1=fp_top1, top5=fp_top5,
-                    fp_top1=fp_top1, drop=0.0, calib_seconds=0.0, eval_seconds=fp_eval,
-                    fp_eval_seconds=fp_eval, target_drop=None, command=command(), date=today())]
-    print(f'fp32: top-1 {fp_top1:.2f} top-5 {fp_top5:.2f} ({fp_eval:.1f}s)', flush=True)
+    print(f'fp32: top-1 {fp_top1:.2f} ({fp_eval:.1f}s{", previous run" if fp_row else ""})', flush=True)
     for name in rows:
         cfg, n_calib, target = resolve_row(name)
         if n_calib not in fp_calib_fwd:

@@ -66,6 +66,8 @@ def backbone_sqnr(config, images):
     from fqvit_det.mm.hooks import take_images
     from fqvit_det.mm.launch import prepare_config
     cfg = prepare_config(Config.fromfile(osp.join(ROOT, config)))
+    for key in ('calib_dataloader', 'test_dataloader'):  # 8 + 8 images: worker processes only cost memory
+        cfg[key].update(num_workers=0, persistent_workers=False)
     init_default_scope('mmdet')
     model = MODELS.build(cfg.model).eval()
     det = model.quant_target

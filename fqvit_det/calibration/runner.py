@@ -211,8 +211,7 @@ class CalibrationRunner:
                                'pass (their module never ran): ' + ', '.join(unseen[:10])
                                + (' ...' if len(unseen) > 10 else ''))
         for q in quantizers:
-            q.finalize()
-            q.reset_stats()             # the Hessians are large; the codes are the result
+            q.finalize()                # GPTQ; releases the Hessians
             q.set_mode(source)
         refresh(self.model)
 

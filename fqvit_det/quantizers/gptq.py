@@ -204,10 +204,11 @@ class GPTQWeightQuantizer(Quantizer):
     def reset_stats(self):
         self._hessians: List[torch.Tensor] = []   # per batch: Σ x xᵀ, [G, K, K] float32
         self._samples: List[int] = []
+        self._num_batches = 0
 
     @property
     def num_observed(self) -> int:
-        return len(self._hessians)
+        return self._num_batches
 
     def observe(self, x: torch.Tensor) -> None:
         """One batch of layer-input rows: ``[N, K]`` or ``[G, N, K]``."""
@@ -222,16 +223,22 @@ class GPTQWeightQuantizer(Quantizer):
         x = x.float()
         self._hessians.append(x.transpose(1, 2) @ x)
         self._samples.append(int(x.shape[1]))
+        self._num_batches += 1
 
     def calibration_stats(self) -> dict:
-        """``{'num_batches', 'hessians': [Σ x xᵀ per batch], 'samples': [rows per batch]}``."""
-        return {'num_batches': len(self._hessians),
+        """``{'num_batches', 'hessians': [Σ x xᵀ per batch], 'samples': [rows per batch]}``
+        (the Hessians are released by a GPTQ ``finalize``; the count stays)."""
+        if self._num_batches != len(self._hessians):
+            raise RuntimeError(f'{self.qname}: the Hessians were released by finalize(); '
+                               'observe again after reset()')
+        return {'num_batches': self._num_batches,
                 'hessians': [to_cpu(h) for h in self._hessians], 'samples': list(self._samples)}
 
     def load_calibration_stats(self, stats: dict) -> None:
         self.reset_stats()
         self._hessians = [to_device(h, self.device) for h in stats['hessians']]
         self._samples = [int(n) for n in stats['samples']]
+        self._num_batches = len(self._hessians)
         if len(self._hessians) != int(stats['num_batches']) or len(self._samples) != len(self._hessians):
             raise ValueError(f'{self.qname}: inconsistent calibration statistics '
                              f'(num_batches {stats["num_batches"]}, {len(self._hessians)} Hessians, '
@@ -269,10 +276,14 @@ class GPTQWeightQuantizer(Quantizer):
         return scale, zp
 
     def finalize(self) -> None:
-        """Round to nearest without observed inputs; GPTQ with them."""
+        """Round to nearest without observed inputs; GPTQ with them (then releases the
+        Hessians; ``num_observed`` stays until ``reset()``)."""
         if self._weight is None:
             raise RuntimeError(f'{self.qname}: no weight bound (the module binds its weight in '
                                'calibrate_weight)')
+        if self._num_batches and not self._hessians:
+            raise RuntimeError(f'{self.qname}: finalize() already used (and released) the observed '
+                               'Hessians; reset() and observe again')
         w = self._weight.to(device=self.device)
         w2d = w.reshape(w.shape[0], -1).double()
         scale, zp = self._grid(w2d)
@@ -293,6 +304,7 @@ class GPTQWeightQuantizer(Quantizer):
             codes, lam = gptq_quantize(Wg, H, sg, zg, self.qmin, self.qmax, self.percdamp,
                                        self.block_size, self.act_order)
             self.last_damping = lam.cpu()
+            self._hessians, self._samples = [], []   # large; the codes are the result
         self.set_params(scale=scale.float(), zero_point=zp.float(),
                         codes=codes.reshape(w.shape).to(torch.int32))
 

@@ -213,3 +213,16 @@ def test_runner_compensates_every_weight_role_of_a_tiny_vit(inputs, device):
     assert all(q.mode == 'quant' and q.last_damping is not None for q in gptq)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+def test_finalize_releases_the_hessians_but_keeps_the_count():
+    W = torch.randn(4, 6)
+    q = calibrated(W, [correlated_inputs(30, 6), correlated_inputs(30, 6, seed=1)])
+    assert q.num_observed == 2
+    with pytest.raises(RuntimeError, match='released'):
+        q.calibration_stats()
+    with pytest.raises(RuntimeError, match='released'):
+        q.finalize()            # never a silent fall back to round-to-nearest
+    q.reset()
+    assert q.num_observed == 0
+    q.finalize()                # no inputs after reset: round to nearest, by design
