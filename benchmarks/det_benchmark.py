@@ -28,6 +28,9 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from results_md import load_result, machine_info, save_result  # noqa: E402
 
 
+SQNR_CONFIGS = [f'configs/mask_rcnn_deit_tiny_{b}.py' for b in ('w8a8a4', 'w6a6', 'w4a4')]
+
+
 def timing(args):
     if args.timing_from:
         # The same measurement taken by an earlier `tools/test.py configs/cascade_swin_s_w8a8a4.py
@@ -63,6 +66,8 @@ def backbone_sqnr(config, images):
     from fqvit_det.mm.hooks import take_images
     from fqvit_det.mm.launch import prepare_config
     cfg = prepare_config(Config.fromfile(osp.join(ROOT, config)))
+    for key in ('calib_dataloader', 'test_dataloader'):  # 8 + 8 images: worker processes only cost memory
+        cfg[key].update(num_workers=0, persistent_workers=False)
     init_default_scope('mmdet')
     model = MODELS.build(cfg.model).eval()
     det = model.quant_target
@@ -103,6 +108,9 @@ def main(argv=None):
     p.add_argument('--sqnr-images', type=int, default=8)
     p.add_argument('--skip-timing', action='store_true')
     p.add_argument('--skip-sqnr', action='store_true', help='keep the SQNR rows of the previous run')
+    p.add_argument('--sqnr-configs', nargs='+', metavar='CONFIG', default=SQNR_CONFIGS,
+                   help='detector configs whose backbone SQNR to (re)measure; rows of other configs '
+                        'from the previous run are kept')
     p.add_argument('--timing-from', metavar='SUMMARY_JSON',
                    help='take the timing from the summary.json of an earlier `tools/test.py '
                         'configs/cascade_swin_s_w8a8a4.py --compare-float` run over --val-images images')
@@ -117,8 +125,11 @@ def main(argv=None):
                date=datetime.date.today().isoformat())
     if not args.skip_sqnr:
         doc['sqnr_command'] = doc['command']
-        doc['sqnr'] = [backbone_sqnr(f'configs/mask_rcnn_deit_tiny_{b}.py', args.sqnr_images)
-                       for b in ('w8a8a4', 'w6a6', 'w4a4')]
+        new = [backbone_sqnr(c, args.sqnr_images) for c in args.sqnr_configs]
+        done = {r['config'] for r in new}
+        for r in new:
+            r['command'] = doc['command']
+        doc['sqnr'] = [r for r in doc.get('sqnr', []) if r['config'] not in done] + new
     for r in doc.get('sqnr', []):
         print(f'{r["config"]}: backbone SQNR {r["sqnr_db"]:.1f} dB (levels '
               + ', '.join(f'{x:.1f}' for x in r['sqnr_db_per_level']) + ')', flush=True)

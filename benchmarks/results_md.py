@@ -155,6 +155,13 @@ def render():
             sys.path.insert(0, HERE)
         from yolox_benchmark import yolox_section
         parts += [yolox_section(yolox), '']
+    dyn = load_result('vit_block_sqnr.json')
+    if dyn:
+        import sys
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        from vit_block_sqnr import dyn_section
+        parts += [dyn_section(dyn, load_result('cls_screen_dyn.json')), '']
     path = osp.join(HERE, 'RESULTS.md')
     with open(path + '.tmp', 'w') as f:
         f.write('\n'.join(parts))

@@ -37,6 +37,11 @@ PRESETS = {
     'repq': dict(method='repq', w_bits=4, a_bits=4),
     'adalog_fpcs': dict(method='adalog', w_bits=4, a_bits=4, search_cfg=FAST_SEARCH,
                         roles=ADALOG_POOLS),
+    # GPTQ weights after the RepQ reparameterization: per-batch Hessians merged in global order
+    'repq_gptq': dict(method='repq', w_bits=4, a_bits=4,
+                      roles=dict(weight=dict(type='GPTQWeightQuantizer', bits=4),
+                                 head_weight=dict(type='GPTQWeightQuantizer', bits=4,
+                                                  act_order=True))),
     'role_mix': dict(method='fqvit', w_bits=6, a_bits=6, attn_bits=4, observer='ema', ptf=True,
                      roles=ROLE_MIX),
 }

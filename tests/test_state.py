@@ -14,6 +14,8 @@ from .helpers import images, tiny_vit
 
 FQVIT = dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4, ptf=True, lis=True)
 REPQ = dict(method='repq', w_bits=4, a_bits=4)
+REPQ_GPTQ = dict(method='repq', w_bits=4, a_bits=4,
+                 roles=dict(weight=dict(type='GPTQWeightQuantizer', bits=4, act_order=True)))
 
 
 def converted(cfg, device):
@@ -41,7 +43,8 @@ def assert_untouched(model, before):
         assert after[k].shape == v.shape and torch.equal(after[k], v), f'{k} changed by a refused load'
 
 
-@pytest.mark.parametrize('cfg', [FQVIT, REPQ], ids=['fqvit_ptf_lis', 'repq_reparam'])
+@pytest.mark.parametrize('cfg', [FQVIT, REPQ, REPQ_GPTQ], ids=['fqvit_ptf_lis', 'repq_reparam',
+                                                               'repq_gptq_weights'])
 def test_round_trip_gives_bit_identical_outputs(cfg, tmp_path, device):
     model, spec = calibrated(cfg, device)
     path = save_quant_state(model, str(tmp_path / 'q.safetensors'), spec)
@@ -55,6 +58,15 @@ def test_round_trip_gives_bit_identical_outputs(cfg, tmp_path, device):
     recipe = json.loads(meta['recipe'])
     assert recipe['method'] == cfg['method'] and 'ln_output' in recipe['roles']
     assert len(meta['sha256']) == 64
+    if cfg is REPQ_GPTQ:  # the compensated integer weights are in the file
+        codes = [k for k in meta_keys(path) if k.endswith('/codes')]
+        assert codes and all('w_quantizer' in k for k in codes)
+
+
+def meta_keys(path):
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as f:
+        return list(f.keys())
 
 
 def test_recipe_mismatch_names_file_and_role(tmp_path, device):

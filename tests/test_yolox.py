@@ -106,7 +106,8 @@ def test_load_from_becomes_the_wrapper_checkpoint():
     assert cfg.model.checkpoint == CKPT
 
 
-YOLOX_CONFIGS = [osp.join(ROOT, 'configs', f'yolox_nano_{b}.py') for b in ('w8a8', 'w6a6', 'w4a4')]
+YOLOX_CONFIGS = [osp.join(ROOT, 'configs', f'yolox_nano_{b}.py')
+                 for b in ('w8a8', 'w6a6', 'w4a4', 'gptq_w8a8', 'gptq_w6a6', 'gptq_w4a4')]
 
 
 @needs_ckpt
@@ -120,11 +121,16 @@ def test_yolox_config_builds_and_converts_every_conv(path):
     init_default_scope('mmdet')
     det = MODELS.build(cfg.model).quant_target
     assert not [n for n, m in det.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d)]
-    bits = int(osp.basename(path)[len('yolox_nano_w')])
+    bits = int(osp.basename(path).split('_w')[-1][0])
     stem = det.backbone.stem.conv.conv
     assert stem.in_quantizer.bits == 8 and stem.w_quantizer.bits == bits
     dw = det.backbone.stage1[0].depthwise_conv.conv
     assert dw.in_quantizer.bits == bits and dw.in_quantizer.ch_axis == 1
+    if 'gptq' in path:  # every conv weight, the stem's and the depthwise ones included
+        from fqvit_det.nn.modules import QuantConv2d
+        from fqvit_det.quantizers.gptq import GPTQWeightQuantizer
+        convs = [m for m in det.modules() if isinstance(m, QuantConv2d)]
+        assert convs and all(isinstance(m.w_quantizer, GPTQWeightQuantizer) for m in convs)
 
 
 def test_depthwise_role_defaults_to_det_input():
@@ -146,10 +152,12 @@ SMALL = ['test_dataloader.dataset.indices=3', 'test_dataloader.num_workers=0',
 
 @needs_ckpt
 @pytest.mark.skipif(not HAS_COCO, reason=f'coco_mini not found under {DATA}')
-def test_tools_test_quantized_yolox_on_three_images(tmp_path):
+@pytest.mark.parametrize('config', [CONFIG, osp.join(ROOT, 'configs', 'yolox_nano_gptq_w8a8.py')],
+                         ids=osp.basename)
+def test_tools_test_quantized_yolox_on_three_images(tmp_path, config):
     work = str(tmp_path / 'work')
     env = dict(os.environ, FQVIT_DATA=osp.abspath(DATA), PYTHONPATH=ROOT)
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), CONFIG, '--work-dir', work,
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config, '--work-dir', work,
            '--compare-float', '--calib-images', '2', '--cfg-options', *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]

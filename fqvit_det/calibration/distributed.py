@@ -20,10 +20,15 @@ Strategy per calibration step:
 4. **Layer search** (PTQ4ViT Hessian grid, AdaLog FPCS): *computed on rank 0* over the whole
    calibration set — the other ranks' batches are gathered to rank 0 (``gather_batches``, global
    order) — while the other ranks wait.
-5. **Bias correction** (``quant_cfg.bias_correction``): computed on rank 0 from the gathered
+5. **GPTQ weights** (when a weight role is ``GPTQWeightQuantizer``): every rank runs its batches
+   through the calibrated model, the per-batch Hessians of the layer inputs are merged exactly
+   like step 1 (interleaved into global order, summed in that order at finalize) and every rank
+   finalizes them.
+6. **Bias correction** (``quant_cfg.bias_correction``): computed on rank 0 from the gathered
    batches, like the search.
-6. **Broadcast**: rank 0's final parameters (every quantizer's ``get_params()``, the module
-   parameters the reparameterization rewrote and the bias corrections) are broadcast and set on every other rank, so all
+7. **Broadcast**: rank 0's final parameters (every quantizer's ``get_params()``, the module
+   parameters the reparameterization rewrote and the bias corrections) are broadcast and set on
+   every other rank, so all
    ranks end bit-identical to rank 0 even where devices round differently.
 
 Only ``torch.distributed`` is used (no mmengine); every function is a no-op with one process.
@@ -82,10 +87,16 @@ def to_cpu(obj):
 
 def merge_observations(model: nn.Module) -> None:
     """Step 1: make every rank hold the statistics one process would hold after all batches."""
+    merge_quantizer_stats(q for _, q in activation_quantizers(model))
+
+
+def merge_quantizer_stats(quantizers) -> None:
+    """Exact merge of these quantizers' statistics (the same list, in the same order, on every
+    rank): all-gather, ``merge_calibration_stats``, load. Also the GPTQ step's Hessians."""
     if not is_distributed():
         return
     world = dist.get_world_size()
-    for _, q in activation_quantizers(model):
+    for q in quantizers:
         per_rank = [None] * world
         dist.all_gather_object(per_rank, to_cpu(q.calibration_stats()))
         q.load_calibration_stats(q.merge_calibration_stats(per_rank))

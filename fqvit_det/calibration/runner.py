@@ -2,7 +2,8 @@
 
     weights → observe this rank's batches → merge statistics across ranks → finalize →
     fold per-channel input scales into dense-conv weights → RepQ reparameterization → layer
-    search (PTQ4ViT Hessian / AdaLog FPCS, on rank 0) → bias correction (on rank 0) →
+    search (PTQ4ViT Hessian / AdaLog FPCS, on rank 0) → GPTQ weights (Hessian-compensated weight
+    roles, a second pass on the calibrated model) → bias correction (on rank 0) →
     broadcast rank 0's parameters → quantized inference.
 
 ``forward_fn(model, batch)`` runs one batch and returns the model's output (logits for the
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 from ..log import get_logger
-from ..nn.modules import QuantModule
-from ..walk import activation_quantizers, set_quant_mode
+from ..nn.modules import QuantModule, _WeightQuantMixin, compensates_with_inputs
+from ..walk import activation_quantizers, refresh, set_quant_mode
 from . import distributed
 from .reparam import reparameterize
 
@@ -194,6 +195,53 @@ class CalibrationRunner:
         return run_search(self.model, self.spec, [move_to(b, device) for b in all_batches],
                           self.forward_fn, progress=self.progress)
 
+    def compensated_weight_modules(self):
+        """(path, module) of every Linear / Conv whose weight quantizer is GPTQ-style."""
+        return [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, _WeightQuantMixin) and compensates_with_inputs(m.w_quantizer)]
+
+    def compensate_weights(self, batches) -> int:
+        """GPTQ step. Returns the number of layers compensated.
+
+        One pass over this rank's batches per input source the GPTQ quantizers ask for
+        (``inputs``): ``'quant'`` runs the calibrated model (activation quantizers and the other
+        weight quantizers on, GPTQ layers with float weights), ``'float'`` the float model. Each
+        GPTQ layer collects the Hessian of its input; merged across ranks; finalized."""
+        targets = self.compensated_weight_modules()
+        for source in ('float', 'quant'):
+            group = [(n, m) for n, m in targets if getattr(m.w_quantizer, 'inputs', 'quant') == source]
+            if group:
+                self._compensate(group, batches, source)
+        set_quant_mode(self.model, 'quant')
+        return len(targets)
+
+    def _compensate(self, targets, batches, source: str) -> None:
+        set_quant_mode(self.model, source)
+        for _, m in targets:
+            m.calibrate_weight()        # bind the current weight (after any reparameterization)
+            m.w_quantizer.reset_stats()
+            m.w_quantizer.set_mode('observe')
+            m.refresh()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self._forward(batch)
+        finally:
+            self.model.train(was_training)
+        quantizers = [m.w_quantizer for _, m in targets]
+        distributed.merge_quantizer_stats(quantizers)
+        unseen = [n for n, m in targets if m.w_quantizer.num_observed == 0]
+        if unseen:
+            raise RuntimeError('these GPTQ weight quantizers saw no layer input during the GPTQ '
+                               'pass (their module never ran): ' + ', '.join(unseen[:10])
+                               + (' ...' if len(unseen) > 10 else ''))
+        for q in quantizers:
+            q.finalize()                # GPTQ; releases the Hessians
+            q.set_mode(source)
+        refresh(self.model)
+
     # --- driver -----------------------------------------------------------------------------
     def run(self, batches: Iterable, rank_images: Optional[int] = None,
             total_images: Optional[int] = None) -> dict:
@@ -204,7 +252,8 @@ class CalibrationRunner:
         seconds={step: s, 'total': s}, search_report)`` (the report on rank 0 only)."""
         t0 = time.time()
         bias_images = getattr(self.spec, 'bias_correction', 0)
-        if self.spec.search or bias_images:  # they re-read the batches
+        gptq = bool(self.compensated_weight_modules())
+        if self.spec.search or bias_images or gptq:  # they re-read the batches
             batches = list(batches)
         set_quant_mode(self.model, 'float')
         self.calibrate_weights()
@@ -228,6 +277,12 @@ class CalibrationRunner:
             if self.search_report is not None:
                 result['search_report'] = self.search_report
             self.timings['search'] = time.time() - t1
+        if gptq:
+            t1 = time.time()
+            if self.spec.search:   # every rank's GPTQ inputs must see rank 0's searched parameters
+                distributed.broadcast_calibration(self.model)
+            result['gptq_layers'] = self.compensate_weights(batches)
+            self.timings['gptq'] = time.time() - t1
         if bias_images:
             t1 = time.time()
             corrected = self.bias_correct(batches)

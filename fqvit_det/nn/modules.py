@@ -2,7 +2,9 @@
 
 Modules never decide *which* quantizer a role gets: that comes from the preset through the
 converters in ``fqvit_det.convert``. Weight quantizers are calibrated from the weights themselves
-(``calibrate_weight``); activation quantizers see data through the calibration runner.
+(``calibrate_weight``); activation quantizers see data through the calibration runner. A weight
+quantizer that compensates with the layer inputs (GPTQ) is also fed, in its 'observe' mode, the
+module's (quantized) input rows (``observe_layer_input``; convolutions unfold them).
 """
 from typing import Optional
 
@@ -16,6 +18,11 @@ from ..quantizers.uniform import UniformQuantizer
 
 def _apply(q: Optional[Quantizer], x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
+
+
+def compensates_with_inputs(q: Optional[Quantizer]) -> bool:
+    """A weight quantizer that needs the layer's inputs (GPTQ's Hessian), not the weight alone."""
+    return q is not None and getattr(q, 'observes_layer_input', False)
 
 
 class QuantModule(nn.Module):
@@ -43,10 +50,30 @@ class _WeightQuantMixin(QuantModule):
         mode = wq.mode
         wq.reset()
         s = self.input_channel_scale()
-        wq.observe(self.weight.detach() if s is None else self.weight.detach() * s)
+        if compensates_with_inputs(wq):
+            if s is not None:
+                raise ValueError(f'{type(self).__name__}: a GPTQ weight quantizer cannot be combined '
+                                 f'with a per-channel input quantizer folded into the weight; use a '
+                                 f'per-tensor input quantizer or a non-GPTQ weight quantizer here')
+            # GPTQ: bind the weight and round to nearest now; the runner's GPTQ pass feeds the
+            # layer inputs (``observe_layer_input``) and finalizes again with them.
+            wq.bind_weight(self.weight.detach(), groups=getattr(self, 'groups', 1))
+        else:
+            wq.observe(self.weight.detach() if s is None else self.weight.detach() * s)
         wq.finalize()
         wq.mode = mode if mode != 'observe' else 'float'
         self.refresh()
+
+    def observe_layer_input(self, x: torch.Tensor) -> None:
+        """Feed the (quantized) input a weight quantizer that compensates with inputs (GPTQ)
+        collects while it is in 'observe' mode: the rows the weight multiplies."""
+        wq = self.w_quantizer
+        if wq is not None and wq.mode == 'observe' and compensates_with_inputs(wq):
+            wq(self.input_rows(x.detach()))
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` or ``[G, N, K]``: the vectors each output row of the weight multiplies."""
+        raise NotImplementedError
 
     def refresh(self):
         self._wq_cache = None
@@ -102,8 +129,13 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         return cls._adopt(linear, ('in_features', 'out_features'), w_quantizer, in_quantizer,
                           out_quantizer)
 
+    def input_rows(self, x):
+        return x.reshape(-1, self.in_features)
+
     def forward(self, x):
-        y = self._corrected(F.linear(_apply(self.in_quantizer, x), self.quant_weight(), self.bias), -1)
+        x = _apply(self.in_quantizer, x)
+        self.observe_layer_input(x)
+        y = self._corrected(F.linear(x, self.quant_weight(), self.bias), -1)
         return _apply(self.out_quantizer, y)
 
 
@@ -132,9 +164,26 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
                                  '_reversed_padding_repeated_twice'), w_quantizer, in_quantizer,
                           out_quantizer)
 
+    def input_rows(self, x):
+        """im2col: ``F.unfold`` patches, ``[G, B·L, (C/G)·kh·kw]`` in the flattened weight's
+        (channel, kh, kw) column order; a depthwise conv gives one kh·kw slice per channel."""
+        padding = self.padding
+        if self.padding_mode != 'zeros' or isinstance(padding, str):
+            mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        if x.dim() == 3:   # unbatched input
+            x = x.unsqueeze(0)
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding,
+                        stride=self.stride)                          # [B, C·kh·kw, L]
+        B, CK, L = cols.shape
+        G = self.groups
+        return cols.reshape(B, G, CK // G, L).permute(1, 0, 3, 2).reshape(G, B * L, CK // G)
+
     def forward(self, x):
-        y = self._corrected(self._conv_forward(_apply(self.in_quantizer, x), self.quant_weight(),
-                                               self.bias), 1)
+        x = _apply(self.in_quantizer, x)
+        self.observe_layer_input(x)
+        y = self._corrected(self._conv_forward(x, self.quant_weight(), self.bias), 1)
         return _apply(self.out_quantizer, y)
 
 

@@ -6,4 +6,4 @@ from . import observers  # noqa: F401  (registers observers)
 from .uniform import UniformQuantizer, integer_range, scale_zero_point  # noqa: F401
 
 # Each family registers its quantizers on import.
-from . import adalog, lis, log, ptf, reparam, twin  # noqa: F401,E402
+from . import adalog, dynamic, gptq, lis, log, ptf, reparam, twin  # noqa: F401,E402
