@@ -124,7 +124,8 @@ def main(argv=None):
                machine=machine_info(),
                date=datetime.date.today().isoformat())
     if not args.skip_sqnr:
-        doc['sqnr_command'] = doc['command']
+        if args.sqnr_configs == SQNR_CONFIGS:
+            doc['sqnr_command'] = doc['command']
         new = [backbone_sqnr(c, args.sqnr_images) for c in args.sqnr_configs]
         done = {r['config'] for r in new}
         for r in new:
@@ -139,7 +140,10 @@ def main(argv=None):
         print(f'cascade swin-s w8a8a4: (calib + quant eval) / float eval = {doc["timing"]["ratio"]:.2f}', flush=True)
     n_sqnr = doc['sqnr'][0]['eval_images'] if doc.get('sqnr') else args.sqnr_images
     md = ['### Backbone-feature fidelity, Mask R-CNN with the real DeiT-Tiny backbone',
-          '', f'Command: `{doc.get("sqnr_command", doc["command"])}`. Calibrated on coco_mini train2017 (8 images, test pipeline), SQNR of the four pyramid '
+          '', 'Command: ' + ', '.join(f'`{c}`' for c in dict.fromkeys(
+              [doc.get('sqnr_command', doc['command'])]
+              + [r['command'] for r in doc.get('sqnr', []) if r.get('command')]))
+          + ' (a row with its own command in the JSON came from that one). Calibrated on coco_mini train2017 (8 images, test pipeline), SQNR of the four pyramid '
           f'features over {n_sqnr} val2017 images at full test resolution (1333×800). Target ≥ 30 dB at 8 bits.', '',
           '| config | method | bits (W/A/attn) | SQNR dB (all levels) | per level (stride 4, 8, 16, 32) | calib s |',
           '|---|---|---|---|---|---|']
