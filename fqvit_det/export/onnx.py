@@ -37,6 +37,7 @@ MatMul / LayerNorm / Softmax kernels and the log-based codes named above.
 """
 import contextlib
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -592,7 +593,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
     was_training = model.training
     model.eval()
     try:
-        with export_forwards(model, report), torch.no_grad():
+        with export_forwards(model, report), torch.no_grad(), warnings.catch_warnings():
+            # the calibrated parameters are meant to become constants of the graph
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            warnings.simplefilter('ignore', DeprecationWarning)   # the TorchScript exporter
             torch.onnx.export(model, (example_input,), str(path), dynamo=False,
                               opset_version=opset, input_names=[input_name],
                               output_names=[output_name], do_constant_folding=True,
