@@ -34,11 +34,16 @@ from .tiny_cls import load_tool, make_images, write_config
 PRESETS = {
     'fqvit_w8a8': dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=8, lis=False),
     'fqvit_w4a4_lis': dict(method='fqvit', w_bits=4, a_bits=4, attn_bits=4),
-    'ptq4vit_w6a6': dict(method='ptq4vit', w_bits=6, a_bits=6,
-                         search_cfg=dict(images=4, rounds=1, grid_n=10)),
+    # the layer searches only choose parameters; the export reads the calibrated ones
+    'ptq4vit_w6a6': dict(method='ptq4vit', w_bits=6, a_bits=6, search=None),
     'repq_w4a4': dict(method='repq', w_bits=4, a_bits=4),
-    'adalog_w4a4': dict(method='adalog', w_bits=4, a_bits=4,
-                        search_cfg=dict(images=4, rounds=1, levels=2, top_k=4)),
+    # AdaLog probabilities and per-head q / k / v (as the AdaLog preset; its post-GELU Δ search
+    # is slow to calibrate, the export is the same code)
+    'adalog_probs_perhead_qkv': dict(method='repq', w_bits=4, a_bits=4, roles=dict(
+        attn_probs=dict(type='AdaLogQuantizer', bits=4),
+        q=dict(type='UniformQuantizer', bits=4, ch_axis=1),
+        k=dict(type='UniformQuantizer', bits=4, ch_axis=1),
+        v=dict(type='UniformQuantizer', bits=4, ch_axis=1))),
 }
 EXACT = ('fqvit_w8a8', 'fqvit_w4a4_lis')
 
@@ -221,3 +226,35 @@ def test_cli_rejects_a_state_of_another_recipe(tmp_path):
     with pytest.raises(ValueError, match='different recipe'):
         _cli([cfg, '--out', tmp_path / 'b.onnx', '--quant-state', state])
     assert not (tmp_path / 'b.onnx').exists()
+
+
+@pytest.mark.parametrize('cfg, exact', [
+    (dict(type='TwinUniformGeluQuantizer', bits=6), True),
+    (dict(type='TwinUniformSoftmaxQuantizer', bits=6), True),
+    (dict(type='Log2Quantizer', bits=4), False),
+    (dict(type='LogSqrt2Quantizer', bits=4), False),
+    (dict(type='AdaLogQuantizer', bits=4, shift=0.16997124, max_samples=4096), False),
+])
+def test_non_uniform_quantizers_as_standard_ops(cfg, exact, tmp_path):
+    """Twin uniform: bit-exact. Log-coded: the dequantized values come from the quantizer's own
+    table; only a code whose −log2 lies within ~1 ulp of a rounding tie may differ (Log/ln2 in
+    onnxruntime vs torch's float32 log2)."""
+    q = build_quantizer(cfg)
+    g = torch.Generator().manual_seed(0)
+    if 'Gelu' in cfg['type'] or 'shift' in cfg:
+        x = torch.nn.functional.gelu(torch.randn(64, 64, generator=g) * 2)
+    else:
+        x = torch.softmax(torch.randn(64, 64, generator=g) * 3, dim=-1)
+    q.set_mode('observe')
+    q(x)
+    q.finalize()
+    q.set_mode('quant')
+    path = tmp_path / 'q.onnx'
+    report = export_onnx(torch.nn.Sequential(q), x[:2], path)
+    assert 'standard ops' in next(iter(report.quantizers.values()))
+    out, ref = run(session(path, optimize=False), x), q.fake_quant(x).numpy()
+    if exact:
+        assert np.array_equal(out, ref)
+    else:
+        assert np.mean(out != ref) <= 1e-3
+        assert set(np.unique(out)) <= set(np.unique(q.fake_quant(torch.cat([x, x * 0])).numpy())) | {0.0}

@@ -449,7 +449,7 @@ def weight_codes(wq: Quantizer, weight: torch.Tensor):
     cmin, cmax = _container_range(zp.dtype)
     if int(codes.min()) < cmin or int(codes.max()) > cmax:
         return None
-    return codes.to(zp.dtype), plan.scale, zp, axis, plan.form.replace('QDQ', 'DQ')
+    return codes.to(zp.dtype), plan.scale, zp, axis, plan.form.replace('QDQ', 'DQ').replace(' + Clip', '')
 
 
 def _linear_forward(mod: QuantLinear, report: ExportReport, name: str):
