@@ -42,7 +42,7 @@ from fqvit_det.presets import make_spec  # noqa: E402
 from fqvit_det.state import load_quant_state, save_quant_state  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from results_md import machine_info, save_result  # noqa: E402
+from results_md import load_result, machine_info, save_result  # noqa: E402
 
 MODEL = 'deit_tiny_patch16_224'
 # name: (quant_cfg, calibration images) — the configs/cls presets, calibrated as cls_fidelity.py does
@@ -179,6 +179,8 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--rounds', type=int, default=5, help='latency rounds')
     p.add_argument('--skip-latency', action='store_true')
+    p.add_argument('--keep-rows', action='store_true',
+                   help='keep the rows (and latency) of an earlier run that this run does not redo')
     args = p.parse_args(argv)
     rows = args.rows.split(',')
     unknown = [r for r in rows if r not in ROWS]
@@ -280,6 +282,14 @@ def main(argv=None):
 
 
 def save(args, argv, val_x, records, lat):
+    if getattr(args, 'keep_rows', False):
+        old = load_result('onnx_export.json')
+        if old and old.get('val_images') == len(val_x):
+            done = {r['method'] for r in records}
+            records = [r for r in old['records'] if r['method'] not in done] + records
+            records.sort(key=lambda r: (r['method'] != 'fp32', list(ROWS).index(r['method'])
+                                        if r['method'] in ROWS else 0))
+            lat = lat if lat is not None else old.get('latency')
     doc = dict(command='python benchmarks/onnx_export.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                machine=machine_info(), date=datetime.date.today().isoformat(),
                val_images=len(val_x), onnxruntime=__import__('onnxruntime').__version__,
