@@ -83,10 +83,10 @@ def torch_logits(model, x, batch=100):
         return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def ort_session(path, level='all', optimized_path=None, profile_prefix=None):
+def ort_session(path, level='all', optimized_path=None, profile_prefix=None, threads=THREADS):
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == 'all'
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -179,6 +179,11 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--rounds', type=int, default=5, help='latency rounds')
     p.add_argument('--skip-latency', action='store_true')
+    p.add_argument('--eval-threads', type=int, default=THREADS,
+                   help='threads for the accuracy runs (1 on a busy machine); latency always uses 2')
+    p.add_argument('--diag-images', type=int, default=200,
+                   help='images for the graph-opt-off and torch-reordering agreement columns')
+    p.add_argument('--image-cache', help='a .pt file caching the preprocessed evaluation images')
     p.add_argument('--keep-rows', action='store_true',
                    help='keep the rows (and latency) of an earlier run that this run does not redo')
     args = p.parse_args(argv)
@@ -192,10 +197,17 @@ def main(argv=None):
             raise SystemExit(f'missing {path}: pass --data pointing at the shared data folder')
     os.makedirs(args.state_dir, exist_ok=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.eval_threads)
     torch.manual_seed(0)
     t0 = time.time()
-    val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
+    if args.image_cache and osp.isfile(args.image_cache):
+        val_x, val_y = torch.load(args.image_cache)
+        val_x, val_y = val_x[:args.val_images], val_y[:args.val_images]
+    else:
+        val_x, val_y = load_images(osp.join(args.data, 'imagenet', 'val1300'), args.val_images)
+        if args.image_cache:
+            torch.save((val_x, val_y), args.image_cache + '.tmp')
+            os.replace(args.image_cache + '.tmp', args.image_cache)
     y = val_y.numpy()
     print(f'loaded {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
     calib_x = None
@@ -211,7 +223,7 @@ def main(argv=None):
                           input_names=['input'], output_names=['logits'],
                           dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
     fp_sess = ort_session(fp_onnx)
-    fp_ort = agreement(ort_logits(fp_sess, val_x), fp_logits, y)
+    fp_ort = agreement(ort_logits(ort_session(fp_onnx, threads=args.eval_threads), val_x), fp_logits, y)
     records = [dict(method='fp32', bits='32/32/32', sim_top1=float((fp_logits.argmax(1) == y).mean() * 100),
                     onnx_mb=osp.getsize(fp_onnx) / 1e6, **fp_ort)]
     print(f'fp32: torch top-1 {records[0]["sim_top1"]:.2f}, ORT agreement {fp_ort["agree"]:.2f}% '
@@ -238,42 +250,45 @@ def main(argv=None):
         sim = torch_logits(model, val_x).numpy()
         # the exported math run by torch itself (same ops, torch kernels): how much of the ORT
         # difference is float summation order rather than the export
+        torch.set_num_threads(args.eval_threads)
         with export_forwards(model):
-            n_diag = min(200, len(val_x))
+            n_diag = min(args.diag_images, len(val_x))
             twin = agreement(torch_logits(model, val_x[:n_diag]).numpy(), sim[:n_diag], y[:n_diag])
         path = osp.join(args.out_dir, f'{name}.onnx')
         t1 = time.time()
         report = export_onnx(model, val_x[:1], path)
         export_s = time.time() - t1
         opt_path = osp.join(args.out_dir, f'{name}.ort_optimized.onnx')
-        sess = ort_session(path, optimized_path=opt_path)
+        sess = ort_session(path, optimized_path=opt_path, threads=args.eval_threads)
         t1 = time.time()
         res = agreement(ort_logits(sess, val_x), sim, y)
         ort_eval_s = time.time() - t1
-        res_noopt = agreement(ort_logits(ort_session(path, level='none'), val_x[:200]), sim[:200], y[:200])
+        res_noopt = agreement(ort_logits(ort_session(path, level='none', threads=args.eval_threads),
+                                         val_x[:n_diag]), sim[:n_diag], y[:n_diag])
         fused = {op: c for op, c in op_counts(opt_path).items() if op in INTEGER_OPS}
         qdq_left = {op: c for op, c in op_counts(opt_path).items()
                     if op in ('QuantizeLinear', 'DequantizeLinear', 'MatMul')}
         rec = dict(method=name, bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}', quant_cfg=cfg,
-                   calib_images=n_calib, state=how, sim_top1=float((sim.argmax(1) == y).mean() * 100),
-                   **res, noopt_max_abs_diff_200=res_noopt['max_abs_diff'],
-                   noopt_agree_200=res_noopt['agree'], torch_export_forwards_agree_200=twin['agree'],
-                   torch_export_forwards_max_abs_diff_200=twin['max_abs_diff'], onnx_mb=osp.getsize(path) / 1e6,
+                   calib_images=n_calib, state=how, diag_images=n_diag, sim_top1=float((sim.argmax(1) == y).mean() * 100),
+                   **res, noopt_max_abs_diff=res_noopt['max_abs_diff'],
+                   noopt_agree=res_noopt['agree'], torch_export_forwards_agree=twin['agree'],
+                   torch_export_forwards_max_abs_diff=twin['max_abs_diff'], onnx_mb=osp.getsize(path) / 1e6,
                    export_seconds=export_s, ort_eval_seconds=ort_eval_s, export_forms=report.summary(),
                    fused_integer_ops=fused, remaining_ops=qdq_left)
         if not args.skip_latency:
             rec['profile_bs32'] = profile_ops(path, val_x[:32])
         records.append(rec)
         print(f'{name}: sim top-1 {rec["sim_top1"]:.2f}, ORT top-1 {res["top1"]:.2f}, agreement '
-              f'{res["agree"]:.2f}%, max |diff| {res["max_abs_diff"]:.3g} (no graph opt, 200 images: '
+              f'{res["agree"]:.2f}%, max |diff| {res["max_abs_diff"]:.3g} (no graph opt, first {n_diag} images: '
               f'{res_noopt["max_abs_diff"]:.3g}; torch running the exported ops: agreement '
               f'{twin["agree"]:.2f}%, max |diff| {twin["max_abs_diff"]:.3g}), {rec["onnx_mb"]:.2f} MB, fused {fused} ({how})',
               flush=True)
-        variants[f'ORT {name}'] = ort_runner(sess)
+        variants[f'ORT {name}'] = ort_runner(ort_session(path))
         del model
         save(args, argv, val_x, records, None)       # rows so far (latency comes last)
     lat = None
     if not args.skip_latency:
+        torch.set_num_threads(THREADS)
         lat = latency(variants, val_x[:32], args.rounds)
         for n, v in lat.items():
             print(f'latency {n}: bs1 {v["bs1"]:.2f}x ({v["bs1_ms"]:.0f} ms), '
@@ -304,6 +319,7 @@ def pct(v):
 def onnx_section(doc):
     """RESULTS.md section for benchmarks/results/onnx_export.json."""
     lat = doc.get('latency') or {}
+    n_diag = next((r['diag_images'] for r in doc['records'] if 'diag_images' in r), 200)
     out = ['## ONNX export: DeiT-Tiny (real weights) in onnxruntime vs our simulated model', '',
            f'Command: `{doc["command"]}`  ',
            f'Machine: {doc["machine"]}, onnxruntime {doc["onnxruntime"]} (CPUExecutionProvider, '
@@ -313,7 +329,8 @@ def onnx_section(doc):
            'model (for fp32: as torch). Latency = ratio to torch fp32 eager in the same round (median '
            'over rounds; < 1 is faster).', '',
            '| model | bits (W/A/attn) | simulated top-1 | ORT top-1 | top-1 agreement | max abs logit diff '
-           '| agreement, ORT graph opt. off (first 200) | agreement, torch running the exported ops (first 200) '
+           f'| agreement, ORT graph opt. off (first {n_diag}) | agreement, torch running the exported ops '
+           f'(first {n_diag}) '
            '| ONNX MB | fused integer ops (ORT) | latency bs1 | latency bs32 |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
     lat_rows = {'fp32': 'ORT fp32'}
@@ -322,8 +339,8 @@ def onnx_section(doc):
         lv = lat.get(key, {})
         fused = ', '.join(f'{k} {v}' for k, v in r.get('fused_integer_ops', {}).items()) or '—'
         out.append(f'| {r["method"]} | {r["bits"]} | {r["sim_top1"]:.2f} | {r["top1"]:.2f} | '
-                   f'{r["agree"]:.2f} % | {r["max_abs_diff"]:.3g} | {pct(r.get("noopt_agree_200"))} | '
-                   f'{pct(r.get("torch_export_forwards_agree_200"))} | {r["onnx_mb"]:.2f} | {fused} | '
+                   f'{r["agree"]:.2f} % | {r["max_abs_diff"]:.3g} | {pct(r.get("noopt_agree"))} | '
+                   f'{pct(r.get("torch_export_forwards_agree"))} | {r["onnx_mb"]:.2f} | {fused} | '
                    + (f'{lv["bs1"]:.2f}× | {lv["bs32"]:.2f}× |' if lv else '– | – |'))
     if lat:
         t = lat['torch fp32 eager']
