@@ -163,6 +163,29 @@ def latency(variants, x, rounds):
     return out
 
 
+def float_row(args, ckpt, val_x, y):
+    """The fp32 row (torch vs the float model exported to ONNX) and the float latency variants."""
+    fp_model = fresh_model(ckpt)
+    fp_logits = torch_logits(fp_model, val_x).numpy()
+    fp_onnx = osp.join(args.out_dir, 'fp32.onnx')
+    fp_export = fresh_model(ckpt)
+    for blk in fp_export.blocks:
+        blk.attn.fused_attn = False
+    with torch.no_grad():
+        torch.onnx.export(fp_export, (val_x[:1],), fp_onnx, dynamo=False, opset_version=17,
+                          input_names=['input'], output_names=['logits'],
+                          dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+    fp_sess = ort_session(fp_onnx)
+    fp_ort = agreement(ort_logits(ort_session(fp_onnx, threads=args.eval_threads), val_x), fp_logits, y)
+    records = [dict(method='fp32', bits='32/32/32', sim_top1=float((fp_logits.argmax(1) == y).mean() * 100),
+                    onnx_mb=osp.getsize(fp_onnx) / 1e6, **fp_ort)]
+    print(f'fp32: torch top-1 {records[0]["sim_top1"]:.2f}, ORT agreement {fp_ort["agree"]:.2f}% '
+          f'max |diff| {fp_ort["max_abs_diff"]:.2e}', flush=True)
+    variants = {'torch fp32 eager': lambda xb: fp_model(xb), 'ORT fp32': ort_runner(fp_sess)}
+
+    return records, variants
+
+
 def ort_runner(sess):
     name = sess.get_inputs()[0].name
     return lambda xb: sess.run(None, {name: xb.numpy()})
@@ -179,6 +202,8 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--rounds', type=int, default=5, help='latency rounds')
     p.add_argument('--skip-latency', action='store_true')
+    p.add_argument('--skip-fp32', action='store_true',
+                   help='no fp32 row (with --keep-rows: keep an earlier run\'s); implies --skip-latency')
     p.add_argument('--eval-threads', type=int, default=THREADS,
                    help='threads for the accuracy runs (1 on a busy machine); latency always uses 2')
     p.add_argument('--diag-images', type=int, default=200,
@@ -212,24 +237,9 @@ def main(argv=None):
     print(f'loaded {len(val_x)} evaluation images in {time.time() - t0:.0f}s', flush=True)
     calib_x = None
 
-    fp_model = fresh_model(ckpt)
-    fp_logits = torch_logits(fp_model, val_x).numpy()
-    fp_onnx = osp.join(args.out_dir, 'fp32.onnx')
-    fp_export = fresh_model(ckpt)
-    for blk in fp_export.blocks:
-        blk.attn.fused_attn = False
-    with torch.no_grad():
-        torch.onnx.export(fp_export, (val_x[:1],), fp_onnx, dynamo=False, opset_version=17,
-                          input_names=['input'], output_names=['logits'],
-                          dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
-    fp_sess = ort_session(fp_onnx)
-    fp_ort = agreement(ort_logits(ort_session(fp_onnx, threads=args.eval_threads), val_x), fp_logits, y)
-    records = [dict(method='fp32', bits='32/32/32', sim_top1=float((fp_logits.argmax(1) == y).mean() * 100),
-                    onnx_mb=osp.getsize(fp_onnx) / 1e6, **fp_ort)]
-    print(f'fp32: torch top-1 {records[0]["sim_top1"]:.2f}, ORT agreement {fp_ort["agree"]:.2f}% '
-          f'max |diff| {fp_ort["max_abs_diff"]:.2e}', flush=True)
-    variants = {'torch fp32 eager': lambda xb: fp_model(xb), 'ORT fp32': ort_runner(fp_sess)}
-
+    records, variants = [], {}
+    if not args.skip_fp32:
+        records, variants = float_row(args, ckpt, val_x, y)
     for name in rows:
         cfg, n_calib = ROWS[name]
         model = fresh_model(ckpt)
@@ -275,7 +285,7 @@ def main(argv=None):
                    torch_export_forwards_max_abs_diff=twin['max_abs_diff'], onnx_mb=osp.getsize(path) / 1e6,
                    export_seconds=export_s, ort_eval_seconds=ort_eval_s, export_forms=report.summary(),
                    fused_integer_ops=fused, remaining_ops=qdq_left)
-        if not args.skip_latency:
+        if not args.skip_latency and not args.skip_fp32:
             rec['profile_bs32'] = profile_ops(path, val_x[:32])
         records.append(rec)
         print(f'{name}: sim top-1 {rec["sim_top1"]:.2f}, ORT top-1 {res["top1"]:.2f}, agreement '
@@ -287,7 +297,7 @@ def main(argv=None):
         del model
         save(args, argv, val_x, records, None)       # rows so far (latency comes last)
     lat = None
-    if not args.skip_latency:
+    if not args.skip_latency and not args.skip_fp32:
         torch.set_num_threads(THREADS)
         lat = latency(variants, val_x[:32], args.rounds)
         for n, v in lat.items():
