@@ -162,6 +162,13 @@ def render():
             sys.path.insert(0, HERE)
         from vit_block_sqnr import dyn_section
         parts += [dyn_section(dyn, load_result('cls_screen_dyn.json')), '']
+    onnx_doc = load_result('onnx_export.json')
+    if onnx_doc:
+        import sys
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        from onnx_export import onnx_section
+        parts += [onnx_section(onnx_doc), '']
     path = osp.join(HERE, 'RESULTS.md')
     with open(path + '.tmp', 'w') as f:
         f.write('\n'.join(parts))
