@@ -25,6 +25,7 @@ import fqvit_det.quantizers.base as qbase  # noqa: E402
 from fqvit_det.calibration import CalibrationRunner  # noqa: E402
 from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
+from imagenet_images import load_images  # noqa: E402
 from results_md import machine_info, save_result  # noqa: E402
 
 METHODS = {
@@ -34,23 +35,6 @@ METHODS = {
     'ptq4vit_w8a8 (no search)': dict(method='ptq4vit', w_bits=8, a_bits=8, search=None),
     'adalog_w4a4 (no search)': dict(method='adalog', w_bits=4, a_bits=4, search=None),
 }
-
-
-def load_images(root, n):
-    """The first ``n`` images of an ImageNet subset through the timm configs' mmpretrain pipeline and
-    data preprocessor (configs/cls/_base_imagenet.py), as one normalized batch, and their labels."""
-    import torch
-    from mmengine.config import Config
-    from mmengine.dataset import pseudo_collate
-    from mmpretrain.registry import DATASETS, MODELS
-    from mmpretrain.utils import register_all_modules
-    register_all_modules()
-    cfg = Config.fromfile(osp.join(HERE, '..', 'configs', 'cls', '_base_imagenet.py'))
-    ds = DATASETS.build(dict(type='ImageNet', data_root=root, ann_file='labels.txt', data_prefix='images',
-                             pipeline=cfg.test_pipeline, indices=n))
-    pre = MODELS.build(dict(type='ClsDataPreprocessor', **cfg.data_preprocessor))
-    data = pre(pseudo_collate([ds[i] for i in range(len(ds))]), False)
-    return data['inputs'], torch.cat([s.gt_label for s in data['data_samples']])
 
 
 def fresh_model(ckpt):

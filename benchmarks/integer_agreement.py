@@ -60,13 +60,11 @@ def build_simulated(preset, states_dir, data):
 
 
 def load_images(data, n, batch):
-    from fqvit_det.mm.cls import ImageNetDataset
-    ds = ImageNetDataset(osp.join(data, 'imagenet', 'val1300'), img_dir='images', transform=MODEL,
-                         max_images=n)
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        yield (torch.stack([it['inputs'] for it in items]),
-               torch.tensor([it['data_samples']['gt_label'] for it in items]))
+    """The first ``n`` val1300 images in batches of ``batch`` (configs' pipeline)."""
+    from imagenet_images import load_images as load_all
+    x, y = load_all(osp.join(data, 'imagenet', 'val1300'), n)
+    for i in range(0, len(x), batch):
+        yield x[i:i + batch], y[i:i + batch]
 
 
 def block_divergence(sim, integer, x):

@@ -37,11 +37,11 @@ from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.export import export_onnx  # noqa: E402
 from fqvit_det.export.onnx import export_forwards  # noqa: E402
 from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
-from fqvit_det.mm.cls import ImageNetDataset  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 from fqvit_det.state import load_quant_state, save_quant_state  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from imagenet_images import load_images  # noqa: E402
 from results_md import load_result, machine_info, save_result  # noqa: E402
 
 MODEL = 'deit_tiny_patch16_224'
@@ -59,16 +59,6 @@ INTEGER_OPS = ('QLinearMatMul', 'MatMulIntegerToFloat', 'QLinearConv', 'ConvInte
                'QGemm', 'QLinearAdd', 'QLinearMul', 'QLinearSoftmax', 'QLinearGlobalAveragePool',
                'DynamicQuantizeMatMul', 'QLinearConcat', 'QLinearLeakyRelu', 'QLinearSigmoid')
 THREADS = 2
-
-
-def load_images(root, n):
-    ds = ImageNetDataset(root, img_dir='images', transform=MODEL, max_images=n)
-    xs, ys = [], []
-    for i in range(len(ds)):
-        item = ds[i]
-        xs.append(item['inputs'])
-        ys.append(item['data_samples']['gt_label'])
-    return torch.stack(xs), torch.tensor(ys)
 
 
 def fresh_model(ckpt, **kwargs):

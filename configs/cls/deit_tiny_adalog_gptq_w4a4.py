@@ -6,6 +6,5 @@ _base_ = ['./_base_imagenet.py']
 _gptq = dict(type='GPTQWeightQuantizer', bits=4, act_order=True)
 quant_cfg = dict(method='adalog', w_bits=4, a_bits=4, attn_bits=4, calib_images=32,
                  roles=dict(weight=_gptq, patch_embed_weight=_gptq, head_weight=_gptq))
-model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224',
-             checkpoint='{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors',
-             quant_cfg=quant_cfg)
+model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224')
+load_from = '{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors'

@@ -17,6 +17,5 @@ quant_cfg = dict(
         q=_tok, k=_tok, v=dict(_tok, dim=-2),
         attn_probs=dict(type='DynamicSoftmaxQuantizer', bits=4, grid='log_sqrt2'),
         weight=_w, patch_embed_weight=_w))
-model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224',
-             checkpoint='{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors',
-             quant_cfg=quant_cfg)
+model = dict(type='TimmClassifier', model_name='deit_tiny_patch16_224')
+load_from = '{{$FQVIT_DATA:../shared/data}}/deit_tiny/deit_tiny_patch16_224.safetensors'
