@@ -267,3 +267,25 @@ def test_convert_tool_round_trip_and_verification(tmp_path):
         assert torch.equal(model.classifier.state_dict()[k], v), k
     with pytest.raises(SystemExit, match='--reverse'):
         tool.main([mid, back, '--reverse', '--config', str(cfg)])
+
+
+def test_plain_classifier_checkpoint_loads_into_the_wrapper_through_mmengine(tmp_path):
+    """mmpretrain's own tools/test.py loads its checkpoint argument into the model with mmengine
+    (non-strict): a plain classifier's backbone.* / head.* keys must land in the wrapped classifier."""
+    from mmengine.config import Config
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    from fqvit_det.convert.timm_to_mmpretrain import timm_vit_to_mmpretrain
+    from fqvit_det.mm.cls import QuantizedClassifier
+    cfg = tmp_path / 'tiny_mm.py'
+    cfg.write_text("model = dict(type='ImageClassifier', backbone=dict(type='VisionTransformer', img_size=64, "
+                   "arch=dict(embed_dims=192, num_layers=2, num_heads=3, feedforward_channels=768)), "
+                   "neck=None, head=dict(type='VisionTransformerClsHead', num_classes=10, in_channels=192))\n")
+    state = timm_vit_to_mmpretrain({k: v.contiguous() for k, v in tiny_vit().state_dict().items()})
+    pth = str(tmp_path / 'plain.pth')
+    torch.save(dict(meta=dict(), state_dict=state), pth)
+    model = QuantizedClassifier(Config.fromfile(str(cfg)).model,
+                                quant_cfg=dict(method='repq', w_bits=4, a_bits=4))
+    load_checkpoint(model, pth, map_location='cpu')
+    own = model.classifier.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())

@@ -97,6 +97,17 @@ class QuantizedClassifier(QuantizableMixin, BaseModel):
                            'load_from): accuracies say nothing about quantization quality')
         self.classifier.eval()
         self.setup_quantization(quant_cfg)
+        self._register_load_state_dict_pre_hook(self._accept_classifier_keys)
+
+    @staticmethod
+    def _accept_classifier_keys(state_dict, prefix, *args):
+        """A plain classifier checkpoint (mmpretrain's ``backbone.* / head.*`` keys, as mmpretrain's
+        own ``tools/test.py`` loads it into the model through mmengine) lands in ``classifier``."""
+        inner = prefix + 'classifier.'
+        if any(k.startswith(inner) for k in state_dict):
+            return
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
     @property
     def quant_target(self):
