@@ -193,7 +193,9 @@ def real_batch(config, n, monkeypatch):
     cfg = Config.fromfile(config)
     ds_cfg = cfg.test_dataloader.dataset.to_dict()
     ds_cfg['indices'] = n
-    ds = DATASETS.build(ds_cfg)
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmpretrain'):  # earlier tests may have set mmdet's
+        ds = DATASETS.build(ds_cfg)
     return cfg, pseudo_collate([ds[i] for i in range(n)])
 
 

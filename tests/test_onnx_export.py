@@ -209,7 +209,7 @@ def test_cli_rejects_bad_input_before_building(args, message, tmp_path, monkeypa
     args = [a.replace('{state}', str(tmp_path / 'st.safetensors')).replace('{tmp}', str(tmp_path))
             for a in args]
     built = []
-    monkeypatch.setattr('fqvit_det.mm.cls.TimmClassifier.__init__',
+    monkeypatch.setattr('fqvit_det.mm.cls.QuantizedClassifier.__init__',
                         lambda *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError))
     with pytest.raises(SystemExit, match=re.escape(message)):
         _cli([cfg, '--out', tmp_path / 'm.onnx', *args] if '--out' not in args else [cfg, *args])

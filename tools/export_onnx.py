@@ -98,11 +98,11 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    if cfg.model.get('type') not in CLASSIFIERS:
-        fail(f'model.type {cfg.model.get("type")!r}: ONNX export supports the classifiers '
-             f'{list(CLASSIFIERS)}')
     cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
-                         check_data=False)
+                         check_data=False)   # wraps a plain mmpretrain config in QuantizedClassifier
+    if cfg.model.get('type') not in CLASSIFIERS:
+        fail(f'model.type {cfg.model.get("type")!r}: ONNX export supports classification configs '
+             f'(mmpretrain models, wrapped in {list(CLASSIFIERS)})')
     if not args.float and cfg.model.get('quant_cfg') is None:
         fail(f'{args.config} has no quant_cfg: nothing to quantize (use --float for a float export)')
     from mmengine.registry import MODELS

@@ -83,7 +83,9 @@ class QuantizedClassifier(QuantizableMixin, BaseModel):
         if data_preprocessor is not None:
             classifier['data_preprocessor'] = data_preprocessor
         logger = get_logger()
-        self.classifier = CLS_MODELS.build(classifier)
+        from mmengine.registry import DefaultScope
+        with DefaultScope.overwrite_default_scope('mmpretrain'):  # whatever scope the caller set
+            self.classifier = CLS_MODELS.build(classifier)
         self.data_preprocessor = self.classifier.data_preprocessor
         name = classifier.get('model_name') or classifier.get('type')
         if checkpoint:
