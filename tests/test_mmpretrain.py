@@ -35,9 +35,16 @@ PRESETS = {
 }
 
 
+def build_mm(cfg):
+    """An mmpretrain model, whatever default scope earlier tests (mmdet's runners) left set."""
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(cfg)
+
+
 def mm_vit_like(timm_model, device):
     """The mmpretrain ImageClassifier of ``tiny_vit``'s architecture, with its weights."""
-    model = MODELS.build(dict(
+    model = build_mm(dict(
         type='ImageClassifier',
         backbone=dict(type='VisionTransformer', img_size=64, patch_size=16,
                       arch=dict(embed_dims=192, num_layers=2, num_heads=3, feedforward_channels=768)),
@@ -48,7 +55,7 @@ def mm_vit_like(timm_model, device):
 
 def mm_tiny_swin(device, seed=0):
     torch.manual_seed(seed)
-    return MODELS.build(dict(
+    return build_mm(dict(
         type='ImageClassifier',
         backbone=dict(type='SwinTransformer', img_size=224,
                       arch=dict(embed_dims=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])),
@@ -158,7 +165,7 @@ def test_every_mmpretrain_config_builds_and_converts(base):
         assert cfg.model.type == 'QuantizedClassifier' and cfg.model.checkpoint
         if float_model is None:
             torch.manual_seed(0)
-            float_model = MODELS.build(cfg.model.classifier).eval()
+            float_model = build_mm(cfg.model.classifier).eval()
             arch = detect_architecture(float_model)
             assert arch == ('mmpretrain_swin' if 'swin' in model_key else 'mmpretrain_vit')
         model = copy.deepcopy(float_model)
