@@ -8,7 +8,7 @@ rules; the FFN's fc1/fc2 live at ``ffn.layers.0.0`` / ``ffn.layers.1``.
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 
 from ..nn.modules import _apply
-from .common import Rule, swap_class
+from .common import Rule, openmmlab_swin_norm_sources, swap_class
 from .timm_swin import add_window_mask
 
 
@@ -44,38 +44,10 @@ def _adapt_block(mod, q):
     swap_class(mod, QuantSwinBlock)
 
 
-def _stage_output(model, base, stage):
-    last = len(model.get_submodule(f'{base}stages.{stage}.blocks')) - 1
-    return f'{base}stages.{stage}.blocks.{last}.mlp_residual_quantizer'
-
-
-def _sources(p):
-    """Input sources of the norms under prefix ``p`` (mmdet: a stage's downsample runs last)."""
-    def norm1(model, path):
-        parts = path[len(p):].split('.')
-        s, j = int(parts[1]), int(parts[3])
-        if j > 0:
-            return f'{p}stages.{s}.blocks.{j - 1}.mlp_residual_quantizer'
-        if s > 0:
-            return f'{p}stages.{s - 1}.downsample.reduction.out_quantizer'
-        return f'{p}patch_embed.norm.out_quantizer'
-
-    def norm2(model, path):
-        return path.rpartition('.')[0] + '.attn_residual_quantizer'
-
-    def merge(model, path):
-        return _stage_output(model, p, int(path[len(p):].split('.')[1]))
-
-    def out_norm(model, path):
-        return _stage_output(model, p, int(path[len(p):][len('norm'):]))
-
-    return norm1, norm2, merge, out_norm
-
-
 def mmdet_swin_rules(prefix: str = 'backbone.'):
     p = prefix
     block_norm = dict(input='ln_input', output='ln_output')
-    norm1, norm2, merge, out_norm = _sources(p)
+    norm1, norm2, merge, out_norm = openmmlab_swin_norm_sources(p)
     return [
         Rule(f'{p}patch_embed.projection', 'conv', dict(weight='patch_embed_weight', input='patch_embed_input',
                                                         output='patch_embed_output')),
