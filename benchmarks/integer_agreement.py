@@ -2,7 +2,11 @@
 """Integer vs simulated DeiT-Tiny: top-1 agreement on val1300, logit differences, where they start.
 
     python benchmarks/integer_agreement.py [--presets fqvit_884,ptq4vit_w6a6,repq_w4a4]
-        [--states work_dirs/integer_states] [--val-images 1300]
+        [--states work_dirs/integer_states] [--val-images 1300] [--requant float|dyadic]
+
+The integer model is compared with two simulations of the same calibrated state: the
+integer-exact one (``fqvit_det.nn.exact.set_exact_arithmetic``: GEMMs on codes, what the integer
+kernels compute) and the default float32 one (GEMMs on dequantized values).
 
 Each preset is a real config of configs/cls/; its calibrated state is read from
 ``<states>/<config name>/quant_state.safetensors``, which ``tools/test.py <config> --work-dir
@@ -101,12 +105,17 @@ def main(argv=None):
     p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
+    p.add_argument('--requant', default='float', choices=['float', 'dyadic'],
+                   help="to_integer's requantization (float: the simulation's rounding; dyadic: M·2^-N)")
     p.add_argument('--json', default='integer_agreement.json',
                    help='result file under benchmarks/results (RESULTS.md renders integer_agreement.json)')
     p.add_argument('--export-dir', default=osp.join('work_dirs', 'integer_export'),
                    help='where the integer exports (safetensors) are written for the size column')
     args = p.parse_args(argv)
+    import copy
+
     from fqvit_det.integer import load_integer, save_integer, to_integer
+    from fqvit_det.nn.exact import set_exact_arithmetic
     from results_md import load_result, machine_info, save_result
     presets = args.presets.split(',')
     unknown = [r for r in presets if r not in PRESETS]
@@ -119,31 +128,38 @@ def main(argv=None):
     for pr in presets:
         t0 = time.time()
         sim, spec, arch = build_simulated(pr, args.states, args.data)
-        integer = to_integer(sim)
+        integer = to_integer(sim, requant=args.requant)
+        exact = copy.deepcopy(sim)
+        set_exact_arithmetic(exact)
         export = osp.join(args.export_dir, f'{pr}.safetensors')
         size = save_integer(integer, export, arch, spec)
         reloaded = load_integer(export)
-        n = same = sim_correct = int_correct = 0
-        max_diff, worst, identical_reload = 0.0, None, True
+        n = same = same_f32 = sim_correct = f32_correct = int_correct = 0
+        max_diff, max_diff_f32, worst, identical_reload = 0.0, 0.0, None, True
         divergence = None
         with torch.no_grad():
             for x, y in load_images(args.data, args.val_images, args.batch):
                 if divergence is None:
-                    divergence = block_divergence(sim, integer, x[:16])
-                a, b = sim(x), integer(x)
+                    divergence = block_divergence(exact, integer, x[:16])
+                a, b, f = exact(x), integer(x), sim(x)
                 if n == 0:
                     identical_reload = bool(torch.equal(b, reloaded(x)))
                 d = (a - b).abs().amax(dim=1)
                 if float(d.max()) > max_diff:
                     max_diff, worst = float(d.max()), n + int(d.argmax())
+                max_diff_f32 = max(max_diff_f32, float((f - b).abs().max()))
                 same += int((a.argmax(1) == b.argmax(1)).sum())
+                same_f32 += int((f.argmax(1) == b.argmax(1)).sum())
                 sim_correct += int((a.argmax(1) == y).sum())
+                f32_correct += int((f.argmax(1) == y).sum())
                 int_correct += int((b.argmax(1) == y).sum())
                 n += len(y)
         rec = dict(preset=pr, config=PRESETS[pr], bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}',
-                   images=n, agree_pct=100.0 * same / n, disagree=n - same,
-                   sim_top1=100.0 * sim_correct / n, int_top1=100.0 * int_correct / n,
-                   max_logit_diff=max_diff, worst_image=worst, block_divergence=divergence,
+                   images=n, requant=args.requant, agree_pct=100.0 * same / n, disagree=n - same,
+                   agree_f32_pct=100.0 * same_f32 / n, disagree_f32=n - same_f32,
+                   sim_top1=100.0 * sim_correct / n, sim_f32_top1=100.0 * f32_correct / n,
+                   int_top1=100.0 * int_correct / n,
+                   max_logit_diff=max_diff, max_logit_diff_f32=max_diff_f32, worst_image=worst, block_divergence=divergence,
                    integer_gemms=len(integer.fqvit_integer_plan), export_bytes=size,
                    float_bytes=float_bytes, size_ratio=float_bytes / size,
                    reload_bit_identical=identical_reload, seconds=time.time() - t0,
@@ -152,8 +168,10 @@ def main(argv=None):
         old = load_result(args.json) or {}
         records = {r['preset']: r for r in old.get('records', []) if old.get('val_images') == args.val_images}
         records[pr] = rec
-        print(f'{pr}: agree {rec["agree_pct"]:.2f}% ({n - same} of {n} differ), sim top-1 '
-              f'{rec["sim_top1"]:.2f}, int top-1 {rec["int_top1"]:.2f}, max |logit diff| {max_diff:.4f}, '
+        print(f'{pr}: agree with the exact simulation {rec["agree_pct"]:.2f}% ({n - same} of {n} '
+              f'differ), with the float32 simulation {rec["agree_f32_pct"]:.2f}%; top-1 exact sim '
+              f'{rec["sim_top1"]:.2f}, f32 sim {rec["sim_f32_top1"]:.2f}, int {rec["int_top1"]:.2f}, '
+              f'max |logit diff| {max_diff:.4f} (f32 sim {max_diff_f32:.4f}), '
               f'export {size / 1e6:.2f} MB ({rec["size_ratio"]:.2f}x smaller), reload identical '
               f'{identical_reload}', flush=True)
         save_result(args.json, dict(

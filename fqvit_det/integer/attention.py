@@ -448,6 +448,12 @@ def _per_head(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 0 else t.view(1, -1, 1, 1)
 
 
+# 'simulation': each requantization rounds the float32 value the integer-exact simulation
+# (``fqvit_det.nn.exact``) computes, by the quantizer's own formula; 'dyadic' / 'float': see
+# ``requantize``.
+ATTENTION_METHODS = ('simulation', 'dyadic', 'float')
+
+
 class IntegerAttention(nn.Module):
     """The attention core of a calibrated ``QuantTimmAttention`` on integer codes.
 
@@ -505,6 +511,9 @@ class IntegerAttention(nn.Module):
         self.cfg = cfg
         self.num_heads, self.head_dim = int(cfg['num_heads']), int(cfg['head_dim'])
         self.scale, self.method = float(cfg['scale']), cfg['method']
+        if self.method not in ATTENTION_METHODS:
+            raise ValueError(f'IntegerAttention: method must be one of {ATTENTION_METHODS}, got '
+                             f'{self.method!r}')
         self.probs_kind = cfg['probs']
         self.kind = ('lis' if self.probs_kind == 'lis' else
                      'uniform' if self.probs_kind == 'uniform' else 'pow2')
@@ -737,7 +746,12 @@ class IntegerAttention(nn.Module):
             zq_, zk_ = (int(float((z - int8_offset(*cfg[f'{r}_range'])).abs().max()))
                         for z, r in ((self.q_zero, 'q'), (self.k_zero, 'k')))
             bound = q.shape[-1] * (128 + zq_) * (128 + zk_)
-            lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method, bound=bound)
+            if self.method == 'simulation':
+                logits = (acc.to(torch.float64) * (sq.double() * sk.double() * self.scale)).float()
+                lcodes = _uniform_codes(logits, self.logit_scale, self.logit_zero, lo, hi)
+            else:
+                lcodes = requantize(acc, m, self.logit_zero, lo, hi, method=self.method,
+                                    bound=bound)
             pcodes = int_log_softmax(lcodes, float(self.logit_scale), cfg['probs_bits'],
                                      cfg['lis_n'], lo, hi)
         else:
@@ -783,8 +797,15 @@ class IntegerAttention(nn.Module):
             return out.float().reshape(B, N, H * d)
         so = self.out_scale if self.out_scale.dim() == 0 else self.out_scale.view(H, d)
         zo = self.out_zero if self.out_zero.dim() == 0 else self.out_zero.view(H, d)
-        mults = [m / so.to(**f64) for m in mults]
-        codes = requantize(accs, mults, zo, *cfg['out_range'], method=self.method)
+        if self.method == 'simulation':
+            out = None
+            for a, m in zip(accs, mults):
+                t = a.to(torch.float64) * m
+                out = t if out is None else out + t
+            codes = _uniform_codes(out.float(), so, zo, *cfg['out_range'])
+        else:
+            mults = [m / so.to(**f64) for m in mults]
+            codes = requantize(accs, mults, zo, *cfg['out_range'], method=self.method)
         codes = codes.reshape(B, N, H * d)
         return self.dequantize_out(codes) if dequantize else codes
 
@@ -825,14 +846,19 @@ class IntegerAttention(nn.Module):
         m_logit = (torch.tensor(float(self.q_scale), **f64) * float(self.k_scale) * self.scale
                    / float(self.logit_scale))
         qk_bound = d * (128 + abs(zq)) * (128 + abs(zk))
-        (mv,), _, exact = dyadic_values([m_logit], qk_bound)
+        sim = self.method == 'simulation'
+        if sim:
+            mv, mo, exact = None, None, True
+        else:
+            (mv,), _, exact = dyadic_values([m_logit], qk_bound)
         K = 2 ** bits
         groups = -(-K // 8)
         frac = 8 * groups - 1
         pv_bound = n_tok * (2 ** frac) * (128 + abs(zv))
         m_out = torch.tensor(float(self.v_scale), **f64) * 2.0 ** -frac / float(self.out_scale)
-        (mo,), _, exact_out = dyadic_values([m_out], pv_bound)
-        if not (exact and exact_out):
+        if not sim:
+            (mo,), _, exact_out = dyadic_values([m_out], pv_bound)
+        if not sim and not (exact and exact_out):
             self._fast_cache = (key, None)
             return None
         c = torch.tensor(half_up_thresholds(bits), dtype=torch.int64, device=device)
@@ -842,7 +868,11 @@ class IntegerAttention(nn.Module):
             tops=[8 * g + 7 for g in range(groups)], pv_int32=pv_bound < 2 ** 31,
             neg_table=-table, table=table, odd=c % 2, den=2 * c - 1, levels=levels,
             lo=float(lq_min - float(self.logit_zero)), hi=float(lq_max - float(self.logit_zero)),
-            z_out=float(self.out_zero), out_range=tuple(cfg['out_range']))
+            z_out=float(self.out_zero), out_range=tuple(cfg['out_range']), sim=sim,
+            # 'simulation': the float32 logits / outputs of the integer-exact simulation
+            m_sim=float(torch.tensor(float(self.q_scale), **f64) * float(self.k_scale) * self.scale),
+            logit_scale=self.logit_scale.float(), out_step=2.0 ** -frac * float(self.v_scale),
+            out_scale=self.out_scale.float())
         self._fast_cache = (key, setup)
         return setup
 
@@ -859,10 +889,14 @@ class IntegerAttention(nn.Module):
         ka = to_int8(k, ok_).reshape(G, N, d)
         va = to_int8(v, ov_).reshape(G, N, d)
         v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
-        zq, zk, zv, mv = st['zq'], st['zk'], st['zv'], float(st['mv'])
+        zq, zk, zv = st['zq'], st['zk'], st['zv']
+        mv = 1.0 if st['sim'] else float(st['mv'])
         # zero-point terms of Σ(a − z'_q)(b − z'_k), times the dyadic multiplier (exact in f64)
-        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64).mul_(mv)
-        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64).mul_(mv)
+        sim = st['sim']
+        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64)
+        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64)
+        if not sim:       # 'simulation' keeps the exact centred accumulator, scaled below
+            row, col = row.mul_(mv), col.mul_(mv)
         row, col = row.unsqueeze(-1), col.unsqueeze(-2)
         cg = max(1, self.chunk_elems // (N * N)) if dev.type == 'cpu' else G
         levels, table, neg_table = st['levels'], st['table'], st['neg_table']
@@ -879,7 +913,10 @@ class IntegerAttention(nn.Module):
             # logit code − z_logit = clamp(⌊acc·m + row + col⌉): exact dyadic arithmetic
             y = scratch('ia_y', (n, N, N), torch.float64, dev)
             torch.add(row[i:j], acc, alpha=mv, out=y)
-            y.add_(col[i:j]).round_().clamp_(lo, hi)
+            y.add_(col[i:j])
+            if sim:     # ⌊float32(acc·Δ_q·Δ_k·scale) / Δ_logit⌉, the logit quantizer's rounding
+                y.copy_(y.mul_(st['m_sim']).to(torch.float32).div_(st['logit_scale']))
+            y.round_().clamp_(lo, hi)
             ymax = y.amax(-1, keepdim=True)
             dd = scratch('ia_d', (rows, N), torch.int32, dev)
             dd.copy_(torch.sub(ymax, y, out=y).view(rows, N))          # d = max − x
@@ -914,6 +951,10 @@ class IntegerAttention(nn.Module):
             else:
                 acc_out.add_(s_g, alpha=2 ** (frac - top))
         qmin_o, qmax_o = st['out_range']
-        out = acc_out.to(torch.float64).mul_(st['mo']).round_().add_(st['z_out'])
+        if sim:
+            out = acc_out.to(torch.float64).mul_(st['out_step']).to(torch.float32)
+            out = out.div_(st['out_scale']).round_().add_(st['z_out'])
+        else:
+            out = acc_out.to(torch.float64).mul_(st['mo']).round_().add_(st['z_out'])
         out = out.clamp_(qmin_o, qmax_o).to(torch.int32)
         return out.view(B, H, N, d).transpose(1, 2).reshape(B, N, H * d)

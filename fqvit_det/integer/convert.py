@@ -103,13 +103,9 @@ def plan_integer(model: nn.Module) -> List[Tuple[str, str, Optional[str]]]:
     return plan
 
 
-def _integer_linear(mod, in_q) -> IntegerLinear:
+def _integer_linear(mod, in_q, requant: str) -> IntegerLinear:
     out_q = mod.out_quantizer if _quant_on(mod.out_quantizer) else None
-    if mod.bias is None:
-        bias = None
-    else:
-        bias = mod.bias
-    return IntegerLinear.from_quant(mod.weight, bias, mod.w_quantizer, in_q, out_q)
+    return IntegerLinear.from_quant(mod.weight, mod.bias, mod.w_quantizer, in_q, out_q, requant=requant)
 
 
 class IntegerTimmAttention(nn.Module):
@@ -117,10 +113,11 @@ class IntegerTimmAttention(nn.Module):
     helper ``intattn``'s kernels): qkv → codes → attention → proj_input values → proj.
     ``core_config`` rebuilds an empty core for loading (``attn`` then only lends qkv / proj)."""
 
-    def __init__(self, attn: nn.Module, core_config: Optional[dict] = None):
+    def __init__(self, attn: nn.Module, core_config: Optional[dict] = None,
+                 method: str = 'simulation'):
         super().__init__()
         from .attention import IntegerAttention
-        self.core = (IntegerAttention(attn) if core_config is None
+        self.core = (IntegerAttention(attn, method=method) if core_config is None
                      else IntegerAttention(config=core_config))
         self.qkv, self.proj = attn.qkv, attn.proj
         self.proj_drop = attn.proj_drop
@@ -135,7 +132,7 @@ class IntegerTimmAttention(nn.Module):
         output grid is the core's input grid (FQ-ViT's qkv_output) and the core's output grid is
         proj's input grid (proj_input), codes pass directly, with no dequantize / quantize pair."""
         core = self.core
-        qkv_codes = (isinstance(self.qkv, IntegerLinear) and self.qkv.out_mode == 'dyadic'
+        qkv_codes = (isinstance(self.qkv, IntegerLinear) and self.qkv.out_mode in ('dyadic', 'requant')
                      and core.cfg.get('shared_qkv', False)
                      and self._same_grid(self.qkv, core.q_scale, core.q_zero))
         proj_codes = (isinstance(self.proj, IntegerLinear) and self.proj.in_kind == 'uniform'
@@ -170,12 +167,13 @@ def integer_attention_paths(model: nn.Module) -> List[str]:
     return paths
 
 
-def install_integer_attention(model: nn.Module, paths, configs=None) -> None:
+def install_integer_attention(model: nn.Module, paths, configs=None,
+                              method: str = 'simulation') -> None:
     """Swap the attentions at ``paths`` for ``IntegerTimmAttention`` (from the calibrated module,
     or empty from ``configs`` when loading)."""
     for i, path in enumerate(paths):
         cfg = None if configs is None else configs[i]
-        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path), cfg))
+        _set_child(model, path, IntegerTimmAttention(model.get_submodule(path), cfg, method))
 
 
 def adopt_norm_targets(model: nn.Module) -> None:
@@ -188,16 +186,25 @@ def adopt_norm_targets(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, attention: bool = True) -> nn.Module:
+def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float') -> nn.Module:
     """A new module graph computing ``model`` (calibrated, quantizers in 'quant' mode) with
     integer GEMMs; ``model`` itself is left unchanged. Runs on the CPU or CUDA (the device of the
-    model); integer constants are computed on the CPU."""
+    model); integer constants are computed on the CPU.
+
+    ``requant``: how an integer accumulator becomes the next quantizer's codes. ``'float'``
+    (default): the exact accumulator rescaled in float32 and rounded by the quantizer's own
+    formula, which is what the integer-exact simulation computes
+    (``fqvit_det.nn.exact.set_exact_arithmetic``): the two agree bit for bit up to float64 rounding
+    in P·V for irrational probability levels. ``'dyadic'``: integer-only M·2^−N multipliers
+    (FQ-ViT's deployment arithmetic), within one code of the exactly rounded value."""
+    if requant not in ('float', 'dyadic'):
+        raise ValueError(f"to_integer: requant must be 'float' or 'dyadic', got {requant!r}")
     device = next(iter(model.parameters()), torch.zeros(())).device
     new = copy.deepcopy(model).cpu()
     adopt_norm_targets(new)
     plan = plan_integer(new)
     attention = integer_attention_paths(new) if attention else []
-    install_integer_attention(new, attention)
+    install_integer_attention(new, attention, method='simulation' if requant == 'float' else 'dyadic')
     if not plan:
         raise ValueError('to_integer: no quantized Linear / patch convolution with a per-tensor '
                          'uniform input and a uniform weight quantizer in quant mode: calibrate first')
@@ -206,7 +213,8 @@ def to_integer(model: nn.Module, attention: bool = True) -> nn.Module:
         if kind == 'patch':
             w = mod.weight
             lin = IntegerLinear.from_quant(w, mod.bias, mod.w_quantizer, mod.in_quantizer,
-                                           mod.out_quantizer if _quant_on(mod.out_quantizer) else None)
+                                           mod.out_quantizer if _quant_on(mod.out_quantizer) else None,
+                                           requant=requant)
             _set_child(new, path, IntegerPatchEmbed(lin, mod.kernel_size, mod.out_channels))
             continue
         in_q = mod.in_quantizer
@@ -217,7 +225,7 @@ def to_integer(model: nn.Module, attention: bool = True) -> nn.Module:
                 # The integer Linear quantizes the norm output itself (same quantizer, same codes):
                 # the norm's own fake quantization would be a second pass over the same values.
                 norm.out_quantizer = None
-        _set_child(new, path, _integer_linear(mod, in_q))
+        _set_child(new, path, _integer_linear(mod, in_q, requant))
     new.fqvit_integer_plan = [list(p) for p in plan]
     new.fqvit_integer_attention = attention
     get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')

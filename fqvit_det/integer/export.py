@@ -1,7 +1,7 @@
 """Integer model export: one safetensors file (no pickle), loadable with torch + safetensors + timm.
 
 The file holds the integer model's state: int8 weight codes (4-bit codes packed two per byte with
-a per-channel int8 offset), int32 biases, float32 scales or int32 dyadic multipliers, and the
+one int8 offset, or one per channel), float32 biases and scales or int32 dyadic multipliers, and the
 remaining float tensors (LayerNorm, position embedding, quantizers of the simulated parts). Its
 metadata holds what rebuilds the module graph before the tensors are loaded: the timm
 architecture, the resolved recipe (``QuantSpec``), the integer plan (path, kind, constructor
@@ -24,10 +24,15 @@ PACK_SUFFIX, LOW_SUFFIX = '.packed4', '.low4'
 
 
 def pack_int4(codes: torch.Tensor):
-    """(packed uint8 [N, ⌈K/2⌉], low int8 [N]) for int8 codes [N, K] spanning ≤ 16 values per row:
-    nibble = code − low (0 … 15), two per byte (even column in the low nibble)."""
-    low = codes.to(torch.int16).amin(dim=1)
-    nib = (codes.to(torch.int16) - low[:, None])
+    """(packed uint8 [N, ⌈K/2⌉], low int8) for int8 codes [N, K] spanning ≤ 16 values per row:
+    nibble = code − low (0 … 15), two per byte (even column in the low nibble). ``low`` is one
+    offset (0-dim) when all rows fit one 16-value window (symmetric 4-bit weights), else one per
+    row [N]."""
+    c16 = codes.to(torch.int16)
+    low = c16.amin()
+    if int(c16.amax()) - int(low) > 15:
+        low = c16.amin(dim=1)
+    nib = c16 - low.reshape(-1, 1)
     if int(nib.max()) > 15:
         raise ValueError('pack_int4: a row spans more than 16 code values')
     if nib.shape[1] % 2:
@@ -39,7 +44,7 @@ def pack_int4(codes: torch.Tensor):
 def unpack_int4(packed: torch.Tensor, low: torch.Tensor, k: int) -> torch.Tensor:
     p = packed.to(torch.int16)
     nib = torch.stack([p & 15, p >> 4], dim=2).reshape(p.shape[0], -1)[:, :k]
-    return (nib + low.to(torch.int16)[:, None]).to(torch.int8)
+    return (nib + low.to(torch.int16).reshape(-1, 1)).to(torch.int8)
 
 
 def _plan_entries(model: nn.Module):
@@ -56,8 +61,10 @@ def _plan_entries(model: nn.Module):
 
 
 def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors of the export: the state dict with 4-bit weight codes packed and dyadic
-    multipliers narrowed to int32."""
+    """The tensors of the export: the state dict with 4-bit weight codes packed, dyadic
+    multipliers narrowed to int32, buffers derived from others left out (``IntegerLinear``'s
+    zero-point terms, recomputed on loading) and a position embedding that the recipe quantizes
+    stored as its codes."""
     state, seen = {}, set()
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) in seen:          # a module reached by two paths (IntegerAttention's quantizers)
@@ -74,7 +81,33 @@ def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
         mk = f'{path}.multiplier'
         if state[mk].numel():
             state[mk] = state[mk].to(torch.int32)      # M < 2^31
+        for name in IntegerLinear.DERIVED:
+            state.pop(f'{path}.{name}', None)
+    codes = _pos_embed_codes(model)
+    if codes is not None:
+        state.pop('pos_embed')
+        state[POS_CODES] = codes
     return state
+
+
+POS_CODES = 'pos_embed' + '.codes'
+
+
+def _pos_embed_codes(model: nn.Module):
+    """The codes of the position embedding when a per-tensor uniform quantizer in 'quant' mode
+    reads it (FQ-ViT's ``qact_pos``): reloaded as their values, which that quantizer maps to
+    themselves, so the outputs stay bit-identical."""
+    from ..quantizers.uniform import UniformQuantizer
+    q = getattr(model, 'pos_embed_quantizer', None)
+    pos = getattr(model, 'pos_embed', None)
+    if (pos is None or type(q) is not UniformQuantizer or q.mode != 'quant' or q.scale.numel() != 1
+            or q.bits > 8):
+        return None
+    codes = q.quantize(pos.detach())
+    if not torch.equal(q.fake_quant(q.dequantize(codes)), q.fake_quant(pos.detach())):
+        return None
+    return codes.to(torch.int16 if q.qmax > 255 or q.qmin < -128 else
+                    torch.uint8 if q.qmin >= 0 else torch.int8).cpu()
 
 
 def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
@@ -156,7 +189,19 @@ def load_integer(path: str, device='cpu') -> nn.Module:
         _set_child(model, e['path'], lin)
         if e['drop_norm_quantizer']:
             model.get_submodule(e['norm']).out_quantizer = None
+    if POS_CODES in state:
+        q = model.pos_embed_quantizer
+        codes = state.pop(POS_CODES)
+        state['pos_embed'] = torch.zeros(codes.shape)     # values set once the quantizer is loaded
+    else:
+        codes = None
     missing, unexpected = model.load_state_dict(state, strict=False)
+    derived = {f'{e["path"]}{".linear" if e["kind"] == "patch" else ""}.{name}'
+               for e in plan for name in IntegerLinear.DERIVED}
+    missing = [k for k in missing if k not in derived]
+    if codes is not None:
+        with torch.no_grad():
+            model.pos_embed.copy_(q.dequantize(codes.to(torch.int32)))
     # keys left out at saving are second paths to tensors that were saved once
     aliased = {k for k, v in model.state_dict(keep_vars=True).items() if k not in state}
     if unexpected or set(missing) - aliased:
@@ -165,7 +210,7 @@ def load_integer(path: str, device='cpu') -> nn.Module:
     shared = {}
     for k, v in model.state_dict(keep_vars=True).items():
         shared.setdefault(id(v), []).append(k)
-    orphans = [ks for ks in shared.values() if not any(k in state for k in ks)]
+    orphans = [ks for ks in shared.values() if not any(k in state or k in derived for k in ks)]
     if orphans:
         raise ValueError(f'{path}: tensors missing from the file: {orphans[:5]}')
     modes = json.loads(meta['modes'])
@@ -173,6 +218,9 @@ def load_integer(path: str, device='cpu') -> nn.Module:
     for qname, q in named_quantizers(model):
         q.set_mode(modes.get(qname, 'quant'))
     refresh(model)
+    for mod in model.modules():
+        if isinstance(mod, IntegerLinear):
+            mod.derive_constants()
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
     model.fqvit_integer_attention = attention
     return model.to(device)

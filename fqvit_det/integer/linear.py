@@ -30,6 +30,10 @@ out_mode        computes                                                used for
                 quantizer's codes, at most one code from the            (FQ-ViT qkv, proj, fc2,
                 simulation's; returned dequantized ((q − z_out)·Δ_out)  patch embedding, head)
                 for the float parts downstream
+``'requant'``   codes = clamp(⌊y/Δ_out⌉ + z_out) with y the ``'float'``     the same outputs, by
+                value: the next quantizer's own rounding of the          default (``to_integer``
+                float32 rescale, bit-identical to the integer-exact      ``requant='float'``)
+                simulation (``fqvit_det.nn.exact``)
 ==============  ======================================================  =====================
 
 Twin-uniform inputs (PTQ4ViT post-GELU, Δ_pos = 2^m·Δ_neg): the codes split into a positive and a
@@ -68,7 +72,14 @@ def _requantize_dequantize(acc, bias_int, multiplier, bias_out, rnd: int, shift:
     return (torch.clamp(q + zo, qmin, qmax) - zo).to(torch.float32) * out_scale
 
 
-KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+def _requantize_float(y, out_scale, zo: int, qmin: int, qmax: int):
+    """(clamp(⌊y/Δ_out⌉ + z_out) − z_out)·Δ_out: the next quantizer's fake quantization of y."""
+    return (torch.clamp(torch.round(torch.div(y, out_scale)) + zo, qmin, qmax) - zo) * out_scale
+
+
+KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
+               requantize_float=_requantize_float)
+OUT_MODES = ('float', 'dyadic', 'requant')
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
@@ -77,9 +88,11 @@ def use_compiled_kernels(enabled: bool = True) -> None:
     if enabled:
         KERNELS.update(quantize=torch.compile(_quantize_input, dynamic=True),
                        rescale=torch.compile(_rescale, dynamic=True),
-                       requantize=torch.compile(_requantize_dequantize, dynamic=True))
+                       requantize=torch.compile(_requantize_dequantize, dynamic=True),
+                       requantize_float=torch.compile(_requantize_float, dynamic=True))
     else:
-        KERNELS.update(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize)
+        KERNELS.update(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
+                       requantize_float=_requantize_float)
 
 
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -141,8 +154,8 @@ class IntegerLinear(nn.Module):
         super().__init__()
         if in_kind not in ('uniform', 'twin_gelu'):
             raise ValueError(f'IntegerLinear: in_kind must be uniform or twin_gelu, got {in_kind!r}')
-        if out_mode not in ('float', 'dyadic'):
-            raise ValueError(f'IntegerLinear: out_mode must be float or dyadic, got {out_mode!r}')
+        if out_mode not in OUT_MODES:
+            raise ValueError(f'IntegerLinear: out_mode must be one of {OUT_MODES}, got {out_mode!r}')
         self.in_features, self.out_features = in_features, out_features
         self.in_kind, self.in_signed, self.in_bits, self.w_bits = in_kind, in_signed, in_bits, w_bits
         self.out_mode, self.has_offset = out_mode, has_offset
@@ -155,8 +168,9 @@ class IntegerLinear(nn.Module):
         self.register_buffer('in_scale', torch.ones((), dtype=torch.float32))
         self.register_buffer('in_zero_point', torch.zeros((), dtype=torch.int32))
         # float mode: Δ_x·Δ_w[c]; dyadic mode: M[c], N, and the output grid (Δ_out, z_out)
-        self.register_buffer('acc_scale', torch.ones(n if out_mode == 'float' else 0, dtype=torch.float32))
-        self.register_buffer('bias_float', torch.zeros(n if out_mode == 'float' else 0, dtype=torch.float32))
+        rescaled = out_mode in ('float', 'requant')
+        self.register_buffer('acc_scale', torch.ones(n if rescaled else 0, dtype=torch.float32))
+        self.register_buffer('bias_float', torch.zeros(n if rescaled else 0, dtype=torch.float32))
         self.register_buffer('multiplier', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
         self.register_buffer('bias_out', torch.zeros(n if out_mode == 'dyadic' else 0, dtype=torch.int64))
         self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
@@ -174,10 +188,14 @@ class IntegerLinear(nn.Module):
 
     @classmethod
     def from_quant(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], w_quantizer, in_quantizer,
-                   out_quantizer=None):
+                   out_quantizer=None, requant: str = 'float'):
         """An integer twin of a simulated Linear whose input is quantized by ``in_quantizer``
         (applied by this module) and whose output, when ``out_quantizer`` is a per-tensor uniform
-        quantizer, is requantized to its codes (dyadic)."""
+        quantizer, is requantized to its codes: by the float32 rescale and the quantizer's own
+        rounding (``requant='float'``, out_mode 'requant') or by a dyadic multiplier
+        (``'dyadic'``)."""
+        if requant not in ('float', 'dyadic'):
+            raise ValueError(f"IntegerLinear: requant must be 'float' or 'dyadic', got {requant!r}")
         from ..quantizers.twin import TwinUniformGeluQuantizer, twin_gelu_steps
         codes, offset, w_scale = weight_codes(w_quantizer, weight)
         n, k = codes.shape
@@ -192,29 +210,27 @@ class IntegerLinear(nn.Module):
             unit = in_quantizer.scale.reshape(()).float()
             z = int(in_quantizer.zero_point.reshape(()))
             in_kind, signed, m = 'uniform', bool(in_quantizer.signed), 0
-        out_mode = 'dyadic' if (out_quantizer is not None and integer_input_ok(out_quantizer)) else 'float'
+        codes_out = out_quantizer is not None and integer_input_ok(out_quantizer)
+        out_mode = ('float' if not codes_out else 'dyadic' if requant == 'dyadic' else 'requant')
         mod = cls(k, n, in_kind, signed, in_quantizer.bits, w_quantizer.bits, out_mode,
                   offset is not None,
-                  out_quantizer.qmin if out_mode == 'dyadic' else 0,
-                  out_quantizer.qmax if out_mode == 'dyadic' else 255, m)
+                  out_quantizer.qmin if codes_out else 0,
+                  out_quantizer.qmax if codes_out else 255, m)
         acc_scale = (unit.double() * w_scale.double())
-        b = codes.to(torch.int64)
-        const = -z * b.sum(dim=1)
-        if offset is not None:
-            const = const - z * offset.to(torch.int64) * k
-        if int(const.abs().max()) >= 2 ** 31:
-            raise ValueError('IntegerLinear: the int32 bias overflows (scales too small for the bias)')
         with torch.no_grad():
             mod.weight_codes.copy_(codes)
             if offset is not None:
                 mod.weight_offset.copy_(offset)
-            mod.bias_int.copy_(const.to(torch.int32))
             mod.in_scale.fill_(float(unit))
             mod.in_zero_point.fill_(z)
-            if out_mode == 'float':
+            mod.derive_constants()
+            if out_mode != 'dyadic':
                 mod.acc_scale.copy_(acc_scale.float())
                 if bias is not None:
                     mod.bias_float.copy_(bias.detach().float())
+                if out_mode == 'requant':
+                    mod.out_scale.fill_(float(out_quantizer.scale.reshape(())))
+                    mod.out_zero_point.fill_(int(out_quantizer.zero_point.reshape(())))
             else:
                 o_scale = out_quantizer.scale.reshape(()).double()
                 mult, shift = dyadic(acc_scale / o_scale)
@@ -228,6 +244,22 @@ class IntegerLinear(nn.Module):
         mod._prepare()
         return mod
 
+    # buffers computed from the others (``derive_constants``): the export leaves them out
+    DERIVED = ('bias_int',)
+
+    @torch.no_grad()
+    def derive_constants(self):
+        """bias_int = −z_x·Σ_k b[c, k] (− z_x·o[c]·K with a weight offset): the input zero point's
+        share of the accumulator, a per-channel int32 constant."""
+        z = int(self.in_zero_point)
+        b = self.weight_codes.to(torch.int64)
+        const = -z * b.sum(dim=1)
+        if self.has_offset:
+            const = const - z * self.weight_offset.to(torch.int64) * self.in_features
+        if int(const.abs().max()) >= 2 ** 31:
+            raise ValueError('IntegerLinear: the int32 zero-point term overflows')
+        self.bias_int.copy_(const.to(torch.int32))
+
     def _prepare(self):
         """Hot-path constants derived from the buffers (after construction or loading)."""
         self._b_t = self.weight_codes.t()                       # K×N view of the (N, K) codes
@@ -237,6 +269,7 @@ class IntegerLinear(nn.Module):
         self._z = int(self.in_zero_point)
         self._scale = float(self.in_scale)
         self._shift = int(self.shift)
+        self._zo = int(self.out_zero_point)
         self._round = 1 << (self._shift - 1) if self._shift > 0 else 0
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -290,8 +323,14 @@ class IntegerLinear(nn.Module):
         return q.add_(self.out_zero_point).clamp_(self.out_qmin, self.out_qmax)
 
     def forward_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Dyadic mode: the next quantizer's codes (int32) instead of their values."""
+        """Dyadic / requant mode: the next quantizer's codes (int32) instead of their values."""
         shape = x.shape
+        if self.out_mode == 'requant':
+            acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
+            q = _quantize_input(y, self.out_scale, int(self.out_zero_point), self.out_qmin, self.out_qmax,
+                                torch.int32)
+            return q.reshape(*shape[:-1], self.out_features)
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
 
@@ -305,7 +344,10 @@ class IntegerLinear(nn.Module):
                 acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
         else:
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
-        if self.out_mode == 'dyadic':
+        if self.out_mode == 'requant':
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
+            y = KERNELS['requantize_float'](y, self.out_scale, self._zo, self.out_qmin, self.out_qmax)
+        elif self.out_mode == 'dyadic':
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         else:

@@ -77,6 +77,31 @@ class _WeightQuantMixin(QuantModule):
 
     def refresh(self):
         self._wq_cache = None
+        self._exact_cache = None
+
+    # Integer-exact arithmetic (``fqvit_det.nn.exact.set_exact_arithmetic``): (input step Δ_x,)
+    # when on; the GEMM then runs on the codes.
+    _exact = None
+    _exact_cache = None
+
+    def _exact_step(self):
+        exact = self._exact
+        if exact is None or torch.is_grad_enabled() or self.w_quantizer.mode != 'quant':
+            return None
+        iq = self.in_quantizer
+        if iq is not None and iq.mode != 'quant':
+            return None
+        return exact[0]
+
+    def _exact_operands(self, x: torch.Tensor, unit: torch.Tensor):
+        """(input codes − z_x as float64, centred weight codes as float64, float32 Δ_x·Δ_w[c])."""
+        from .exact import exact_linear_constants
+        cache = self._exact_cache
+        if cache is None or cache[0].device != x.device:
+            cache = self._exact_cache = tuple(
+                t.to(x.device) for t in exact_linear_constants(self, unit))
+        xc = torch.round(x / unit.to(x.device)).to(torch.float64)
+        return xc, cache[0], cache[1]
 
     @classmethod
     def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer, out_quantizer=None):
@@ -134,6 +159,12 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
 
     def forward(self, x):
         x = _apply(self.in_quantizer, x)
+        unit = self._exact_step()
+        if unit is not None:      # integer-exact: float32(Σ codes·codes)·Δ_x·Δ_w + bias
+            xc, wc, acc_scale = self._exact_operands(x, unit)
+            y = F.linear(xc, wc).to(torch.float32) * acc_scale
+            y = y if self.bias is None else y + self.bias
+            return _apply(self.out_quantizer, y)
         self.observe_layer_input(x)
         y = self._corrected(F.linear(x, self.quant_weight(), self.bias), -1)
         return _apply(self.out_quantizer, y)
@@ -182,6 +213,13 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
 
     def forward(self, x):
         x = _apply(self.in_quantizer, x)
+        unit = self._exact_step() if self.padding_mode == 'zeros' else None
+        if unit is not None:      # integer-exact (see QuantLinear)
+            xc, wc, acc_scale = self._exact_operands(x, unit)
+            y = F.conv2d(xc, wc, None, self.stride, self.padding, self.dilation, self.groups)
+            y = y.to(torch.float32) * acc_scale.reshape(-1, 1, 1)
+            y = y if self.bias is None else y + self.bias.reshape(-1, 1, 1)
+            return _apply(self.out_quantizer, y)
         self.observe_layer_input(x)
         y = self._corrected(self._conv_forward(x, self.quant_weight(), self.bias), 1)
         return _apply(self.out_quantizer, y)
@@ -378,6 +416,10 @@ class AttentionQuantizers(QuantModule):
         """
         if self._recorder is not None:
             self._recorder(self, q, k, v, scale, bias, mask, mask_fn)
+        if self._exact is not None and bias is None and mask is None and not torch.is_grad_enabled():
+            out = self._attend_exact(q, k, v, scale)
+            if out is not None:
+                return out
         q, k, v = _apply(self.q, q), _apply(self.k, k), _apply(self.v, v)
         logits = (q @ k.transpose(-2, -1)) * scale
         if bias is not None:
@@ -391,8 +433,36 @@ class AttentionQuantizers(QuantModule):
             logits = mask_fn(logits, mask) if mask_fn is not None else logits + mask
             if self.fused_softmax and self.probs.mode == 'observe':
                 return logits.softmax(dim=-1) @ v
+        return self._probs(logits) @ v
+
+    def _probs(self, logits):
         if self.fused_softmax:
-            probs = self.probs(logits)
-        else:
-            probs = _apply(self.probs, logits.softmax(dim=-1))
-        return probs @ v
+            return self.probs(logits)
+        return _apply(self.probs, logits.softmax(dim=-1))
+
+    # Integer-exact arithmetic (``fqvit_det.nn.exact``): (shared q/k/v step or None,) when on.
+    _exact = None
+
+    def _attend_exact(self, q, k, v, scale):
+        """QKᵀ on the codes (float64, exact), logits = float32(acc·Δ_q·Δ_k·scale); P·V as
+        float64(P̂) @ float64(v codes)·Δ_v rounded once to float32: ``IntegerAttention``'s
+        formulas (method 'simulation'). None when q, k or v is not on a uniform grid."""
+        from .exact import exact_grid
+        shared = self._exact[0]
+        vals, steps = [], []
+        for quant, t in ((self.q, q), (self.k, k), (self.v, v)):
+            step = exact_grid(quant) if quant is not None else shared
+            if step is None or (quant is not None and quant.mode != 'quant'):
+                return None
+            vals.append(_apply(quant, t))
+            steps.append(step.to(t.device))
+        if self.probs is None or self.probs.mode != 'quant':
+            return None
+        (qv, kv, vv), (sq, sk, sv) = vals, steps
+        qc, kc, vc = (torch.round(t / s).to(torch.float64) for t, s in ((qv, sq), (kv, sk), (vv, sv)))
+        acc = qc @ kc.transpose(-2, -1)
+        logits = (acc * (sq.double() * sk.double() * scale)).to(torch.float32)
+        if not self.fused_softmax:
+            logits = _apply(self.logits, logits)
+        probs = self._probs(logits)
+        return ((probs.to(torch.float64) @ vc) * sv.double()).to(torch.float32)

@@ -66,7 +66,7 @@ def test_dyadic_requantization_within_one_code_of_the_simulation(device):
     w_q.finalize()
     w_q.set_mode('quant')
     out_q = _q(8, 0.03, 120)
-    lin = IntegerLinear.from_quant(w, b, w_q, in_q, out_q).to(device)
+    lin = IntegerLinear.from_quant(w, b, w_q, in_q, out_q, requant='dyadic').to(device)
     assert lin.out_mode == 'dyadic'
     codes = lin.requantize(lin.accumulate(x.reshape(-1, 64).to(device))).cpu()
     sim_codes = out_q.quantize(F.linear(in_q.fake_quant(x), w_q.fake_quant(w), b)).reshape(-1, 32)
@@ -75,6 +75,29 @@ def test_dyadic_requantization_within_one_code_of_the_simulation(device):
     assert float((diff == 0).float().mean()) > 0.99
     y = lin(x.to(device)).cpu()
     torch.testing.assert_close(y, out_q.dequantize(codes.to(torch.int32)).reshape(4, 50, 32))
+
+
+def test_float_requantization_is_the_quantizers_rounding_of_the_exact_rescale(device):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g) * 0.05
+    b = torch.randn(32, generator=g) * 0.1
+    x = torch.rand(4, 50, 64, generator=g) * 3 - 1
+    in_q = _q(8, 4 / 255, 64)
+    w_q = UniformQuantizer(bits=8, symmetric=True, ch_axis=0, symmetric_divisor='half_range')
+    w_q.qname = 'w'
+    w_q.observe(w)
+    w_q.finalize()
+    w_q.set_mode('quant')
+    out_q = _q(8, 0.03, 120)
+    lin = IntegerLinear.from_quant(w, b, w_q, in_q, out_q).to(device)
+    assert lin.out_mode == 'requant'
+    a = in_q.quantize(x).to(torch.int64) - 64
+    wc = w_q.quantize(w).to(torch.int64)
+    acc_scale = (in_q.scale.double() * w_q.scale.reshape(-1).double()).float()
+    y = (a @ wc.t()).to(torch.float32) * acc_scale + b           # integer accumulator, float32 rescale
+    codes = lin.forward_codes(x.to(device)).cpu()
+    assert torch.equal(codes, out_q.quantize(y))
+    assert torch.equal(lin(x.to(device)).cpu(), out_q.fake_quant(y))
 
 
 def test_dyadic_multiplier_accuracy():
@@ -125,6 +148,11 @@ def test_int4_pack_unpack_round_trip(k):
     codes = (low + torch.randint(0, 16, (5, k), generator=g)).to(torch.int8)
     packed, lo = pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    assert lo.shape == (5,)                        # rows in different 16-value windows
     assert torch.equal(unpack_int4(packed, lo, k), codes)
+    symmetric = torch.randint(-8, 8, (5, k), generator=g).to(torch.int8)
+    packed, lo = pack_int4(symmetric)
+    assert lo.shape == () and int(lo) == int(symmetric.min())   # one offset for the tensor
+    assert torch.equal(unpack_int4(packed, lo, k), symmetric)
     with pytest.raises(ValueError, match='16 code values'):
         pack_int4(torch.tensor([[0, 16]], dtype=torch.int8))

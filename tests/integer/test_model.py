@@ -12,6 +12,7 @@ import torch
 from fqvit_det.calibration import CalibrationRunner
 from fqvit_det.convert import quantize_model
 from fqvit_det.integer import IntegerLinear, load_integer, save_integer, to_integer
+from fqvit_det.nn.exact import set_exact_arithmetic
 from fqvit_det.presets import make_spec
 
 from ..helpers import ROOT, images, tiny_vit
@@ -42,13 +43,19 @@ def test_tiny_vit_integer_agrees_with_the_simulation(name, device):
     model, spec, x = _calibrated(name, device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     integer = to_integer(model)
+    dyadic = to_integer(model, requant='dyadic')
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not mutated
     assert sum(isinstance(m, IntegerLinear) for m in integer.modules()) == GEMMS[name]
     with torch.no_grad():
-        sim, out = model(x), integer(x)
-    assert torch.equal(sim.argmax(1), out.argmax(1))
-    # differences come only from codes at rounding boundaries: small against the logit range
-    assert float((sim - out).abs().max()) < 0.1 * float(sim.abs().max())
+        sim, out, out_dyadic = model(x), integer(x), dyadic(x)
+        set_exact_arithmetic(model)
+        exact = model(x)
+    # the integer model computes what the integer-exact simulation computes, bit for bit
+    assert torch.equal(exact, out)
+    # the float32 simulation and dyadic requantization differ only by codes at rounding ties
+    for other in (sim, out_dyadic):
+        assert torch.equal(other.argmax(1), out.argmax(1))
+        assert float((other - out).abs().max()) < 0.1 * float(out.abs().max())
 
 
 def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
@@ -63,6 +70,10 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
             keys = list(f.keys())
         packed = [k for k in keys if k.endswith('weight_codes.packed4')]
         assert bool(packed) == (name == 'repq_w4a4')
+        assert not [k for k in keys if k.endswith('.bias_int')]      # derived on loading
+        # FQ-ViT quantizes the position embedding (qact_pos): stored as its 8-bit codes
+        assert ('pos_embed.codes' in keys) == (name == 'fqvit_884')
+        assert ('pos_embed' in keys) == (name != 'fqvit_884')
         loaded = load_integer(path, device=device)
         with torch.no_grad():
             assert torch.equal(integer(x), loaded(x))

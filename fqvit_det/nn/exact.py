@@ -1,0 +1,128 @@
+"""Integer-exact simulation: quantized GEMMs computed on their codes, as the integer model does.
+
+The default simulation multiplies dequantized values in float32: every product and partial sum is
+rounded, in an order that depends on the GEMM kernel (and so on the batch size). Where a result
+lies within that rounding of a quantization tie, the next quantizer's code flips; at 4 bits such
+flips compound over the blocks, and two float32 evaluations of the same model differ by up to a
+point of top-1 on 1,300 images.
+
+``set_exact_arithmetic(model)`` switches a calibrated model to the arithmetic of
+``fqvit_det.integer``: every Linear / convolution whose input and weight are on uniform grids
+(per-tensor input with an integral zero point, or PTQ4ViT's twin-uniform post-GELU input; uniform
+weight) computes
+
+    acc = Σ_k (q_x − z_x)_k (q_w − z_w)_k        exactly (float64 GEMM on the codes)
+    y   = float32(acc) · float32(Δ_x·Δ_w[c]) + bias
+
+and attention computes QKᵀ on the q / k codes the same way (logits = float32(acc·Δ_q·Δ_k·scale),
+the product formed in float64) and P·V as float64(P̂) @ float64(v codes) · Δ_v, rounded once to
+float32. These are the formulas the integer kernels evaluate (``IntegerLinear`` with
+``requant='float'``, ``IntegerAttention`` with ``method='simulation'``), so the integer model
+reproduces this simulation up to float64 rounding in P·V for irrational probability levels
+(log√2, AdaLog), rather than up to float32 GEMM rounding. Everything else (LayerNorm, softmax,
+GELU, residual adds, the quantizers themselves) is unchanged.
+
+The switch changes arithmetic, not parameters: calibration and the quant state are the same
+either way. Off by default (the published tables use the float32 simulation).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..quantizers.uniform import UniformQuantizer
+
+
+def exact_unit(q) -> Optional[torch.Tensor]:
+    """The step Δ (float32, 0-dim) in which a quantizer's outputs are exact integers (its values
+    are (q − z)·Δ), or None when the quantizer's values are not on one uniform grid."""
+    from ..quantizers.twin import TwinUniformGeluQuantizer, twin_gelu_steps
+    if q is None or getattr(q, 'mode', None) != 'quant':
+        return None
+    if isinstance(q, TwinUniformGeluQuantizer):
+        d_neg, d_pos = twin_gelu_steps(q.pos_exp, q.bits)
+        return torch.minimum(d_neg, d_pos).reshape(())
+    if (type(q) is UniformQuantizer and q.scale.numel() == 1 and q.zero_point.numel() == 1
+            and q.bits <= 8 and float(q.zero_point) == round(float(q.zero_point))):
+        return q.scale.detach().reshape(()).float()
+    return None
+
+
+def exact_weight_ok(wq) -> bool:
+    """A uniform weight quantizer (per tensor or per output channel) with integral zero points."""
+    return (wq is not None and getattr(wq, 'mode', None) == 'quant' and type(wq) is UniformQuantizer
+            and (wq.ch_axis is None or wq.ch_axis == 0)
+            and bool(torch.equal(wq.zero_point, wq.zero_point.round())))
+
+
+def exact_grid(q) -> Optional[torch.Tensor]:
+    """Per-tensor or per-head (ch_axis 1 of (B, H, N, d)) uniform q / k / v grid: its step Δ, or None."""
+    if q is None or getattr(q, 'mode', None) != 'quant' or type(q) is not UniformQuantizer:
+        return None
+    if not bool(torch.equal(q.zero_point, q.zero_point.round())):
+        return None
+    if q.scale.numel() == 1:
+        return q.scale.detach().reshape(()).float()
+    if q.ch_axis is not None and q.ch_axis % 4 == 1:
+        return q.scale.detach().reshape(1, -1, 1, 1).float()
+    return None
+
+
+def _feeding_norms(model: nn.Module):
+    out = {}
+    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
+        for p in linear_paths:
+            out[p] = norm_path
+    return out
+
+
+def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic (module
+    docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
+    Call it after calibration (the grids are read now)."""
+    from .modules import AttentionQuantizers, QuantConv2d, QuantLinear, QuantLayerNorm
+    feeds = _feeding_norms(model)
+    count = 0
+    for path, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            mod._exact = None
+            if not enabled:
+                continue
+            in_q = mod.in_quantizer
+            if in_q is None and path in feeds:
+                norm = model.get_submodule(feeds[path])
+                if isinstance(norm, QuantLayerNorm):
+                    in_q = norm.out_quantizer if norm.out_quantizer is not None else norm.output_target
+            unit = exact_unit(in_q)
+            if (unit is None or not exact_weight_ok(mod.w_quantizer)
+                    or mod.input_channel_scale() is not None
+                    or getattr(mod, 'bias_correction', None) is not None
+                    or getattr(mod, 'groups', 1) != 1):
+                continue
+            mod._exact = (unit,)
+            mod._exact_cache = None
+            count += 1
+        elif isinstance(mod, AttentionQuantizers):
+            mod._exact = (None,) if enabled else None
+            count += enabled
+    if enabled:   # FQ-ViT: q, k, v arrive quantized by the qkv Linear's output quantizer
+        for mod in model.modules():
+            aq, qkv = getattr(mod, 'aq', None), getattr(mod, 'qkv', None)
+            if isinstance(aq, AttentionQuantizers) and isinstance(qkv, QuantLinear):
+                aq._exact = (exact_grid(qkv.out_quantizer),)
+    return count
+
+
+def exact_linear_constants(mod, unit: torch.Tensor):
+    """(centred weight codes as float64 [N, ...], float32 Δ_x·Δ_w[c] [N]) of a quantized layer."""
+    wq = mod.w_quantizer
+    w = mod.weight.detach()
+    codes = wq.quantize(w.float()).to(torch.float64)
+    zp = wq.zero_point.detach().to(torch.float64)
+    n = w.shape[0]
+    shape = (n,) + (1,) * (w.dim() - 1)
+    codes = codes - (zp.reshape(shape) if zp.numel() > 1 else zp.reshape(()))
+    w_scale = wq.scale.detach().reshape(-1).to(torch.float32)
+    w_scale = w_scale.expand(n) if w_scale.numel() == 1 else w_scale
+    acc_scale = (unit.double() * w_scale.double()).float()
+    return codes, acc_scale

@@ -1,0 +1,91 @@
+"""Integer-exact simulation (``fqvit_det.nn.exact``): GEMMs on codes, against direct references."""
+import pytest
+import torch
+from torch import nn
+
+from fqvit_det.calibration import CalibrationRunner
+from fqvit_det.convert import quantize_model
+from fqvit_det.nn import QuantLinear
+from fqvit_det.nn.exact import exact_unit, set_exact_arithmetic
+from fqvit_det.presets import make_spec
+from fqvit_det.quantizers.uniform import UniformQuantizer
+
+from .helpers import images, tiny_vit
+
+
+def _calibrated_linear(in_signed=False, w_ch_axis=0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(48, 20, bias=bias)
+    iq = UniformQuantizer(bits=4, signed=in_signed)
+    wq = UniformQuantizer(bits=4, signed=True, symmetric=True, ch_axis=w_ch_axis)
+    mod = QuantLinear.from_float(lin, w_quantizer=wq, in_quantizer=iq)
+    x = torch.randn(64, 48) * 3 + (0 if in_signed else 2)
+    iq.set_mode('observe')
+    iq(x)
+    iq.finalize()
+    iq.set_mode('quant')
+    mod.calibrate_weight()
+    wq.set_mode('quant')
+    return mod, x
+
+
+@pytest.mark.parametrize('w_ch_axis', [None, 0])
+@pytest.mark.parametrize('bias', [True, False])
+def test_exact_linear_is_the_integer_formula(w_ch_axis, bias):
+    mod, x = _calibrated_linear(w_ch_axis=w_ch_axis, bias=bias)
+    iq, wq = mod.in_quantizer, mod.w_quantizer
+    with torch.no_grad():
+        default = mod(x)
+        assert set_exact_arithmetic(mod) == 1
+        exact = mod(x)
+    # reference: int64 accumulator of centred codes, then float32 rescale and bias
+    a = iq.quantize(x).to(torch.int64) - int(iq.zero_point)
+    b = wq.quantize(mod.weight.detach()).to(torch.int64) - wq.zero_point.to(torch.int64).reshape(-1, 1)
+    acc = a @ b.t()
+    s_w = wq.scale.reshape(-1).float().expand(20)
+    ref = acc.to(torch.float32) * (iq.scale.double() * s_w.double()).float()
+    if bias:
+        ref = ref + mod.bias.detach()
+    assert torch.equal(exact, ref)
+    # the float32 simulation computes the same quantity with rounding in the GEMM
+    assert float((exact - default).abs().max()) < 1e-4 * float(ref.abs().max())
+    set_exact_arithmetic(mod, False)
+    with torch.no_grad():
+        assert torch.equal(mod(x), default)
+
+
+def test_exact_arithmetic_skips_what_has_no_uniform_grid():
+    mod, x = _calibrated_linear()
+    mod.in_quantizer.set_mode('float')
+    assert exact_unit(mod.in_quantizer) is None
+    assert set_exact_arithmetic(mod) == 0
+    with torch.no_grad():
+        assert torch.equal(mod(x), nn.functional.linear(x, mod.quant_weight(), mod.bias))
+
+
+PRESETS = {
+    'fqvit_884': dict(method='fqvit', w_bits=8, a_bits=8, attn_bits=4),
+    'ptq4vit_w6a6': dict(method='ptq4vit', w_bits=6, a_bits=6, search=None),
+    'repq_w4a4': dict(method='repq', w_bits=4, a_bits=4),
+    'adalog_w4a4': dict(method='adalog', w_bits=4, a_bits=4, search=None),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_exact_simulation_of_a_tiny_vit(name):
+    """Exact mode computes attention on the codes: close to the float32 simulation, and the same
+    model calibrated once gives one answer whatever the batch split (GEMM order no longer matters)."""
+    model = tiny_vit()
+    x = images(model, 8)
+    spec = make_spec(**PRESETS[name])
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x[:4], x[4:]])
+    with torch.no_grad():
+        default = model(x)
+        n = set_exact_arithmetic(model)
+        exact = model(x)
+        split = torch.cat([model(x[:3]), model(x[3:])])
+    assert n >= 2 * 4 + 1      # the two attentions, qkv/proj/fc1 of each block at least, the head
+    assert torch.equal(exact, split)
+    assert torch.equal(exact.argmax(1), default.argmax(1))
+    assert float((exact - default).abs().max()) < 0.1 * float(default.abs().max())
