@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument('--integer', action='store_true',
                    help='evaluate the integer model (int8 GEMMs, fqvit_det.integer) built from the '
                         'calibrated one; classification configs')
+    p.add_argument('--exact-arithmetic', action='store_true',
+                   help='evaluate the integer-exact simulation (quantized GEMMs on their codes, '
+                        'fqvit_det.nn.exact): what --integer computes, without integer kernels')
     p.add_argument('--calib-images', type=int, help='override the number of calibration images')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                    help='override config keys, e.g. test_dataloader.batch_size=2')
@@ -61,7 +64,7 @@ def main(argv=None):
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg = prepare_config(cfg, checkpoint=args.checkpoint, quant_state=args.quant_state,
                          calib_images=args.calib_images, out=args.out, show_dir=args.show_dir,
-                         integer=args.integer)
+                         integer=args.integer, exact_arithmetic=args.exact_arithmetic)
     init_distributed(cfg, args.launcher)
     results = {}
     agreement_file = (osp.join(cfg.work_dir, AGREEMENT_FILE)

@@ -95,13 +95,16 @@ class CalibrationHook(Hook):
         float_eval: leave the model in float mode (a float baseline run of the same config).
         integer: after calibrating (or loading the state), evaluate the integer model
             (``fqvit_det.integer.to_integer`` through the wrapper's ``convert_to_integer``).
+        exact_arithmetic: after calibrating (or loading the state), switch the quantized model to
+            integer-exact arithmetic (``fqvit_det.nn.exact.set_exact_arithmetic``).
     """
     priority = 'VERY_HIGH'
 
     def __init__(self, dataloader: Optional[dict] = None, num_images: Optional[int] = None,
                  quant_state: Optional[str] = None, save_state: bool = True,
-                 float_eval: bool = False, integer: bool = False):
+                 float_eval: bool = False, integer: bool = False, exact_arithmetic: bool = False):
         self.integer = integer
+        self.exact_arithmetic = exact_arithmetic
         self.dataloader = dataloader
         self.num_images = num_images
         self.quant_state = quant_state
@@ -150,7 +153,19 @@ class CalibrationHook(Hook):
 
     def before_test(self, runner) -> None:
         self._calibrate(runner)
+        self._maybe_exact(runner)
         self._maybe_integer(runner)
+
+    def _maybe_exact(self, runner) -> None:
+        if not self.exact_arithmetic or self.float_eval:
+            return
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if getattr(model, 'quant_spec', None) is None:
+            raise ValueError('--exact-arithmetic needs a quantized model (the config has no quant_cfg)')
+        from ..nn.exact import set_exact_arithmetic
+        n = set_exact_arithmetic(model.quant_target)
+        runner.logger.info(f'CalibrationHook: integer-exact arithmetic in {n} quantized layers / '
+                           'attentions')
 
     def _maybe_integer(self, runner) -> None:
         if not self.integer or self.float_eval:
@@ -165,3 +180,4 @@ class CalibrationHook(Hook):
 
     def before_val(self, runner) -> None:
         self._calibrate(runner)
+        self._maybe_exact(runner)

@@ -109,7 +109,8 @@ def split_agreement(metrics: dict):
 
 
 def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=None, out=None,
-                   show_dir=None, check_data: bool = True, integer: bool = False) -> Config:
+                   show_dir=None, check_data: bool = True, integer: bool = False,
+                   exact_arithmetic: bool = False) -> Config:
     """Resolve ``quant_cfg`` into the model, add the calibration hook, validate inputs early.
 
     ``check_data=False`` skips the dataset and checkpoint path checks (resolving a config needs
@@ -148,6 +149,9 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
     if integer and qcfg is None:
         raise ValueError('--integer needs a config with quant_cfg (it runs the calibrated model with '
                          'integer GEMMs)')
+    if exact_arithmetic and qcfg is None:
+        raise ValueError('--exact-arithmetic needs a config with quant_cfg (it changes how the '
+                         'quantized model computes)')
     if check_data:
         check_dataset(cfg.get('test_dataloader', {}).get('dataset'), 'test_dataloader.dataset')
     hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'CalibrationHook']
@@ -165,6 +169,8 @@ def prepare_config(cfg: Config, checkpoint=None, quant_state=None, calib_images=
             h['num_images'] = calib_images
         if integer:
             h['integer'] = True
+        if exact_arithmetic:
+            h['exact_arithmetic'] = True
     if out:
         if cfg.model.get('type') in CLASSIFIERS:
             dump = ConfigDict(type='DumpResults', out_file_path=out)

@@ -97,17 +97,24 @@ def test_tools_test_integer_on_a_few_images(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     work = str(tmp_path / 'work')
     outs = {}
-    for tag, extra in (('quant', []), ('integer', ['--integer'])):
+    logs = {}
+    for tag, key, extra in (('quant', 'quant', []), ('integer', 'integer', ['--integer']),
+                            ('exact', 'quant', ['--exact-arithmetic'])):
         proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'test.py'), cfg, '--work-dir', work,
                                '--out', str(tmp_path / f'{tag}.pkl'), *extra,
                                *(['--quant-state', osp.join(work, 'quant_state.safetensors')] if extra else [])],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs[tag] = proc.stdout + proc.stderr
         with open(osp.join(work, 'summary.json')) as f:
-            assert tag in json.load(f)
+            assert key in json.load(f)
         with open(tmp_path / f'{tag}.pkl', 'rb') as f:
             outs[tag] = pickle.load(f)
-    assert 'evaluating the integer model' in proc.stdout + proc.stderr
+    assert 'evaluating the integer model' in logs['integer']
+    assert 'integer-exact arithmetic in' in logs['exact']
+    # the integer model computes the integer-exact simulation's scores bit for bit
+    for a, b in zip(outs['exact'], outs['integer']):
+        assert torch.equal(a['pred_score'], b['pred_score'])
     for a, b in zip(outs['quant'], outs['integer']):
         assert int(a['pred_label']) == int(b['pred_label'])
         assert float((a['pred_score'] - b['pred_score']).abs().max()) < 0.1 * float(a['pred_score'].abs().max())
