@@ -3,6 +3,7 @@ import json
 import os
 import os.path as osp
 import pickle
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,29 @@ def test_missing_dataset_fails_early(tmp_path):
                           timeout=300)
     assert proc.returncode != 0
     assert 'test_dataloader.dataset.data_root' in proc.stderr and 'nowhere' in proc.stderr
+
+
+def test_integer_detector_equals_the_integer_exact_simulation(tmp_path):
+    """``--integer`` on a Swin Mask R-CNN: int8 GEMMs for the backbone / RoI-head Linears and the
+    patch embedding, the rest simulated on codes; boxes, scores and masks equal the
+    ``--exact-arithmetic`` simulation's bit for bit."""
+    cfg = 'configs/mask_rcnn_swin_t_w4a4.py'
+    work = str(tmp_path / 'calib')
+    run(cfg, work, '--calib-images', '2', '--cfg-options', *SMALL_SWIN)
+    state = osp.join(work, 'quant_state.safetensors')
+    outs, logs = {}, {}
+    for flag in ('--integer', '--exact-arithmetic'):
+        _, logs[flag] = run(cfg, str(tmp_path / flag[2:]), '--quant-state', state, flag,
+                            '--out', str(tmp_path / f'{flag[2:]}.pkl'), '--cfg-options', *SMALL_SWIN)
+        with open(tmp_path / f'{flag[2:]}.pkl', 'rb') as f:
+            outs[flag] = pickle.load(f)
+    assert re.search(r'to_integer: [1-9]\d* integer GEMM modules', logs['--integer'])
+    assert 'evaluating the integer model' in logs['--integer']
+    assert 'integer-exact arithmetic in' in logs['--exact-arithmetic']
+    assert len(outs['--integer']) == len(outs['--exact-arithmetic']) == 3
+    for a, b in zip(outs['--integer'], outs['--exact-arithmetic']):
+        pa, pb = a['pred_instances'], b['pred_instances']
+        assert len(pa['scores']) > 0
+        for key in ('bboxes', 'scores', 'labels'):
+            assert (pa[key] == pb[key]).all(), key
+        assert [m['counts'] for m in pa['masks']] == [m['counts'] for m in pb['masks']]

@@ -36,7 +36,7 @@ def parse_args(argv=None):
                         'against the float predictions as ground truth)')
     p.add_argument('--integer', action='store_true',
                    help='evaluate the integer model (int8 GEMMs, fqvit_det.integer) built from the '
-                        'calibrated one; classification configs')
+                        'calibrated one')
     p.add_argument('--exact-arithmetic', action='store_true',
                    help='evaluate the integer-exact simulation (quantized GEMMs on their codes, '
                         'fqvit_det.nn.exact): what --integer computes, without integer kernels')

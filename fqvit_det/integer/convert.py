@@ -226,6 +226,10 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
                 # the norm's own fake quantization would be a second pass over the same values.
                 norm.out_quantizer = None
         _set_child(new, path, _integer_linear(mod, in_q, requant))
+    # what stays simulated (convolutions other than patch embeddings, Swin attention) computes
+    # its GEMMs on the codes too, so the whole model is the integer-exact simulation's arithmetic
+    from ..nn.exact import set_exact_arithmetic
+    set_exact_arithmetic(new)
     new.fqvit_integer_plan = [list(p) for p in plan]
     new.fqvit_integer_attention = attention
     get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')

@@ -108,6 +108,14 @@ class QuantizedDetector(QuantizableMixin, BaseModel):
     def quant_target(self):
         return self.detector
 
+    def convert_to_integer(self) -> None:
+        """Integer twin of the calibrated detector (``fqvit_det.integer.to_integer``): int8 GEMMs
+        for the backbone's Linears and patch embedding, the DeiT attention cores and the RoI heads'
+        Linears; the other convolutions and Swin's windowed attention stay simulated, computed on
+        their codes (integer-exact)."""
+        from ..integer import to_integer
+        self.detector = to_integer(self.detector)
+
     def conversion_rules(self, glue):
         rules = backbone_rules(self.detector.backbone)
         if glue.get('scope', 'full') == 'full':

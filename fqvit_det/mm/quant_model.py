@@ -61,7 +61,7 @@ class QuantizableMixin:
     def convert_to_integer(self) -> None:
         """Replace the calibrated quantized model by its integer twin (``tools/test.py --integer``)."""
         raise NotImplementedError(f'{type(self).__name__} has no integer execution yet '
-                                  '(supported: TimmClassifier)')
+                                  '(supported: timm classifiers, QuantizedDetector)')
 
     def conversion_rules(self, glue: dict):
         """Architecture rules for ``quantize_model``; None = detect from the model type."""

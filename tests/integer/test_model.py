@@ -118,3 +118,36 @@ def test_tools_test_integer_on_a_few_images(tmp_path):
     for a, b in zip(outs['quant'], outs['integer']):
         assert int(a['pred_label']) == int(b['pred_label'])
         assert float((a['pred_score'] - b['pred_score']).abs().max()) < 0.1 * float(a['pred_score'].abs().max())
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_deit_detector_backbone_integer_equals_exact_simulation(name):
+    """The DeiT detection backbone (dynamic image size, resampled position embedding, feature
+    pyramid) converts as the classifier does: its four feature maps equal the integer-exact
+    simulation's bit for bit."""
+    from fqvit_det.mm.det import TimmViTBackbone, backbone_rules
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = TimmViTBackbone('vit_tiny_patch16_224')
+            self.backbone.vit.blocks = self.backbone.vit.blocks[:2]
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():    # see tests/helpers.tiny_vit
+        net.backbone.vit.cls_token.normal_(std=0.5)
+        net.backbone.vit.pos_embed.normal_(std=0.5)
+    spec = make_spec(**PRESETS[name])
+    quantize_model(net, spec, rules=backbone_rules(net.backbone))
+    x = torch.randn(4, 3, 40, 56)
+    CalibrationRunner(net, spec, progress=False).run([x[:2], x[2:]])
+    with torch.no_grad():
+        integer = to_integer(net)
+        set_exact_arithmetic(net)
+        want, got = net(x), integer(x)
+    assert len(integer.fqvit_integer_attention) == 2
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
