@@ -16,6 +16,7 @@ eager (timm), the float model exported to ONNX (timm with fused_attn=False) in o
 exported quantized model. Writes benchmarks/results/onnx_export.json and benchmarks/RESULTS.md.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -37,6 +38,7 @@ from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.export import export_onnx  # noqa: E402
 from fqvit_det.export.onnx import export_forwards  # noqa: E402
 from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
+from fqvit_det.nn.exact import set_exact_arithmetic  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 from fqvit_det.state import load_quant_state, save_quant_state  # noqa: E402
 
@@ -248,6 +250,10 @@ def main(argv=None):
             save_quant_state(model, state, spec)
             how = f'calibrated on {n_calib} images in {time.time() - t1:.0f}s, saved {state}'
         sim = torch_logits(model, val_x).numpy()
+        exact_model = copy.deepcopy(model)
+        set_exact_arithmetic(exact_model)      # GEMMs on codes: what ORT's integer kernels compute
+        exact = torch_logits(exact_model, val_x).numpy()
+        del exact_model
         # the exported math run by torch itself (same ops, torch kernels): how much of the ORT
         # difference is float summation order rather than the export
         torch.set_num_threads(args.eval_threads)
@@ -261,8 +267,10 @@ def main(argv=None):
         opt_path = osp.join(args.out_dir, f'{name}.ort_optimized.onnx')
         sess = ort_session(path, optimized_path=opt_path, threads=args.eval_threads)
         t1 = time.time()
-        res = agreement(ort_logits(sess, val_x), sim, y)
+        ort_out = ort_logits(sess, val_x)
         ort_eval_s = time.time() - t1
+        res = agreement(ort_out, sim, y)
+        res_exact = agreement(ort_out, exact, y)
         res_noopt = agreement(ort_logits(ort_session(path, level='none', threads=args.eval_threads),
                                          val_x[:n_diag]), sim[:n_diag], y[:n_diag])
         fused = {op: c for op, c in op_counts(opt_path).items() if op in INTEGER_OPS}
@@ -270,7 +278,9 @@ def main(argv=None):
                     if op in ('QuantizeLinear', 'DequantizeLinear', 'MatMul')}
         rec = dict(method=name, bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}', quant_cfg=cfg,
                    calib_images=n_calib, state=how, diag_images=n_diag, sim_top1=float((sim.argmax(1) == y).mean() * 100),
-                   **res, noopt_max_abs_diff=res_noopt['max_abs_diff'],
+                   **res, exact_sim_top1=float((exact.argmax(1) == y).mean() * 100),
+                   agree_exact=res_exact['agree'], max_abs_diff_exact=res_exact['max_abs_diff'],
+                   noopt_max_abs_diff=res_noopt['max_abs_diff'],
                    noopt_agree=res_noopt['agree'], torch_export_forwards_agree=twin['agree'],
                    torch_export_forwards_max_abs_diff=twin['max_abs_diff'], onnx_mb=osp.getsize(path) / 1e6,
                    export_seconds=export_s, ort_eval_seconds=ort_eval_s, export_forms=report.summary(),
@@ -279,7 +289,7 @@ def main(argv=None):
             rec['profile_bs32'] = profile_ops(path, val_x[:32])
         records.append(rec)
         print(f'{name}: sim top-1 {rec["sim_top1"]:.2f}, ORT top-1 {res["top1"]:.2f}, agreement '
-              f'{res["agree"]:.2f}%, max |diff| {res["max_abs_diff"]:.3g} (no graph opt, first {n_diag} images: '
+              f'{res["agree"]:.2f}% (integer-exact simulation: {res_exact["agree"]:.2f}%), max |diff| {res["max_abs_diff"]:.3g} (no graph opt, first {n_diag} images: '
               f'{res_noopt["max_abs_diff"]:.3g}; torch running the exported ops: agreement '
               f'{twin["agree"]:.2f}%, max |diff| {twin["max_abs_diff"]:.3g}), {rec["onnx_mb"]:.2f} MB, fused {fused} ({how})',
               flush=True)
@@ -328,18 +338,20 @@ def onnx_section(doc):
            f'{doc["val_images"]} `imagenet/val1300` images. Agreement = same top-1 class as our simulated '
            'model (for fp32: as torch). Latency = ratio to torch fp32 eager in the same round (median '
            'over rounds; < 1 is faster).', '',
-           '| model | bits (W/A/attn) | simulated top-1 | ORT top-1 | top-1 agreement | max abs logit diff '
+           '| model | bits (W/A/attn) | simulated top-1 | ORT top-1 | top-1 agreement | agreement with the '
+           'integer-exact simulation | max abs logit diff '
            f'| agreement, ORT graph opt. off (first {n_diag}) | agreement, torch running the exported ops '
            f'(first {n_diag}) '
            '| ONNX MB | fused integer ops (ORT) | latency bs1 | latency bs32 |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     lat_rows = {'fp32': 'ORT fp32'}
     for r in doc['records']:
         key = lat_rows.get(r['method'], f'ORT {r["method"]}')
         lv = lat.get(key, {})
         fused = ', '.join(f'{k} {v}' for k, v in r.get('fused_integer_ops', {}).items()) or '—'
         out.append(f'| {r["method"]} | {r["bits"]} | {r["sim_top1"]:.2f} | {r["top1"]:.2f} | '
-                   f'{r["agree"]:.2f} % | {r["max_abs_diff"]:.3g} | {pct(r.get("noopt_agree"))} | '
+                   f'{r["agree"]:.2f} % | {pct(r.get("agree_exact"))} | {r["max_abs_diff"]:.3g} | '
+                   f'{pct(r.get("noopt_agree"))} | '
                    f'{pct(r.get("torch_export_forwards_agree"))} | {r["onnx_mb"]:.2f} | {fused} | '
                    + (f'{lv["bs1"]:.2f}× | {lv["bs32"]:.2f}× |' if lv else '– | – |'))
     if lat:

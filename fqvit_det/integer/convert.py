@@ -5,17 +5,20 @@ What runs integer, per method (timm DeiT / ViT):
 =============================  ===========================  ========================================
 part                           FQ-ViT                       PTQ4ViT / RepQ-ViT / AdaLog
 =============================  ===========================  ========================================
-qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),     int8 GEMM, int32 bias, exact float
-                               int32 bias; qkv / proj /     rescale (the papers keep these outputs
-                               fc2 / head outputs           float); PTQ4ViT fc2 on twin-uniform
-                               requantized dyadically to    codes (two row blocks joined by a
-                               the next quantizer's codes;  shift); AdaLog fc2 reads log codes:
-                               fc1 → float (GELU)           simulated (float GEMM on their values)
+qkv, proj, fc1, fc2, head      int8 GEMM (``_int_mm``),     int8 GEMM, int32 zero-point terms,
+                               int32 zero-point terms,      exact float rescale (the papers keep
+                               exact float32 rescale + bias; these outputs float); PTQ4ViT fc2 on
+                               qkv / proj / fc2 / head      twin-uniform codes (two row blocks
+                               outputs then rounded to the  joined by a shift); AdaLog fc2 reads
+                               next quantizer's codes       log codes: simulated (float GEMM on
+                               (``requant='float'``) or by  their values)
+                               a dyadic multiplier
+                               (``'dyadic'``); fc1 → float
 patch embedding                int8 GEMM over patches       int8 GEMM (RepQ / AdaLog 8-bit image
                                                             codes); PTQ4ViT keeps the image float:
                                                             simulated
 attention core                 ``IntegerAttention``: QKᵀ    ``IntegerAttention``: QKᵀ int8 GEMM,
-                               int8 GEMM, dyadic logit      float softmax (the methods keep it
+                               int8 GEMM, logit codes,      float softmax (the methods keep it
                                codes, integer LIS, P·V by   float), probability codes, P·V on the
                                shifts on log2 codes         codes (twin / log√2 parity / AdaLog LUT)
 LayerNorm                      integer (FQ-ViT I-LN on PTF  float (the methods keep it float)
@@ -26,6 +29,13 @@ residual add, GELU             float add of quantized       float (the methods k
                                values, PTF-quantized; GELU
                                float
 =============================  ===========================  ========================================
+
+Requantization (``requant``): ``'float'`` (default) rounds the float32 rescale of the exact
+accumulator by the next quantizer's own formula, which is exactly what the integer-exact simulation
+(``fqvit_det.nn.exact``) computes, so the two agree bit for bit; ``'dyadic'`` uses integer M·2^−N
+multipliers (FQ-ViT's integer-only deployment), within one code of the exactly rounded value.
+Whatever stays simulated (convolutions other than patch embeddings, Swin's windowed attention)
+runs in integer-exact arithmetic too.
 
 Codes pass directly between the qkv GEMM, the attention core and the proj GEMM where their grids
 match; elsewhere modules exchange the dequantized values of the codes (exactly the simulated
