@@ -195,7 +195,7 @@ def dyn_section(doc, cls_screen=None):
             out.append('')
     if cls_screen:
         out += [f'### Classification screening: DeiT-Tiny top-1 on the first {cls_screen["val_images"]} '
-                'val1300 images', '', f'Command: `benchmarks/cls_fidelity.py --out cls_screen_dyn.json` '
+                'val1300 images', '', 'Command: `benchmarks/cls_fidelity.py --out cls_screen_dyn.json` '
                 '(rows `<mix>@w<bits>`, 32 calibration images).', '',
                 '| mix | bits | top-1 | drop |', '|---|---|---|---|']
         for r in cls_screen['records']:

@@ -36,7 +36,6 @@ clamp(round(x / Δ) + z, q_min, q_max). Remaining differences are float summatio
 MatMul / LayerNorm / Softmax kernels and the log-based codes named above.
 """
 import contextlib
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Quantizer, check_finite, check_int, chunk_step, is_integral, scratch, single_threaded
-from .log import CODE_DTYPE, ZERO_CODE, log2_dequantize, log2_shift_matmul
+from .log import CODE_DTYPE, ZERO_CODE, log2_dequantize
 from .registry import register_quantizer
 from .uniform import UniformQuantizer
 
@@ -311,9 +311,6 @@ class LogIntSoftmax(Quantizer):
         if want_codes:
             return out.view(x.shape)
         return out.view(x.shape).to(x.dtype)
-
-    def matmul(self, codes, v, frac_bits=None):
-        return log2_shift_matmul(codes, v, frac_bits)
 
     def extra_repr(self):
         return f'bits={self.bits}, logit_bits={self.logit_quant.bits}, n={self.n}, mode={self.mode}'

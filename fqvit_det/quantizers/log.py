@@ -4,7 +4,8 @@
   x̂ = Δ·2^−q.
 * ``LogSqrt2Quantizer``  – RepQ-ViT's log√2 quantizer: q = clamp(⌊−2·log2(x/Δ)⌉, 0, 2^b − 1),
   x̂ = Δ·2^(−q/2), Δ from a percentile search; with the exact reparameterization to log2 codes
-  plus a parity scale (``log_sqrt2_to_log2`` / ``log_sqrt2_matmul``).
+  plus a parity scale (``log_sqrt2_to_log2``; the integer P·V on these codes is
+  ``fqvit_det.integer.attention.pow2_matmul``).
 * FQ-ViT's Log-Int-Softmax (``LogIntSoftmax``) is in ``lis.py``.
 
 Zero code
@@ -30,7 +31,6 @@ from .stats import BatchPool, check_round_robin, to_cpu, to_device
 
 ZERO_CODE = -1
 CODE_DTYPE = torch.int32
-SQRT2 = math.sqrt(2.0)
 
 
 
@@ -154,49 +154,6 @@ def log_sqrt2_to_log2(codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
                         torch.full_like(codes, ZERO_CODE))
     parity = torch.where(valid, torch.remainder(codes, 2), torch.zeros_like(codes))
     return shift, parity
-
-
-def log_sqrt2_matmul(codes: torch.Tensor, delta, v: torch.Tensor) -> torch.Tensor:
-    """P·V for log√2-coded P, computed as Δ·[(Σ_even V·2^−shift) + √2·(Σ_odd V·2^−shift)].
-
-    The even-code and odd-code terms are accumulated separately (each is a pure shift-accumulate in
-    hardware) and the odd accumulator is scaled by √2 once. Equals ``dequantize(codes) @ v`` up to
-    float rounding.
-    """
-    shift, parity = log_sqrt2_to_log2(codes)
-    valid = shift >= 0
-    pow2 = torch.exp2(-shift.clamp(min=0).to(torch.float32)).to(v.dtype)
-    zero = torch.zeros_like(pow2)
-    even = torch.where(valid & (parity == 0), pow2, zero)
-    odd = torch.where(valid & (parity == 1), pow2, zero)
-    return (even @ v + SQRT2 * (odd @ v)) * delta
-
-
-def log2_shift_matmul(codes: torch.Tensor, v: torch.Tensor, frac_bits: Optional[int] = None):
-    """P·V for log2-coded P (x̂ = 2^−q): Σ_j v_j·2^−q_j.
-
-    * float ``v``: returns the float result (``ZERO_CODE`` entries contribute nothing).
-    * integer ``v`` (e.g. uint8/int8 value codes): bit-shift semantics in int64. Returns
-      ``(acc, frac_bits)`` with the real result ``acc·2^−frac_bits``. For each code value c the
-      partial sum S_c = Σ_{j: q_j = c} v_j is shifted once: ``S_c << (frac_bits − c)`` (exact) or,
-      for c > frac_bits, ``S_c >> (c − frac_bits)`` (floor). ``frac_bits`` defaults to
-      min(largest code present, 32); with frac_bits ≥ every code the result is exact.
-    """
-    valid = codes >= 0
-    if v.is_floating_point():
-        w = torch.exp2(-codes.clamp(min=0).to(torch.float32)).to(v.dtype)
-        return torch.where(valid, w, torch.zeros_like(w)) @ v
-    v64 = v.to(torch.int64)
-    present = torch.unique(codes[valid]).tolist()
-    if frac_bits is None:
-        frac_bits = min(max(present, default=0), 32)
-    batch = torch.broadcast_shapes(codes.shape[:-2], v.shape[:-2])
-    out_shape = batch + (codes.shape[-2], v.shape[-1])
-    acc = torch.zeros(out_shape, dtype=torch.int64, device=v.device)
-    for c in present:
-        part = (codes == c).to(torch.int64) @ v64
-        acc += (part << (frac_bits - c)) if c <= frac_bits else (part >> (c - frac_bits))
-    return acc, frac_bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,9 +332,6 @@ class LogSqrt2Quantizer(Quantizer):
     def to_log2(self, codes):
         """(shift, parity) codes of the log2 reparameterization; see ``log_sqrt2_to_log2``."""
         return log_sqrt2_to_log2(codes)
-
-    def matmul(self, codes, v):
-        return log_sqrt2_matmul(codes, self.delta, v)
 
     def extra_repr(self):
         return (f'bits={self.bits}, delta={float(self.delta):g}, search={self.search}, '

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fqvit_det.quantizers import build_quantizer
-from fqvit_det.quantizers.dynamic import (DynamicQuantizer, PixelInputQuantizer, dynamic_int_linear,
+from fqvit_det.quantizers.dynamic import (DynamicQuantizer, dynamic_int_linear,
                                           fold_pixel_normalization, int_matmul,
                                           symmetric_weight_codes)
 

@@ -7,7 +7,7 @@ import torch
 from fqvit_det.quantizers import build_quantizer
 from fqvit_det.quantizers.lis import LogIntSoftmax, int_exp
 from fqvit_det.quantizers.log import (ZERO_CODE, Log2Quantizer, LogSqrt2Quantizer,
-                                      log2_shift_matmul, log_sqrt2_matmul, log_sqrt2_to_log2)
+                                      log_sqrt2_to_log2)
 
 A, B, C = 0.35815147, 0.96963238, 1.0
 
@@ -195,18 +195,6 @@ def test_log_sqrt2_parity_reparam_exact(bits):
                                                         rel=1e-15, abs=0)
 
 
-def test_log_sqrt2_matmul_equals_dequant_matmul():
-    g = torch.Generator().manual_seed(2)
-    p = torch.softmax(torch.randn(2, 3, 12, 12, generator=g) * 3, -1)
-    v = torch.randn(2, 3, 12, 5, generator=g)
-    q = LogSqrt2Quantizer(bits=4)
-    q.set_params(0.9)
-    codes = q.quantize(p)
-    ref = ref_log_dequant(codes, 0.9, 2.0) @ v
-    assert torch.allclose(log_sqrt2_matmul(codes, q.delta, v), ref, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(q.matmul(codes, v), q.dequantize(codes) @ v, rtol=1e-5, atol=1e-6)
-
-
 def test_log_sqrt2_percentile_search_matches_reference():
     g = torch.Generator().manual_seed(3)
     batches = [torch.softmax(torch.randn(2, 2, 16, 16, generator=g) * 2, -1) for _ in range(3)]
@@ -392,71 +380,6 @@ def test_lis_modes_and_nan():
     m.set_mode('quant')
     out = m(x)
     assert out.shape == x.shape and torch.equal(out, m.dequantize(m.quantize(x)))
-
-
-def test_log2_shift_matmul_float_and_integer():
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 6, 6, generator=g) * 2
-    m = calibrated_lis(x)
-    codes = m.quantize(x)
-    p_hat = ref_log_dequant(codes, 1.0, 1.0)
-    v = torch.randint(-128, 128, (2, 6, 4), generator=g)
-    assert torch.allclose(log2_shift_matmul(codes, v.float()), p_hat @ v.float(), atol=1e-5)
-    acc, fb = log2_shift_matmul(codes, v.to(torch.int8))
-    assert acc.dtype == torch.int64
-    assert torch.equal(acc.double() * 2.0 ** -fb, p_hat.double() @ v.double())   # exact
-    # truncated fraction: per-code partial sums floored
-    acc2, fb2 = m.matmul(codes, v, frac_bits=2)
-    assert fb2 == 2
-    ref = torch.zeros_like(acc2)
-    for c in range(16):
-        part = (codes == c).long() @ v
-        ref += part << (2 - c) if c <= 2 else part >> (c - 2)
-    assert torch.equal(acc2, ref)
-
-
-# ------------------------------------------------------------------------------------------------
-# state, determinism, errors
-# ------------------------------------------------------------------------------------------------
-def calibrated(kind, x):
-    q = {'log2': lambda: Log2Quantizer(bits=4, delta=None),
-         'sqrt2': lambda: LogSqrt2Quantizer(bits=4),
-         'lis': lambda: LogIntSoftmax(bits=4)}[kind]()
-    q.set_mode('observe')
-    q(x)
-    q.finalize()
-    q.set_mode('quant')
-    return q
-
-
-@pytest.mark.parametrize('kind', ['log2', 'sqrt2', 'lis'])
-def test_state_dict_roundtrip_and_safetensors(kind, tmp_path):
-    from safetensors.torch import load_file, save_file
-    g = torch.Generator().manual_seed(10)
-    logits = torch.randn(2, 2, 8, 8, generator=g) * 2
-    x = logits if kind == 'lis' else torch.softmax(logits, -1) * 0.9
-    q = calibrated(kind, x)
-    out = q(x)
-    fresh = type(q)(bits=4)
-    fresh.load_state_dict(q.state_dict())
-    fresh.set_mode('quant')
-    assert torch.equal(fresh(x), out)
-    path = tmp_path / 'q.safetensors'
-    save_file({k: v.contiguous() for k, v in q.state_dict().items()}, str(path))
-    fresh2 = type(q)(bits=4)
-    fresh2.load_state_dict(load_file(str(path)))
-    fresh2.set_mode('quant')
-    assert torch.equal(fresh2(x), out)
-    assert torch.equal(calibrated(kind, x)(x), out)          # determinism
-
-
-@pytest.mark.parametrize('cls', [Log2Quantizer, LogSqrt2Quantizer])
-def test_nonfinite_observe_raises_with_name(cls):
-    q = cls(bits=4)
-    q.qname = 'backbone.layers.1.attn.probs'
-    q.set_mode('observe')
-    with pytest.raises(ValueError, match='backbone.layers.1.attn.probs'):
-        q(torch.tensor([0.5, float('inf')]))
 
 
 def test_reset_forgets_statistics():
