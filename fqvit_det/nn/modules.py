@@ -94,14 +94,20 @@ class _WeightQuantMixin(QuantModule):
         return exact[0]
 
     def _exact_operands(self, x: torch.Tensor, unit: torch.Tensor):
-        """(input codes − z_x as float64, centred weight codes as float64, float32 Δ_x·Δ_w[c])."""
+        """(input codes − z_x, centred weight codes, float32 Δ_x·Δ_w[c]): the codes as float32
+        when every partial sum of the GEMM is an integer below 2^24 (then exact in any summation
+        order), else as float64 (exact below 2^53)."""
         from .exact import exact_linear_constants
         cache = self._exact_cache
         if cache is None or cache[0].device != x.device:
-            cache = self._exact_cache = tuple(
-                t.to(x.device) for t in exact_linear_constants(self, unit))
-        xc = torch.round(x / unit.to(x.device)).to(torch.float64)
-        return xc, cache[0], cache[1]
+            wc, acc_scale = exact_linear_constants(self, unit)
+            k = wc[0].numel()
+            cache = self._exact_cache = (wc.to(x.device), acc_scale.to(x.device),
+                                         k * float(wc.abs().max()), wc.float().to(x.device))
+        xc = torch.round(x / unit.to(x.device))
+        if cache[2] * float(xc.abs().max()) < 2 ** 24:
+            return xc, cache[3], cache[1]
+        return xc.to(torch.float64), cache[0], cache[1]
 
     @classmethod
     def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer, out_quantizer=None):
@@ -459,8 +465,11 @@ class AttentionQuantizers(QuantModule):
         if self.probs is None or self.probs.mode != 'quant':
             return None
         (qv, kv, vv), (sq, sk, sv) = vals, steps
-        qc, kc, vc = (torch.round(t / s).to(torch.float64) for t, s in ((qv, sq), (kv, sk), (vv, sv)))
-        acc = qc @ kc.transpose(-2, -1)
+        qc, kc, vc = (torch.round(t / s) for t, s in ((qv, sq), (kv, sk), (vv, sv)))
+        if qc.shape[-1] * float(qc.abs().max()) * float(kc.abs().max()) >= 2 ** 24:
+            qc, kc = qc.double(), kc.double()      # else float32 partial sums are exact integers
+        acc = (qc @ kc.transpose(-2, -1)).double()
+        vc = vc.double()
         logits = (acc * (sq.double() * sk.double() * scale)).to(torch.float32)
         if not self.fused_softmax:
             logits = _apply(self.logits, logits)
