@@ -63,8 +63,8 @@ def _plan_entries(model: nn.Module):
 def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The tensors of the export: the state dict with 4-bit weight codes packed, dyadic
     multipliers narrowed to int32, buffers derived from others left out (``IntegerLinear``'s
-    zero-point terms, recomputed on loading) and a position embedding that the recipe quantizes
-    stored as its codes."""
+    zero-point terms, recomputed on loading), float tensors that a uniform quantizer reads whole
+    stored as its codes (``coded_tensors``) and small int64 buffers as int8."""
     state, seen = {}, set()
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) in seen:          # a module reached by two paths (IntegerAttention's quantizers)
@@ -83,31 +83,49 @@ def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
             state[mk] = state[mk].to(torch.int32)      # M < 2^31
         for name in IntegerLinear.DERIVED:
             state.pop(f'{path}.{name}', None)
-    codes = _pos_embed_codes(model)
-    if codes is not None:
-        state.pop('pos_embed')
-        state[POS_CODES] = codes
+    for key, _, codes in coded_tensors(model):
+        state.pop(key)
+        state[key + CODES_SUFFIX] = codes
+    for key, v in list(state.items()):       # PTF factors and other small integers: int8 on disk
+        if v.dtype == torch.int64 and v.numel() > 1 and int(v.min()) >= -128 and int(v.max()) <= 127:
+            state[key] = v.to(torch.int8)
+            state[key + NARROW_SUFFIX] = torch.zeros(0, dtype=torch.int64)
     return state
 
 
-POS_CODES = 'pos_embed' + '.codes'
+CODES_SUFFIX, NARROW_SUFFIX = '.codes', '.int64'
 
 
-def _pos_embed_codes(model: nn.Module):
-    """The codes of the position embedding when a per-tensor uniform quantizer in 'quant' mode
-    reads it (FQ-ViT's ``qact_pos``): reloaded as their values, which that quantizer maps to
-    themselves, so the outputs stay bit-identical."""
+def coded_tensors(model: nn.Module):
+    """[(state key, quantizer path, codes)]: float tensors that a uniform quantizer in 'quant'
+    mode reads whole (the position embedding under FQ-ViT's ``qact_pos``, the weights of layers
+    left simulated), stored as their codes. Reloaded as the codes' values, which the quantizer maps
+    to themselves, so the outputs stay bit-identical (checked here; a tensor that fails stays
+    float)."""
+    from ..nn.modules import QuantConv2d, QuantLinear
     from ..quantizers.uniform import UniformQuantizer
-    q = getattr(model, 'pos_embed_quantizer', None)
-    pos = getattr(model, 'pos_embed', None)
-    if (pos is None or type(q) is not UniformQuantizer or q.mode != 'quant' or q.scale.numel() != 1
-            or q.bits > 8):
-        return None
-    codes = q.quantize(pos.detach())
-    if not torch.equal(q.fake_quant(q.dequantize(codes)), q.fake_quant(pos.detach())):
-        return None
-    return codes.to(torch.int16 if q.qmax > 255 or q.qmin < -128 else
-                    torch.uint8 if q.qmin >= 0 else torch.int8).cpu()
+    pairs = []
+    if getattr(model, 'pos_embed', None) is not None:
+        pairs.append(('pos_embed', 'pos_embed_quantizer'))
+    for path, mod in model.named_modules():
+        if isinstance(mod, (QuantLinear, QuantConv2d)) and mod.input_channel_scale() is None:
+            pairs.append((f'{path}.weight', f'{path}.w_quantizer'))
+    out = []
+    for key, qpath in pairs:
+        try:
+            q = model.get_submodule(qpath)
+        except AttributeError:
+            continue
+        if type(q) is not UniformQuantizer or q.mode != 'quant' or q.bits > 8:
+            continue
+        t = model.get_parameter(key).detach()
+        codes = q.quantize(t)
+        if not torch.equal(q.fake_quant(q.dequantize(codes)), q.fake_quant(t)):
+            continue
+        dtype = (torch.int16 if q.qmax > 255 or q.qmin < -128 else
+                 torch.uint8 if q.qmin >= 0 else torch.int8)
+        out.append((key, qpath, codes.to(dtype).cpu()))
+    return out
 
 
 def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
@@ -125,6 +143,7 @@ def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
     meta = dict(format=FORMAT, arch=json.dumps(arch, sort_keys=True),
                 recipe=json.dumps(spec.to_dict(), sort_keys=True),
                 plan=json.dumps(_plan_entries(model)),
+                coded=json.dumps({key: qpath for key, qpath, _ in coded_tensors(model)}),
                 attention=json.dumps([dict(path=p, config=model.get_submodule(p).core.config())
                                       for p in getattr(model, 'fqvit_integer_attention', [])]),
                 reparam=json.dumps([n for n, _ in getattr(model, 'fqvit_reparam_done', []) or []]),
@@ -189,19 +208,22 @@ def load_integer(path: str, device='cpu') -> nn.Module:
         _set_child(model, e['path'], lin)
         if e['drop_norm_quantizer']:
             model.get_submodule(e['norm']).out_quantizer = None
-    if POS_CODES in state:
-        q = model.pos_embed_quantizer
-        codes = state.pop(POS_CODES)
-        state['pos_embed'] = torch.zeros(codes.shape)     # values set once the quantizer is loaded
-    else:
-        codes = None
+    coded = json.loads(meta.get('coded', '{}'))
+    codes = {key: state.pop(key + CODES_SUFFIX) for key in coded}
+    for key in codes:        # values set once the quantizers are loaded
+        state[key] = torch.zeros(codes[key].shape)
+    for key in [k for k in state if k.endswith(NARROW_SUFFIX)]:
+        state.pop(key)
+        base = key[:-len(NARROW_SUFFIX)]
+        state[base] = state[base].to(torch.int64)
     missing, unexpected = model.load_state_dict(state, strict=False)
     derived = {f'{e["path"]}{".linear" if e["kind"] == "patch" else ""}.{name}'
                for e in plan for name in IntegerLinear.DERIVED}
     missing = [k for k in missing if k not in derived]
-    if codes is not None:
-        with torch.no_grad():
-            model.pos_embed.copy_(q.dequantize(codes.to(torch.int32)))
+    with torch.no_grad():
+        for key, qpath in coded.items():
+            q = model.get_submodule(qpath)
+            model.get_parameter(key).copy_(q.dequantize(codes[key].to(torch.int32)))
     # keys left out at saving are second paths to tensors that were saved once
     aliased = {k for k, v in model.state_dict(keep_vars=True).items() if k not in state}
     if unexpected or set(missing) - aliased:

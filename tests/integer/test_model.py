@@ -60,7 +60,7 @@ def test_tiny_vit_integer_agrees_with_the_simulation(name, device):
 
 def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
     from safetensors import safe_open
-    for name in ('fqvit_884', 'repq_w4a4'):
+    for name in ('fqvit_884', 'repq_w4a4', 'ptq4vit_w6a6'):
         model, spec, x = _calibrated(name, device)
         integer = to_integer(model)
         path = str(tmp_path / f'{name}.safetensors')
@@ -74,6 +74,14 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         # FQ-ViT quantizes the position embedding (qact_pos): stored as its 8-bit codes
         assert ('pos_embed.codes' in keys) == (name == 'fqvit_884')
         assert ('pos_embed' in keys) == (name != 'fqvit_884')
+        # PTQ4ViT keeps the image float, so its patch convolution stays simulated: the weight of
+        # that layer is stored as its codes too
+        assert ('patch_embed.proj.weight.codes' in keys) == (name == 'ptq4vit_w6a6')
+        assert not [k for k in keys if k.endswith('.weight') and 'norm' not in k]
+        if name == 'fqvit_884':    # PTF factors (int64 in memory) as int8
+            alpha = [k for k in keys if k.endswith('.alpha')]
+            with safe_open(path, framework='pt') as f:
+                assert alpha and all(f.get_tensor(k).dtype == torch.int8 for k in alpha)
         loaded = load_integer(path, device=device)
         with torch.no_grad():
             assert torch.equal(integer(x), loaded(x))
