@@ -86,6 +86,8 @@ def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     for key, _, codes in coded_tensors(model):
         state.pop(key)
         state[key + CODES_SUFFIX] = codes
+    for key in [k for k, v in state.items() if v.numel() == 0]:
+        state.pop(key)      # empty buffers (constants of the other requantization mode)
     for key, v in list(state.items()):       # PTF factors and other small integers: int8 on disk
         if v.dtype == torch.int64 and v.numel() > 1 and int(v.min()) >= -128 and int(v.max()) <= 127:
             state[key] = v.to(torch.int8)
@@ -202,7 +204,8 @@ def load_integer(path: str, device='cpu') -> nn.Module:
             state[key] = unpack_int4(state.pop(key + PACK_SUFFIX), state.pop(key + LOW_SUFFIX),
                                      e['config']['in_features'])
         mk = key.replace('.weight_codes', '.multiplier')
-        state[mk] = state[mk].to(torch.int64)
+        if mk in state:
+            state[mk] = state[mk].to(torch.int64)
         if e['kind'] == 'patch':
             lin = IntegerPatchEmbed(lin, e['patch_size'], e['out_channels'])
         _set_child(model, e['path'], lin)
@@ -224,15 +227,18 @@ def load_integer(path: str, device='cpu') -> nn.Module:
         for key, qpath in coded.items():
             q = model.get_submodule(qpath)
             model.get_parameter(key).copy_(q.dequantize(codes[key].to(torch.int32)))
-    # keys left out at saving are second paths to tensors that were saved once
-    aliased = {k for k, v in model.state_dict(keep_vars=True).items() if k not in state}
+    # keys left out at saving are second paths to tensors that were saved once, or empty
+    empty = {k for k, v in model.state_dict(keep_vars=True).items() if v.numel() == 0}
+    missing = [k for k in missing if k not in empty]
+    aliased = {k for k in model.state_dict(keep_vars=True) if k not in state}
     if unexpected or set(missing) - aliased:
         raise ValueError(f'{path}: tensors do not match the rebuilt integer model (missing '
                          f'{sorted(set(missing) - aliased)[:5]}, unexpected {sorted(unexpected)[:5]})')
     shared = {}
     for k, v in model.state_dict(keep_vars=True).items():
         shared.setdefault(id(v), []).append(k)
-    orphans = [ks for ks in shared.values() if not any(k in state or k in derived for k in ks)]
+    orphans = [ks for ks in shared.values()
+               if not any(k in state or k in derived or k in empty for k in ks)]
     if orphans:
         raise ValueError(f'{path}: tensors missing from the file: {orphans[:5]}')
     modes = json.loads(meta['modes'])
