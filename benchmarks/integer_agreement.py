@@ -105,6 +105,9 @@ def main(argv=None):
     p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
+    p.add_argument('--size-only', action='store_true',
+                   help='re-export with the current code and update only the size / reload columns of '
+                        'the existing rows (first batch of images for the reload check)')
     p.add_argument('--requant', default='float', choices=['float', 'dyadic'],
                    help="to_integer's requantization (float: the simulation's rounding; dyadic: M·2^-N)")
     p.add_argument('--json', default='integer_agreement.json',
@@ -125,6 +128,8 @@ def main(argv=None):
         if not osp.isfile(state_path(args.states, pr)):
             build_simulated(pr, args.states, args.data)
     float_bytes = os.path.getsize(osp.join(args.data, 'deit_tiny', f'{MODEL}.safetensors'))
+    if args.size_only:
+        return update_sizes(args, presets, float_bytes)
     for pr in presets:
         t0 = time.time()
         sim, spec, arch = build_simulated(pr, args.states, args.data)
@@ -177,6 +182,28 @@ def main(argv=None):
         save_result(args.json, dict(
             machine=machine_info(), val_images=args.val_images, records=list(records.values()),
             date=datetime.date.today().isoformat()))
+
+
+def update_sizes(args, presets, float_bytes):
+    """``--size-only``: re-export each preset and rewrite its row's size and reload columns."""
+    from fqvit_det.integer import load_integer, save_integer, to_integer
+    from results_md import load_result, save_result
+    x, _ = next(load_images(args.data, args.batch, args.batch))
+    for pr in presets:
+        sim, spec, arch = build_simulated(pr, args.states, args.data)
+        integer = to_integer(sim, requant=args.requant)
+        export = osp.join(args.export_dir, f'{pr}.safetensors')
+        size = save_integer(integer, export, arch, spec)
+        with torch.no_grad():
+            identical = bool(torch.equal(integer(x), load_integer(export)(x)))
+        old = load_result(args.json)
+        for r in old['records']:
+            if r['preset'] == pr:
+                r.update(export_bytes=size, size_ratio=float_bytes / size, reload_bit_identical=identical,
+                         size_command=command(), size_date=datetime.date.today().isoformat())
+        save_result(args.json, old)
+        print(f'{pr}: export {size / 1e6:.3f} MB ({float_bytes / size:.2f}x smaller), reload identical '
+              f'{identical}', flush=True)
 
 
 def command():

@@ -93,16 +93,27 @@ def speed_section(doc):
 def integer_section(doc):
     out = ['## Integer execution: integer DeiT-Tiny vs the simulated model (issue 8)', '',
            f'Machine: {doc["machine"]}; date {doc["date"]}.  ',
-           'Commands: ' + ', '.join(f'`{c}`' for c in dict.fromkeys(r['command'] for r in doc['records'])) + '  ',
-           f'Agreement = same top-1 class as the simulated (fake-quant) model on {doc["val_images"]} '
-           '`val1300` images; export = `save_integer` safetensors vs the float32 safetensors file.', '',
-           '| preset | bits W/A/attn | integer GEMMs | agree % | differ | sim top-1 | int top-1 | '
-           'max logit diff | export MB | x smaller | reload identical |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           'Commands: ' + ', '.join(f'`{c}`' for c in dict.fromkeys(
+               c for r in doc['records'] for c in (r['command'], r.get('size_command')) if c)) + '  ',
+           f'Agreement = same top-1 class on {doc["val_images"]} `val1300` images as the integer-exact '
+           'simulation (GEMMs on codes, `tools/test.py --exact-arithmetic`; the same calibrated state) '
+           'and as the default float32 simulation (GEMMs on dequantized values); export = '
+           '`save_integer` safetensors vs the float32 safetensors file. Rows without the float32 '
+           'columns are from before the integer-exact simulation existed (their agreement is with '
+           'the float32 simulation, on the images given).', '',
+           '| preset | bits W/A/attn | requant | integer GEMMs | agree % (exact sim) | differ | '
+           'max logit diff | agree % (float32 sim) | exact sim top-1 | float32 sim top-1 | int top-1 '
+           '| export MB | x smaller | reload identical |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in doc['records']:
-        out.append(f'| {r["preset"]} | {r["bits"]} | {r["integer_gemms"]} | {r["agree_pct"]:.2f} | '
-                   f'{r["disagree"]} | {r["sim_top1"]:.2f} | {r["int_top1"]:.2f} | '
-                   f'{r["max_logit_diff"]:.4f} | {r["export_bytes"] / 1e6:.2f} | {r["size_ratio"]:.2f} | '
+        f32 = 'agree_f32_pct' in r
+        out.append(f'| {r["preset"]} | {r["bits"]} | {r.get("requant", "dyadic")} | {r["integer_gemms"]} | '
+                   + (f'{r["agree_pct"]:.2f} | {r["disagree"]} | {r["max_logit_diff"]:.4f} | '
+                      f'{r["agree_f32_pct"]:.2f} | {r["sim_top1"]:.2f} | {r["sim_f32_top1"]:.2f} | '
+                      if f32 else
+                      f'– | – | – | {r["agree_pct"]:.2f} ({r["images"]} images) | – | '
+                      f'{r["sim_top1"]:.2f} | ')
+                   + f'{r["int_top1"]:.2f} | {r["export_bytes"] / 1e6:.2f} | {r["size_ratio"]:.2f} | '
                    f'{r["reload_bit_identical"]} |')
     out += ['', 'Where differences start (first 16 images): max |residual-stream difference| after each '
             'block (relative to the block output\'s max |value|).', '',
