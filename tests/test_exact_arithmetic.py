@@ -89,3 +89,24 @@ def test_exact_simulation_of_a_tiny_vit(name):
     assert torch.equal(exact, split)
     assert torch.equal(exact.argmax(1), default.argmax(1))
     assert float((exact - default).abs().max()) < 0.1 * float(default.abs().max())
+
+
+def test_exact_layers_read_their_grids_at_each_forward():
+    """Switched on once, a layer follows later changes of its quantizers (a reloaded state, a
+    quantizer turned off) instead of computing with stale constants."""
+    mod, x = _calibrated_linear()
+    set_exact_arithmetic(mod)
+    iq = mod.in_quantizer
+    with torch.no_grad():
+        mod(x)                         # constants cached for the first grid
+    iq.set_params(scale=iq.scale * 2)
+    with torch.no_grad():
+        exact = mod(x)
+        a = iq.quantize(x).to(torch.int64) - int(iq.zero_point)
+    b = mod.w_quantizer.quantize(mod.weight.detach()).to(torch.int64)
+    s_w = mod.w_quantizer.scale.reshape(-1).float()
+    ref = (a @ b.t()).to(torch.float32) * (iq.scale.double() * s_w.double()).float() + mod.bias.detach()
+    assert torch.equal(exact, ref)
+    iq.set_mode('float')
+    with torch.no_grad():
+        assert torch.equal(mod(x), nn.functional.linear(x, mod.quant_weight(), mod.bias))

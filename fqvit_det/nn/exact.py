@@ -79,7 +79,8 @@ def _feeding_norms(model: nn.Module):
 def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
     """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic (module
     docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
-    Call it after calibration (the grids are read now)."""
+    Call it after calibration: which layers qualify is decided now; their grids are read at each
+    forward (a layer whose quantizers leave 'quant' mode computes as usual)."""
     from .modules import AttentionQuantizers, QuantConv2d, QuantLinear, QuantLayerNorm
     feeds = _feeding_norms(model)
     count = 0
@@ -93,13 +94,12 @@ def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
                 norm = model.get_submodule(feeds[path])
                 if isinstance(norm, QuantLayerNorm):
                     in_q = norm.out_quantizer if norm.out_quantizer is not None else norm.output_target
-            unit = exact_unit(in_q)
-            if (unit is None or not exact_weight_ok(mod.w_quantizer)
+            if (exact_unit(in_q) is None or not exact_weight_ok(mod.w_quantizer)
                     or mod.input_channel_scale() is not None
                     or getattr(mod, 'bias_correction', None) is not None
                     or getattr(mod, 'groups', 1) != 1):
                 continue
-            mod._exact = (unit,)
+            mod._exact = (in_q,)
             mod._exact_cache = None
             count += 1
         elif isinstance(mod, AttentionQuantizers):
@@ -109,7 +109,7 @@ def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
         for mod in model.modules():
             aq, qkv = getattr(mod, 'aq', None), getattr(mod, 'qkv', None)
             if isinstance(aq, AttentionQuantizers) and isinstance(qkv, QuantLinear):
-                aq._exact = (exact_grid(qkv.out_quantizer),)
+                aq._exact = (qkv.out_quantizer if exact_grid(qkv.out_quantizer) is not None else None,)
     return count
 
 

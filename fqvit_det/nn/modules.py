@@ -79,19 +79,21 @@ class _WeightQuantMixin(QuantModule):
         self._wq_cache = None
         self._exact_cache = None
 
-    # Integer-exact arithmetic (``fqvit_det.nn.exact.set_exact_arithmetic``): (input step Δ_x,)
-    # when on; the GEMM then runs on the codes.
+    # Integer-exact arithmetic (``fqvit_det.nn.exact.set_exact_arithmetic``): (the quantizer whose
+    # grid the input is on,) when on; the GEMM then runs on the codes.
     _exact = None
     _exact_cache = None
 
     def _exact_step(self):
+        """The input step Δ_x when the GEMM can run on codes now, else None."""
+        from .exact import exact_unit, exact_weight_ok
         exact = self._exact
-        if exact is None or torch.is_grad_enabled() or self.w_quantizer.mode != 'quant':
+        if exact is None or torch.is_grad_enabled() or not exact_weight_ok(self.w_quantizer):
             return None
         iq = self.in_quantizer
-        if iq is not None and iq.mode != 'quant':
+        if iq is not None and iq is not exact[0]:
             return None
-        return exact[0]
+        return exact_unit(exact[0])
 
     def _exact_operands(self, x: torch.Tensor, unit: torch.Tensor):
         """(input codes − z_x, centred weight codes, float32 Δ_x·Δ_w[c]): the codes as float32
@@ -99,15 +101,16 @@ class _WeightQuantMixin(QuantModule):
         order), else as float64 (exact below 2^53)."""
         from .exact import exact_linear_constants
         cache = self._exact_cache
-        if cache is None or cache[0].device != x.device:
+        key = (x.device, float(unit))
+        if cache is None or cache[0] != key:
             wc, acc_scale = exact_linear_constants(self, unit)
             k = wc[0].numel()
-            cache = self._exact_cache = (wc.to(x.device), acc_scale.to(x.device),
+            cache = self._exact_cache = (key, wc.to(x.device), acc_scale.to(x.device),
                                          k * float(wc.abs().max()), wc.float().to(x.device))
         xc = torch.round(x / unit.to(x.device))
-        if cache[2] * float(xc.abs().max()) < 2 ** 24:
-            return xc, cache[3], cache[1]
-        return xc.to(torch.float64), cache[0], cache[1]
+        if cache[3] * float(xc.abs().max()) < 2 ** 24:
+            return xc, cache[4], cache[2]
+        return xc.to(torch.float64), cache[1], cache[2]
 
     @classmethod
     def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer, out_quantizer=None):
@@ -454,7 +457,7 @@ class AttentionQuantizers(QuantModule):
         float64(P̂) @ float64(v codes)·Δ_v rounded once to float32: ``IntegerAttention``'s
         formulas (method 'simulation'). None when q, k or v is not on a uniform grid."""
         from .exact import exact_grid
-        shared = self._exact[0]
+        shared = exact_grid(self._exact[0])
         vals, steps = [], []
         for quant, t in ((self.q, q), (self.k, k), (self.v, v)):
             step = exact_grid(quant) if quant is not None else shared
