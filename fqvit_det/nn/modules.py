@@ -449,11 +449,13 @@ class AttentionQuantizers(QuantModule):
             return self.probs(logits)
         return _apply(self.probs, logits.softmax(dim=-1))
 
-    # Integer-exact arithmetic (``fqvit_det.nn.exact``): (shared q/k/v step or None,) when on.
+    # Integer-exact arithmetic (``fqvit_det.nn.exact``): (the quantizer q, k, v share, e.g. FQ-ViT's
+    # qkv output, or None,) when on.
     _exact = None
 
     def _attend_exact(self, q, k, v, scale):
-        """QKᵀ on the codes (float64, exact), logits = float32(acc·Δ_q·Δ_k·scale); P·V as
+        """QKᵀ on the codes (exact), logits = float32(acc·Δ_q·Δ_k·scale) with the product in
+        float64; P·V as
         float64(P̂) @ float64(v codes)·Δ_v rounded once to float32: ``IntegerAttention``'s
         formulas (method 'simulation'). None when q, k or v is not on a uniform grid."""
         from .exact import exact_grid
