@@ -198,8 +198,7 @@ PATH_NOTE = ('model `timm` / `mmpretrain`: measured through tools/test.py\'s pat
              'ImageNet dataset + pipeline + Accuracy, QuantizedClassifier, CalibrationHook; evaluation batches of '
              '100): `timm` is timm\'s DeiT-Tiny in mmpretrain\'s TimmClassifier, `mmpretrain` is mmpretrain\'s '
              'VisionTransformer with the same weights renamed. The pipeline reproduces timm\'s eval transform '
-             '(max pixel difference 5e-7). `timm (own loop)`: rows not yet re-measured, from the earlier '
-             'benchmark loop (timm transform, plain forward).')
+             '(max pixel difference 5e-7).')
 NOTES = ['Calibration seconds include the layer-wise search for ptq4vit / adalog rows.', FQVIT_NOTE,
          PATH_NOTE, 'float eval s is the float model over the same evaluation images.']
 
