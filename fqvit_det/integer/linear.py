@@ -53,15 +53,15 @@ MULT_BITS = 31
 # --- elementwise kernels around the GEMM (eager; ``use_compiled_kernels`` fuses each into one loop)
 def _quantize_input(x, scale, z: int, qmin: int, qmax: int, dtype):
     """clamp(⌊x/Δ⌉ + z, q_min, q_max) as ``dtype``: the simulated quantizer's codes."""
-    c = torch.div(x, scale)
-    c = torch.round(c)
-    return torch.clamp(c + z, qmin, qmax).to(dtype)
+    c = torch.div(x, scale)                        # a new tensor: the rest runs in place
+    return c.round_().add_(z).clamp_(qmin, qmax).to(dtype)
 
 
 def _rescale(acc, bias_int, acc_scale, bias_float):
     """(acc + zero-point terms)·Δ_x·Δ_w[c] + bias in float32 (the bias stays float here: in
     units of Δ_x·Δ_w its rounding would move 4-bit outputs by up to half a unit)."""
-    return (acc + bias_int).to(torch.float32) * acc_scale + bias_float
+    y = torch.add(acc, bias_int).to(torch.float32)
+    return y.mul_(acc_scale).add_(bias_float)
 
 
 def _requantize_dequantize(acc, bias_int, multiplier, bias_out, rnd: int, shift: int, zo, qmin: int,
@@ -74,7 +74,8 @@ def _requantize_dequantize(acc, bias_int, multiplier, bias_out, rnd: int, shift:
 
 def _requantize_float(y, out_scale, zo: int, qmin: int, qmax: int):
     """(clamp(⌊y/Δ_out⌉ + z_out) − z_out)·Δ_out: the next quantizer's fake quantization of y."""
-    return (torch.clamp(torch.round(torch.div(y, out_scale)) + zo, qmin, qmax) - zo) * out_scale
+    q = torch.div(y, out_scale)
+    return q.round_().add_(zo).clamp_(qmin, qmax).sub_(zo).mul_(out_scale)
 
 
 KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
