@@ -96,4 +96,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from fqvit_det.mm.launch import close_distributed
+    try:
+        main()
+    finally:
+        close_distributed()

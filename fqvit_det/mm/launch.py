@@ -219,6 +219,15 @@ def init_distributed(cfg: Config, launcher: str) -> None:
         cfg.model_wrapper_cfg = ConfigDict(type='MMDistributedDataParallel', device_ids=None)
 
 
+def close_distributed() -> None:
+    """Destroy the process group ``init_distributed`` (or mmengine) started: left to interpreter
+    exit, gloo's threads can be torn down in the wrong order and abort the process after the run
+    has finished ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def jsonable(obj):
     """``obj`` with tensors as numbers / lists (large ones summarised) for summary.json."""
     import torch
