@@ -40,3 +40,13 @@ def refresh(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, QuantModule):
             m.refresh()
+
+
+def feeding_norms(model: nn.Module):
+    """{Linear path: path of the LayerNorm whose quantized output is that Linear's input}, from the
+    converter's ``model.fqvit_reparam_pairs``."""
+    out = {}
+    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
+        for p in linear_paths:
+            out[p] = norm_path
+    return out

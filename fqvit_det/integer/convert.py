@@ -47,7 +47,7 @@ Modules left simulated keep their quantizers in 'quant' mode, so the result comp
 simulation computes, with integer GEMMs where the codes allow them.
 """
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ from torch import nn
 from ..log import get_logger
 from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.uniform import UniformQuantizer
+from ..walk import feeding_norms
 from .linear import IntegerLinear, IntegerPatchEmbed, integer_input_ok
 
 
@@ -79,15 +80,6 @@ def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _feeding_norms(model: nn.Module) -> Dict[str, str]:
-    """linear path -> path of the LayerNorm whose (quantized) output is that Linear's input."""
-    out = {}
-    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
-        for p in linear_paths:
-            out[p] = norm_path
-    return out
-
-
 def _norm_is_integer(norm) -> bool:
     return isinstance(norm, QuantLayerNorm) and norm._integer_pair() is not None
 
@@ -95,7 +87,7 @@ def _norm_is_integer(norm) -> bool:
 def plan_integer(model: nn.Module) -> List[Tuple[str, str, Optional[str]]]:
     """(module path, 'linear' | 'patch', feeding norm path whose output quantizer is the input
     grid, or None) for every module ``to_integer`` converts."""
-    feeds = _feeding_norms(model)
+    feeds = feeding_norms(model)
     plan = []
     for path, mod in model.named_modules():
         if isinstance(mod, QuantLinear):

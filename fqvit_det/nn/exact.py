@@ -68,21 +68,14 @@ def exact_grid(q) -> Optional[torch.Tensor]:
     return None
 
 
-def _feeding_norms(model: nn.Module):
-    out = {}
-    for norm_path, linear_paths in getattr(model, 'fqvit_reparam_pairs', []) or []:
-        for p in linear_paths:
-            out[p] = norm_path
-    return out
-
-
 def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
     """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic (module
     docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
     Call it after calibration: which layers qualify is decided now; their grids are read at each
     forward (a layer whose quantizers leave 'quant' mode computes as usual)."""
+    from ..walk import feeding_norms
     from .modules import AttentionQuantizers, QuantConv2d, QuantLinear, QuantLayerNorm
-    feeds = _feeding_norms(model)
+    feeds = feeding_norms(model)
     count = 0
     for path, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, QuantConv2d)):
