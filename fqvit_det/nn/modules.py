@@ -6,7 +6,7 @@ converters in ``fqvit_det.convert``. Weight quantizers are calibrated from the w
 quantizer that compensates with the layer inputs (GPTQ) is also fed, in its 'observe' mode, the
 module's (quantized) input rows (``observe_layer_input``; convolutions unfold them).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,15 @@ from ..quantizers.uniform import UniformQuantizer
 
 def _apply(q: Optional[Quantizer], x: torch.Tensor) -> torch.Tensor:
     return x if q is None else q(x)
+
+
+class _ExactConstants(NamedTuple):
+    """A layer's integer-exact constants for one input grid (``key``: device, Δ_x)."""
+    key: tuple
+    codes64: torch.Tensor       # centred weight codes
+    codes32: torch.Tensor
+    acc_scale: torch.Tensor     # float32 Δ_x·Δ_w[c]
+    sum_bound: float            # K·max|w code|: times max|x code| bounds every partial sum
 
 
 def compensates_with_inputs(q: Optional[Quantizer]) -> bool:
@@ -86,9 +95,10 @@ class _WeightQuantMixin(QuantModule):
 
     def _exact_step(self):
         """The input step Δ_x when the GEMM can run on codes now, else None."""
-        from .exact import exact_unit, exact_weight_ok
+        from .exact import exact_unit
         exact = self._exact
-        if exact is None or torch.is_grad_enabled() or not exact_weight_ok(self.w_quantizer):
+        # the weight grid was checked by ``set_exact_arithmetic``; only its mode can change
+        if exact is None or torch.is_grad_enabled() or self.w_quantizer.mode != 'quant':
             return None
         iq = self.in_quantizer
         if iq is not None and iq is not exact[0]:
@@ -102,15 +112,15 @@ class _WeightQuantMixin(QuantModule):
         from .exact import exact_linear_constants
         cache = self._exact_cache
         key = (x.device, float(unit))
-        if cache is None or cache[0] != key:
+        if cache is None or cache.key != key:
             wc, acc_scale = exact_linear_constants(self, unit)
-            k = wc[0].numel()
-            cache = self._exact_cache = (key, wc.to(x.device), acc_scale.to(x.device),
-                                         k * float(wc.abs().max()), wc.float().to(x.device))
+            cache = self._exact_cache = _ExactConstants(
+                key, wc.to(x.device), wc.float().to(x.device), acc_scale.to(x.device),
+                wc[0].numel() * float(wc.abs().max()))
         xc = torch.round(x / unit.to(x.device))
-        if cache[3] * float(xc.abs().max()) < 2 ** 24:
-            return xc, cache[4], cache[2]
-        return xc.to(torch.float64), cache[1], cache[2]
+        if cache.sum_bound * float(xc.abs().max()) < 2 ** 24:
+            return xc, cache.codes32, cache.acc_scale
+        return xc.to(torch.float64), cache.codes64, cache.acc_scale
 
     @classmethod
     def _adopt(cls, src: nn.Module, attrs, w_quantizer, in_quantizer, out_quantizer=None):
