@@ -212,38 +212,9 @@ def _link_layernorms(model: nn.Module, rule_of: Dict[str, Rule]) -> None:
 
 
 def swap_class(mod: nn.Module, quant_cls: type) -> None:
-    """Give ``mod`` the quantized forward of ``quant_cls`` (a subclass of its own class)."""
-    if not isinstance(mod, quant_cls.__mro__[1]):
-        raise TypeError(f'{quant_cls.__name__} adapts {quant_cls.__mro__[1].__name__}, '
-                        f'got {type(mod).__name__}')
+    """Give ``mod`` the quantized forward of ``quant_cls``: a subclass of ``mod``'s own module
+    class, possibly behind a forward mixin (``openmmlab_swin.py``)."""
+    float_cls = next(b for b in quant_cls.__bases__ if issubclass(b, nn.Module))
+    if not isinstance(mod, float_cls):
+        raise TypeError(f'{quant_cls.__name__} adapts {float_cls.__name__}, got {type(mod).__name__}')
     mod.__class__ = quant_cls
-
-
-def _swin_stage_output(model, p, stage):
-    last = len(model.get_submodule(f'{p}stages.{stage}.blocks')) - 1
-    return f'{p}stages.{stage}.blocks.{last}.mlp_residual_quantizer'
-
-
-def openmmlab_swin_norm_sources(p):
-    """Input sources (``Rule.input_from``) of the norms of an OpenMMLab Swin (mmdet's, and
-    mmpretrain's with ``out_after_downsample=False``) under prefix ``p``: a stage's blocks run,
-    then its output norm, then its downsample. Returns ``(norm1, norm2, merge, out_norm)``."""
-    def norm1(model, path):
-        parts = path[len(p):].split('.')
-        s, j = int(parts[1]), int(parts[3])
-        if j > 0:
-            return f'{p}stages.{s}.blocks.{j - 1}.mlp_residual_quantizer'
-        if s > 0:
-            return f'{p}stages.{s - 1}.downsample.reduction.out_quantizer'
-        return f'{p}patch_embed.norm.out_quantizer'
-
-    def norm2(model, path):
-        return path.rpartition('.')[0] + '.attn_residual_quantizer'
-
-    def merge(model, path):
-        return _swin_stage_output(model, p, int(path[len(p):].split('.')[1]))
-
-    def out_norm(model, path):
-        return _swin_stage_output(model, p, int(path[len(p):][len('norm'):]))
-
-    return norm1, norm2, merge, out_norm

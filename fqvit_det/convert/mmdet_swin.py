@@ -7,67 +7,23 @@ rules; the FFN's fc1/fc2 live at ``ffn.layers.0.0`` / ``ffn.layers.1``.
 """
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 
-from ..nn.modules import _apply
-from .common import Rule, openmmlab_swin_norm_sources, swap_class
-from .timm_swin import add_window_mask
+from .common import Rule
+from .openmmlab_swin import (QuantSwinBlockMixin, QuantWindowMSAMixin, openmmlab_swin_norm_sources,
+                             openmmlab_swin_rules)
 
 
-class QuantWindowMSA(WindowMSA):
-    def forward(self, x, mask=None):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        area = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(area, area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
-        x = self.aq.attend(q, k, v, self.scale, bias=bias, mask=mask, mask_fn=add_window_mask)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+class QuantWindowMSA(QuantWindowMSAMixin, WindowMSA):
+    pass
 
 
-class QuantSwinBlock(SwinBlock):
-    """mmdet ``SwinBlock`` whose two residual sums are quantized where they are formed (FQ-ViT);
-    the FFN adds its identity itself, so its output is the second sum."""
-
-    def forward(self, x, hw_shape):
-        x = _apply(self.attn_residual_quantizer, x + self.attn(self.norm1(x), hw_shape))
-        return _apply(self.mlp_residual_quantizer, self.ffn(self.norm2(x), identity=x))
-
-
-def _adapt(mod):
-    swap_class(mod, QuantWindowMSA)
-
-
-def _adapt_block(mod, q):
-    mod.attn_residual_quantizer = q['attn_residual']
-    mod.mlp_residual_quantizer = q['mlp_residual']
-    swap_class(mod, QuantSwinBlock)
+class QuantSwinBlock(QuantSwinBlockMixin, SwinBlock):
+    pass
 
 
 def mmdet_swin_rules(prefix: str = 'backbone.'):
     p = prefix
-    block_norm = dict(input='ln_input', output='ln_output')
-    norm1, norm2, merge, out_norm = openmmlab_swin_norm_sources(p)
-    return [
-        Rule(f'{p}patch_embed.projection', 'conv', dict(weight='patch_embed_weight', input='patch_embed_input',
-                                                        output='patch_embed_output')),
-        Rule(f'{p}patch_embed.norm', 'layernorm', dict(output='embed_tokens'),
-             input_from=lambda m, path: f'{p}patch_embed.projection.out_quantizer', optional=True),
-        Rule(f'{p}stages.*.blocks.*', 'module', dict(attn_residual='residual', mlp_residual='residual'),
-             module_type=SwinBlock, adapter=_adapt_block),
-        # mmdet's PatchMerging unfolds the 2×2 neighbours as channel c·4 + p.
-        Rule(f'{p}stages.*.downsample.norm', 'layernorm', block_norm, feeds=('reduction',),
-             input_from=merge, input_expand=(4, 'interleave')),
-        Rule(f'{p}stages.*.downsample.reduction', 'linear', dict(weight='weight', output='residual')),
-        Rule(f'{p}stages.*.blocks.*.norm1', 'layernorm', block_norm, feeds=('attn.w_msa.qkv',), input_from=norm1),
-        Rule(f'{p}stages.*.blocks.*.norm2', 'layernorm', block_norm, feeds=('ffn.layers.0.0',), input_from=norm2),
-        Rule(f'{p}stages.*.blocks.*.attn.w_msa.qkv', 'linear', dict(weight='weight', output='qkv_output')),
-        Rule(f'{p}stages.*.blocks.*.attn.w_msa.proj', 'linear', dict(weight='weight', input='proj_input',
-                                                                      output='attn_output')),
-        Rule(f'{p}stages.*.blocks.*.attn.w_msa', 'attention', attention_adapter=_adapt),
-        Rule(f'{p}stages.*.blocks.*.ffn.layers.0.0', 'linear', dict(weight='weight')),
-        Rule(f'{p}stages.*.blocks.*.ffn.layers.1', 'linear', dict(weight='weight', input='fc2_input',
-                                                                  output='mlp_output')),
+    out_norm = openmmlab_swin_norm_sources(p)[3]
+    return openmmlab_swin_rules(p, SwinBlock, QuantSwinBlock, QuantWindowMSA) + [
         # Output norms feed the neck, whose conv inputs are quantized by the detection rules.
         Rule(f'{p}norm?', 'layernorm', dict(input='ln_input'), input_from=out_norm),
     ]
