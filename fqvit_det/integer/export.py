@@ -60,11 +60,12 @@ def _plan_entries(model: nn.Module):
     return entries
 
 
-def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+def integer_state(model: nn.Module, coded=None) -> Dict[str, torch.Tensor]:
     """The tensors of the export: the state dict with 4-bit weight codes packed, dyadic
     multipliers narrowed to int32, buffers derived from others left out (``IntegerLinear``'s
     zero-point terms, recomputed on loading), float tensors that a uniform quantizer reads whole
-    stored as its codes (``coded_tensors``) and small int64 buffers as int8."""
+    stored as its codes (``coded``: ``coded_tensors(model)``, computed here when not given) and small
+    int64 buffers as int8."""
     state, seen = {}, set()
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) in seen:          # a module reached by two paths (IntegerAttention's quantizers)
@@ -83,7 +84,7 @@ def integer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
             state[mk] = state[mk].to(torch.int32)      # M < 2^31
         for name in IntegerLinear.DERIVED:
             state.pop(f'{path}.{name}', None)
-    for key, _, codes in coded_tensors(model):
+    for key, _, codes in (coded_tensors(model) if coded is None else coded):
         state.pop(key)
         state[key + CODES_SUFFIX] = codes
     for key in [k for k, v in state.items() if v.numel() == 0]:
@@ -142,15 +143,16 @@ def save_integer(model: nn.Module, path: str, arch: dict, spec) -> int:
         raise ValueError('save_integer: the model has no integer plan; convert it with to_integer first')
     if not isinstance(arch, dict) or not isinstance(arch.get('model_name'), str):
         raise ValueError(f"save_integer: arch must be dict(model_name=<timm name>, ...), got {arch!r}")
+    coded = coded_tensors(model)
     meta = dict(format=FORMAT, arch=json.dumps(arch, sort_keys=True),
                 recipe=json.dumps(spec.to_dict(), sort_keys=True),
                 plan=json.dumps(_plan_entries(model)),
-                coded=json.dumps({key: qpath for key, qpath, _ in coded_tensors(model)}),
+                coded=json.dumps({key: qpath for key, qpath, _ in coded}),
                 attention=json.dumps([dict(path=p, config=model.get_submodule(p).core.config())
                                       for p in getattr(model, 'fqvit_integer_attention', [])]),
                 reparam=json.dumps([n for n, _ in getattr(model, 'fqvit_reparam_done', []) or []]),
                 modes=json.dumps({n: q.mode for n, q in named_quantizers(model)}))
-    state = integer_state(model)
+    state = integer_state(model, coded)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.integer-', suffix='.safetensors', dir=directory)

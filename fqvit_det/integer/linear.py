@@ -329,8 +329,7 @@ class IntegerLinear(nn.Module):
         if self.out_mode == 'requant':
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
             y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
-            q = _quantize_input(y, self.out_scale, int(self.out_zero_point), self.out_qmin, self.out_qmax,
-                                torch.int32)
+            q = KERNELS['quantize'](y, self.out_scale, self._zo, self.out_qmin, self.out_qmax, torch.int32)
             return q.reshape(*shape[:-1], self.out_features)
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
