@@ -144,7 +144,8 @@ def wheel(tmp_path_factory):
         meta_name = next(n for n in names if n.endswith('.dist-info/METADATA'))
         meta = email.parser.Parser().parsestr(z.read(meta_name).decode())
     source = sorted(osp.relpath(osp.join(d, f), src).replace(os.sep, '/')
-                    for d, _, files in os.walk(src / PACKAGE) for f in files if f.endswith('.py'))
+                    for d, _, files in os.walk(src / PACKAGE) for f in files
+                    if f.endswith(('.py', '.cpp')))
     return dict(path=str(wheels[0]), names=names, meta=meta, source=source, src=str(src))
 
 
@@ -211,7 +212,7 @@ def test_wheel_contains_every_module_of_the_source_tree(wheel):
     shipped = sorted(n for n in wheel['names'] if n.startswith(PACKAGE + '/'))
     missing = sorted(set(wheel['source']) - set(shipped))
     extra = sorted(set(shipped) - set(wheel['source']))
-    no_init = sorted({osp.dirname(p) for p in wheel['source']}
+    no_init = sorted({osp.dirname(p) for p in wheel['source'] if p.endswith('.py')}
                      - {osp.dirname(p) for p in wheel['source'] if p.endswith('/__init__.py')})
     assert not no_init, f'folders without __init__.py (find_packages skips them): {no_init}'
     assert not missing, f'modules missing from the wheel: {missing}'

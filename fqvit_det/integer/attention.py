@@ -720,6 +720,10 @@ class IntegerAttention(nn.Module):
             out = self._lis_fast(q, k, v)
             if out is not None:
                 return self.dequantize_out(out) if dequantize else out
+        if self.kind == 'pow2' and self.fast:
+            out = self._pow2_compiled(q, k, v)
+            if out is not None:
+                return self.dequantize_out(out) if dequantize else out
         B, H, N = q.shape[0], q.shape[1], q.shape[2]
         cb = max(1, self.chunk_elems // (H * N * N)) if q.device.type == 'cpu' else B
         if cb < B:       # images are independent: chunks keep the intermediates in cache
@@ -812,6 +816,115 @@ class IntegerAttention(nn.Module):
     def extra_repr(self):
         return (f'heads={self.num_heads}, head_dim={self.head_dim}, probs={self.probs_kind}, '
                 f'method={self.method}')
+
+    # --- compiled path for float softmax + power-of-two probability codes ----------------------
+    # The generic steps 1–4 with three compiled kernels (``kernels.py``) in place of the chains of
+    # whole-tensor ops (same arithmetic, bit for bit): the logits from the int8 GEMM and the
+    # zero-point sums; the GEMM operands of every P·V plane from the probability codes; the
+    # planes' products combined and requantized to the proj-input codes. Softmax and the
+    # probability quantizer stay the torch ops of the simulation.
+    def _pow2_plan(self, device):
+        """Per plane (class, group): the int8 operand table indexed by code + 1, the class, the
+        left shift into the class accumulator; per class: exact (int64) or float64, and the
+        factor Δ·c·2^−frac of the multiplier."""
+        key = (str(device), float(self.probs_delta), int(self.probs_q))
+        if getattr(self, '_plan_cache', None) is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        tables, classes, shifts, exact, factors = [], [], [], [], []
+        for c, (mant, shift, factor) in enumerate(self._pow2_classes()):
+            mant, shift = mant.to(torch.int64), shift.to(torch.int64)
+            live = mant > 0
+            w = _group_width(int(mant[live].max())) if bool(live.any()) else 1
+            groups = sorted(set((shift[live] // w).tolist()))
+            tops = [g * w + w - 1 for g in groups]
+            frac = max(tops) if tops else 0
+            for g, top in zip(groups, tops):
+                in_g = live & (torch.div(shift, w, rounding_mode='floor') == g)
+                op = torch.where(in_g, -mant * torch.bitwise_left_shift(
+                    torch.ones_like(shift), (top - shift).clamp(min=0)), torch.zeros_like(mant))
+                tables.append(op.to(torch.int8))
+                classes.append(c)
+                shifts.append(frac - top)
+            exact.append(not tops or frac - min(tops) <= 40)
+            factors.append(factor * 2.0 ** -frac)
+        plan = dict(table=torch.stack(tables).to(device), classes=torch.tensor(classes),
+                    shifts=torch.tensor(shifts), exact=torch.tensor(exact), factors=factors)
+        self._plan_cache = (key, plan)
+        return plan
+
+    def _log_mode(self):
+        """(mode, r, q) of ``pow2_operands`` computing the codes from log2(x/Δ); None: the
+        quantizer's own codes (twin uniform)."""
+        if self.probs_kind == 'log2':
+            return 0, 1.0, 1.0
+        if self.probs_kind == 'log_sqrt2':
+            return 1, 1.0, 1.0
+        if self.probs_kind == 'adalog':
+            return 2, float(self.cfg['adalog_r']), float(self.probs_q)
+        return None
+
+    @torch.no_grad()
+    def _pow2_compiled(self, q, k, v):
+        from . import kernels
+        cfg = self.cfg
+        if (q.device.type != 'cpu' or self.method != 'simulation' or cfg['out_range'] is None
+                or cfg['logit_range'] is not None):
+            return None
+        ops = kernels.native()
+        if ops is None:
+            return None
+        B, H, N, d = q.shape
+        f64 = dict(dtype=torch.float64, device=q.device)
+        i64 = dict(dtype=torch.int64, device=q.device)
+
+        def per_g(t, n, **kw):     # a per-tensor / per-head parameter → one value per matrix
+            t = t.to(**kw).reshape(-1)
+            return (t.expand(H) if t.numel() == 1 else t).repeat(n)
+        oq, ok, ov = (int8_offset(*cfg[f'{r}_range']) for r in ('q', 'k', 'v'))
+        zq, zk, zv = (_zero_int(getattr(self, f'{r}_zero'), o, 'IntegerAttention')
+                      for r, o in (('q', oq), ('k', ok), ('v', ov)))
+        plan = self._pow2_plan(q.device)
+        log_mode = self._log_mode()
+        a_all, b_all = to_int8(q, oq), to_int8(k, ok)
+        va_all = to_int8(v, ov)
+        m = self.q_scale.to(**f64) * self.k_scale.to(**f64) * self.scale
+        sv = self.v_scale.to(**f64)
+        so = self.out_scale.float().reshape(-1).contiguous()
+        zo = self.out_zero.float().reshape(-1).contiguous()
+        out = torch.empty((B, N, H * d), dtype=torch.int32, device=q.device)
+        cb = max(1, self.chunk_elems // (H * N * N))     # images per chunk: intermediates in cache
+        consts = {}
+        for i in range(0, B, cb):
+            n = min(B, i + cb) - i
+            G = n * H
+            if n not in consts:
+                consts[n] = (per_g(zq, n, **i64), per_g(zk, n, **i64), per_g(m, n, **f64),
+                             per_g(zv, n, **i64),
+                             torch.stack([per_g(sv * f, n, **f64) for f in plan['factors']]))
+            zq_g, zk_g, m_g, zv_g, mult = consts[n]
+            a = a_all[i:i + n].reshape(G, N, d)
+            b = b_all[i:i + n].reshape(G, N, d)
+            acc = int8_bmm(a, b.transpose(-2, -1))
+            logits = ops.qk_logits(acc, a.sum(-1, dtype=torch.int64), b.sum(-1, dtype=torch.int64),
+                                   zq_g, zk_g, m_g, d)
+            probs = logits.softmax(dim=-1)
+            if log_mode is None:
+                src, mode, r, qq = self._probs_codes(probs).to(torch.int32), 0, 1.0, 1.0
+            else:
+                src = torch.log2(probs.div_(self.probs_delta))
+                mode, r, qq = log_mode
+            operands, present = ops.pow2_operands(src.contiguous(), plan['table'], mode, r, qq,
+                                                  cfg['probs_bits'])
+            keep = present.nonzero().reshape(-1)
+            if keep.numel() == 0:       # no probability above the zero code: P·V = 0
+                keep = torch.zeros(1, dtype=torch.int64)
+            va = va_all[i:i + n].reshape(G, N, d)
+            v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
+            pv = int8_bmm(operands.index_select(0, keep.to(q.device)), v_aug)
+            out[i:i + n] = ops.pv_requant(pv, plan['classes'][keep], plan['shifts'][keep],
+                                          plan['exact'], zv_g, mult, so, zo,
+                                          *cfg['out_range'], H)
+        return out
 
     # --- FQ-ViT fast path -------------------------------------------------------------------
     # The same integer algorithm as the generic path (int8 QKᵀ, dyadic logit requantization,

@@ -1,0 +1,237 @@
+// CPU kernels of the integer model's attention core (fqvit_det.integer.kernels builds this file on
+// first use). Each replaces a chain of whole-tensor torch ops of ``IntegerAttention`` (one pass
+// instead of five to fifteen) and computes the same numbers: integer steps are exact, and every
+// float step is the single IEEE operation the torch chain performs, in the same order (the file
+// is compiled with -ffp-contract=off, so no product is fused into an add).
+//
+//   qk_logits     Σ_d (q − z_q)(k − z_k) from the int8 GEMM's a·bᵀ and the operand row sums,
+//                 times the per-head logit multiplier: float32(float64(acc)·m)
+//   pow2_operands probability codes → int8 GEMM operands of the P·V shift classes (table
+//                 lookup per plane), and which planes occur at all
+//   pv_requant    the planes' int32 P·V products → the exact per-class accumulators (shift-aligned
+//                 int64, or float64 where the shift span is too wide) → float64 sum of
+//                 accumulator × multiplier → float32 → the proj-input quantizer's codes
+//                 clamp(⌊y/Δ⌉ + z), written in the (B, N, H·d) layout of the proj input
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* who,
+               const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), who, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, who, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(dim < 0 || t.dim() == dim, who, ": ", name, " must have ", dim, " dims, got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), who, ": ", name, " must be contiguous");
+}
+
+// logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
+//                           · m[g])
+at::Tensor qk_logits(const at::Tensor& acc, const at::Tensor& a_sum, const at::Tensor& b_sum,
+                     const at::Tensor& zq, const at::Tensor& zk, const at::Tensor& m, int64_t K) {
+  const char* who = "qk_logits";
+  check_cpu(acc, at::kInt, 3, who, "acc");
+  check_cpu(a_sum, at::kLong, 2, who, "a_sum");
+  check_cpu(b_sum, at::kLong, 2, who, "b_sum");
+  for (const auto* t : {&zq, &zk}) check_cpu(*t, at::kLong, 1, who, "zero point");
+  check_cpu(m, at::kDouble, 1, who, "m");
+  const int64_t G = acc.size(0), N = acc.size(1), M = acc.size(2);
+  TORCH_CHECK(a_sum.size(0) == G && a_sum.size(1) == N && b_sum.size(0) == G &&
+                  b_sum.size(1) == M && zq.size(0) == G && zk.size(0) == G && m.size(0) == G,
+              who, ": per-matrix operands must have G = ", G, " rows");
+  auto out = at::empty({G, N, M}, acc.options().dtype(at::kFloat));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const int64_t *as = a_sum.data_ptr<int64_t>(), *bs = b_sum.data_ptr<int64_t>();
+  const int64_t *zqp = zq.data_ptr<int64_t>(), *zkp = zk.data_ptr<int64_t>();
+  const double* mp = m.data_ptr<double>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, G * N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / N;
+      const int64_t row = K * zqp[g] * zkp[g] - as[r] * zkp[g];
+      const int64_t* bg = bs + g * M;
+      const int64_t zqg = zqp[g];
+      const double mg = mp[g];
+      const int32_t* a = ap + r * M;
+      float* o = op + r * M;
+      for (int64_t j = 0; j < M; ++j)
+        o[j] = static_cast<float>(static_cast<double>(a[j] + row - bg[j] * zqg) * mg);
+    }
+  });
+  return out;
+}
+
+// Probability codes → GEMM operands: ops[p, e] = table[p, code(e) + 1] (int8) and present[p] =
+// plane p has a non-zero entry between the lowest and the highest code seen (a plane marked
+// present may still be all zero: its GEMM then adds nothing). code(e) is codes[e] (int32 input) or, from
+// l = log2(x/Δ) (float32 input, the torch op of the simulation), the log quantizer's formula:
+//   mode 0 (log2)    c = ⌊−l⌉
+//   mode 1 (log√2)   c = ⌊−2·l⌉
+//   mode 2 (AdaLog)  c = ⌊(−l)·r / q⌉
+// then ``finish_log_codes``: c ≥ 2^bits, +inf and NaN → −1 (the zero code), c < 0 → 0.
+std::tuple<at::Tensor, at::Tensor> pow2_operands(const at::Tensor& x, const at::Tensor& table,
+                                                 int64_t mode, double r, double q, int64_t bits) {
+  const char* who = "pow2_operands";
+  const bool from_log = x.scalar_type() == at::kFloat;
+  check_cpu(x, from_log ? at::kFloat : at::kInt, -1, who, "codes / log2 values");
+  check_cpu(table, at::kChar, 2, who, "table");
+  TORCH_CHECK(!from_log || (mode >= 0 && mode <= 2 && bits >= 1 && bits <= 16), who,
+              ": mode 0, 1 or 2 and 1 ≤ bits ≤ 16 expected");
+  const int64_t P = table.size(0), L = table.size(1), E = x.numel();
+  std::vector<int64_t> shape{P};
+  for (auto sz : x.sizes()) shape.push_back(sz);
+  auto ops = at::empty(shape, x.options().dtype(at::kChar));
+  const int8_t* t = table.data_ptr<int8_t>();
+  int8_t* o = ops.data_ptr<int8_t>();
+  const float rf = static_cast<float>(r), qf = static_cast<float>(q);
+  const float top = static_cast<float>(int64_t{1} << bits);
+  const float* xf = from_log ? x.data_ptr<float>() : nullptr;
+  const int32_t* xi = from_log ? nullptr : x.data_ptr<int32_t>();
+  // per block: the table rows (code + 1) in a vectorizable pass, then one lookup pass per
+  // plane; the range of rows seen decides which planes can be non-zero
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> lo_seen(nthreads + 1, L), hi_seen(nthreads + 1, -1);
+  constexpr int64_t kBlock = 2048;
+  at::parallel_for(0, E, 4 * kBlock, [&](int64_t begin, int64_t end) {
+    const int tid = std::min(at::get_thread_num(), nthreads);
+    int32_t idx[kBlock];
+    int32_t lo = static_cast<int32_t>(L), hi = -1;
+    for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
+      const int64_t n = std::min(kBlock, end - e0);
+      if (from_log) {
+        const float* xl = xf + e0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float l = xl[j];
+          float c = mode == 0 ? -l : (mode == 1 ? -2.0f * l : (-l) * rf / qf);
+          c = std::nearbyint(c);
+          // finish_log_codes: ≥ 2^bits, +inf, NaN → zero code (row 0); negative → code 0 (row 1)
+          idx[j] = !(c < top) ? 0 : (c < 0.0f ? 1 : static_cast<int32_t>(c) + 1);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) idx[j] = xi[e0 + j] + 1;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        lo = std::min(lo, idx[j]);
+        hi = std::max(hi, idx[j]);
+      }
+      if (lo < 0 || hi >= L) break;
+      for (int64_t p = 0; p < P; ++p) {
+        const int8_t* tp = t + p * L;
+        int8_t* op = o + p * E + e0;
+        for (int64_t j = 0; j < n; ++j) op[j] = tp[idx[j]];
+      }
+    }
+    lo_seen[tid] = std::min<int64_t>(lo_seen[tid], lo);
+    hi_seen[tid] = std::max<int64_t>(hi_seen[tid], hi);
+  });
+  const int64_t lo = *std::min_element(lo_seen.begin(), lo_seen.end());
+  const int64_t hi = *std::max_element(hi_seen.begin(), hi_seen.end());
+  TORCH_CHECK(E == 0 || (lo >= 0 && hi < L), who, ": codes outside the table's range [-1, ",
+              L - 2, "]: seen ", lo - 1, " … ", hi - 1);
+  auto present = at::zeros({P}, x.options().dtype(at::kBool));
+  bool* pr = present.data_ptr<bool>();
+  for (int64_t idx = std::max<int64_t>(lo, 0); idx <= hi && idx < L; ++idx)
+    for (int64_t p = 0; p < P; ++p) pr[p] = pr[p] || t[p * L + idx] != 0;
+  return {ops, present};
+}
+
+// r: (P, G, N, d + 1) int32, the P·V products of each plane with the value codes and a column of
+// ones (so r[..., d] = Σ_j operand). Plane p belongs to class plane_class[p] and enters its
+// accumulator shifted left by plane_shift[p]: s = r[..., d]·z_v[g] − r[..., k]; exact classes sum
+// s << shift in int64, the others float64(s)·2^shift. Then y = Σ_c float64(acc_c)·mult[c, g] in
+// class order, float32(y), codes clamp(⌊y/Δ⌉ + z, qmin, qmax) with Δ, z per channel of H·d or
+// per tensor, written to out (B, N, H·d) with g = b·H + h.
+at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
+                      const at::Tensor& plane_shift, const at::Tensor& class_exact,
+                      const at::Tensor& zv, const at::Tensor& mult, const at::Tensor& out_scale,
+                      const at::Tensor& out_zero, int64_t qmin, int64_t qmax, int64_t heads) {
+  const char* who = "pv_requant";
+  check_cpu(r, at::kInt, 4, who, "r");
+  check_cpu(plane_class, at::kLong, 1, who, "plane_class");
+  check_cpu(plane_shift, at::kLong, 1, who, "plane_shift");
+  check_cpu(class_exact, at::kBool, 1, who, "class_exact");
+  check_cpu(zv, at::kLong, 1, who, "zv");
+  check_cpu(mult, at::kDouble, 2, who, "mult");
+  check_cpu(out_scale, at::kFloat, 1, who, "out_scale");
+  check_cpu(out_zero, at::kFloat, 1, who, "out_zero");
+  const int64_t P = r.size(0), G = r.size(1), N = r.size(2), d = r.size(3) - 1;
+  const int64_t C = class_exact.size(0);
+  TORCH_CHECK(P >= 1 && plane_class.size(0) == P && plane_shift.size(0) == P, who,
+              ": one class and shift per plane");
+  TORCH_CHECK(heads >= 1 && G % heads == 0 && zv.size(0) == G && mult.size(0) == C &&
+                  mult.size(1) == G,
+              who, ": zv (G,) and mult (classes, G) expected");
+  TORCH_CHECK(C <= 8, who, ": at most 8 classes");
+  const int64_t nq = out_scale.numel();
+  TORCH_CHECK((nq == 1 || nq == heads * d) && out_zero.numel() == nq, who,
+              ": out_scale / out_zero per tensor or per channel of H·d");
+  const int64_t* pc = plane_class.data_ptr<int64_t>();
+  const int64_t* ps = plane_shift.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(pc[p] >= 0 && pc[p] < C && ps[p] >= 0 && ps[p] < 63, who, ": plane ", p,
+                " has class ", pc[p], " / shift ", ps[p]);
+  const int64_t B = G / heads;
+  auto out = at::empty({B, N, heads * d}, r.options());
+  const int32_t* rp = r.data_ptr<int32_t>();
+  const bool* ex = class_exact.data_ptr<bool>();
+  const int64_t* zvp = zv.data_ptr<int64_t>();
+  const double* mp = mult.data_ptr<double>();
+  const float* sp = out_scale.data_ptr<float>();
+  const float* zp = out_zero.data_ptr<float>();
+  int32_t* op = out.data_ptr<int32_t>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const int64_t plane = G * N * (d + 1);
+  at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> iacc(C * d);
+    std::vector<double> facc(C * d);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / N, i = row % N, b = g / heads, h = g % heads;
+      const int64_t z = zvp[g];
+      std::fill(iacc.begin(), iacc.end(), 0);
+      std::fill(facc.begin(), facc.end(), 0.0);
+      for (int64_t p = 0; p < P; ++p) {
+        const int32_t* rr = rp + p * plane + row * (d + 1);
+        const int64_t c = pc[p], sh = ps[p];
+        const int64_t zs = static_cast<int64_t>(rr[d]) * z;
+        if (ex[c]) {
+          int64_t* ia = iacc.data() + c * d;
+          for (int64_t k = 0; k < d; ++k) ia[k] += (zs - rr[k]) << sh;
+        } else {
+          double* fa = facc.data() + c * d;
+          const double f = std::ldexp(1.0, static_cast<int>(sh));
+          for (int64_t k = 0; k < d; ++k) fa[k] += static_cast<double>(zs - rr[k]) * f;
+        }
+      }
+      int32_t* o = op + (b * N + i) * heads * d + h * d;
+      for (int64_t k = 0; k < d; ++k) {
+        double y = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double a = ex[c] ? static_cast<double>(iacc[c * d + k]) : facc[c * d + k];
+          const double t = a * mp[c * G + g];
+          y = c == 0 ? t : y + t;
+        }
+        const int64_t ch = nq == 1 ? 0 : h * d + k;
+        float qv = std::nearbyint(static_cast<float>(y) / sp[ch]) + zp[ch];
+        qv = qv < lo ? lo : (qv > hi ? hi : qv);
+        o[k] = static_cast<int32_t>(qv);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fqvit_int, m) {
+  m.def("qk_logits", &qk_logits);
+  m.def("pow2_operands", &pow2_operands);
+  m.def("pv_requant", &pv_requant);
+}

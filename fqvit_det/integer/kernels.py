@@ -1,0 +1,95 @@
+"""Compiled CPU kernels of the integer model (``csrc/int8_kernels.cpp``), built on first use.
+
+``torch.utils.cpp_extension.load`` compiles the file once per machine and torch build (cached in
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute on 2 cores) and
+registers ``torch.ops.fqvit_int``. It needs a C++ compiler and ``ninja`` (in the pinned stack).
+
+Which kernels run is chosen by ``set_backend`` or the ``FQVIT_INT_KERNELS`` environment variable:
+
+* ``'auto'`` (default): the compiled kernels where they build; where they do not, one warning
+  naming the reason and the torch-op path (same results, slower);
+* ``'cpp'``: the compiled kernels or an error;
+* ``'torch'``: torch ops only (``torch._int_mm`` per matrix).
+
+Both paths compute the same exact integers (tests compare them bit for bit).
+"""
+import os
+import os.path as osp
+import platform
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+BACKENDS = ('auto', 'cpp', 'torch')
+_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'int8_kernels.cpp')
+_lock = threading.Lock()
+_state = dict(backend=None, ops=None, error=None, tried=False)
+
+
+def _backend() -> str:
+    if _state['backend'] is None:
+        b = os.environ.get('FQVIT_INT_KERNELS', 'auto')
+        if b not in BACKENDS:
+            raise ValueError(f'FQVIT_INT_KERNELS={b!r}: expected one of {BACKENDS}')
+        _state['backend'] = b
+    return _state['backend']
+
+
+def set_backend(backend: str) -> None:
+    """'auto' | 'cpp' | 'torch' (see the module docstring); 'cpp' builds now or raises."""
+    if backend not in BACKENDS:
+        raise ValueError(f'set_backend: expected one of {BACKENDS}, got {backend!r}')
+    _state['backend'] = backend
+    if backend == 'cpp':
+        _load()
+
+
+def _build():
+    from torch.utils import cpp_extension
+    try:                     # the pip ninja's binary, where the venv's bin is not on PATH
+        import ninja
+        if ninja.BIN_DIR not in os.environ.get('PATH', '').split(os.pathsep):
+            os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ.get('PATH', '')
+    except ImportError:
+        pass
+    flags = ['-O3', '-ffp-contract=off', '-fopenmp']
+    if platform.machine() in ('x86_64', 'AMD64'):
+        flags.append('-march=x86-64-v2')   # SSE4.1 rounding inline; every x86-64 CPU since 2009
+    cpp_extension.load(name='fqvit_int_kernels', sources=[_SOURCE], extra_cflags=flags,
+                       extra_ldflags=['-fopenmp'],
+                       is_python_module=False, verbose=False)
+    return torch.ops.fqvit_int
+
+
+def _load():
+    with _lock:
+        if not _state['tried']:
+            _state['tried'] = True
+            try:
+                _state['ops'] = _build()
+            except Exception as e:  # noqa: BLE001 -- reported below, with the reason
+                _state['error'] = f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}'
+                if _backend() == 'auto':
+                    warnings.warn('fqvit_det.integer: the compiled CPU kernels did not build '
+                                  f'({_state["error"]}); using torch ops (same results, slower). '
+                                  'Set FQVIT_INT_KERNELS=torch to skip the build.', RuntimeWarning)
+    if _state['ops'] is None and _backend() == 'cpp':
+        raise RuntimeError(f'fqvit_det.integer: compiled kernels requested but unavailable: '
+                           f'{_state["error"]}')
+    return _state['ops']
+
+
+def native() -> Optional[object]:
+    """``torch.ops.fqvit_int`` when the backend allows it and the kernels build, else None."""
+    if _backend() == 'torch':
+        return None
+    return _load()
+
+
+def info() -> dict:
+    """What runs: the backend, whether the compiled kernels loaded, and a build error if any."""
+    ops = native()
+    return dict(backend=_backend(), compiled=ops is not None, error=_state['error'])
+

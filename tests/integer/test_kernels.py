@@ -1,0 +1,87 @@
+"""The compiled CPU kernels (``fqvit_det.integer.kernels``) against the torch-op path: the same
+integers and floats, bit for bit, on calibrated tiny ViTs of every power-of-two probability kind."""
+import pytest
+import torch
+
+from fqvit_det.integer import kernels
+from fqvit_det.integer.attention import IntegerAttention
+
+from .test_int_attention import calibrated, capture_attention
+
+
+@pytest.fixture
+def backend():
+    """Restores the backend a test switches."""
+    before = kernels._backend()
+    yield kernels.set_backend
+    kernels.set_backend(before)
+
+
+def test_the_kernels_build_here(backend):
+    """This project's machines have a C++ compiler: the compiled path must be what runs."""
+    backend('cpp')
+    assert kernels.info() == dict(backend='cpp', compiled=True, error=None)
+
+
+@pytest.mark.parametrize('method', ['repq_w4a4', 'adalog_6', 'ptq4vit'])
+def test_compiled_attention_equals_the_torch_path(backend, method):
+    model, x = calibrated(method, 'cpu')
+    caps = capture_attention(model, x)
+    for blk, cap in zip(model.blocks, caps):
+        ia = IntegerAttention(blk.attn, method='simulation')
+        q, k, v = ia.split(cap['qkv'])
+        backend('torch')
+        ref = ia.attend_codes(q, k, v)
+        backend('cpp')
+        assert ia._pow2_compiled(q, k, v) is not None        # the compiled path applies
+        ours = ia.attend_codes(q, k, v)
+        assert ours.dtype == torch.int32 and torch.equal(ours, ref)
+        ia.chunk_elems = 1                                   # one image per chunk: the same
+        assert torch.equal(ia.attend_codes(q, k, v), ref)
+
+
+def test_pow2_operands_log_modes_match_the_quantizers(backend):
+    """Codes from log2(x/Δ) in the kernel = the quantizers' own codes (ties, 0, 1, tiny values)."""
+    from fqvit_det.quantizers.adalog import adalog_quantize
+    from fqvit_det.quantizers.log import log2_quantize, log_sqrt2_quantize
+    backend('cpp')
+    ops = kernels.native()
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(4000, generator=g), torch.rand(1000, generator=g) * 1e-6,
+                   torch.tensor([0.0, 1.0, 0.5, 2.0 ** -0.5, 2.0 ** -7.5, 3.0])])
+    delta = torch.tensor(0.9)
+    l = torch.log2(x / delta)
+    for mode, bits, codes in [(0, 4, log2_quantize(x, delta, 4)),
+                              (1, 4, log_sqrt2_quantize(x, delta, 4)),
+                              (1, 6, log_sqrt2_quantize(x, delta, 6)),
+                              (2, 4, adalog_quantize(x, delta, 5, 4, r=37))]:
+        L = 2 ** bits + 1
+        table = torch.arange(L, dtype=torch.int8).reshape(1, L) if L <= 128 else \
+            (torch.arange(L) % 100).to(torch.int8).reshape(1, L)
+        r, q = (37.0, 5.0) if mode == 2 else (1.0, 1.0)
+        got, present = ops.pow2_operands(l.contiguous(), table, mode, r, q, bits)
+        assert torch.equal(got[0], table[0][(codes + 1).long()])
+        assert bool(present[0])
+
+
+def test_pow2_operands_rejects_codes_outside_the_table(backend):
+    backend('cpp')
+    table = torch.ones(2, 17, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match='outside the table'):
+        kernels.native().pow2_operands(torch.tensor([3, 16], dtype=torch.int32), table, 0,
+                                       1.0, 1.0, 4)
+
+
+def test_a_failed_build_warns_in_auto_and_raises_in_cpp(monkeypatch, backend):
+    def broken():
+        raise OSError('no compiler\nc++: not found')
+    monkeypatch.setattr(kernels, '_build', broken)
+    monkeypatch.setattr(kernels, '_state', dict(backend='auto', ops=None, error=None, tried=False))
+    with pytest.warns(RuntimeWarning, match='c\\+\\+: not found.*torch ops'):
+        assert kernels.native() is None
+    with pytest.raises(RuntimeError, match='compiled kernels requested but unavailable'):
+        backend('cpp')
+    backend('torch')
+    assert kernels.native() is None
+    with pytest.raises(ValueError, match="expected one of"):
+        backend('fast')
