@@ -78,22 +78,65 @@ def _requantize_float(y, out_scale, zo: int, qmin: int, qmax: int):
     return q.round_().add_(zo).clamp_(qmin, qmax).sub_(zo).mul_(out_scale)
 
 
-KERNELS = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
-               requantize_float=_requantize_float)
+def _rescale_requantize(acc, bias_int, acc_scale, bias_float, out_scale, zo: int, qmin: int,
+                        qmax: int, codes: bool):
+    """``_rescale`` then the next quantizer: its fake quantization, or (``codes``) its codes."""
+    y = _rescale(acc, bias_int, acc_scale, bias_float)
+    if codes:
+        return _quantize_input(y, out_scale, zo, qmin, qmax, torch.int32)
+    return _requantize_float(y, out_scale, zo, qmin, qmax)
+
+
+EAGER = dict(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
+             rescale_requantize=_rescale_requantize)
+
+
+# --- the same kernels as one compiled loop each (``kernels.py``; bit-identical), where built
+def _native_ops(t: torch.Tensor, dtype: torch.dtype):
+    if t.device.type != 'cpu' or t.dtype != dtype:
+        return None
+    from . import kernels
+    return kernels.native()
+
+
+def _quantize_native(x, scale, z: int, qmin: int, qmax: int, dtype):
+    ops = _native_ops(x, torch.float32)
+    if ops is None or torch.as_tensor(scale).numel() != 1:
+        return _quantize_input(x, scale, z, qmin, qmax, dtype)
+    return ops.quantize(x.contiguous(), float(scale), z, qmin, qmax, dtype)
+
+
+def _rescale_native(acc, bias_int, acc_scale, bias_float):
+    ops = _native_ops(acc, torch.int32)
+    if ops is None or acc.dim() != 2:
+        return _rescale(acc, bias_int, acc_scale, bias_float)
+    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 0, 1.0, 0, 0, 0)
+
+
+def _rescale_requantize_native(acc, bias_int, acc_scale, bias_float, out_scale, zo: int, qmin: int,
+                               qmax: int, codes: bool):
+    ops = _native_ops(acc, torch.int32)
+    if ops is None or acc.dim() != 2:
+        return _rescale_requantize(acc, bias_int, acc_scale, bias_float, out_scale, zo, qmin, qmax,
+                                   codes)
+    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 2 if codes else 1,
+                       float(out_scale), zo, qmin, qmax)
+
+
+NATIVE = dict(quantize=_quantize_native, rescale=_rescale_native,
+              requantize=_requantize_dequantize, rescale_requantize=_rescale_requantize_native)
+KERNELS = dict(NATIVE)
 OUT_MODES = ('float', 'dyadic', 'requant')
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
     """Fuse the elementwise kernels with ``torch.compile`` (dynamic shapes; results identical to
-    eager, checked by ``benchmarks/integer_speed.py``); ``False`` restores eager."""
+    eager, checked by ``benchmarks/integer_speed.py``); ``False`` restores the default (the
+    compiled C++ kernels of ``kernels.py`` where they build, else eager torch ops)."""
     if enabled:
-        KERNELS.update(quantize=torch.compile(_quantize_input, dynamic=True),
-                       rescale=torch.compile(_rescale, dynamic=True),
-                       requantize=torch.compile(_requantize_dequantize, dynamic=True),
-                       requantize_float=torch.compile(_requantize_float, dynamic=True))
+        KERNELS.update({k: torch.compile(f, dynamic=True) for k, f in EAGER.items()})
     else:
-        KERNELS.update(quantize=_quantize_input, rescale=_rescale, requantize=_requantize_dequantize,
-                       requantize_float=_requantize_float)
+        KERNELS.update(NATIVE)
 
 
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -328,8 +371,9 @@ class IntegerLinear(nn.Module):
         shape = x.shape
         if self.out_mode == 'requant':
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
-            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
-            q = KERNELS['quantize'](y, self.out_scale, self._zo, self.out_qmin, self.out_qmax, torch.int32)
+            q = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
+                                              self.out_scale, self._zo, self.out_qmin,
+                                              self.out_qmax, True)
             return q.reshape(*shape[:-1], self.out_features)
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
@@ -345,8 +389,9 @@ class IntegerLinear(nn.Module):
         else:
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
         if self.out_mode == 'requant':
-            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
-            y = KERNELS['requantize_float'](y, self.out_scale, self._zo, self.out_qmin, self.out_qmax)
+            y = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
+                                              self.out_scale, self._zo, self.out_qmin,
+                                              self.out_qmax, False)
         elif self.out_mode == 'dyadic':
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)

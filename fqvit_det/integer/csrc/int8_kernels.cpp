@@ -12,6 +12,9 @@
 //                 int64, or float64 where the shift span is too wide) → float64 sum of
 //                 accumulator × multiplier → float32 → the proj-input quantizer's codes
 //                 clamp(⌊y/Δ⌉ + z), written in the (B, N, H·d) layout of the proj input
+//   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
+//   rescale       an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
+//                 optionally fake-quantized (or coded) by the next quantizer
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +34,17 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const cha
   TORCH_CHECK(dim < 0 || t.dim() == dim, who, ": ", name, " must have ", dim, " dims, got ",
               t.sizes());
   TORCH_CHECK(t.is_contiguous(), who, ": ", name, " must be contiguous");
+}
+
+template <typename T>
+void quantize_into(const float* x, int64_t n, float s, float z, float lo, float hi, T* out) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float q = std::nearbyint(x[i] / s) + z;
+      q = q < lo ? lo : (q > hi ? hi : q);
+      out[i] = static_cast<T>(q);
+    }
+  });
 }
 
 // logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
@@ -228,10 +242,80 @@ at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
   return out;
 }
 
+// clamp(⌊x/Δ⌉ + z, qmin, qmax) (float32 steps: x/Δ, round half to even, + z, clamp) → dtype
+at::Tensor quantize(const at::Tensor& x, double scale, int64_t zero, int64_t qmin, int64_t qmax,
+                    at::ScalarType dtype) {
+  const char* who = "quantize";
+  check_cpu(x, at::kFloat, -1, who, "x");
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kChar || dtype == at::kInt, who,
+              ": uint8, int8 or int32 codes");
+  auto out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const float* xp = x.data_ptr<float>();
+  AT_DISPATCH_SWITCH(dtype, "quantize",
+    AT_DISPATCH_CASE(at::kByte, [&] { quantize_into<scalar_t>(xp, x.numel(), s, z, lo, hi, out.data_ptr<scalar_t>()); })
+    AT_DISPATCH_CASE(at::kChar, [&] { quantize_into<scalar_t>(xp, x.numel(), s, z, lo, hi, out.data_ptr<scalar_t>()); })
+    AT_DISPATCH_CASE(at::kInt, [&] { quantize_into<scalar_t>(xp, x.numel(), s, z, lo, hi, out.data_ptr<scalar_t>()); }));
+  return out;
+}
+
+// y = float32(acc + b_int[c])·Δ[c] + bias[c] for acc (M, N); mode 0: y; mode 1: the next
+// quantizer's fake quantization (clamp(⌊y/Δ_o⌉ + z_o) − z_o)·Δ_o; mode 2: its codes (int32)
+at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                   const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
+                   int64_t qmin, int64_t qmax) {
+  const char* who = "rescale";
+  check_cpu(acc, at::kInt, 2, who, "acc");
+  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
+  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
+  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
+              ": one bias / scale per output channel (", N, ")");
+  TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode 0, 1 or 2");
+  auto out = at::empty({M, N}, acc.options().dtype(mode == 2 ? at::kInt : at::kFloat));
+  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
+  const float so = static_cast<float>(out_scale), zo = static_cast<float>(zero);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  float* of = mode == 2 ? nullptr : out.data_ptr<float>();
+  int32_t* oi = mode == 2 ? out.data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* a = ap + m * N;
+      if (mode == 0) {
+        float* o = of + m * N;
+        for (int64_t c = 0; c < N; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+      } else if (mode == 1) {
+        float* o = of + m * N;
+        for (int64_t c = 0; c < N; ++c) {
+          const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+          float q = std::nearbyint(y / so) + zo;
+          q = q < lo ? lo : (q > hi ? hi : q);
+          o[c] = (q - zo) * so;
+        }
+      } else {
+        int32_t* o = oi + m * N;
+        for (int64_t c = 0; c < N; ++c) {
+          const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+          float q = std::nearbyint(y / so) + zo;
+          q = q < lo ? lo : (q > hi ? hi : q);
+          o[c] = static_cast<int32_t>(q);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
   m.def("qk_logits", &qk_logits);
   m.def("pow2_operands", &pow2_operands);
   m.def("pv_requant", &pv_requant);
+  m.def("quantize", &quantize);
+  m.def("rescale", &rescale);
 }
