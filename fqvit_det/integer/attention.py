@@ -717,7 +717,9 @@ class IntegerAttention(nn.Module):
                      dequantize: bool = False) -> torch.Tensor:
         """Steps 1–4 on q, k, v codes (B, H, N, d)."""
         if self.kind == 'lis' and self.fast:
-            out = self._lis_fast(q, k, v)
+            out = self._lis_compiled(q, k, v)
+            if out is None:
+                out = self._lis_fast(q, k, v)
             if out is not None:
                 return self.dequantize_out(out) if dequantize else out
         if self.kind == 'pow2' and self.fast:
@@ -988,6 +990,50 @@ class IntegerAttention(nn.Module):
             out_scale=self.out_scale.float())
         self._fast_cache = (key, setup)
         return setup
+
+    @torch.no_grad()
+    def _lis_compiled(self, q, k, v):
+        """``_lis_fast`` ('simulation' requantization) with the steps between the GEMMs as the
+        compiled kernels ``lis_operands`` and ``pv_requant`` (bit-identical); None where it does
+        not apply."""
+        from . import kernels
+        if q.device.type != 'cpu' or self.method != 'simulation':
+            return None
+        B, H, N, d = q.shape
+        st = self._lis_setup(N, d, q.device)
+        ops = kernels.native() if st is not None else None
+        if ops is None:
+            return None
+        oq_, ok_, ov_ = st['offsets']
+        zq, zk, zv = st['zq'], st['zk'], st['zv']
+        G = B * H
+        qa = to_int8(q, oq_).reshape(G, N, d)
+        ka = to_int8(k, ok_).reshape(G, N, d)
+        va = to_int8(v, ov_).reshape(G, N, d)
+        v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
+        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64)
+        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64)
+        tops = st['tops']
+        classes = torch.zeros(len(tops), dtype=torch.int64)
+        shifts = torch.tensor([st['frac'] - t for t in tops], dtype=torch.int64)
+        exact = torch.ones(1, dtype=torch.bool)
+        so = st['out_scale'].reshape(1).contiguous()
+        zo = torch.tensor([st['z_out']], dtype=torch.float32)
+        out = torch.empty((B, N, H * d), dtype=torch.int32)
+        cb = max(1, self.chunk_elems // (H * N * N))      # whole images per chunk
+        for i in range(0, B, cb):
+            n = min(B, i + cb) - i
+            g0, g1 = i * H, (i + n) * H
+            acc = int8_bmm(qa[g0:g1], ka[g0:g1].transpose(-2, -1))
+            operands = ops.lis_operands(acc, row[g0:g1], col[g0:g1], st['m_sim'],
+                                        float(st['logit_scale']), st['lo'], st['hi'], st['table'],
+                                        st['odd'], st['den'], len(tops))
+            pv = int8_bmm(operands, v_aug[g0:g1])
+            mult = torch.full((1, n * H), st['out_step'], dtype=torch.float64)
+            zv_g = torch.full((n * H,), zv, dtype=torch.int64)
+            out[i:i + n] = ops.pv_requant(pv, classes, shifts, exact, zv_g, mult, so, zo,
+                                          *st['out_range'], H)
+        return out
 
     @torch.no_grad()
     def _lis_fast(self, q, k, v):

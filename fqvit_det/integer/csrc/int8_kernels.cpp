@@ -12,6 +12,9 @@
 //                 int64, or float64 where the shift span is too wide) → float64 sum of
 //                 accumulator × multiplier → float32 → the proj-input quantizer's codes
 //                 clamp(⌊y/Δ⌉ + z), written in the (B, N, H·d) layout of the proj input
+//   lis_operands  FQ-ViT: the logit codes of the int8 GEMM's accumulator (the simulation's float32
+//                 rounding), the integer Log-Int-Softmax of each row (exp table, 2Σ, the 2^b
+//                 thresholds θ_k, the per-row code table) and the P·V operands −2^(top − code)
 //   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale       an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                 optionally fake-quantized (or coded) by the next quantizer
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -36,15 +40,52 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const cha
   TORCH_CHECK(t.is_contiguous(), who, ": ", name, " must be contiguous");
 }
 
+// The hot loops are plain functions of restrict pointers and values (a lambda's by-reference
+// captures would be reloaded every iteration and keep the loops scalar).
+template <typename T>
+void quantize_span(const float* __restrict x, int64_t n, float s, float z, float lo, float hi,
+                   T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::nearbyint(x[i] / s) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    out[i] = static_cast<T>(q);
+  }
+}
+
 template <typename T>
 void quantize_into(const float* x, int64_t n, float s, float z, float lo, float hi, T* out) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float q = std::nearbyint(x[i] / s) + z;
-      q = q < lo ? lo : (q > hi ? hi : q);
-      out[i] = static_cast<T>(q);
-    }
+  at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+    quantize_span<T>(x + begin, end - begin, s, z, lo, hi, out + begin);
   });
+}
+
+// y = float32(acc + b_int)·Δ + bias per channel; mode 1: fake-quantized; mode 2: codes
+void rescale_float(const int32_t* __restrict a, const int32_t* __restrict bi,
+                   const float* __restrict sc, const float* __restrict bf, int64_t n,
+                   float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+}
+
+void rescale_fake(const int32_t* __restrict a, const int32_t* __restrict bi,
+                  const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
+                  float zo, float lo, float hi, float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+    float q = std::nearbyint(y / so) + zo;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    o[c] = (q - zo) * so;
+  }
+}
+
+void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
+                   const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
+                   float zo, float lo, float hi, int32_t* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+    float q = std::nearbyint(y / so) + zo;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    o[c] = static_cast<int32_t>(q);
+  }
 }
 
 // logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
@@ -284,30 +325,109 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const int32_t* a = ap + m * N;
-      if (mode == 0) {
-        float* o = of + m * N;
-        for (int64_t c = 0; c < N; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
-      } else if (mode == 1) {
-        float* o = of + m * N;
-        for (int64_t c = 0; c < N; ++c) {
-          const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
-          float q = std::nearbyint(y / so) + zo;
-          q = q < lo ? lo : (q > hi ? hi : q);
-          o[c] = (q - zo) * so;
-        }
-      } else {
-        int32_t* o = oi + m * N;
-        for (int64_t c = 0; c < N; ++c) {
-          const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
-          float q = std::nearbyint(y / so) + zo;
-          q = q < lo ? lo : (q > hi ? hi : q);
-          o[c] = static_cast<int32_t>(q);
-        }
-      }
+      if (mode == 0)
+        rescale_float(ap + m * N, bi, sc, bf, N, of + m * N);
+      else if (mode == 1)
+        rescale_fake(ap + m * N, bi, sc, bf, N, so, zo, lo, hi, of + m * N);
+      else
+        rescale_codes(ap + m * N, bi, sc, bf, N, so, zo, lo, hi, oi + m * N);
     }
   });
   return out;
+}
+
+// the logit codes of one row, as floats: ⌊float32((row + acc + col)·m) / Δ⌉ clamped to [lo, hi]
+void lis_logits(const int32_t* __restrict a, double rt, const double* __restrict col, int64_t n,
+                double m, float ls, double lo, double hi, double* __restrict y) {
+  for (int64_t j = 0; j < n; ++j) {
+    double v = (rt + static_cast<double>(a[j])) + col[j];
+    v = static_cast<double>(static_cast<float>(v * m) / ls);
+    v = std::nearbyint(v);
+    y[j] = v < lo ? lo : (v > hi ? hi : v);
+  }
+}
+
+// −((2^top >> code) & 255): the operand of a log2 code in the group whose largest shift is top
+void lis_group_operands(const int32_t* __restrict code, int64_t n, int32_t top,
+                        int8_t* __restrict o) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t c = code[j];
+    const int32_t pw = top >= c ? ((1 << (top - c)) & 255) : 0;
+    o[j] = static_cast<int8_t>(-pw);
+  }
+}
+
+// FQ-ViT Log-Int-Softmax rows → P·V operands, the steps of IntegerAttention._lis_fast
+// ('simulation' requantization of the logits) fused per row:
+//   y_j  = float64(float32((row_i + acc_ij + col_j)·m) / Δ_logit), rounded, clamped to [lo, hi]
+//   d_j  = max_j y − y_j;  e_j = T[d_j];  2Σ = 2·Σ_j e_j
+//   θ_k  = ⌊(2Σ − odd_k) / den_k⌋;  D_k = min{d : T[d] ≤ θ_k};  code_j = #{k : D_k ≤ d_j}
+//   ops[g, j] = −((2^(8g+7) >> code_j) & 255)   (the code's power of two in group g's byte)
+at::Tensor lis_operands(const at::Tensor& acc, const at::Tensor& row_term, const at::Tensor& col_term,
+                        double m, double logit_scale, double lo, double hi, const at::Tensor& table,
+                        const at::Tensor& odd, const at::Tensor& den, int64_t groups) {
+  const char* who = "lis_operands";
+  check_cpu(acc, at::kInt, 3, who, "acc");
+  check_cpu(row_term, at::kDouble, 2, who, "row_term");
+  check_cpu(col_term, at::kDouble, 2, who, "col_term");
+  check_cpu(table, at::kLong, 1, who, "table");
+  check_cpu(odd, at::kLong, 1, who, "odd");
+  check_cpu(den, at::kLong, 1, who, "den");
+  const int64_t G = acc.size(0), N = acc.size(1), M = acc.size(2);
+  const int64_t K = odd.numel(), levels = table.numel();
+  TORCH_CHECK(row_term.size(0) == G && row_term.size(1) == N && col_term.size(0) == G &&
+                  col_term.size(1) == M,
+              who, ": row / column terms of shape (G, N) / (G, M) expected");
+  TORCH_CHECK(den.numel() == K && K >= 1 && groups >= 1 && groups <= 8 && 8 * groups >= K, who,
+              ": thresholds and groups do not match");
+  TORCH_CHECK(hi - lo + 1 <= static_cast<double>(levels), who, ": table shorter than the logit range");
+  auto ops = at::empty({groups, G, N, M}, acc.options().dtype(at::kChar));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const double *rp = row_term.data_ptr<double>(), *cp = col_term.data_ptr<double>();
+  const int64_t *tp = table.data_ptr<int64_t>(), *op = odd.data_ptr<int64_t>(),
+                *dp = den.data_ptr<int64_t>();
+  int8_t* out = ops.data_ptr<int8_t>();
+  const float ls = static_cast<float>(logit_scale);
+  const int64_t plane = G * N * M;
+  at::parallel_for(0, G * N, 8, [&](int64_t begin, int64_t end) {
+    std::vector<double> y(M);
+    std::vector<int32_t> dd(M), code(M);
+    std::vector<uint8_t> lut(levels + 1);
+    std::vector<int64_t> D(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / N;
+      const int32_t* a = ap + r * M;
+      const double* col = cp + g * M;
+      const double rt = rp[r];
+      lis_logits(a, rt, col, M, m, ls, lo, hi, y.data());
+      double ymax = lo;
+      for (int64_t j = 0; j < M; ++j) ymax = y[j] > ymax ? y[j] : ymax;
+      int64_t sum = 0;
+      for (int64_t j = 0; j < M; ++j) {
+        dd[j] = static_cast<int32_t>(ymax - y[j]);
+        sum += tp[dd[j]];
+      }
+      const int64_t s2 = 2 * sum;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t theta = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
+        D[k] = std::lower_bound(tp, tp + levels, theta,
+                                [](int64_t t, int64_t th) { return t > th; }) - tp;
+      }
+      // code(d) = #{k : D_k ≤ d}; D is non-decreasing (θ_k falls with k), so code(d) = c on
+      // [D_{c−1}, D_c) (D_{−1} = 0, D_K = levels + 1)
+      int64_t from = 0;
+      for (int64_t c = 0; c <= K; ++c) {
+        const int64_t to = c < K ? D[c] : levels + 1;
+        if (to > from) std::memset(lut.data() + from, static_cast<int>(c), to - from);
+        from = std::max(from, to);
+      }
+      for (int64_t j = 0; j < M; ++j) code[j] = lut[dd[j]];
+      for (int64_t gr = 0; gr < groups; ++gr)
+        lis_group_operands(code.data(), M, 8 * static_cast<int32_t>(gr) + 7,
+                           out + gr * plane + r * M);
+    }
+  });
+  return ops;
 }
 
 }  // namespace
@@ -316,6 +436,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("qk_logits", &qk_logits);
   m.def("pow2_operands", &pow2_operands);
   m.def("pv_requant", &pv_requant);
+  m.def("lis_operands", &lis_operands);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
