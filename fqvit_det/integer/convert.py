@@ -230,12 +230,34 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
         _set_child(new, path, _integer_linear(mod, in_q, requant))
     # what stays simulated (convolutions other than patch embeddings, Swin attention) computes
     # its GEMMs on the codes too, so the whole model is the integer-exact simulation's arithmetic
+    fuse_inplace_activations(new)
     from ..nn.exact import set_exact_arithmetic
     set_exact_arithmetic(new)
     new.fqvit_integer_plan = [list(p) for p in plan]
     new.fqvit_integer_attention = attention
     get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')
     return new.to(device)
+
+
+class InPlaceGELU(nn.GELU):
+    """``nn.GELU`` by torch's own kernel in place (``aten::gelu_``, the same values): installed
+    where its input is an integer fc1's float output, a fresh tensor nothing else reads, so the
+    MLP allocates one hidden-size tensor instead of two."""
+
+    def forward(self, x):
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
+
+
+def fuse_inplace_activations(model: nn.Module) -> int:
+    """Replace the GELU between an integer fc1 (float output) and fc2 by ``InPlaceGELU``."""
+    n = 0
+    for mod in model.modules():
+        fc1, act = getattr(mod, 'fc1', None), getattr(mod, 'act', None)
+        if (isinstance(fc1, IntegerLinear) and fc1.out_mode == 'float' and type(act) is nn.GELU
+                and hasattr(mod, 'fc2')):
+            mod.act = InPlaceGELU(approximate=act.approximate)
+            n += 1
+    return n
 
 
 def integer_modules(model: nn.Module):

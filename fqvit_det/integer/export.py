@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .convert import adopt_norm_targets, install_integer_attention
+from .convert import adopt_norm_targets, fuse_inplace_activations, install_integer_attention
 from .linear import IntegerLinear, IntegerPatchEmbed
 
 FORMAT = 'fqvit-det-integer/1'
@@ -251,6 +251,7 @@ def load_integer(path: str, device='cpu') -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, IntegerLinear):
             mod.derive_constants()
+    fuse_inplace_activations(model)
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
     model.fqvit_integer_attention = attention
     return model.to(device)

@@ -57,7 +57,7 @@ def _quantize_input(x, scale, z: int, qmin: int, qmax: int, dtype):
     return c.round_().add_(z).clamp_(qmin, qmax).to(dtype)
 
 
-def _rescale(acc, bias_int, acc_scale, bias_float):
+def _rescale(acc, bias_int, acc_scale, bias_float, in_place: bool = False):
     """(acc + zero-point terms)·Δ_x·Δ_w[c] + bias in float32 (the bias stays float here: in
     units of Δ_x·Δ_w its rounding would move 4-bit outputs by up to half a unit)."""
     y = torch.add(acc, bias_int).to(torch.float32)
@@ -79,8 +79,9 @@ def _requantize_float(y, out_scale, zo: int, qmin: int, qmax: int):
 
 
 def _rescale_requantize(acc, bias_int, acc_scale, bias_float, out_scale, zo: int, qmin: int,
-                        qmax: int, codes: bool):
-    """``_rescale`` then the next quantizer: its fake quantization, or (``codes``) its codes."""
+                        qmax: int, codes: bool, in_place: bool = False):
+    """``_rescale`` then the next quantizer: its fake quantization, or (``codes``) its codes
+    (``in_place``: ``acc`` may be overwritten; the compiled kernels use that, these do not)."""
     y = _rescale(acc, bias_int, acc_scale, bias_float)
     if codes:
         return _quantize_input(y, out_scale, zo, qmin, qmax, torch.int32)
@@ -106,21 +107,23 @@ def _quantize_native(x, scale, z: int, qmin: int, qmax: int, dtype):
     return ops.quantize(x.contiguous(), float(scale), z, qmin, qmax, dtype)
 
 
-def _rescale_native(acc, bias_int, acc_scale, bias_float):
+def _rescale_native(acc, bias_int, acc_scale, bias_float, in_place: bool = False):
     ops = _native_ops(acc, torch.int32)
     if ops is None or acc.dim() != 2:
         return _rescale(acc, bias_int, acc_scale, bias_float)
-    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 0, 1.0, 0, 0, 0)
+    # in_place: the caller's fresh accumulator becomes the result (one allocation, not two)
+    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 0, 1.0, 0, 0, 0,
+                       in_place)
 
 
 def _rescale_requantize_native(acc, bias_int, acc_scale, bias_float, out_scale, zo: int, qmin: int,
-                               qmax: int, codes: bool):
+                               qmax: int, codes: bool, in_place: bool = False):
     ops = _native_ops(acc, torch.int32)
     if ops is None or acc.dim() != 2:
         return _rescale_requantize(acc, bias_int, acc_scale, bias_float, out_scale, zo, qmin, qmax,
                                    codes)
     return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 2 if codes else 1,
-                       float(out_scale), zo, qmin, qmax)
+                       float(out_scale), zo, qmin, qmax, in_place)
 
 
 NATIVE = dict(quantize=_quantize_native, rescale=_rescale_native,
@@ -373,7 +376,7 @@ class IntegerLinear(nn.Module):
             acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
             q = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                               self.out_scale, self._zo, self.out_qmin,
-                                              self.out_qmax, True)
+                                              self.out_qmax, True, in_place=True)
             return q.reshape(*shape[:-1], self.out_features)
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
@@ -391,12 +394,13 @@ class IntegerLinear(nn.Module):
         if self.out_mode == 'requant':
             y = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                               self.out_scale, self._zo, self.out_qmin,
-                                              self.out_qmax, False)
+                                              self.out_qmax, False, in_place=True)
         elif self.out_mode == 'dyadic':
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         else:
-            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float)
+            y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float,
+                                   in_place=True)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):

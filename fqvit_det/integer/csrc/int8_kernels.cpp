@@ -305,7 +305,7 @@ at::Tensor quantize(const at::Tensor& x, double scale, int64_t zero, int64_t qmi
 // quantizer's fake quantization (clamp(⌊y/Δ_o⌉ + z_o) − z_o)·Δ_o; mode 2: its codes (int32)
 at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
                    const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
-                   int64_t qmin, int64_t qmax) {
+                   int64_t qmin, int64_t qmax, bool in_place) {
   const char* who = "rescale";
   check_cpu(acc, at::kInt, 2, who, "acc");
   check_cpu(bias_int, at::kInt, 1, who, "bias_int");
@@ -315,7 +315,10 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
   TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
               ": one bias / scale per output channel (", N, ")");
   TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode 0, 1 or 2");
-  auto out = at::empty({M, N}, acc.options().dtype(mode == 2 ? at::kInt : at::kFloat));
+  const auto dtype = mode == 2 ? at::kInt : at::kFloat;
+  // in place: the result overwrites the accumulator's storage (same element size), row by row
+  // through a copy of the row, so the caller's GEMM output is the only allocation
+  at::Tensor out = in_place ? (mode == 2 ? acc : acc.view(at::kFloat)) : at::empty({M, N}, acc.options().dtype(dtype));
   const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   const float so = static_cast<float>(out_scale), zo = static_cast<float>(zero);
@@ -323,14 +326,20 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
   float* of = mode == 2 ? nullptr : out.data_ptr<float>();
   int32_t* oi = mode == 2 ? out.data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [&](int64_t begin, int64_t end) {
+                   [=](int64_t begin, int64_t end) {
+    std::vector<int32_t> row(in_place ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
+      const int32_t* a = ap + m * N;
+      if (in_place) {
+        std::memcpy(row.data(), a, N * sizeof(int32_t));
+        a = row.data();
+      }
       if (mode == 0)
-        rescale_float(ap + m * N, bi, sc, bf, N, of + m * N);
+        rescale_float(a, bi, sc, bf, N, of + m * N);
       else if (mode == 1)
-        rescale_fake(ap + m * N, bi, sc, bf, N, so, zo, lo, hi, of + m * N);
+        rescale_fake(a, bi, sc, bf, N, so, zo, lo, hi, of + m * N);
       else
-        rescale_codes(ap + m * N, bi, sc, bf, N, so, zo, lo, hi, oi + m * N);
+        rescale_codes(a, bi, sc, bf, N, so, zo, lo, hi, oi + m * N);
     }
   });
   return out;
