@@ -706,7 +706,64 @@ class IntegerAttention(nn.Module):
         return q, k, v
 
     def forward(self, qkv: torch.Tensor, dequantize: bool = False) -> torch.Tensor:
+        out = self._fused_forward(qkv) if self.fast else None
+        if out is not None:
+            return self.dequantize_out(out) if dequantize else out
         return self.attend_codes(*self.split(qkv), dequantize=dequantize)
+
+    def _qkv_operand_params(self, device):
+        """Per channel of the qkv output (3·H·d): scale, zero point, code range and int8 operand
+        offset of the quantizer that codes it (``split``'s formulas), float32."""
+        cfg = self.cfg
+        H, d = self.num_heads, self.head_dim
+        key = (str(device),) + tuple(tuple(getattr(self, f'{r}_{p}').reshape(-1).tolist())
+                                     for r in 'qkv' for p in ('scale', 'zero'))
+        cache = getattr(self, '_qkv_cache', None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        cols = {n: [] for n in ('scale', 'zero', 'lo', 'hi', 'offset')}
+        for r in 'qkv':
+            src = 'q' if cfg['shared_qkv'] else r     # shared: one quantizer codes all of qkv
+            lo, hi = cfg[f'{src}_range']
+            for n, t in (('scale', getattr(self, f'{src}_scale')),
+                         ('zero', getattr(self, f'{src}_zero'))):
+                t = t.float().reshape(-1)
+                cols[n].append((t.expand(H) if t.numel() == 1 else t).repeat_interleave(d))
+            cols['lo'].append(torch.full((H * d,), float(lo)))
+            cols['hi'].append(torch.full((H * d,), float(hi)))
+            cols['offset'].append(torch.full((H * d,), float(int8_offset(*cfg[f'{r}_range']))))
+        params = [torch.cat(cols[n]).to(device).contiguous()
+                  for n in ('scale', 'zero', 'lo', 'hi', 'offset')]
+        self._qkv_cache = (key, params)
+        return params
+
+    @torch.no_grad()
+    def _fused_forward(self, qkv: torch.Tensor):
+        """The compiled path from the qkv output itself: one pass codes q, k, v as int8 GEMM
+        operands in head-major layout (instead of quantize → split → offset copies); None where
+        it does not apply."""
+        from . import kernels
+        if qkv.device.type != 'cpu' or qkv.dim() != 3 or \
+                qkv.dtype not in (torch.float32, torch.int32):
+            return None
+        if qkv.dtype == torch.int32 and not self.cfg['shared_qkv']:
+            return None
+        B, N, _ = qkv.shape
+        if self.kind == 'lis':
+            st = self._lis_setup(N, self.head_dim, qkv.device) \
+                if self.method == 'simulation' else None
+            if st is None:
+                return None
+        elif not self._pow2_applies():
+            return None
+        ops = kernels.native()
+        if ops is None:
+            return None
+        qa, ka, va = ops.qkv_int8(qkv.contiguous(), *self._qkv_operand_params(qkv.device),
+                                  self.num_heads).unbind(0)
+        if self.kind == 'lis':
+            return self._lis_core(ops, st, qa, ka, va, B)
+        return self._pow2_core(ops, qa, ka, va, B)
 
     def dequantize_out(self, codes: torch.Tensor) -> torch.Tensor:
         """``proj_input`` codes → values, as ``UniformQuantizer.dequantize``."""
@@ -865,19 +922,34 @@ class IntegerAttention(nn.Module):
             return 2, float(self.cfg['adalog_r']), float(self.probs_q)
         return None
 
+    def _pow2_applies(self) -> bool:
+        cfg = self.cfg
+        return (self.kind == 'pow2' and self.method == 'simulation'
+                and cfg['out_range'] is not None and cfg['logit_range'] is None)
+
     @torch.no_grad()
     def _pow2_compiled(self, q, k, v):
         from . import kernels
-        cfg = self.cfg
-        if (q.device.type != 'cpu' or self.method != 'simulation' or cfg['out_range'] is None
-                or cfg['logit_range'] is not None):
+        if q.device.type != 'cpu' or not self._pow2_applies():
             return None
         ops = kernels.native()
         if ops is None:
             return None
+        cfg = self.cfg
         B, H, N, d = q.shape
-        f64 = dict(dtype=torch.float64, device=q.device)
-        i64 = dict(dtype=torch.int64, device=q.device)
+        G = B * H
+        oq, ok, ov = (int8_offset(*cfg[f'{r}_range']) for r in ('q', 'k', 'v'))
+        return self._pow2_core(ops, to_int8(q, oq).reshape(G, N, d),
+                               to_int8(k, ok).reshape(G, N, d), to_int8(v, ov).reshape(G, N, d), B)
+
+    def _pow2_core(self, ops, a_all, b_all, va_all, B):
+        """Steps 1–4 on the int8 operands code − offset of q, k, v, (B·H, N, d) each."""
+        cfg = self.cfg
+        H = self.num_heads
+        N, d = a_all.shape[1], a_all.shape[2]
+        dev = a_all.device
+        f64 = dict(dtype=torch.float64, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
 
         def per_g(t, n, **kw):     # a per-tensor / per-head parameter → one value per matrix
             t = t.to(**kw).reshape(-1)
@@ -885,27 +957,24 @@ class IntegerAttention(nn.Module):
         oq, ok, ov = (int8_offset(*cfg[f'{r}_range']) for r in ('q', 'k', 'v'))
         zq, zk, zv = (_zero_int(getattr(self, f'{r}_zero'), o, 'IntegerAttention')
                       for r, o in (('q', oq), ('k', ok), ('v', ov)))
-        plan = self._pow2_plan(q.device)
+        plan = self._pow2_plan(dev)
         log_mode = self._log_mode()
-        a_all, b_all = to_int8(q, oq), to_int8(k, ok)
-        va_all = to_int8(v, ov)
         m = self.q_scale.to(**f64) * self.k_scale.to(**f64) * self.scale
         sv = self.v_scale.to(**f64)
         so = self.out_scale.float().reshape(-1).contiguous()
         zo = self.out_zero.float().reshape(-1).contiguous()
-        out = torch.empty((B, N, H * d), dtype=torch.int32, device=q.device)
+        out = torch.empty((B, N, H * d), dtype=torch.int32, device=dev)
         cb = max(1, self.chunk_elems // (H * N * N))     # images per chunk: intermediates in cache
         consts = {}
         for i in range(0, B, cb):
             n = min(B, i + cb) - i
-            G = n * H
+            G, g0 = n * H, i * H
             if n not in consts:
                 consts[n] = (per_g(zq, n, **i64), per_g(zk, n, **i64), per_g(m, n, **f64),
                              per_g(zv, n, **i64),
                              torch.stack([per_g(sv * f, n, **f64) for f in plan['factors']]))
             zq_g, zk_g, m_g, zv_g, mult = consts[n]
-            a = a_all[i:i + n].reshape(G, N, d)
-            b = b_all[i:i + n].reshape(G, N, d)
+            a, b = a_all[g0:g0 + G], b_all[g0:g0 + G]
             acc = int8_bmm(a, b.transpose(-2, -1))
             logits = ops.qk_logits(acc, a.sum(-1, dtype=torch.int64), b.sum(-1, dtype=torch.int64),
                                    zq_g, zk_g, m_g, d)
@@ -920,9 +989,9 @@ class IntegerAttention(nn.Module):
             keep = present.nonzero().reshape(-1)
             if keep.numel() == 0:       # no probability above the zero code: P·V = 0
                 keep = torch.zeros(1, dtype=torch.int64)
-            va = va_all[i:i + n].reshape(G, N, d)
+            va = va_all[g0:g0 + G]
             v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
-            pv = int8_bmm(operands.index_select(0, keep.to(q.device)), v_aug)
+            pv = int8_bmm(operands.index_select(0, keep.to(dev)), v_aug)
             out[i:i + n] = ops.pv_requant(pv, plan['classes'][keep], plan['shifts'][keep],
                                           plan['exact'], zv_g, mult, so, zo,
                                           *cfg['out_range'], H)
@@ -1005,11 +1074,15 @@ class IntegerAttention(nn.Module):
         if ops is None:
             return None
         oq_, ok_, ov_ = st['offsets']
-        zq, zk, zv = st['zq'], st['zk'], st['zv']
         G = B * H
-        qa = to_int8(q, oq_).reshape(G, N, d)
-        ka = to_int8(k, ok_).reshape(G, N, d)
-        va = to_int8(v, ov_).reshape(G, N, d)
+        return self._lis_core(ops, st, to_int8(q, oq_).reshape(G, N, d),
+                              to_int8(k, ok_).reshape(G, N, d), to_int8(v, ov_).reshape(G, N, d), B)
+
+    def _lis_core(self, ops, st, qa, ka, va, B):
+        """The compiled LIS path on the int8 operands code − offset, (B·H, N, d) each."""
+        H = self.num_heads
+        N, d = qa.shape[1], qa.shape[2]
+        zq, zk, zv = st['zq'], st['zk'], st['zv']
         v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
         row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64)
         col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64)

@@ -15,6 +15,8 @@
 //   lis_operands  FQ-ViT: the logit codes of the int8 GEMM's accumulator (the simulation's float32
 //                 rounding), the integer Log-Int-Softmax of each row (exp table, 2Σ, the 2^b
 //                 thresholds θ_k, the per-row code table) and the P·V operands −2^(top − code)
+//   qkv_int8      the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
+//                 int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
 //   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale       an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                 optionally fake-quantized (or coded) by the next quantizer
@@ -86,6 +88,22 @@ void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
     q = q < lo ? lo : (q > hi ? hi : q);
     o[c] = static_cast<int32_t>(q);
   }
+}
+
+// per channel: clamp(⌊x/Δ⌉ + z, lo, hi) − off (the float steps of UniformQuantizer.quantize)
+void quantize_offset(const float* __restrict x, const float* __restrict s, const float* __restrict z,
+                     const float* __restrict lo, const float* __restrict hi,
+                     const float* __restrict off, int64_t n, float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    float q = std::nearbyint(x[c] / s[c]) + z[c];
+    q = q < lo[c] ? lo[c] : (q > hi[c] ? hi[c] : q);
+    o[c] = q - off[c];
+  }
+}
+
+void codes_offset(const int32_t* __restrict x, const float* __restrict off, int64_t n,
+                  float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(x[c]) - off[c];
 }
 
 // logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
@@ -439,6 +457,45 @@ at::Tensor lis_operands(const at::Tensor& acc, const at::Tensor& row_term, const
   return ops;
 }
 
+// (B, N, 3·H·d) → (3, B·H, N, d) int8: per channel c, code = clamp(⌊x/Δ_c⌉ + z_c, lo_c, hi_c)
+// (float32 input; int32 input: already codes) minus the operand offset off_c
+at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Tensor& zero,
+                    const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& offset,
+                    int64_t heads) {
+  const char* who = "qkv_int8";
+  const bool codes = qkv.scalar_type() == at::kInt;
+  check_cpu(qkv, codes ? at::kInt : at::kFloat, 3, who, "qkv");
+  for (const auto* t : {&scale, &zero, &lo, &hi, &offset}) check_cpu(*t, at::kFloat, 1, who, "per-channel parameter");
+  const int64_t B = qkv.size(0), N = qkv.size(1), C3 = qkv.size(2);
+  TORCH_CHECK(heads >= 1 && C3 % (3 * heads) == 0, who, ": last dim ", C3, " is not 3·heads·d");
+  for (const auto* t : {&scale, &zero, &lo, &hi, &offset})
+    TORCH_CHECK(t->numel() == C3, who, ": per-channel parameters of length ", C3, " expected");
+  const int64_t d = C3 / (3 * heads);
+  auto out = at::empty({3, B * heads, N, d}, qkv.options().dtype(at::kChar));
+  const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>(), *lp = lo.data_ptr<float>(),
+              *hp = hi.data_ptr<float>(), *op = offset.data_ptr<float>();
+  const float* xf = codes ? nullptr : qkv.data_ptr<float>();
+  const int32_t* xi = codes ? qkv.data_ptr<int32_t>() : nullptr;
+  int8_t* o = out.data_ptr<int8_t>();
+  const int64_t part = B * heads * N * d;
+  at::parallel_for(0, B * N, 16, [=](int64_t begin, int64_t end) {
+    std::vector<float> row(C3);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / N, n = r % N;
+      if (codes)
+        codes_offset(xi + r * C3, op, C3, row.data());
+      else
+        quantize_offset(xf + r * C3, sp, zp, lp, hp, op, C3, row.data());
+      for (int64_t c = 0; c < C3; c += d) {
+        const int64_t p = c / (heads * d), h = (c / d) % heads;
+        int8_t* dst = o + p * part + ((b * heads + h) * N + n) * d;
+        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<int8_t>(row[c + e]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -446,6 +503,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("pow2_operands", &pow2_operands);
   m.def("pv_requant", &pv_requant);
   m.def("lis_operands", &lis_operands);
+  m.def("qkv_int8", &qkv_int8);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
