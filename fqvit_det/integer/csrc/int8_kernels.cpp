@@ -30,6 +30,14 @@
 #include <cstring>
 #include <vector>
 
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by
+// the CPU (GCC function multi-versioning); the arithmetic is the same IEEE operations in each.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FQVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FQVIT_CLONES
+#endif
+
 namespace {
 
 void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* who,
@@ -45,7 +53,7 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const cha
 // The hot loops are plain functions of restrict pointers and values (a lambda's by-reference
 // captures would be reloaded every iteration and keep the loops scalar).
 template <typename T>
-void quantize_span(const float* __restrict x, int64_t n, float s, float z, float lo, float hi,
+FQVIT_CLONES void quantize_span(const float* __restrict x, int64_t n, float s, float z, float lo, float hi,
                    T* __restrict out) {
   for (int64_t i = 0; i < n; ++i) {
     float q = std::nearbyint(x[i] / s) + z;
@@ -62,13 +70,13 @@ void quantize_into(const float* x, int64_t n, float s, float z, float lo, float 
 }
 
 // y = float32(acc + b_int)·Δ + bias per channel; mode 1: fake-quantized; mode 2: codes
-void rescale_float(const int32_t* __restrict a, const int32_t* __restrict bi,
+FQVIT_CLONES void rescale_float(const int32_t* __restrict a, const int32_t* __restrict bi,
                    const float* __restrict sc, const float* __restrict bf, int64_t n,
                    float* __restrict o) {
   for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
 }
 
-void rescale_fake(const int32_t* __restrict a, const int32_t* __restrict bi,
+FQVIT_CLONES void rescale_fake(const int32_t* __restrict a, const int32_t* __restrict bi,
                   const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
                   float zo, float lo, float hi, float* __restrict o) {
   for (int64_t c = 0; c < n; ++c) {
@@ -79,7 +87,7 @@ void rescale_fake(const int32_t* __restrict a, const int32_t* __restrict bi,
   }
 }
 
-void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
+FQVIT_CLONES void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
                    const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
                    float zo, float lo, float hi, int32_t* __restrict o) {
   for (int64_t c = 0; c < n; ++c) {
@@ -91,7 +99,7 @@ void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
 }
 
 // per channel: clamp(⌊x/Δ⌉ + z, lo, hi) − off (the float steps of UniformQuantizer.quantize)
-void quantize_offset(const float* __restrict x, const float* __restrict s, const float* __restrict z,
+FQVIT_CLONES void quantize_offset(const float* __restrict x, const float* __restrict s, const float* __restrict z,
                      const float* __restrict lo, const float* __restrict hi,
                      const float* __restrict off, int64_t n, float* __restrict o) {
   for (int64_t c = 0; c < n; ++c) {
@@ -101,7 +109,7 @@ void quantize_offset(const float* __restrict x, const float* __restrict s, const
   }
 }
 
-void codes_offset(const int32_t* __restrict x, const float* __restrict off, int64_t n,
+FQVIT_CLONES void codes_offset(const int32_t* __restrict x, const float* __restrict off, int64_t n,
                   float* __restrict o) {
   for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(x[c]) - off[c];
 }
@@ -364,7 +372,7 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
 }
 
 // the logit codes of one row, as floats: ⌊float32((row + acc + col)·m) / Δ⌉ clamped to [lo, hi]
-void lis_logits(const int32_t* __restrict a, double rt, const double* __restrict col, int64_t n,
+FQVIT_CLONES void lis_logits(const int32_t* __restrict a, double rt, const double* __restrict col, int64_t n,
                 double m, float ls, double lo, double hi, double* __restrict y) {
   for (int64_t j = 0; j < n; ++j) {
     double v = (rt + static_cast<double>(a[j])) + col[j];
@@ -375,13 +383,25 @@ void lis_logits(const int32_t* __restrict a, double rt, const double* __restrict
 }
 
 // −((2^top >> code) & 255): the operand of a log2 code in the group whose largest shift is top
-void lis_group_operands(const int32_t* __restrict code, int64_t n, int32_t top,
+FQVIT_CLONES void lis_group_operands(const int32_t* __restrict code, int64_t n, int32_t top,
                         int8_t* __restrict o) {
   for (int64_t j = 0; j < n; ++j) {
     const int32_t c = code[j];
     const int32_t pw = top >= c ? ((1 << (top - c)) & 255) : 0;
     o[j] = static_cast<int8_t>(-pw);
   }
+}
+
+// min{d : T[d] ≤ θ} for a non-increasing T (levels if none): a branchless binary search
+inline int64_t first_at_most(const int64_t* t, int64_t n, int64_t theta) {
+  const int64_t* base = t;
+  int64_t len = n;
+  while (len > 1) {
+    const int64_t half = len / 2;
+    base = base[half - 1] > theta ? base + half : base;
+    len -= half;
+  }
+  return (base - t) + (*base > theta ? 1 : 0);
 }
 
 // FQ-ViT Log-Int-Softmax rows → P·V operands, the steps of IntegerAttention._lis_fast
@@ -437,8 +457,7 @@ at::Tensor lis_operands(const at::Tensor& acc, const at::Tensor& row_term, const
       const int64_t s2 = 2 * sum;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t theta = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
-        D[k] = std::lower_bound(tp, tp + levels, theta,
-                                [](int64_t t, int64_t th) { return t > th; }) - tp;
+        D[k] = first_at_most(tp, levels, theta);
       }
       // code(d) = #{k : D_k ≤ d}; D is non-decreasing (θ_k falls with k), so code(d) = c on
       // [D_{c−1}, D_c) (D_{−1} = 0, D_K = levels + 1)
