@@ -233,6 +233,11 @@ def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f'int8_bmm: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}')
     a3 = a.expand(*batch, M, K).reshape(-1, M, K)
     b3 = b.expand(*batch, K, N).reshape(-1, K, N)
+    if a.device.type == 'cpu':
+        from . import kernels
+        ops = kernels.native()
+        if ops is not None:           # the same per-matrix GEMMs, the loop in C++ over threads
+            return ops.bmm_int8(a3, b3).reshape(*batch, M, N)
     out = torch.empty((a3.shape[0], M, N), dtype=torch.int32, device=a.device)
     if a.device.type == 'cuda':
         Mp, Kp, Np = max(M, 17), max(-(-K // 8) * 8, 16), max(-(-N // 8) * 8, 8)

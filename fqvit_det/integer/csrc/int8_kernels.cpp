@@ -15,6 +15,8 @@
 //   lis_operands  FQ-ViT: the logit codes of the int8 GEMM's accumulator (the simulation's float32
 //                 rounding), the integer Log-Int-Softmax of each row (exp table, 2Σ, the 2^b
 //                 thresholds θ_k, the per-row code table) and the P·V operands −2^(top − code)
+//   bmm_int8      a batch of int8 × int8 → int32 GEMMs (torch._int_mm per matrix, the batch spread
+//                 over the threads in one call instead of one Python-level call per matrix)
 //   qkv_int8      the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
 //                 int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
 //   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
@@ -22,6 +24,7 @@
 //                 optionally fake-quantized (or coded) by the next quantizer
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -114,6 +117,52 @@ FQVIT_CLONES void codes_offset(const int32_t* __restrict x, const float* __restr
   for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(x[c]) - off[c];
 }
 
+// one row of logits: float32(float64(acc + row − b_sum·z_q)·m)
+FQVIT_CLONES void logits_row(const int32_t* __restrict a, const int64_t* __restrict bs, int64_t row,
+                             int64_t zq, double m, int64_t n, float* __restrict o) {
+  for (int64_t j = 0; j < n; ++j)
+    o[j] = static_cast<float>(static_cast<double>(a[j] + row - bs[j] * zq) * m);
+}
+
+// P·V planes into a class accumulator: s = Σ P·z_v − r (the zero-point form), shifted
+FQVIT_CLONES void pv_accumulate_exact(const int32_t* __restrict r, int64_t zs, int64_t sh,
+                                      int64_t n, int64_t* __restrict acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += (zs - r[k]) << sh;
+}
+
+FQVIT_CLONES void pv_accumulate_float(const int32_t* __restrict r, int64_t zs, double f, int64_t n,
+                                      double* __restrict acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<double>(zs - r[k]) * f;
+}
+
+// y = Σ_c float64(acc_c)·m_c in class order (first: y = term)
+FQVIT_CLONES void pv_combine_exact(const int64_t* __restrict acc, double m, bool first, int64_t n,
+                                   double* __restrict y) {
+  for (int64_t k = 0; k < n; ++k) {
+    const double t = static_cast<double>(acc[k]) * m;
+    y[k] = first ? t : y[k] + t;
+  }
+}
+
+FQVIT_CLONES void pv_combine_float(const double* __restrict acc, double m, bool first, int64_t n,
+                                   double* __restrict y) {
+  for (int64_t k = 0; k < n; ++k) {
+    const double t = acc[k] * m;
+    y[k] = first ? t : y[k] + t;
+  }
+}
+
+// codes clamp(⌊float32(y)/Δ⌉ + z, lo, hi) per channel
+FQVIT_CLONES void requant_codes(const double* __restrict y, const float* __restrict s,
+                                const float* __restrict z, float lo, float hi, int64_t n,
+                                int32_t* __restrict o) {
+  for (int64_t k = 0; k < n; ++k) {
+    float q = std::nearbyint(static_cast<float>(y[k]) / s[k]) + z[k];
+    q = q < lo ? lo : (q > hi ? hi : q);
+    o[k] = static_cast<int32_t>(q);
+  }
+}
+
 // logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
 //                           · m[g])
 at::Tensor qk_logits(const at::Tensor& acc, const at::Tensor& a_sum, const at::Tensor& b_sum,
@@ -141,10 +190,7 @@ at::Tensor qk_logits(const at::Tensor& acc, const at::Tensor& a_sum, const at::T
       const int64_t* bg = bs + g * M;
       const int64_t zqg = zqp[g];
       const double mg = mp[g];
-      const int32_t* a = ap + r * M;
-      float* o = op + r * M;
-      for (int64_t j = 0; j < M; ++j)
-        o[j] = static_cast<float>(static_cast<double>(a[j] + row - bg[j] * zqg) * mg);
+      logits_row(ap + r * M, bg, row, zqg, mg, M, op + r * M);
     }
   });
   return out;
@@ -272,7 +318,8 @@ at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
   const int64_t plane = G * N * (d + 1);
   at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> iacc(C * d);
-    std::vector<double> facc(C * d);
+    std::vector<double> facc(C * d), y(d);
+    std::vector<float> sc(d), zc(d);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / N, i = row % N, b = g / heads, h = g % heads;
       const int64_t z = zvp[g];
@@ -280,30 +327,33 @@ at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
       std::fill(facc.begin(), facc.end(), 0.0);
       for (int64_t p = 0; p < P; ++p) {
         const int32_t* rr = rp + p * plane + row * (d + 1);
-        const int64_t c = pc[p], sh = ps[p];
+        const int64_t c = pc[p];
         const int64_t zs = static_cast<int64_t>(rr[d]) * z;
-        if (ex[c]) {
-          int64_t* ia = iacc.data() + c * d;
-          for (int64_t k = 0; k < d; ++k) ia[k] += (zs - rr[k]) << sh;
-        } else {
-          double* fa = facc.data() + c * d;
-          const double f = std::ldexp(1.0, static_cast<int>(sh));
-          for (int64_t k = 0; k < d; ++k) fa[k] += static_cast<double>(zs - rr[k]) * f;
-        }
+        if (ex[c])
+          pv_accumulate_exact(rr, zs, ps[p], d, iacc.data() + c * d);
+        else
+          pv_accumulate_float(rr, zs, std::ldexp(1.0, static_cast<int>(ps[p])), d,
+                              facc.data() + c * d);
       }
-      int32_t* o = op + (b * N + i) * heads * d + h * d;
-      for (int64_t k = 0; k < d; ++k) {
-        double y = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          const double a = ex[c] ? static_cast<double>(iacc[c * d + k]) : facc[c * d + k];
-          const double t = a * mp[c * G + g];
-          y = c == 0 ? t : y + t;
-        }
-        const int64_t ch = nq == 1 ? 0 : h * d + k;
-        float qv = std::nearbyint(static_cast<float>(y) / sp[ch]) + zp[ch];
-        qv = qv < lo ? lo : (qv > hi ? hi : qv);
-        o[k] = static_cast<int32_t>(qv);
+      for (int64_t c = 0; c < C; ++c) {
+        const double m = mp[c * G + g];
+        if (ex[c])
+          pv_combine_exact(iacc.data() + c * d, m, c == 0, d, y.data());
+        else
+          pv_combine_float(facc.data() + c * d, m, c == 0, d, y.data());
       }
+      const float* so = sp;
+      const float* zo = zp;
+      if (nq == 1) {
+        std::fill(sc.begin(), sc.end(), sp[0]);
+        std::fill(zc.begin(), zc.end(), zp[0]);
+        so = sc.data();
+        zo = zc.data();
+      } else {
+        so += h * d;
+        zo += h * d;
+      }
+      requant_codes(y.data(), so, zo, lo, hi, d, op + (b * N + i) * heads * d + h * d);
     }
   });
   return out;
@@ -515,6 +565,26 @@ at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Te
   return out;
 }
 
+at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
+  const char* who = "bmm_int8";
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), who, ": CPU tensors expected");
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, who,
+              ": int8 operands expected, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+              who, ": (G, M, K) @ (G, K, N) expected, got ", a.sizes(), " @ ", b.sizes());
+  const int64_t G = a.size(0);
+  auto c = at::empty({G, a.size(1), b.size(2)}, a.options().dtype(at::kInt));
+  const at::ThreadLocalState state;   // the caller's dispatch state (e.g. inference mode)
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = begin; i < end; ++i) {
+      auto ci = c.select(0, i);
+      at::_int_mm_out(ci, a.select(0, i), b.select(0, i));
+    }
+  });
+  return c;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -523,6 +593,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("pv_requant", &pv_requant);
   m.def("lis_operands", &lis_operands);
   m.def("qkv_int8", &qkv_int8);
+  m.def("bmm_int8", &bmm_int8);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
