@@ -968,6 +968,15 @@ class IntegerAttention(nn.Module):
         sv = self.v_scale.to(**f64)
         so = self.out_scale.float().reshape(-1).contiguous()
         zo = self.out_zero.float().reshape(-1).contiguous()
+        if log_mode is not None:        # the whole core per image in one compiled op
+            mode, r, qq = log_mode
+            mult = torch.stack([per_g(sv * f, B, **f64) for f in plan['factors']]).contiguous()
+            return ops.attention_pow2(a_all, b_all, va_all, per_g(zq, B, **i64),
+                                      per_g(zk, B, **i64), per_g(zv, B, **i64),
+                                      per_g(m, B, **f64), self.probs_delta.float(), mode, r, qq,
+                                      cfg['probs_bits'], plan['table'], plan['classes'],
+                                      plan['shifts'], plan['exact'], mult, so, zo,
+                                      *cfg['out_range'], H)
         out = torch.empty((B, N, H * d), dtype=torch.int32, device=dev)
         cb = max(1, self.chunk_elems // (H * N * N))     # images per chunk: intermediates in cache
         consts = {}
@@ -983,13 +992,8 @@ class IntegerAttention(nn.Module):
             acc = int8_bmm(a, b.transpose(-2, -1))
             logits = ops.qk_logits(acc, a.sum(-1, dtype=torch.int64), b.sum(-1, dtype=torch.int64),
                                    zq_g, zk_g, m_g, d)
-            probs = logits.softmax(dim=-1)
-            if log_mode is None:
-                src, mode, r, qq = self._probs_codes(probs).to(torch.int32), 0, 1.0, 1.0
-            else:
-                src = torch.log2(probs.div_(self.probs_delta))
-                mode, r, qq = log_mode
-            operands, present = ops.pow2_operands(src.contiguous(), plan['table'], mode, r, qq,
+            codes = self._probs_codes(logits.softmax(dim=-1)).to(torch.int32)   # twin uniform
+            operands, present = ops.pow2_operands(codes.contiguous(), plan['table'], 0, 1.0, 1.0,
                                                   cfg['probs_bits'])
             keep = present.nonzero().reshape(-1)
             if keep.numel() == 0:       # no probability above the zero code: P·V = 0
@@ -1084,34 +1088,13 @@ class IntegerAttention(nn.Module):
                               to_int8(k, ok_).reshape(G, N, d), to_int8(v, ov_).reshape(G, N, d), B)
 
     def _lis_core(self, ops, st, qa, ka, va, B):
-        """The compiled LIS path on the int8 operands code − offset, (B·H, N, d) each."""
-        H = self.num_heads
-        N, d = qa.shape[1], qa.shape[2]
-        zq, zk, zv = st['zq'], st['zk'], st['zv']
-        v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
-        row = (qa.sum(-1, dtype=torch.int64) * -zk + d * zq * zk).to(torch.float64)
-        col = (ka.sum(-1, dtype=torch.int64) * -zq).to(torch.float64)
-        tops = st['tops']
-        classes = torch.zeros(len(tops), dtype=torch.int64)
-        shifts = torch.tensor([st['frac'] - t for t in tops], dtype=torch.int64)
-        exact = torch.ones(1, dtype=torch.bool)
-        so = st['out_scale'].reshape(1).contiguous()
-        zo = torch.tensor([st['z_out']], dtype=torch.float32)
-        out = torch.empty((B, N, H * d), dtype=torch.int32)
-        cb = max(1, self.chunk_elems // (H * N * N))      # whole images per chunk
-        for i in range(0, B, cb):
-            n = min(B, i + cb) - i
-            g0, g1 = i * H, (i + n) * H
-            acc = int8_bmm(qa[g0:g1], ka[g0:g1].transpose(-2, -1))
-            operands = ops.lis_operands(acc, row[g0:g1], col[g0:g1], st['m_sim'],
-                                        float(st['logit_scale']), st['lo'], st['hi'], st['table'],
-                                        st['odd'], st['den'], len(tops))
-            pv = int8_bmm(operands, v_aug[g0:g1])
-            mult = torch.full((1, n * H), st['out_step'], dtype=torch.float64)
-            zv_g = torch.full((n * H,), zv, dtype=torch.int64)
-            out[i:i + n] = ops.pv_requant(pv, classes, shifts, exact, zv_g, mult, so, zo,
-                                          *st['out_range'], H)
-        return out
+        """The compiled LIS path on the int8 operands code − offset, (B·H, N, d) each: the
+        whole core per image in one op (``attention_lis``)."""
+        return ops.attention_lis(qa, ka, va, st['zq'], st['zk'], st['zv'], st['m_sim'],
+                                 float(st['logit_scale']), st['lo'], st['hi'], st['table'],
+                                 st['odd'], st['den'], len(st['tops']), st['out_step'],
+                                 float(st['out_scale']), st['z_out'], *st['out_range'],
+                                 self.num_heads)
 
     @torch.no_grad()
     def _lis_fast(self, q, k, v):

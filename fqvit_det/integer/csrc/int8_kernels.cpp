@@ -163,6 +163,17 @@ FQVIT_CLONES void requant_codes(const double* __restrict y, const float* __restr
   }
 }
 
+// table rows (code + 1) of log codes from l = log2(x/Δ): mode 0 ⌊−l⌉, 1 ⌊−2l⌉, 2 ⌊(−l)·r/q⌉, then
+// finish_log_codes (≥ 2^bits, +inf, NaN → the zero code, row 0; negative → code 0, row 1)
+FQVIT_CLONES void log_rows(const float* __restrict l, int64_t n, int64_t mode, float r, float q,
+                           float top, int32_t* __restrict idx) {
+  for (int64_t j = 0; j < n; ++j) {
+    float c = mode == 0 ? -l[j] : (mode == 1 ? -2.0f * l[j] : (-l[j]) * r / q);
+    c = std::nearbyint(c);
+    idx[j] = !(c < top) ? 0 : (c < 0.0f ? 1 : static_cast<int32_t>(c) + 1);
+  }
+}
+
 // logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
 //                           · m[g])
 at::Tensor qk_logits(const at::Tensor& acc, const at::Tensor& a_sum, const at::Tensor& b_sum,
@@ -233,18 +244,10 @@ std::tuple<at::Tensor, at::Tensor> pow2_operands(const at::Tensor& x, const at::
     int32_t lo = static_cast<int32_t>(L), hi = -1;
     for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
       const int64_t n = std::min(kBlock, end - e0);
-      if (from_log) {
-        const float* xl = xf + e0;
-        for (int64_t j = 0; j < n; ++j) {
-          const float l = xl[j];
-          float c = mode == 0 ? -l : (mode == 1 ? -2.0f * l : (-l) * rf / qf);
-          c = std::nearbyint(c);
-          // finish_log_codes: ≥ 2^bits, +inf, NaN → zero code (row 0); negative → code 0 (row 1)
-          idx[j] = !(c < top) ? 0 : (c < 0.0f ? 1 : static_cast<int32_t>(c) + 1);
-        }
-      } else {
+      if (from_log)
+        log_rows(xf + e0, n, mode, rf, qf, top, idx);
+      else
         for (int64_t j = 0; j < n; ++j) idx[j] = xi[e0 + j] + 1;
-      }
       for (int64_t j = 0; j < n; ++j) {
         lo = std::min(lo, idx[j]);
         hi = std::max(hi, idx[j]);
@@ -276,6 +279,62 @@ std::tuple<at::Tensor, at::Tensor> pow2_operands(const at::Tensor& x, const at::
 // s << shift in int64, the others float64(s)·2^shift. Then y = Σ_c float64(acc_c)·mult[c, g] in
 // class order, float32(y), codes clamp(⌊y/Δ⌉ + z, qmin, qmax) with Δ, z per channel of H·d or
 // per tensor, written to out (B, N, H·d) with g = b·H + h.
+// The P·V requantization of one output row (see pv_requant): the shared constants, scratch, and
+// the row function used by pv_requant and the per-image attention ops.
+struct PvConsts {
+  int64_t C, d, nq;
+  const int64_t* pc;  // class of each plane
+  const int64_t* ps;  // shift of each plane
+  const bool* ex;     // class accumulates exactly (int64)
+  const float* sp;    // out scale (nq values)
+  const float* zp;    // out zero point
+  float lo, hi;
+};
+
+struct PvScratch {
+  std::vector<int64_t> iacc;
+  std::vector<double> facc, y;
+  std::vector<float> sc, zc;
+  PvScratch(int64_t C, int64_t d) : iacc(C * d), facc(C * d), y(d), sc(d), zc(d) {}
+};
+
+// rows[i]: the (d + 1)-long product row of plane pid[i]; mult[c]: the class multipliers of this
+// matrix; h: its head (per-channel output parameters); o: the d output codes
+void pv_row(const PvConsts& k, PvScratch& s, const int32_t* const* rows, const int64_t* pid,
+            int64_t nplanes, int64_t z, const double* mult, int64_t h, int32_t* o) {
+  const int64_t d = k.d;
+  std::fill(s.iacc.begin(), s.iacc.end(), 0);
+  std::fill(s.facc.begin(), s.facc.end(), 0.0);
+  for (int64_t i = 0; i < nplanes; ++i) {
+    const int32_t* rr = rows[i];
+    const int64_t p = pid[i], c = k.pc[p];
+    const int64_t zs = static_cast<int64_t>(rr[d]) * z;
+    if (k.ex[c])
+      pv_accumulate_exact(rr, zs, k.ps[p], d, s.iacc.data() + c * d);
+    else
+      pv_accumulate_float(rr, zs, std::ldexp(1.0, static_cast<int>(k.ps[p])), d,
+                          s.facc.data() + c * d);
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    if (k.ex[c])
+      pv_combine_exact(s.iacc.data() + c * d, mult[c], c == 0, d, s.y.data());
+    else
+      pv_combine_float(s.facc.data() + c * d, mult[c], c == 0, d, s.y.data());
+  }
+  const float* so = k.sp;
+  const float* zo = k.zp;
+  if (k.nq == 1) {
+    std::fill(s.sc.begin(), s.sc.end(), k.sp[0]);
+    std::fill(s.zc.begin(), s.zc.end(), k.zp[0]);
+    so = s.sc.data();
+    zo = s.zc.data();
+  } else {
+    so += h * d;
+    zo += h * d;
+  }
+  requant_codes(s.y.data(), so, zo, k.lo, k.hi, d, o);
+}
+
 at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
                       const at::Tensor& plane_shift, const at::Tensor& class_exact,
                       const at::Tensor& zv, const at::Tensor& mult, const at::Tensor& out_scale,
@@ -316,44 +375,19 @@ at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
   int32_t* op = out.data_ptr<int32_t>();
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   const int64_t plane = G * N * (d + 1);
+  const PvConsts k{C, d, nq, pc, ps, ex, sp, zp, lo, hi};
   at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> iacc(C * d);
-    std::vector<double> facc(C * d), y(d);
-    std::vector<float> sc(d), zc(d);
+    PvScratch scratch(C, d);
+    std::vector<const int32_t*> rows(P);
+    std::vector<int64_t> pid(P);
+    std::vector<double> mult(C);
+    for (int64_t p = 0; p < P; ++p) pid[p] = p;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row / N, i = row % N, b = g / heads, h = g % heads;
-      const int64_t z = zvp[g];
-      std::fill(iacc.begin(), iacc.end(), 0);
-      std::fill(facc.begin(), facc.end(), 0.0);
-      for (int64_t p = 0; p < P; ++p) {
-        const int32_t* rr = rp + p * plane + row * (d + 1);
-        const int64_t c = pc[p];
-        const int64_t zs = static_cast<int64_t>(rr[d]) * z;
-        if (ex[c])
-          pv_accumulate_exact(rr, zs, ps[p], d, iacc.data() + c * d);
-        else
-          pv_accumulate_float(rr, zs, std::ldexp(1.0, static_cast<int>(ps[p])), d,
-                              facc.data() + c * d);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const double m = mp[c * G + g];
-        if (ex[c])
-          pv_combine_exact(iacc.data() + c * d, m, c == 0, d, y.data());
-        else
-          pv_combine_float(facc.data() + c * d, m, c == 0, d, y.data());
-      }
-      const float* so = sp;
-      const float* zo = zp;
-      if (nq == 1) {
-        std::fill(sc.begin(), sc.end(), sp[0]);
-        std::fill(zc.begin(), zc.end(), zp[0]);
-        so = sc.data();
-        zo = zc.data();
-      } else {
-        so += h * d;
-        zo += h * d;
-      }
-      requant_codes(y.data(), so, zo, lo, hi, d, op + (b * N + i) * heads * d + h * d);
+      for (int64_t p = 0; p < P; ++p) rows[p] = rp + p * plane + row * (d + 1);
+      for (int64_t c = 0; c < C; ++c) mult[c] = mp[c * G + g];
+      pv_row(k, scratch, rows.data(), pid.data(), P, zvp[g], mult.data(), h,
+             op + (b * N + i) * heads * d + h * d);
     }
   });
   return out;
@@ -454,6 +488,37 @@ inline int64_t first_at_most(const int64_t* t, int64_t n, int64_t theta) {
   return (base - t) + (*base > theta ? 1 : 0);
 }
 
+// One row of the LIS path (see lis_operands): operands of group g at o + g·stride.
+void lis_row(const int32_t* a, double rt, const double* col, int64_t M, double m, float ls,
+             double lo, double hi, const int64_t* tp, int64_t levels, const int64_t* op,
+             const int64_t* dp, int64_t K, int64_t groups, double* y, int32_t* dd, int32_t* code,
+             uint8_t* lut, int64_t* D, int8_t* o, int64_t stride) {
+  lis_logits(a, rt, col, M, m, ls, lo, hi, y);
+  double ymax = lo;
+  for (int64_t j = 0; j < M; ++j) ymax = y[j] > ymax ? y[j] : ymax;
+  int64_t sum = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    dd[j] = static_cast<int32_t>(ymax - y[j]);
+    sum += tp[dd[j]];
+  }
+  const int64_t s2 = 2 * sum;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t theta = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
+    D[k] = first_at_most(tp, levels, theta);
+  }
+  // code(d) = #{k : D_k ≤ d}; D is non-decreasing (θ_k falls with k), so code(d) = c on
+  // [D_{c−1}, D_c) (D_{−1} = 0, D_K = levels + 1)
+  int64_t from = 0;
+  for (int64_t c = 0; c <= K; ++c) {
+    const int64_t to = c < K ? D[c] : levels + 1;
+    if (to > from) std::memset(lut + from, static_cast<int>(c), to - from);
+    from = std::max(from, to);
+  }
+  for (int64_t j = 0; j < M; ++j) code[j] = lut[dd[j]];
+  for (int64_t gr = 0; gr < groups; ++gr)
+    lis_group_operands(code, M, 8 * static_cast<int32_t>(gr) + 7, o + gr * stride);
+}
+
 // FQ-ViT Log-Int-Softmax rows → P·V operands, the steps of IntegerAttention._lis_fast
 // ('simulation' requantization of the logits) fused per row:
 //   y_j  = float64(float32((row_i + acc_ij + col_j)·m) / Δ_logit), rounded, clamped to [lo, hi]
@@ -496,31 +561,8 @@ at::Tensor lis_operands(const at::Tensor& acc, const at::Tensor& row_term, const
       const int32_t* a = ap + r * M;
       const double* col = cp + g * M;
       const double rt = rp[r];
-      lis_logits(a, rt, col, M, m, ls, lo, hi, y.data());
-      double ymax = lo;
-      for (int64_t j = 0; j < M; ++j) ymax = y[j] > ymax ? y[j] : ymax;
-      int64_t sum = 0;
-      for (int64_t j = 0; j < M; ++j) {
-        dd[j] = static_cast<int32_t>(ymax - y[j]);
-        sum += tp[dd[j]];
-      }
-      const int64_t s2 = 2 * sum;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t theta = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
-        D[k] = first_at_most(tp, levels, theta);
-      }
-      // code(d) = #{k : D_k ≤ d}; D is non-decreasing (θ_k falls with k), so code(d) = c on
-      // [D_{c−1}, D_c) (D_{−1} = 0, D_K = levels + 1)
-      int64_t from = 0;
-      for (int64_t c = 0; c <= K; ++c) {
-        const int64_t to = c < K ? D[c] : levels + 1;
-        if (to > from) std::memset(lut.data() + from, static_cast<int>(c), to - from);
-        from = std::max(from, to);
-      }
-      for (int64_t j = 0; j < M; ++j) code[j] = lut[dd[j]];
-      for (int64_t gr = 0; gr < groups; ++gr)
-        lis_group_operands(code.data(), M, 8 * static_cast<int32_t>(gr) + 7,
-                           out + gr * plane + r * M);
+      lis_row(a, rt, col, M, m, ls, lo, hi, tp, levels, op, dp, K, groups, y.data(), dd.data(),
+              code.data(), lut.data(), D.data(), out + r * M, plane);
     }
   });
   return ops;
@@ -585,6 +627,224 @@ at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
+// ---- whole attention cores, one image per task ---------------------------------------------
+// The same steps as the op-by-op path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
+// → requantization), each image run start to end by one thread: its intermediates stay in that
+// core's cache and no step waits for the others. ATen ops called here (torch._int_mm, softmax,
+// div, log2) are the ones the Python path calls, run single-threaded.
+
+struct QkvOperands {
+  const at::Tensor &qa, &ka, &va;  // (B·H, N, d) int8
+  int64_t B, H, N, d;
+};
+
+QkvOperands check_operands(const char* who, const at::Tensor& qa, const at::Tensor& ka,
+                           const at::Tensor& va, int64_t heads) {
+  for (const auto* t : {&qa, &ka, &va}) check_cpu(*t, at::kChar, 3, who, "q / k / v operands");
+  TORCH_CHECK(qa.sizes() == ka.sizes() && qa.sizes() == va.sizes(), who,
+              ": q, k, v operands of one shape expected");
+  TORCH_CHECK(heads >= 1 && qa.size(0) % heads == 0, who, ": batch·heads not divisible by heads");
+  return QkvOperands{qa, ka, va, qa.size(0) / heads, heads, qa.size(1), qa.size(2)};
+}
+
+// (N, d) int8 values → (N, d + 1) with a column of ones (the Σ operand column of the P·V GEMM)
+at::Tensor ones_column(const at::Tensor& v) {
+  auto out = at::empty({v.size(0), v.size(1) + 1}, v.options());
+  out.narrow(1, 0, v.size(1)).copy_(v);
+  out.narrow(1, v.size(1), 1).fill_(1);
+  return out;
+}
+
+std::vector<int64_t> row_sums(const int8_t* x, int64_t n, int64_t d) {
+  std::vector<int64_t> s(n, 0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = 0; e < d; ++e) s[i] += x[i * d + e];
+  return s;
+}
+
+at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
+                          const at::Tensor& zq, const at::Tensor& zk, const at::Tensor& zv,
+                          const at::Tensor& m, const at::Tensor& probs_delta, int64_t mode,
+                          double r, double q, int64_t bits, const at::Tensor& table,
+                          const at::Tensor& plane_class, const at::Tensor& plane_shift,
+                          const at::Tensor& class_exact, const at::Tensor& mult,
+                          const at::Tensor& out_scale, const at::Tensor& out_zero, int64_t qmin,
+                          int64_t qmax, int64_t heads) {
+  const char* who = "attention_pow2";
+  const QkvOperands x = check_operands(who, qa, ka, va, heads);
+  const int64_t B = x.B, H = x.H, N = x.N, d = x.d, G = B * H;
+  for (const auto* t : {&zq, &zk, &zv}) check_cpu(*t, at::kLong, 1, who, "zero points");
+  check_cpu(m, at::kDouble, 1, who, "m");
+  check_cpu(table, at::kChar, 2, who, "table");
+  check_cpu(plane_class, at::kLong, 1, who, "plane_class");
+  check_cpu(plane_shift, at::kLong, 1, who, "plane_shift");
+  check_cpu(class_exact, at::kBool, 1, who, "class_exact");
+  check_cpu(mult, at::kDouble, 2, who, "mult");
+  check_cpu(out_scale, at::kFloat, 1, who, "out_scale");
+  check_cpu(out_zero, at::kFloat, 1, who, "out_zero");
+  TORCH_CHECK(zq.numel() == G && zk.numel() == G && zv.numel() == G && m.numel() == G, who,
+              ": one zero point / multiplier per matrix");
+  TORCH_CHECK(mode >= 0 && mode <= 2 && bits >= 1 && bits <= 16, who, ": bad log mode / bits");
+  const int64_t P = table.size(0), L = table.size(1), C = class_exact.numel();
+  TORCH_CHECK(plane_class.numel() == P && plane_shift.numel() == P && C >= 1 && C <= 8 &&
+                  mult.size(0) == C && mult.size(1) == G,
+              who, ": plane / class tables do not match");
+  const int64_t nq = out_scale.numel();
+  TORCH_CHECK((nq == 1 || nq == H * d) && out_zero.numel() == nq, who,
+              ": out_scale / out_zero per tensor or per channel of H·d");
+  const int64_t *pc = plane_class.data_ptr<int64_t>(), *ps = plane_shift.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(pc[p] >= 0 && pc[p] < C && ps[p] >= 0 && ps[p] < 63, who, ": plane ", p,
+                " has class ", pc[p], " / shift ", ps[p]);
+  auto out = at::empty({B, N, H * d}, qa.options().dtype(at::kInt));
+  const PvConsts k{C, d, nq, pc, ps, class_exact.data_ptr<bool>(), out_scale.data_ptr<float>(),
+                   out_zero.data_ptr<float>(), static_cast<float>(qmin), static_cast<float>(qmax)};
+  const int64_t *zqp = zq.data_ptr<int64_t>(), *zkp = zk.data_ptr<int64_t>(),
+                *zvp = zv.data_ptr<int64_t>();
+  const double *mp = m.data_ptr<double>(), *mu = mult.data_ptr<double>();
+  const int8_t* tp = table.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  const float rf = static_cast<float>(r), qf = static_cast<float>(q);
+  const float top = static_cast<float>(int64_t{1} << bits);
+  std::vector<int64_t> bad(B, 0);
+  const at::ThreadLocalState state;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    PvScratch scratch(C, d);
+    std::vector<const int32_t*> rows(P);
+    std::vector<int64_t> pid(P);
+    std::vector<double> cm(C);
+    std::vector<int32_t> idx(H * N * N);
+    auto logits = at::empty({H, N, N}, qa.options().dtype(at::kFloat));
+    auto operands = at::empty({P, H, N, N}, qa.options());
+    for (int64_t b = begin; b < end; ++b) {
+      float* lg = logits.data_ptr<float>();
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = b * H + h;
+        const auto acc = at::_int_mm(qa[g], ka[g].t());
+        const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
+        const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
+        const int32_t* ap = acc.data_ptr<int32_t>();
+        for (int64_t i = 0; i < N; ++i)
+          logits_row(ap + i * N, bs.data(), d * zqp[g] * zkp[g] - as[i] * zkp[g], zqp[g], mp[g], N,
+                     lg + (h * N + i) * N);
+      }
+      auto l = at::_softmax(logits, -1, false);
+      l.div_(probs_delta);
+      at::log2_out(l, l);
+      log_rows(l.data_ptr<float>(), H * N * N, mode, rf, qf, top, idx.data());
+      int32_t lo = static_cast<int32_t>(L), hi = -1;
+      for (const int32_t v : idx) {
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
+      }
+      if (lo < 0 || hi >= L) {
+        bad[b] = 1;
+        continue;
+      }
+      int64_t np = 0;                      // planes with a non-zero entry in the codes' range
+      for (int64_t p = 0; p < P; ++p) {
+        bool any = false;
+        for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
+        if (!any) continue;
+        int8_t* o = operands.data_ptr<int8_t>() + np * H * N * N;
+        for (int64_t e = 0; e < H * N * N; ++e) o[e] = tp[p * L + idx[e]];
+        pid[np++] = p;
+      }
+      std::vector<at::Tensor> prods(np * H);
+      for (int64_t h = 0; h < H; ++h) {
+        const auto vaug = ones_column(va[b * H + h]);
+        for (int64_t i = 0; i < np; ++i) prods[i * H + h] = at::_int_mm(operands[i][h], vaug);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = b * H + h;
+        for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
+        for (int64_t i = 0; i < N; ++i) {
+          for (int64_t j = 0; j < np; ++j)
+            rows[j] = prods[j * H + h].data_ptr<int32_t>() + i * (d + 1);
+          pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
+                 op + (b * N + i) * H * d + h * d);
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(!bad[b], who, ": probability codes outside the table's range (image ", b, ")");
+  return out;
+}
+
+at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
+                         int64_t zq, int64_t zk, int64_t zv, double m, double logit_scale,
+                         double lo, double hi, const at::Tensor& table, const at::Tensor& odd,
+                         const at::Tensor& den, int64_t groups, double out_step,
+                         double out_scale, double out_zero, int64_t qmin, int64_t qmax,
+                         int64_t heads) {
+  const char* who = "attention_lis";
+  const QkvOperands x = check_operands(who, qa, ka, va, heads);
+  const int64_t B = x.B, H = x.H, N = x.N, d = x.d;
+  check_cpu(table, at::kLong, 1, who, "table");
+  check_cpu(odd, at::kLong, 1, who, "odd");
+  check_cpu(den, at::kLong, 1, who, "den");
+  const int64_t K = odd.numel(), levels = table.numel();
+  TORCH_CHECK(den.numel() == K && K >= 1 && groups >= 1 && groups <= 8 && 8 * groups >= K, who,
+              ": thresholds and groups do not match");
+  TORCH_CHECK(hi - lo + 1 <= static_cast<double>(levels), who, ": table shorter than the logit range");
+  auto out = at::empty({B, N, H * d}, qa.options().dtype(at::kInt));
+  const int64_t frac = 8 * groups - 1;
+  std::vector<int64_t> pc(groups, 0), ps(groups);
+  for (int64_t g = 0; g < groups; ++g) ps[g] = frac - (8 * g + 7);
+  const bool exact = true;
+  const float so = static_cast<float>(out_scale), zo = static_cast<float>(out_zero);
+  const PvConsts k{1, d, 1, pc.data(), ps.data(), &exact, &so, &zo, static_cast<float>(qmin),
+                   static_cast<float>(qmax)};
+  const int64_t *tp = table.data_ptr<int64_t>(), *opd = odd.data_ptr<int64_t>(),
+                *dp = den.data_ptr<int64_t>();
+  const float ls = static_cast<float>(logit_scale);
+  int32_t* op = out.data_ptr<int32_t>();
+  const at::ThreadLocalState state;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    PvScratch scratch(1, d);
+    std::vector<const int32_t*> rows(groups);
+    std::vector<int64_t> pid(groups);
+    for (int64_t g = 0; g < groups; ++g) pid[g] = g;
+    std::vector<double> y(N), col(N);
+    std::vector<int32_t> dd(N), code(N);
+    std::vector<uint8_t> lut(levels + 1);
+    std::vector<int64_t> D(K);
+    auto operands = at::empty({groups, H, N, N}, qa.options());
+    int8_t* ob = operands.data_ptr<int8_t>();
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = b * H + h;
+        const auto acc = at::_int_mm(qa[g], ka[g].t());
+        const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
+        const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
+        for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(bs[j] * -zq);
+        const int32_t* ap = acc.data_ptr<int32_t>();
+        for (int64_t i = 0; i < N; ++i)
+          lis_row(ap + i * N, static_cast<double>(as[i] * -zk + d * zq * zk), col.data(), N, m,
+                  ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(), code.data(),
+                  lut.data(), D.data(), ob + (h * N + i) * N, H * N * N);
+      }
+      std::vector<at::Tensor> prods(groups * H);
+      for (int64_t h = 0; h < H; ++h) {
+        const auto vaug = ones_column(va[b * H + h]);
+        for (int64_t gr = 0; gr < groups; ++gr)
+          prods[gr * H + h] = at::_int_mm(operands[gr][h], vaug);
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < N; ++i) {
+          for (int64_t gr = 0; gr < groups; ++gr)
+            rows[gr] = prods[gr * H + h].data_ptr<int32_t>() + i * (d + 1);
+          pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
+                 op + (b * N + i) * H * d + h * d);
+        }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -594,6 +854,8 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("lis_operands", &lis_operands);
   m.def("qkv_int8", &qkv_int8);
   m.def("bmm_int8", &bmm_int8);
+  m.def("attention_pow2", &attention_pow2);
+  m.def("attention_lis", &attention_lis);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
