@@ -629,8 +629,8 @@ at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
 
 // ---- whole attention cores, one image per task ---------------------------------------------
 // The same steps as the op-by-op path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
-// → requantization), each image run start to end by one thread: its intermediates stay in that
-// core's cache and no step waits for the others. ATen ops called here (torch._int_mm, softmax,
+// → requantization), each matrix run start to end by one thread: its intermediates stay in that
+// core's cache and no step waits for the others (one (image, head) matrix per task). ATen ops called here (torch._int_mm, softmax,
 // div, log2) are the ones the Python path calls, run single-threaded.
 
 struct QkvOperands {
@@ -706,40 +706,40 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   int32_t* op = out.data_ptr<int32_t>();
   const float rf = static_cast<float>(r), qf = static_cast<float>(q);
   const float top = static_cast<float>(int64_t{1} << bits);
-  std::vector<int64_t> bad(B, 0);
+  std::vector<int64_t> bad(G, 0);
   const at::ThreadLocalState state;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(C, d);
     std::vector<const int32_t*> rows(P);
     std::vector<int64_t> pid(P);
     std::vector<double> cm(C);
-    std::vector<int32_t> idx(H * N * N);
-    auto logits = at::empty({H, N, N}, qa.options().dtype(at::kFloat));
-    auto operands = at::empty({P, H, N, N}, qa.options());
-    for (int64_t b = begin; b < end; ++b) {
+    std::vector<int32_t> idx(N * N);
+    auto logits = at::empty({N, N}, qa.options().dtype(at::kFloat));
+    auto operands = at::empty({P, N, N}, qa.options());
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g / H, h = g % H;
       float* lg = logits.data_ptr<float>();
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t g = b * H + h;
+      {
         const auto acc = at::_int_mm(qa[g], ka[g].t());
         const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
         const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
         const int32_t* ap = acc.data_ptr<int32_t>();
         for (int64_t i = 0; i < N; ++i)
           logits_row(ap + i * N, bs.data(), d * zqp[g] * zkp[g] - as[i] * zkp[g], zqp[g], mp[g], N,
-                     lg + (h * N + i) * N);
+                     lg + i * N);
       }
       auto l = at::_softmax(logits, -1, false);
       l.div_(probs_delta);
       at::log2_out(l, l);
-      log_rows(l.data_ptr<float>(), H * N * N, mode, rf, qf, top, idx.data());
+      log_rows(l.data_ptr<float>(), N * N, mode, rf, qf, top, idx.data());
       int32_t lo = static_cast<int32_t>(L), hi = -1;
       for (const int32_t v : idx) {
         lo = std::min(lo, v);
         hi = std::max(hi, v);
       }
       if (lo < 0 || hi >= L) {
-        bad[b] = 1;
+        bad[g] = 1;
         continue;
       }
       int64_t np = 0;                      // planes with a non-zero entry in the codes' range
@@ -747,29 +747,23 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        int8_t* o = operands.data_ptr<int8_t>() + np * H * N * N;
-        for (int64_t e = 0; e < H * N * N; ++e) o[e] = tp[p * L + idx[e]];
+        int8_t* o = operands.data_ptr<int8_t>() + np * N * N;
+        for (int64_t e = 0; e < N * N; ++e) o[e] = tp[p * L + idx[e]];
         pid[np++] = p;
       }
-      std::vector<at::Tensor> prods(np * H);
-      for (int64_t h = 0; h < H; ++h) {
-        const auto vaug = ones_column(va[b * H + h]);
-        for (int64_t i = 0; i < np; ++i) prods[i * H + h] = at::_int_mm(operands[i][h], vaug);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t g = b * H + h;
-        for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
-        for (int64_t i = 0; i < N; ++i) {
-          for (int64_t j = 0; j < np; ++j)
-            rows[j] = prods[j * H + h].data_ptr<int32_t>() + i * (d + 1);
-          pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
-                 op + (b * N + i) * H * d + h * d);
-        }
+      std::vector<at::Tensor> prods(np);
+      const auto vaug = ones_column(va[g]);
+      for (int64_t i = 0; i < np; ++i) prods[i] = at::_int_mm(operands[i], vaug);
+      for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t j = 0; j < np; ++j) rows[j] = prods[j].data_ptr<int32_t>() + i * (d + 1);
+        pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
+               op + (b * N + i) * H * d + h * d);
       }
     }
   });
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(!bad[b], who, ": probability codes outside the table's range (image ", b, ")");
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(!bad[g], who, ": probability codes outside the table's range (matrix ", g, ")");
   return out;
 }
 
@@ -802,21 +796,21 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   const float ls = static_cast<float>(logit_scale);
   int32_t* op = out.data_ptr<int32_t>();
   const at::ThreadLocalState state;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
     std::vector<const int32_t*> rows(groups);
     std::vector<int64_t> pid(groups);
-    for (int64_t g = 0; g < groups; ++g) pid[g] = g;
+    for (int64_t gr = 0; gr < groups; ++gr) pid[gr] = gr;
     std::vector<double> y(N), col(N);
     std::vector<int32_t> dd(N), code(N);
     std::vector<uint8_t> lut(levels + 1);
     std::vector<int64_t> D(K);
-    auto operands = at::empty({groups, H, N, N}, qa.options());
+    auto operands = at::empty({groups, N, N}, qa.options());
     int8_t* ob = operands.data_ptr<int8_t>();
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t g = b * H + h;
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g / H, h = g % H;
+      {
         const auto acc = at::_int_mm(qa[g], ka[g].t());
         const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
         const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
@@ -825,21 +819,17 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
         for (int64_t i = 0; i < N; ++i)
           lis_row(ap + i * N, static_cast<double>(as[i] * -zk + d * zq * zk), col.data(), N, m,
                   ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(), code.data(),
-                  lut.data(), D.data(), ob + (h * N + i) * N, H * N * N);
+                  lut.data(), D.data(), ob + i * N, N * N);
       }
-      std::vector<at::Tensor> prods(groups * H);
-      for (int64_t h = 0; h < H; ++h) {
-        const auto vaug = ones_column(va[b * H + h]);
+      std::vector<at::Tensor> prods(groups);
+      const auto vaug = ones_column(va[g]);
+      for (int64_t gr = 0; gr < groups; ++gr) prods[gr] = at::_int_mm(operands[gr], vaug);
+      for (int64_t i = 0; i < N; ++i) {
         for (int64_t gr = 0; gr < groups; ++gr)
-          prods[gr * H + h] = at::_int_mm(operands[gr][h], vaug);
+          rows[gr] = prods[gr].data_ptr<int32_t>() + i * (d + 1);
+        pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
+               op + (b * N + i) * H * d + h * d);
       }
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < N; ++i) {
-          for (int64_t gr = 0; gr < groups; ++gr)
-            rows[gr] = prods[gr * H + h].data_ptr<int32_t>() + i * (d + 1);
-          pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
-                 op + (b * N + i) * H * d + h * d);
-        }
     }
   });
   return out;
