@@ -627,10 +627,11 @@ at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-// ---- whole attention cores, one image per task ---------------------------------------------
+// ---- whole attention cores, one matrix (or block of query rows) per task ------------------
 // The same steps as the op-by-op path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
 // → requantization), each matrix run start to end by one thread: its intermediates stay in that
-// core's cache and no step waits for the others (one (image, head) matrix per task). ATen ops called here (torch._int_mm, softmax,
+// core's cache and no step waits for the others (a task: one (image, head) matrix, or a block
+// of its query rows when the batch is small). ATen ops called here (torch._int_mm, softmax,
 // div, log2) are the ones the Python path calls, run single-threaded.
 
 struct QkvOperands {
@@ -660,6 +661,13 @@ std::vector<int64_t> row_sums(const int8_t* x, int64_t n, int64_t d) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t e = 0; e < d; ++e) s[i] += x[i * d + e];
   return s;
+}
+
+// Row blocks per matrix so that small batches still give every thread work: the query rows of
+// one matrix are independent through the whole core (QKᵀ, softmax / LIS and P·V are row-wise).
+int64_t row_blocks(int64_t matrices, int64_t rows) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(rows, (want + matrices - 1) / matrices));
 }
 
 at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
@@ -708,35 +716,40 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   const float top = static_cast<float>(int64_t{1} << bits);
   std::vector<int64_t> bad(G, 0);
   const at::ThreadLocalState state;
-  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nb = row_blocks(G, N), span = (N + nb - 1) / nb;
+  at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(C, d);
     std::vector<const int32_t*> rows(P);
     std::vector<int64_t> pid(P);
     std::vector<double> cm(C);
-    std::vector<int32_t> idx(N * N);
-    auto logits = at::empty({N, N}, qa.options().dtype(at::kFloat));
-    auto operands = at::empty({P, N, N}, qa.options());
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b = g / H, h = g % H;
-      float* lg = logits.data_ptr<float>();
+    std::vector<int32_t> idx(span * N);
+    auto logits = at::empty({span, N}, qa.options().dtype(at::kFloat));
+    auto operands = at::empty({P, span, N}, qa.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
+      const int64_t R = std::min(span, N - i0);
+      if (R <= 0) continue;
+      auto lgt = logits.narrow(0, 0, R);
+      float* lg = lgt.data_ptr<float>();
       {
-        const auto acc = at::_int_mm(qa[g], ka[g].t());
-        const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
+        const auto qrows = qa[g].narrow(0, i0, R);
+        const auto acc = at::_int_mm(qrows, ka[g].t());
+        const auto as = row_sums(qrows.data_ptr<int8_t>(), R, d);
         const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
         const int32_t* ap = acc.data_ptr<int32_t>();
-        for (int64_t i = 0; i < N; ++i)
+        for (int64_t i = 0; i < R; ++i)
           logits_row(ap + i * N, bs.data(), d * zqp[g] * zkp[g] - as[i] * zkp[g], zqp[g], mp[g], N,
                      lg + i * N);
       }
-      auto l = at::_softmax(logits, -1, false);
+      auto l = at::_softmax(lgt, -1, false);
       l.div_(probs_delta);
       at::log2_out(l, l);
-      log_rows(l.data_ptr<float>(), N * N, mode, rf, qf, top, idx.data());
+      log_rows(l.data_ptr<float>(), R * N, mode, rf, qf, top, idx.data());
       int32_t lo = static_cast<int32_t>(L), hi = -1;
-      for (const int32_t v : idx) {
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
+      for (int64_t e = 0; e < R * N; ++e) {
+        lo = std::min(lo, idx[e]);
+        hi = std::max(hi, idx[e]);
       }
       if (lo < 0 || hi >= L) {
         bad[g] = 1;
@@ -747,18 +760,18 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        int8_t* o = operands.data_ptr<int8_t>() + np * N * N;
-        for (int64_t e = 0; e < N * N; ++e) o[e] = tp[p * L + idx[e]];
+        int8_t* o = operands.data_ptr<int8_t>() + np * span * N;
+        for (int64_t e = 0; e < R * N; ++e) o[e] = tp[p * L + idx[e]];
         pid[np++] = p;
       }
       std::vector<at::Tensor> prods(np);
       const auto vaug = ones_column(va[g]);
-      for (int64_t i = 0; i < np; ++i) prods[i] = at::_int_mm(operands[i], vaug);
+      for (int64_t i = 0; i < np; ++i) prods[i] = at::_int_mm(operands[i].narrow(0, 0, R), vaug);
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t i = 0; i < R; ++i) {
         for (int64_t j = 0; j < np; ++j) rows[j] = prods[j].data_ptr<int32_t>() + i * (d + 1);
         pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
-               op + (b * N + i) * H * d + h * d);
+               op + (b * N + i0 + i) * H * d + h * d);
       }
     }
   });
@@ -796,7 +809,8 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   const float ls = static_cast<float>(logit_scale);
   int32_t* op = out.data_ptr<int32_t>();
   const at::ThreadLocalState state;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nb = row_blocks(B * H, N), span = (N + nb - 1) / nb;
+  at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
     std::vector<const int32_t*> rows(groups);
@@ -806,29 +820,33 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     std::vector<int32_t> dd(N), code(N);
     std::vector<uint8_t> lut(levels + 1);
     std::vector<int64_t> D(K);
-    auto operands = at::empty({groups, N, N}, qa.options());
+    auto operands = at::empty({groups, span, N}, qa.options());
     int8_t* ob = operands.data_ptr<int8_t>();
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b = g / H, h = g % H;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
+      const int64_t R = std::min(span, N - i0);
+      if (R <= 0) continue;
       {
-        const auto acc = at::_int_mm(qa[g], ka[g].t());
-        const auto as = row_sums(qa[g].data_ptr<int8_t>(), N, d);
+        const auto qrows = qa[g].narrow(0, i0, R);
+        const auto acc = at::_int_mm(qrows, ka[g].t());
+        const auto as = row_sums(qrows.data_ptr<int8_t>(), R, d);
         const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
         for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(bs[j] * -zq);
         const int32_t* ap = acc.data_ptr<int32_t>();
-        for (int64_t i = 0; i < N; ++i)
+        for (int64_t i = 0; i < R; ++i)
           lis_row(ap + i * N, static_cast<double>(as[i] * -zk + d * zq * zk), col.data(), N, m,
                   ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(), code.data(),
-                  lut.data(), D.data(), ob + i * N, N * N);
+                  lut.data(), D.data(), ob + i * N, span * N);
       }
       std::vector<at::Tensor> prods(groups);
       const auto vaug = ones_column(va[g]);
-      for (int64_t gr = 0; gr < groups; ++gr) prods[gr] = at::_int_mm(operands[gr], vaug);
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t gr = 0; gr < groups; ++gr)
+        prods[gr] = at::_int_mm(operands[gr].narrow(0, 0, R), vaug);
+      for (int64_t i = 0; i < R; ++i) {
         for (int64_t gr = 0; gr < groups; ++gr)
           rows[gr] = prods[gr].data_ptr<int32_t>() + i * (d + 1);
         pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
-               op + (b * N + i) * H * d + h * d);
+               op + (b * N + i0 + i) * H * d + h * d);
       }
     }
   });
