@@ -28,7 +28,9 @@ import math
 from typing import Tuple
 
 import torch
+from torch import nn
 
+from ..nn.modules import QuantLayerNorm
 from ..quantizers.ptf import PTFQuantizer, int_layernorm
 from ..quantizers.uniform import UniformQuantizer
 from ..quantizers.base import chunk_step, scratch
@@ -153,3 +155,48 @@ def int_residual_add(a_codes: torch.Tensor, a_quantizer, b_codes: torch.Tensor, 
         t.addcmul_(b2[i:i + step].to(torch.float64), mb).add_(k)
         out[i:i + step] = t.round_().add_(z_out).clamp_(qmin, qmax)
     return out.reshape(a_codes.shape)
+
+
+class CompiledIntLayerNorm(QuantLayerNorm):
+    """A ``QuantLayerNorm`` in FQ-ViT integer mode whose integer LayerNorm runs as one compiled
+    loop per row (``kernels.py``'s ``int_layernorm``: the exact-float64 route of
+    ``int_layernorm_fake_quant`` with its bounds checked per row; rows where a bound fails go
+    through the reference). Same values, bit for bit; otherwise ``QuantLayerNorm``."""
+
+    def forward(self, x):
+        from ..quantizers.ptf import int_layernorm_fake_quant, layernorm_fake_quant_setup
+        from . import kernels
+        pair = self._integer_pair()
+        ops = kernels.native() if pair is not None and x.device.type == 'cpu' \
+            and x.dtype == torch.float32 else None
+        st = layernorm_fake_quant_setup(x, pair[0], self.weight, self.bias, pair[1]) \
+            if ops is not None else None
+        if st is None:
+            return super().forward(x)
+        C, p = st['C'], st['params']
+        f64 = dict(dtype=torch.float64)
+        x2 = x.reshape(-1, C).contiguous()
+        sign = p['sign'] if p['sign'] is not None else torch.empty(0, **f64)
+        out, ok = ops.int_layernorm(
+            x2, st['s_in'].float().reshape(-1).expand(C).contiguous(),
+            st['factor'].to(**f64).expand(C).contiguous(), st['lo_in'], st['hi_in'],
+            p['gamma'].contiguous(), p['gamma_abs'].contiguous(), p['beta'].contiguous(),
+            p['beta_out'].contiguous(), sign.contiguous(), float(p['delta1']),
+            float(p['delta_out']), float(self.eps), 8, True, st['lo_out'], st['hi_out'],
+            st['s_out'])
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().reshape(-1)
+            out[bad] = int_layernorm_fake_quant(x2[bad], pair[0], self.weight, self.bias,
+                                                pair[1], eps=self.eps)
+        return out.reshape(x.shape)
+
+
+def compile_integer_layernorms(model: nn.Module) -> int:
+    """Turn every ``QuantLayerNorm`` that runs FQ-ViT's integer LayerNorm into a
+    ``CompiledIntLayerNorm`` (same module state)."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is QuantLayerNorm and mod._integer_pair() is not None:
+            mod.__class__ = CompiledIntLayerNorm
+            n += 1
+    return n

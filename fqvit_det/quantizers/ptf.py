@@ -399,6 +399,33 @@ def int_layernorm(shifted_codes: torch.Tensor, base_scale, weight: Optional[torc
     return out.reshape(x.shape)
 
 
+def layernorm_fake_quant_setup(x: torch.Tensor, iq: 'PTFQuantizer', weight, bias,
+                               oq: UniformQuantizer):
+    """The constants of ``int_layernorm_fake_quant``'s exact-float64 route, or None where it
+    does not apply (the reference then runs): per-channel PTF scale ``s_in`` and 2^α ``factor``,
+    the code ranges (zero points folded), the LayerNorm parameters (``_ln_params``)."""
+    C = x.shape[-1] if x.dim() else 0
+    s_in = iq.channel_scale
+    fast = (x.dim() >= 1 and x.numel() > 0 and x.is_floating_point()
+            and iq.ch_axis % x.dim() == x.dim() - 1 and s_in.numel() in (1, C)
+            and iq.zero_point.numel() == 1 and is_integral(iq.zero_point)
+            and iq.alpha.numel() in (1, C) and bool((iq.alpha >= 0).all())
+            and iq.bits + int(iq.alpha.max()) < 24
+            and oq.scale.numel() == 1 and oq.zero_point.numel() == 1
+            and oq.scale.dtype == oq.zero_point.dtype == torch.float32
+            and is_integral(oq.zero_point))
+    params = _ln_params(iq.base_scale, weight, bias, oq.scale, C, x.device) if fast else None
+    if params is None:
+        return None
+    zp_in = float(iq.zero_point)
+    z_out = float(oq.zero_point)                         # integral: round(z) = z
+    return dict(C=C, s_in=s_in, params=params,
+                factor=torch.pow(2.0, iq.alpha.to(torch.float64)).reshape(-1),
+                lo_in=0.0 - zp_in, hi_in=iq.qmax - zp_in,   # clamp(q + z, 0, qmax) − z
+                lo_out=0.0 - z_out, hi_out=(2 ** oq.bits - 1) - z_out,
+                s_out=float(oq.scale))                   # float32 value, exact as a double
+
+
 @torch.no_grad()   # integer codes: no gradient, as in the reference
 @single_threaded
 def int_layernorm_fake_quant(x: torch.Tensor, in_quantizer: 'PTFQuantizer', weight, bias,
@@ -417,25 +444,12 @@ def int_layernorm_fake_quant(x: torch.Tensor, in_quantizer: 'PTFQuantizer', weig
                                         dyadic_bits=dyadic_bits, fold_mean=fold_mean)
         return oq.dequantize(codes)
 
-    C = x.shape[-1] if x.dim() else 0
-    s_in = iq.channel_scale
-    fast = (x.dim() >= 1 and x.numel() > 0 and x.is_floating_point()
-            and iq.ch_axis % x.dim() == x.dim() - 1 and s_in.numel() in (1, C)
-            and iq.zero_point.numel() == 1 and is_integral(iq.zero_point)
-            and iq.alpha.numel() in (1, C) and bool((iq.alpha >= 0).all())
-            and iq.bits + int(iq.alpha.max()) < 24
-            and oq.scale.numel() == 1 and oq.zero_point.numel() == 1
-            and oq.scale.dtype == oq.zero_point.dtype == torch.float32
-            and is_integral(oq.zero_point))
-    params = _ln_params(iq.base_scale, weight, bias, oq.scale, C, x.device) if fast else None
-    if params is None:
+    st = layernorm_fake_quant_setup(x, iq, weight, bias, oq)
+    if st is None:
         return reference(x).to(x.dtype)
-    zp_in = float(iq.zero_point)
-    lo_in, hi_in = 0.0 - zp_in, iq.qmax - zp_in        # clamp(q + z, 0, qmax) − z, z integral
-    factor = torch.pow(2.0, iq.alpha.to(torch.float64)).reshape(-1)
-    z_out = float(oq.zero_point)                         # integral: round(z) = z
-    lo_out, hi_out = 0.0 - z_out, (2 ** oq.bits - 1) - z_out
-    s_out = float(oq.scale)                              # float32 value, exact as a double
+    C, s_in, params, factor = st['C'], st['s_in'], st['params'], st['factor']
+    lo_in, hi_in, lo_out, hi_out, s_out = (st[k] for k in ('lo_in', 'hi_in', 'lo_out', 'hi_out',
+                                                           's_out'))
     x2 = x.reshape(-1, C)
     out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
     step = chunk_step(C, device=x.device)

@@ -85,3 +85,36 @@ def test_a_failed_build_warns_in_auto_and_raises_in_cpp(monkeypatch, backend):
     assert kernels.native() is None
     with pytest.raises(ValueError, match="expected one of"):
         backend('fast')
+
+
+def test_compiled_integer_layernorm_equals_the_torch_route(backend):
+    """FQ-ViT's integer LayerNorm: the compiled rows = int_layernorm_fake_quant, bit for bit,
+    including rows the kernel hands back to the reference (a zero γ channel fails its bound)."""
+    import copy
+
+    from fqvit_det.integer.layernorm import CompiledIntLayerNorm, compile_integer_layernorms
+    model, x = calibrated('fqvit_lis', 'cpu')
+    inputs = {}
+    hooks = [blk.norm1.register_forward_pre_hook(
+        lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, blk in enumerate(model.blocks)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for i, blk in enumerate(model.blocks):
+        norm = copy.deepcopy(blk.norm1)
+        assert compile_integer_layernorms(norm) == 1 and type(norm) is CompiledIntLayerNorm
+        xin = torch.cat([inputs[i], 50 * inputs[i][:1]])        # and some clamped PTF codes
+        from fqvit_det.quantizers.ptf import layernorm_fake_quant_setup
+        iq, oq = norm._integer_pair()
+        assert layernorm_fake_quant_setup(xin, iq, norm.weight, norm.bias, oq) is not None
+        with torch.no_grad():
+            backend('torch')
+            ref = norm(xin)
+            backend('cpp')
+            assert torch.equal(norm(xin), ref)
+            norm.weight[3] = 0.0                                  # |a| = 0: the reference route
+            backend('torch')
+            ref0 = norm(xin)
+            backend('cpp')
+            assert torch.equal(norm(xin), ref0)

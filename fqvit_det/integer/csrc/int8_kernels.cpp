@@ -19,6 +19,8 @@
 //                 over the threads in one call instead of one Python-level call per matrix)
 //   qkv_int8      the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
 //                 int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
+//   int_layernorm FQ-ViT's integer LayerNorm on PTF codes (the exact-float64 route of
+//                 quantizers/ptf.py's int_layernorm_fake_quant), rows flagged where a bound fails
 //   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale       an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                 optionally fake-quantized (or coded) by the next quantizer
@@ -853,6 +855,181 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   return out;
 }
 
+// One row of FQ-ViT's integer LayerNorm, the fast route of ptf._int_layernorm_rows with its
+// exactness checks per row (false: the caller computes the row by the reference).
+struct LnConsts {
+  int64_t C;
+  const float* s_in;       // PTF channel scale (C)
+  const double* factor;    // 2^α (C)
+  double lo_in, hi_in, delta1, delta_out, eps, top, gamma_absmax, beta_absmax, beta_out_absmax;
+  const double *gamma, *gamma_abs, *beta, *beta_out, *sign;  // sign may be null
+  bool fold_mean;
+  double lo_out, hi_out, s_out;
+};
+
+constexpr double kExactLimit = 4503599627370496.0;  // 2^52
+constexpr double kEdge = 1.4551915228366852e-11;    // 2^-36
+
+// PTF shifted codes of one row: clamp(⌊float32(x/Δ_c)⌉, lo, hi)·2^α_c (float64)
+FQVIT_CLONES void ln_codes(const float* __restrict x, const float* __restrict s, double lo,
+                           double hi, const double* __restrict factor, int64_t n,
+                           double* __restrict codes) {
+  for (int64_t c = 0; c < n; ++c) {
+    double v = std::nearbyint(static_cast<double>(x[c] / s[c]));
+    v = v < lo ? lo : (v > hi ? hi : v);
+    codes[c] = v * factor[c];
+  }
+}
+
+// |a| = Δ_1/σ·|γ|/Δ_out (/C), 2^n = 2^(d−1)/2^⌊log2|a|⌋ clamped to [1, 2^31], M = ⌊|a|·2^n⌋,
+// and 2^−n (the division by 2^n below as an exact product). 1/2^⌊log2|a|⌋ is formed from the
+// exponent bits (exact, no division); returns the number of channels where that or the bound
+// |a|·2^n ∈ [2^(d−1), 2^d) (with margin) does not hold: such rows take the reference route.
+template <bool DivC>
+FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_abs,
+                                    double delta_out, double Cd, double top, int64_t n,
+                                    double* __restrict two_n, double* __restrict inv_two_n,
+                                    double* __restrict m) {
+  int64_t bad = 0;
+  const double lo = top / 2.0 * (1.0 + kEdge), hi = top * (1.0 - kEdge), half = top / 2.0;
+  const double inv_half = 2.0 / top;
+  for (int64_t c = 0; c < n; ++c) {
+    double a = ds * gamma_abs[c];
+    a = a / delta_out;
+    if (DivC) a = a / Cd;
+    uint64_t bits;
+    std::memcpy(&bits, &a, 8);
+    const uint64_t E = (bits >> 52) & 0x7FF;
+    const uint64_t rbits = (2046 - E) << 52;          // 1/2^(E − 1023), E in [1, 2045]
+    double r, e;
+    std::memcpy(&r, &rbits, 8);
+    const uint64_t ebits = E << 52;
+    std::memcpy(&e, &ebits, 8);
+    double t = r * half;
+    t = t < 1.0 ? 1.0 : (t > 2147483648.0 ? 2147483648.0 : t);
+    double it = e * inv_half;                          // 1/t, the same clamp
+    it = it > 1.0 ? 1.0 : (it < 4.656612873077393e-10 ? 4.656612873077393e-10 : it);
+    const double mm = a * t;
+    bad += 1 - (static_cast<int64_t>(E >= 1) & static_cast<int64_t>(E <= 2045) &
+                static_cast<int64_t>(mm >= lo) & static_cast<int64_t>(mm <= hi));
+    two_n[c] = t;
+    inv_two_n[c] = it;
+    m[c] = std::floor(mm);
+  }
+  return bad;
+}
+
+// y = ⌊(B + M·x_in)/2^n⌉ + 0 (B rounded; the division by a power of two as the exact product
+// by 2^−n), clamped to the output codes, times Δ_out (float32)
+FQVIT_CLONES void ln_output(const double* __restrict codes, const double* __restrict two_n,
+                            const double* __restrict inv_two_n, const double* __restrict m,
+                            const double* __restrict gamma, const double* __restrict beta,
+                            const double* __restrict beta_out, const double* __restrict sign,
+                            bool fold_mean, double mu_sigma, double delta_out, double Cd, double s1,
+                            double lo, double hi, double s_out, int64_t n, float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    double bb, xin;
+    if (fold_mean) {
+      bb = mu_sigma * gamma[c];
+      bb = beta[c] - bb;
+      bb = bb / delta_out;
+      bb = bb * two_n[c];
+      xin = codes[c];
+    } else {
+      bb = beta_out[c] * two_n[c];
+      xin = codes[c] * Cd - s1;
+    }
+    bb = std::nearbyint(bb);
+    const double mc = m[c] * sign[c];
+    double y = std::nearbyint((bb + mc * xin) * inv_two_n[c]) + 0.0;
+    y = y < lo ? lo : (y > hi ? hi : y);
+    o[c] = static_cast<float>(y * s_out);
+  }
+}
+
+bool ln_row(const LnConsts& k, const float* x, double* codes, double* two_n, double* inv_two_n,
+            double* m, const double* sign, float* o) {
+  const int64_t C = k.C;
+  const double Cd = static_cast<double>(C);
+  ln_codes(x, k.s_in, k.lo_in, k.hi_in, k.factor, C, codes);
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    s1 += codes[c];
+    s2 += codes[c] * codes[c];
+  }
+  if (!(s2 * Cd < kExactLimit)) return false;
+  const double dv = Cd * s2 - s1 * s1;
+  const double sigma = k.delta1 / Cd * std::sqrt(dv + k.eps * Cd * Cd / (k.delta1 * k.delta1));
+  const double mu = k.delta1 * s1 / Cd;
+  if (!(sigma > 0)) return false;
+  double mu_sigma = 0.0, b_bound;
+  if (k.fold_mean) {
+    mu_sigma = mu / sigma;
+    b_bound = (k.beta_absmax + std::fabs(mu_sigma) * k.gamma_absmax) / k.delta_out;
+  } else {
+    b_bound = k.beta_out_absmax;
+  }
+  const double x_bound = std::sqrt(s2) * (k.fold_mean ? 1.0 : 2.0 * Cd) + 1.0;
+  if (!(b_bound * (1.0 + 9.5367431640625e-07) * 2147483648.0 + 1.0 + k.top * x_bound <
+        kExactLimit))
+    return false;
+  const double ds = k.delta1 / sigma;
+  const int64_t bad = k.fold_mean
+      ? ln_multipliers<false>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m)
+      : ln_multipliers<true>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m);
+  if (bad) return false;
+  ln_output(codes, two_n, inv_two_n, m, k.gamma, k.beta, k.beta_out, sign, k.fold_mean, mu_sigma,
+            k.delta_out, Cd, s1, k.lo_out, k.hi_out, k.s_out, C, o);
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> int_layernorm(
+    const at::Tensor& x, const at::Tensor& s_in, const at::Tensor& factor, double lo_in,
+    double hi_in, const at::Tensor& gamma, const at::Tensor& gamma_abs, const at::Tensor& beta,
+    const at::Tensor& beta_out, const at::Tensor& sign, double delta1, double delta_out,
+    double eps, int64_t dyadic_bits, bool fold_mean, double lo_out, double hi_out, double s_out) {
+  const char* who = "int_layernorm";
+  check_cpu(x, at::kFloat, 2, who, "x");
+  const int64_t rows = x.size(0), C = x.size(1);
+  check_cpu(s_in, at::kFloat, 1, who, "s_in");
+  for (const auto* t : {&factor, &gamma, &gamma_abs, &beta, &beta_out})
+    check_cpu(*t, at::kDouble, 1, who, "per-channel parameter");
+  for (const auto* t : {&s_in, &factor, &gamma, &gamma_abs, &beta, &beta_out})
+    TORCH_CHECK(t->numel() == C, who, ": per-channel parameters of length ", C, " expected");
+  TORCH_CHECK(sign.numel() == 0 || (sign.scalar_type() == at::kDouble && sign.numel() == C &&
+                                    sign.is_contiguous()),
+              who, ": sign empty or (C,) float64");
+  TORCH_CHECK(dyadic_bits >= 1 && dyadic_bits <= 31, who, ": dyadic_bits in [1, 31]");
+  const double* ga = gamma_abs.data_ptr<double>();
+  const double* be = beta.data_ptr<double>();
+  const double* bo = beta_out.data_ptr<double>();
+  double gmax = 0, bmax = 0, bomax = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    gmax = std::max(gmax, ga[c]);
+    bmax = std::max(bmax, std::fabs(be[c]));
+    bomax = std::max(bomax, std::fabs(bo[c]));
+  }
+  const LnConsts k{C, s_in.data_ptr<float>(), factor.data_ptr<double>(), lo_in, hi_in, delta1,
+                   delta_out, eps, std::ldexp(1.0, static_cast<int>(dyadic_bits)), gmax, bmax,
+                   bomax, gamma.data_ptr<double>(), ga, be, bo,
+                   sign.numel() ? sign.data_ptr<double>() : nullptr, fold_mean, lo_out, hi_out,
+                   s_out};
+  auto out = at::empty({rows, C}, x.options());
+  auto ok = at::empty({rows}, x.options().dtype(at::kBool));
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  bool* okp = ok.data_ptr<bool>();
+  std::vector<double> ones(C, 1.0);     // sign(γ) when all γ ≥ 0
+  const double* sg = k.sign != nullptr ? k.sign : ones.data();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> codes(C), two_n(C), inv_two_n(C), m(C);
+    for (int64_t r = begin; r < end; ++r)
+      okp[r] = ln_row(k, xp + r * C, codes.data(), two_n.data(), inv_two_n.data(), m.data(), sg,
+                      op + r * C);
+  });
+  return {out, ok};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -864,6 +1041,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("bmm_int8", &bmm_int8);
   m.def("attention_pow2", &attention_pow2);
   m.def("attention_lis", &attention_lis);
+  m.def("int_layernorm", &int_layernorm);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
