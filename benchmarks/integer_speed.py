@@ -2,7 +2,7 @@
 """Integer DeiT-Tiny vs float eager: latency at batch 1 and 32, interleaved rounds, per-op profile.
 
     python benchmarks/integer_speed.py [--presets repq_w4a4,fqvit_884] [--threads 2] [--rounds 7]
-        [--states work_dirs/integer_states] [--compile]
+        [--states work_dirs/integer_states] [--compile] [--torch-ops] [--allocator tuned]
 
 Every round runs each variant (float eager, then each integer preset; the order rotates per round)
 as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
@@ -10,11 +10,23 @@ round is the median of its block, its ratio the block median over float's in the
 table reports medians over rounds. ``--compile`` adds variants whose elementwise kernels
 around each integer GEMM (input quantization, int32 bias + rescale / dyadic requantization) are
 fused by ``torch.compile`` (``fqvit_det.integer.use_compiled_kernels``; compiling the whole integer
-model fails in inductor on the attention's data-dependent ops), measured beside eager. The calibrated states come from ``tools/test.py`` as for
-``integer_agreement.py``. Writes benchmarks/results/integer_speed.json and re-renders RESULTS.md.
+model fails in inductor on the attention's data-dependent ops), measured beside eager.
+``--torch-ops`` adds each integer model with the compiled C++ kernels switched off
+(``fqvit_det.integer.kernels.set_backend('torch')``: the same numbers through torch ops).
+
+``--allocator tuned`` re-runs the script with glibc's malloc told to keep freed memory
+(``GLIBC_TUNABLES`` trim / mmap thresholds): with the default settings every large tensor of a
+forward (float and integer alike) is page-faulted in again once the other model has run, and
+those faults are a large share of both models' time on this 2-core machine. Both settings are
+reported; the ratio compares float and integer under the same one.
+
+The calibrated states come from ``tools/test.py`` as for ``integer_agreement.py``. Writes
+benchmarks/results/integer_speed.json (``_tuned`` for the tuned allocator) and re-renders
+RESULTS.md.
 """
 import argparse
 import datetime
+import os
 import os.path as osp
 import statistics
 import sys
@@ -27,6 +39,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from integer_agreement import MODEL, PRESETS, build_simulated, load_images  # noqa: E402
+
+# glibc malloc keeps up to 2 GiB of freed memory and serves tensors up to 32 MiB from its heap
+TUNED_MALLOC = 'glibc.malloc.trim_threshold=2147483648:glibc.malloc.mmap_threshold=33554432'
 
 
 def float_model(data):
@@ -75,10 +90,19 @@ def main(argv=None):
     p.add_argument('--batches', default='1,32')
     p.add_argument('--compile', action='store_true',
                    help='also time the integer models with torch.compile-fused elementwise kernels')
+    p.add_argument('--torch-ops', action='store_true',
+                   help='also time the integer models with the compiled kernels off')
+    p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
+                   help="'tuned': glibc malloc keeps freed memory (see the docstring)")
     p.add_argument('--no-profile', action='store_true')
     p.add_argument('--note', default='contended machine (load average ~15-20 on 2 cores): ratios only',
                    help='what the machine was doing (goes into RESULTS.md)')
     args = p.parse_args(argv)
+    if args.allocator == 'tuned' and os.environ.get('GLIBC_TUNABLES') != TUNED_MALLOC:
+        # the allocator reads its settings at process start: run again with them
+        os.execve(sys.executable, [sys.executable] + sys.argv,
+                  dict(os.environ, GLIBC_TUNABLES=TUNED_MALLOC))
+    from fqvit_det.integer import kernels
     from fqvit_det.integer import linear as int_linear
     from fqvit_det.integer import to_integer
     from results_md import machine_info, save_result
@@ -99,9 +123,10 @@ def main(argv=None):
         compiled_kernels = dict(int_linear.KERNELS)
         int_linear.KERNELS.update(eager_kernels)
 
-    def with_kernels(model, kernels):
+    def with_kernels(model, table, backend='auto'):
         def run(x):
-            int_linear.KERNELS.update(kernels)
+            int_linear.KERNELS.update(table)
+            kernels.set_backend(backend)
             return model(x)
         return run
     for pr in presets:
@@ -109,6 +134,9 @@ def main(argv=None):
         variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
         if compiled_kernels is not None:
             variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
+        if args.torch_ops:
+            variants[f'integer {pr} (torch ops)'] = with_kernels(model, eager_kernels, 'torch')
+    print('compiled CPU kernels:', kernels.info(), flush=True)
     x32, _ = next(load_images(args.data, 32, 32))
     rows, profiles = [], []
     for bs in [int(b) for b in args.batches.split(',')]:
@@ -121,10 +149,10 @@ def main(argv=None):
         with torch.inference_mode():      # compile / first-call costs outside the rounds
             for n in names:
                 out = variants[n](x)
-                if 'compiled' in n:
-                    identical[n] = bool(torch.equal(out, variants[n.replace(' (compiled kernels)', '')](x)))
+                if n.endswith(')'):        # a variant of an integer model: same numbers
+                    identical[n] = bool(torch.equal(out, variants[n[:n.rindex(' (')]](x)))
         if identical:
-            print(f'batch {bs}: compiled kernels give identical outputs: {identical}')
+            print(f'batch {bs}: variants give identical outputs: {identical}')
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             t = {n: time_block(variants[n], x, warmup, calls) for n in order}
@@ -138,13 +166,16 @@ def main(argv=None):
             print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
         if not args.no_profile:
             for n in names:
-                if 'compile' in n:
+                if n.endswith(')'):
                     continue
                 profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
-    save_result('integer_speed.json', dict(
+    name = 'integer_speed.json' if args.allocator == 'default' else 'integer_speed_tuned.json'
+    save_result(name, dict(
         command='python benchmarks/integer_speed.py ' + ' '.join(sys.argv[1:]),
         machine=machine_info(), threads=args.threads, date=datetime.date.today().isoformat(),
-        note=args.note, rows=rows, profiles=profiles))
+        note=args.note, allocator=args.allocator,
+        glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernels.info(),
+        rows=rows, profiles=profiles))
 
 
 if __name__ == '__main__':

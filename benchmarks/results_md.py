@@ -122,16 +122,22 @@ def integer_section(doc):
         out.append(f'| {r["preset"]} | ' + ', '.join(f'{b["max_abs"]:.3g} ({b["rel"]:.1e})'
                                                       for b in r['block_divergence']) + ' |')
     out += notes_md(doc)
-    speed = load_result('integer_speed.json')
-    if speed:
-        out += ['', integer_speed_section(speed)]
+    for name in ('integer_speed.json', 'integer_speed_tuned.json'):
+        speed = load_result(name)
+        if speed:
+            out += ['', integer_speed_section(speed)]
     return '\n'.join(out)
 
 
 def integer_speed_section(doc):
-    out = ['### Integer model speed vs float (DeiT-Tiny, CPU)', '',
+    alloc = doc.get('allocator', 'default')
+    title = ('glibc malloc keeping freed memory' if alloc == 'tuned' else 'default glibc malloc')
+    kern = doc.get('kernels')
+    out = [f'### Integer model speed vs float (DeiT-Tiny, CPU, {title})', '',
            f'Command: `{doc["command"]}`  ', f'Machine: {doc["machine"]}; date {doc["date"]}; '
-           f'{doc["threads"]} threads; {doc["note"]}', '',
+           f'{doc["threads"]} threads; {doc["note"]}'
+           + (f'; GLIBC_TUNABLES={doc["glibc_tunables"]}' if doc.get('glibc_tunables') else '')
+           + (f'; compiled kernels: {"yes" if kern["compiled"] else "no"}' if kern else ''), '',
            '| model | batch | median ms | ratio to float eager (median of per-round ratios) |',
            '|---|---|---|---|']
     for r in doc['rows']:

@@ -882,11 +882,11 @@ class IntegerAttention(nn.Module):
                 f'method={self.method}')
 
     # --- compiled path for float softmax + power-of-two probability codes ----------------------
-    # The generic steps 1–4 with three compiled kernels (``kernels.py``) in place of the chains of
-    # whole-tensor ops (same arithmetic, bit for bit): the logits from the int8 GEMM and the
-    # zero-point sums; the GEMM operands of every P·V plane from the probability codes; the
-    # planes' products combined and requantized to the proj-input codes. Softmax and the
-    # probability quantizer stay the torch ops of the simulation.
+    # The generic steps 1–4 as one compiled op (``kernels.py``'s ``attention_pow2``) in place of
+    # the chains of whole-tensor ops (same arithmetic, bit for bit): the logits from the int8
+    # GEMM and the zero-point sums, softmax (torch's own), the probability codes, the int8 GEMM
+    # operands of every P·V plane, the planes' products combined and requantized to the
+    # proj-input codes.
     def _pow2_plan(self, device):
         """Per plane (class, group): the int8 operand table indexed by code + 1, the class, the
         left shift into the class accumulator; per class: exact (int64) or float64, and the
@@ -916,16 +916,18 @@ class IntegerAttention(nn.Module):
         self._plan_cache = (key, plan)
         return plan
 
-    def _log_mode(self):
-        """(mode, r, q) of ``pow2_operands`` computing the codes from log2(x/Δ); None: the
-        quantizer's own codes (twin uniform)."""
+    def _code_mode(self):
+        """(mode, r, q, split) of the compiled kernels' probability codes: from log2(x/Δ) for
+        log2 (0), log√2 (1), AdaLog (2: r, q); twin uniform (3: Δ_R1, Δ_R2, split s)."""
         if self.probs_kind == 'log2':
-            return 0, 1.0, 1.0
+            return 0, 1.0, 1.0, 0.0
         if self.probs_kind == 'log_sqrt2':
-            return 1, 1.0, 1.0
+            return 1, 1.0, 1.0, 0.0
         if self.probs_kind == 'adalog':
-            return 2, float(self.cfg['adalog_r']), float(self.probs_q)
-        return None
+            return 2, float(self.cfg['adalog_r']), float(self.probs_q), 0.0
+        from ..quantizers.twin import twin_softmax_steps
+        s, d1, d2 = twin_softmax_steps(self.probs_q, self.cfg['probs_bits'])
+        return 3, float(d1), float(d2), float(s)
 
     def _pow2_applies(self) -> bool:
         cfg = self.cfg
@@ -983,52 +985,17 @@ class IntegerAttention(nn.Module):
         return c
 
     def _pow2_core(self, ops, a_all, b_all, va_all, B):
-        """Steps 1–4 on the int8 operands code − offset of q, k, v, (B·H, N, d) each."""
+        """Steps 1–4 on the int8 operands code − offset of q, k, v, (B·H, N, d) each, in one
+        compiled op (``attention_pow2``)."""
         cfg = self.cfg
-        H = self.num_heads
-        N, d = a_all.shape[1], a_all.shape[2]
-        dev = a_all.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        i64 = dict(dtype=torch.int64, device=dev)
-        c = self._pow2_consts(B, dev)
-        per_g, zq, zk, zv, m, sv = (c[n] for n in ('per_g', 'zq', 'zk', 'zv', 'm', 'sv'))
-        plan, so, zo = c['plan'], c['so'], c['zo']
-        log_mode = self._log_mode()
-        if log_mode is not None:        # the whole core per image in one compiled op
-            mode, r, qq = log_mode
-            return ops.attention_pow2(a_all, b_all, va_all, c['zq_g'], c['zk_g'], c['zv_g'],
-                                      c['m_g'], self.probs_delta.float(), mode, r, qq,
-                                      cfg['probs_bits'], plan['table'], plan['classes'],
-                                      plan['shifts'], plan['exact'], c['mult'], so, zo,
-                                      *cfg['out_range'], H)
-        out = torch.empty((B, N, H * d), dtype=torch.int32, device=dev)
-        cb = max(1, self.chunk_elems // (H * N * N))     # images per chunk: intermediates in cache
-        consts = {}
-        for i in range(0, B, cb):
-            n = min(B, i + cb) - i
-            G, g0 = n * H, i * H
-            if n not in consts:
-                consts[n] = (per_g(zq, n, **i64), per_g(zk, n, **i64), per_g(m, n, **f64),
-                             per_g(zv, n, **i64),
-                             torch.stack([per_g(sv * f, n, **f64) for f in plan['factors']]))
-            zq_g, zk_g, m_g, zv_g, mult = consts[n]
-            a, b = a_all[g0:g0 + G], b_all[g0:g0 + G]
-            acc = int8_bmm(a, b.transpose(-2, -1))
-            logits = ops.qk_logits(acc, a.sum(-1, dtype=torch.int64), b.sum(-1, dtype=torch.int64),
-                                   zq_g, zk_g, m_g, d)
-            codes = self._probs_codes(logits.softmax(dim=-1)).to(torch.int32)   # twin uniform
-            operands, present = ops.pow2_operands(codes.contiguous(), plan['table'], 0, 1.0, 1.0,
-                                                  cfg['probs_bits'])
-            keep = present.nonzero().reshape(-1)
-            if keep.numel() == 0:       # no probability above the zero code: P·V = 0
-                keep = torch.zeros(1, dtype=torch.int64)
-            va = va_all[g0:g0 + G]
-            v_aug = torch.cat([va, torch.ones_like(va[..., :1])], dim=-1)
-            pv = int8_bmm(operands.index_select(0, keep.to(dev)), v_aug)
-            out[i:i + n] = ops.pv_requant(pv, plan['classes'][keep], plan['shifts'][keep],
-                                          plan['exact'], zv_g, mult, so, zo,
-                                          *cfg['out_range'], H)
-        return out
+        c = self._pow2_consts(B, a_all.device)
+        plan = c['plan']
+        mode, r, qq, split = self._code_mode()
+        return ops.attention_pow2(a_all, b_all, va_all, c['zq_g'], c['zk_g'], c['zv_g'],
+                                  c['m_g'], self.probs_delta.float(), mode, r, qq, split,
+                                  cfg['probs_bits'], plan['table'], plan['classes'],
+                                  plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
+                                  *cfg['out_range'], self.num_heads)
 
     # --- FQ-ViT fast path -------------------------------------------------------------------
     # The same integer algorithm as the generic path (int8 QKᵀ, dyadic logit requantization,
@@ -1095,9 +1062,8 @@ class IntegerAttention(nn.Module):
 
     @torch.no_grad()
     def _lis_compiled(self, q, k, v):
-        """``_lis_fast`` ('simulation' requantization) with the steps between the GEMMs as the
-        compiled kernels ``lis_operands`` and ``pv_requant`` (bit-identical); None where it does
-        not apply."""
+        """``_lis_fast`` ('simulation' requantization) as the compiled op ``attention_lis``
+        (bit-identical); None where it does not apply."""
         from . import kernels
         if q.device.type != 'cpu' or self.method != 'simulation':
             return None

@@ -338,6 +338,9 @@ class IntegerLinear(nn.Module):
         from ..quantizers.twin import twin_gelu_steps
         h = 2 ** (self.in_bits - 1)
         d_neg, d_pos = twin_gelu_steps(self.twin_m, self.in_bits, x.device)
+        ops = _native_ops(x, torch.float32) if x.dim() == 2 else None
+        if ops is not None:       # the same levels in one compiled pass
+            return ops.twin_operands(x.contiguous(), float(d_neg), float(d_pos), h)
         neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0), torch.zeros_like(x))
         pos = torch.where(x < 0, torch.zeros_like(x), torch.clamp(torch.round(x / d_pos), 0, h - 1))
         return torch.cat([pos, neg], 0).to(torch.int8)

@@ -40,36 +40,28 @@ def test_compiled_attention_equals_the_torch_path(backend, method):
         assert torch.equal(ia.attend_codes(q, k, v), ref)
 
 
-def test_pow2_operands_log_modes_match_the_quantizers(backend):
-    """Codes from log2(x/Δ) in the kernel = the quantizers' own codes (ties, 0, 1, tiny values)."""
+def test_probability_codes_match_the_quantizers(backend):
+    """The kernels' code formulas = the quantizers' own codes (ties, 0, 1, tiny values): from
+    log2(x/Δ) for log2 / log√2 / AdaLog, from the probabilities for twin uniform."""
     from fqvit_det.quantizers.adalog import adalog_quantize
     from fqvit_det.quantizers.log import log2_quantize, log_sqrt2_quantize
+    from fqvit_det.quantizers.twin import twin_softmax_codes, twin_softmax_steps
     backend('cpp')
     ops = kernels.native()
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(4000, generator=g), torch.rand(1000, generator=g) * 1e-6,
-                   torch.tensor([0.0, 1.0, 0.5, 2.0 ** -0.5, 2.0 ** -7.5, 3.0])])
+                   torch.tensor([0.0, 1.0, 0.5, 2.0 ** -0.5, 2.0 ** -7.5, 3.0, 1 / 127, 2 ** -4])])
     delta = torch.tensor(0.9)
     l = torch.log2(x / delta)
-    for mode, bits, codes in [(0, 4, log2_quantize(x, delta, 4)),
-                              (1, 4, log_sqrt2_quantize(x, delta, 4)),
-                              (1, 6, log_sqrt2_quantize(x, delta, 6)),
-                              (2, 4, adalog_quantize(x, delta, 5, 4, r=37))]:
-        L = 2 ** bits + 1
-        table = torch.arange(L, dtype=torch.int8).reshape(1, L) if L <= 128 else \
-            (torch.arange(L) % 100).to(torch.int8).reshape(1, L)
-        r, q = (37.0, 5.0) if mode == 2 else (1.0, 1.0)
-        got, present = ops.pow2_operands(l.contiguous(), table, mode, r, q, bits)
-        assert torch.equal(got[0], table[0][(codes + 1).long()])
-        assert bool(present[0])
-
-
-def test_pow2_operands_rejects_codes_outside_the_table(backend):
-    backend('cpp')
-    table = torch.ones(2, 17, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match='outside the table'):
-        kernels.native().pow2_operands(torch.tensor([3, 16], dtype=torch.int32), table, 0,
-                                       1.0, 1.0, 4)
+    for mode, bits, r, q, ref in [(0, 4, 1.0, 1.0, log2_quantize(x, delta, 4)),
+                                  (1, 4, 1.0, 1.0, log_sqrt2_quantize(x, delta, 4)),
+                                  (1, 6, 1.0, 1.0, log_sqrt2_quantize(x, delta, 6)),
+                                  (2, 4, 37.0, 5.0, adalog_quantize(x, delta, 5, 4, r=37))]:
+        assert torch.equal(ops.prob_codes(l, mode, r, q, 0.0, bits), ref)
+    for bits, split in [(8, 4), (6, 3)]:
+        s, d1, d2 = twin_softmax_steps(split, bits)
+        assert torch.equal(ops.prob_codes(x, 3, float(d1), float(d2), float(s), bits),
+                           twin_softmax_codes(x, split, bits))
 
 
 def test_a_failed_build_warns_in_auto_and_raises_in_cpp(monkeypatch, backend):
@@ -118,3 +110,21 @@ def test_compiled_integer_layernorm_equals_the_torch_route(backend):
             ref0 = norm(xin)
             backend('cpp')
             assert torch.equal(norm(xin), ref0)
+
+
+@pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4', 'adalog_6', 'ptq4vit'])
+def test_integer_model_is_the_same_with_and_without_the_compiled_kernels(backend, method):
+    """The whole integer model (input quantization, GEMM epilogues, twin-uniform operands,
+    integer LayerNorm, attention cores) gives the same logits either way, batch 1 and 4."""
+    from fqvit_det.integer import to_integer
+    from fqvit_det.integer.layernorm import CompiledIntLayerNorm
+    model, x = calibrated(method, 'cpu')
+    integer = to_integer(model)
+    assert any(type(m) is CompiledIntLayerNorm for m in integer.modules()) == \
+        method.startswith('fqvit')
+    with torch.no_grad():
+        for xb in (x[:1], x[:4]):
+            backend('torch')
+            ref = integer(xb)
+            backend('cpp')
+            assert torch.equal(integer(xb), ref)

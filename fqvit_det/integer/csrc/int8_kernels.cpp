@@ -1,29 +1,27 @@
-// CPU kernels of the integer model's attention core (fqvit_det.integer.kernels builds this file on
-// first use). Each replaces a chain of whole-tensor torch ops of ``IntegerAttention`` (one pass
-// instead of five to fifteen) and computes the same numbers: integer steps are exact, and every
-// float step is the single IEEE operation the torch chain performs, in the same order (the file
-// is compiled with -ffp-contract=off, so no product is fused into an add).
+// CPU kernels of the integer model (fqvit_det.integer.kernels builds this file on first use).
+// Each replaces a chain of whole-tensor torch ops (one pass instead of five to fifteen) and
+// computes the same numbers: integer steps are exact, and every float step is the single IEEE
+// operation the torch chain performs, in the same order (compiled with -ffp-contract=off: no
+// product is fused into an add; no reassociation). Where a step is a torch function whose
+// implementation we cannot reproduce bit for bit (softmax, log2), the kernel calls that function.
 //
-//   qk_logits     Σ_d (q − z_q)(k − z_k) from the int8 GEMM's a·bᵀ and the operand row sums,
-//                 times the per-head logit multiplier: float32(float64(acc)·m)
-//   pow2_operands probability codes → int8 GEMM operands of the P·V shift classes (table
-//                 lookup per plane), and which planes occur at all
-//   pv_requant    the planes' int32 P·V products → the exact per-class accumulators (shift-aligned
-//                 int64, or float64 where the shift span is too wide) → float64 sum of
-//                 accumulator × multiplier → float32 → the proj-input quantizer's codes
-//                 clamp(⌊y/Δ⌉ + z), written in the (B, N, H·d) layout of the proj input
-//   lis_operands  FQ-ViT: the logit codes of the int8 GEMM's accumulator (the simulation's float32
-//                 rounding), the integer Log-Int-Softmax of each row (exp table, 2Σ, the 2^b
-//                 thresholds θ_k, the per-row code table) and the P·V operands −2^(top − code)
-//   bmm_int8      a batch of int8 × int8 → int32 GEMMs (torch._int_mm per matrix, the batch spread
-//                 over the threads in one call instead of one Python-level call per matrix)
-//   qkv_int8      the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
-//                 int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
-//   int_layernorm FQ-ViT's integer LayerNorm on PTF codes (the exact-float64 route of
-//                 quantizers/ptf.py's int_layernorm_fake_quant), rows flagged where a bound fails
-//   quantize      float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
-//   rescale       an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
-//                 optionally fake-quantized (or coded) by the next quantizer
+//   attention_pow2 the attention core for power-of-two probability codes (log2, log√2, AdaLog,
+//                  PTQ4ViT twin uniform): QKᵀ int8 GEMM → float32 logits → softmax → codes →
+//                  int8 P·V operand planes (one per shift class and group) → int8 GEMMs →
+//                  exact accumulators → the proj-input codes
+//   attention_lis  the same for FQ-ViT's Log-Int-Softmax (integer logits, exp table, log2 codes)
+//   prob_codes     the probability codes alone (the formulas attention_pow2 uses; for tests)
+//   bmm_int8       a batch of int8 × int8 → int32 GEMMs (torch._int_mm per matrix, the batch
+//                  spread over the threads in one call)
+//   qkv_int8       the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
+//                  int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
+//   int_layernorm  FQ-ViT's integer LayerNorm on PTF codes (the exact-float64 route of
+//                  quantizers/ptf.py's int_layernorm_fake_quant), rows flagged where a bound fails
+//   twin_operands  PTQ4ViT's twin-uniform post-GELU codes split into the positive and negative
+//                  int8 operand rows of one GEMM
+//   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
+//   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
+//                  optionally fake-quantized (or coded) by the next quantizer
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -176,113 +174,39 @@ FQVIT_CLONES void log_rows(const float* __restrict l, int64_t n, int64_t mode, f
   }
 }
 
-// logits[g, i, j] = float32(float64(acc[g,i,j] − a_sum[g,i]·zk[g] − b_sum[g,j]·zq[g] + K·zq[g]·zk[g])
-//                           · m[g])
-at::Tensor qk_logits(const at::Tensor& acc, const at::Tensor& a_sum, const at::Tensor& b_sum,
-                     const at::Tensor& zq, const at::Tensor& zk, const at::Tensor& m, int64_t K) {
-  const char* who = "qk_logits";
-  check_cpu(acc, at::kInt, 3, who, "acc");
-  check_cpu(a_sum, at::kLong, 2, who, "a_sum");
-  check_cpu(b_sum, at::kLong, 2, who, "b_sum");
-  for (const auto* t : {&zq, &zk}) check_cpu(*t, at::kLong, 1, who, "zero point");
-  check_cpu(m, at::kDouble, 1, who, "m");
-  const int64_t G = acc.size(0), N = acc.size(1), M = acc.size(2);
-  TORCH_CHECK(a_sum.size(0) == G && a_sum.size(1) == N && b_sum.size(0) == G &&
-                  b_sum.size(1) == M && zq.size(0) == G && zk.size(0) == G && m.size(0) == G,
-              who, ": per-matrix operands must have G = ", G, " rows");
-  auto out = at::empty({G, N, M}, acc.options().dtype(at::kFloat));
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const int64_t *as = a_sum.data_ptr<int64_t>(), *bs = b_sum.data_ptr<int64_t>();
-  const int64_t *zqp = zq.data_ptr<int64_t>(), *zkp = zk.data_ptr<int64_t>();
-  const double* mp = m.data_ptr<double>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, G * N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / N;
-      const int64_t row = K * zqp[g] * zkp[g] - as[r] * zkp[g];
-      const int64_t* bg = bs + g * M;
-      const int64_t zqg = zqp[g];
-      const double mg = mp[g];
-      logits_row(ap + r * M, bg, row, zqg, mg, M, op + r * M);
-    }
-  });
-  return out;
+// table rows (code + 1) of PTQ4ViT twin-uniform softmax codes from the probabilities x:
+// large = x ≥ s; magnitude clamp(⌊x/Δ_R2⌉ or ⌊x/Δ_R1⌉, 0, n); code = magnitude + large·(n + 1)
+FQVIT_CLONES void twin_rows(const float* __restrict x, int64_t count, float s, float d1, float d2,
+                            float n, int32_t* __restrict idx) {
+  for (int64_t j = 0; j < count; ++j) {
+    const bool large = x[j] >= s;
+    float mag = std::nearbyint(large ? x[j] / d2 : x[j] / d1);
+    mag = mag < 0.0f ? 0.0f : (mag > n ? n : mag);
+    idx[j] = static_cast<int32_t>(mag) + (large ? static_cast<int32_t>(n) + 1 : 0) + 1;
+  }
 }
 
-// Probability codes → GEMM operands: ops[p, e] = table[p, code(e) + 1] (int8) and present[p] =
-// plane p has a non-zero entry between the lowest and the highest code seen (a plane marked
-// present may still be all zero: its GEMM then adds nothing). code(e) is codes[e] (int32 input) or, from
-// l = log2(x/Δ) (float32 input, the torch op of the simulation), the log quantizer's formula:
-//   mode 0 (log2)    c = ⌊−l⌉
-//   mode 1 (log√2)   c = ⌊−2·l⌉
-//   mode 2 (AdaLog)  c = ⌊(−l)·r / q⌉
-// then ``finish_log_codes``: c ≥ 2^bits, +inf and NaN → −1 (the zero code), c < 0 → 0.
-std::tuple<at::Tensor, at::Tensor> pow2_operands(const at::Tensor& x, const at::Tensor& table,
-                                                 int64_t mode, double r, double q, int64_t bits) {
-  const char* who = "pow2_operands";
-  const bool from_log = x.scalar_type() == at::kFloat;
-  check_cpu(x, from_log ? at::kFloat : at::kInt, -1, who, "codes / log2 values");
-  check_cpu(table, at::kChar, 2, who, "table");
-  TORCH_CHECK(!from_log || (mode >= 0 && mode <= 2 && bits >= 1 && bits <= 16), who,
-              ": mode 0, 1 or 2 and 1 ≤ bits ≤ 16 expected");
-  const int64_t P = table.size(0), L = table.size(1), E = x.numel();
-  std::vector<int64_t> shape{P};
-  for (auto sz : x.sizes()) shape.push_back(sz);
-  auto ops = at::empty(shape, x.options().dtype(at::kChar));
-  const int8_t* t = table.data_ptr<int8_t>();
-  int8_t* o = ops.data_ptr<int8_t>();
-  const float rf = static_cast<float>(r), qf = static_cast<float>(q);
-  const float top = static_cast<float>(int64_t{1} << bits);
-  const float* xf = from_log ? x.data_ptr<float>() : nullptr;
-  const int32_t* xi = from_log ? nullptr : x.data_ptr<int32_t>();
-  // per block: the table rows (code + 1) in a vectorizable pass, then one lookup pass per
-  // plane; the range of rows seen decides which planes can be non-zero
-  const int nthreads = at::get_num_threads();
-  std::vector<int64_t> lo_seen(nthreads + 1, L), hi_seen(nthreads + 1, -1);
-  constexpr int64_t kBlock = 2048;
-  at::parallel_for(0, E, 4 * kBlock, [&](int64_t begin, int64_t end) {
-    const int tid = std::min(at::get_thread_num(), nthreads);
-    int32_t idx[kBlock];
-    int32_t lo = static_cast<int32_t>(L), hi = -1;
-    for (int64_t e0 = begin; e0 < end; e0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - e0);
-      if (from_log)
-        log_rows(xf + e0, n, mode, rf, qf, top, idx);
-      else
-        for (int64_t j = 0; j < n; ++j) idx[j] = xi[e0 + j] + 1;
-      for (int64_t j = 0; j < n; ++j) {
-        lo = std::min(lo, idx[j]);
-        hi = std::max(hi, idx[j]);
-      }
-      if (lo < 0 || hi >= L) break;
-      for (int64_t p = 0; p < P; ++p) {
-        const int8_t* tp = t + p * L;
-        int8_t* op = o + p * E + e0;
-        for (int64_t j = 0; j < n; ++j) op[j] = tp[idx[j]];
-      }
-    }
-    lo_seen[tid] = std::min<int64_t>(lo_seen[tid], lo);
-    hi_seen[tid] = std::max<int64_t>(hi_seen[tid], hi);
-  });
-  const int64_t lo = *std::min_element(lo_seen.begin(), lo_seen.end());
-  const int64_t hi = *std::max_element(hi_seen.begin(), hi_seen.end());
-  TORCH_CHECK(E == 0 || (lo >= 0 && hi < L), who, ": codes outside the table's range [-1, ",
-              L - 2, "]: seen ", lo - 1, " … ", hi - 1);
-  auto present = at::zeros({P}, x.options().dtype(at::kBool));
-  bool* pr = present.data_ptr<bool>();
-  for (int64_t idx = std::max<int64_t>(lo, 0); idx <= hi && idx < L; ++idx)
-    for (int64_t p = 0; p < P; ++p) pr[p] = pr[p] || t[p * L + idx] != 0;
-  return {ops, present};
+// twin-uniform post-GELU levels: x < 0 → (0, clamp(⌊x/Δ_neg⌉, −h, 0)), else
+// (clamp(⌊x/Δ_pos⌉, 0, h − 1), 0), as the positive and the negative operand
+FQVIT_CLONES void twin_split(const float* __restrict x, int64_t n, float dn, float dp, float h,
+                             int8_t* __restrict pos, int8_t* __restrict neg) {
+  for (int64_t j = 0; j < n; ++j) {
+    const bool negative = x[j] < 0.0f;
+    float a = std::nearbyint(x[j] / dn);
+    a = a < -h ? -h : (a > 0.0f ? 0.0f : a);
+    float b = std::nearbyint(x[j] / dp);
+    b = b < 0.0f ? 0.0f : (b > h - 1.0f ? h - 1.0f : b);
+    neg[j] = static_cast<int8_t>(negative ? a : 0.0f);
+    pos[j] = static_cast<int8_t>(negative ? 0.0f : b);
+  }
 }
 
-// r: (P, G, N, d + 1) int32, the P·V products of each plane with the value codes and a column of
-// ones (so r[..., d] = Σ_j operand). Plane p belongs to class plane_class[p] and enters its
-// accumulator shifted left by plane_shift[p]: s = r[..., d]·z_v[g] − r[..., k]; exact classes sum
-// s << shift in int64, the others float64(s)·2^shift. Then y = Σ_c float64(acc_c)·mult[c, g] in
-// class order, float32(y), codes clamp(⌊y/Δ⌉ + z, qmin, qmax) with Δ, z per channel of H·d or
-// per tensor, written to out (B, N, H·d) with g = b·H + h.
-// The P·V requantization of one output row (see pv_requant): the shared constants, scratch, and
-// the row function used by pv_requant and the per-image attention ops.
+// The P·V requantization of one output row. The products r of the planes (int8 operand planes
+// of the probability codes, see attention_pow2) with the value codes and a column of ones (so
+// r[d] = Σ_j operand) enter their class accumulator as s = r[d]·z_v − r[k] shifted left by the
+// plane's shift: exact classes in int64, the others float64(s)·2^shift. Then
+// y = Σ_c float64(acc_c)·mult_c in class order, float32(y), codes clamp(⌊y/Δ⌉ + z, qmin, qmax)
+// with Δ, z per channel of H·d or per tensor.
 struct PvConsts {
   int64_t C, d, nq;
   const int64_t* pc;  // class of each plane
@@ -335,64 +259,6 @@ void pv_row(const PvConsts& k, PvScratch& s, const int32_t* const* rows, const i
     zo += h * d;
   }
   requant_codes(s.y.data(), so, zo, k.lo, k.hi, d, o);
-}
-
-at::Tensor pv_requant(const at::Tensor& r, const at::Tensor& plane_class,
-                      const at::Tensor& plane_shift, const at::Tensor& class_exact,
-                      const at::Tensor& zv, const at::Tensor& mult, const at::Tensor& out_scale,
-                      const at::Tensor& out_zero, int64_t qmin, int64_t qmax, int64_t heads) {
-  const char* who = "pv_requant";
-  check_cpu(r, at::kInt, 4, who, "r");
-  check_cpu(plane_class, at::kLong, 1, who, "plane_class");
-  check_cpu(plane_shift, at::kLong, 1, who, "plane_shift");
-  check_cpu(class_exact, at::kBool, 1, who, "class_exact");
-  check_cpu(zv, at::kLong, 1, who, "zv");
-  check_cpu(mult, at::kDouble, 2, who, "mult");
-  check_cpu(out_scale, at::kFloat, 1, who, "out_scale");
-  check_cpu(out_zero, at::kFloat, 1, who, "out_zero");
-  const int64_t P = r.size(0), G = r.size(1), N = r.size(2), d = r.size(3) - 1;
-  const int64_t C = class_exact.size(0);
-  TORCH_CHECK(P >= 1 && plane_class.size(0) == P && plane_shift.size(0) == P, who,
-              ": one class and shift per plane");
-  TORCH_CHECK(heads >= 1 && G % heads == 0 && zv.size(0) == G && mult.size(0) == C &&
-                  mult.size(1) == G,
-              who, ": zv (G,) and mult (classes, G) expected");
-  TORCH_CHECK(C <= 8, who, ": at most 8 classes");
-  const int64_t nq = out_scale.numel();
-  TORCH_CHECK((nq == 1 || nq == heads * d) && out_zero.numel() == nq, who,
-              ": out_scale / out_zero per tensor or per channel of H·d");
-  const int64_t* pc = plane_class.data_ptr<int64_t>();
-  const int64_t* ps = plane_shift.data_ptr<int64_t>();
-  for (int64_t p = 0; p < P; ++p)
-    TORCH_CHECK(pc[p] >= 0 && pc[p] < C && ps[p] >= 0 && ps[p] < 63, who, ": plane ", p,
-                " has class ", pc[p], " / shift ", ps[p]);
-  const int64_t B = G / heads;
-  auto out = at::empty({B, N, heads * d}, r.options());
-  const int32_t* rp = r.data_ptr<int32_t>();
-  const bool* ex = class_exact.data_ptr<bool>();
-  const int64_t* zvp = zv.data_ptr<int64_t>();
-  const double* mp = mult.data_ptr<double>();
-  const float* sp = out_scale.data_ptr<float>();
-  const float* zp = out_zero.data_ptr<float>();
-  int32_t* op = out.data_ptr<int32_t>();
-  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-  const int64_t plane = G * N * (d + 1);
-  const PvConsts k{C, d, nq, pc, ps, ex, sp, zp, lo, hi};
-  at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
-    PvScratch scratch(C, d);
-    std::vector<const int32_t*> rows(P);
-    std::vector<int64_t> pid(P);
-    std::vector<double> mult(C);
-    for (int64_t p = 0; p < P; ++p) pid[p] = p;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t g = row / N, i = row % N, b = g / heads, h = g % heads;
-      for (int64_t p = 0; p < P; ++p) rows[p] = rp + p * plane + row * (d + 1);
-      for (int64_t c = 0; c < C; ++c) mult[c] = mp[c * G + g];
-      pv_row(k, scratch, rows.data(), pid.data(), P, zvp[g], mult.data(), h,
-             op + (b * N + i) * heads * d + h * d);
-    }
-  });
-  return out;
 }
 
 // clamp(⌊x/Δ⌉ + z, qmin, qmax) (float32 steps: x/Δ, round half to even, + z, clamp) → dtype
@@ -490,7 +356,12 @@ inline int64_t first_at_most(const int64_t* t, int64_t n, int64_t theta) {
   return (base - t) + (*base > theta ? 1 : 0);
 }
 
-// One row of the LIS path (see lis_operands): operands of group g at o + g·stride.
+// One row of FQ-ViT's Log-Int-Softmax path (IntegerAttention._lis_fast, 'simulation'
+// requantization of the logits), operands of group g at o + g·stride:
+//   y_j  = float64(float32((row_i + acc_ij + col_j)·m) / Δ_logit), rounded, clamped to [lo, hi]
+//   d_j  = max_j y − y_j;  e_j = T[d_j];  2Σ = 2·Σ_j e_j
+//   θ_k  = ⌊(2Σ − odd_k) / den_k⌋;  D_k = min{d : T[d] ≤ θ_k};  code_j = #{k : D_k ≤ d_j}
+//   ops[g, j] = −((2^(8g+7) >> code_j) & 255)   (the code's power of two in group g's byte)
 void lis_row(const int32_t* a, double rt, const double* col, int64_t M, double m, float ls,
              double lo, double hi, const int64_t* tp, int64_t levels, const int64_t* op,
              const int64_t* dp, int64_t K, int64_t groups, double* y, int32_t* dd, int32_t* code,
@@ -519,55 +390,6 @@ void lis_row(const int32_t* a, double rt, const double* col, int64_t M, double m
   for (int64_t j = 0; j < M; ++j) code[j] = lut[dd[j]];
   for (int64_t gr = 0; gr < groups; ++gr)
     lis_group_operands(code, M, 8 * static_cast<int32_t>(gr) + 7, o + gr * stride);
-}
-
-// FQ-ViT Log-Int-Softmax rows → P·V operands, the steps of IntegerAttention._lis_fast
-// ('simulation' requantization of the logits) fused per row:
-//   y_j  = float64(float32((row_i + acc_ij + col_j)·m) / Δ_logit), rounded, clamped to [lo, hi]
-//   d_j  = max_j y − y_j;  e_j = T[d_j];  2Σ = 2·Σ_j e_j
-//   θ_k  = ⌊(2Σ − odd_k) / den_k⌋;  D_k = min{d : T[d] ≤ θ_k};  code_j = #{k : D_k ≤ d_j}
-//   ops[g, j] = −((2^(8g+7) >> code_j) & 255)   (the code's power of two in group g's byte)
-at::Tensor lis_operands(const at::Tensor& acc, const at::Tensor& row_term, const at::Tensor& col_term,
-                        double m, double logit_scale, double lo, double hi, const at::Tensor& table,
-                        const at::Tensor& odd, const at::Tensor& den, int64_t groups) {
-  const char* who = "lis_operands";
-  check_cpu(acc, at::kInt, 3, who, "acc");
-  check_cpu(row_term, at::kDouble, 2, who, "row_term");
-  check_cpu(col_term, at::kDouble, 2, who, "col_term");
-  check_cpu(table, at::kLong, 1, who, "table");
-  check_cpu(odd, at::kLong, 1, who, "odd");
-  check_cpu(den, at::kLong, 1, who, "den");
-  const int64_t G = acc.size(0), N = acc.size(1), M = acc.size(2);
-  const int64_t K = odd.numel(), levels = table.numel();
-  TORCH_CHECK(row_term.size(0) == G && row_term.size(1) == N && col_term.size(0) == G &&
-                  col_term.size(1) == M,
-              who, ": row / column terms of shape (G, N) / (G, M) expected");
-  TORCH_CHECK(den.numel() == K && K >= 1 && groups >= 1 && groups <= 8 && 8 * groups >= K, who,
-              ": thresholds and groups do not match");
-  TORCH_CHECK(hi - lo + 1 <= static_cast<double>(levels), who, ": table shorter than the logit range");
-  auto ops = at::empty({groups, G, N, M}, acc.options().dtype(at::kChar));
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const double *rp = row_term.data_ptr<double>(), *cp = col_term.data_ptr<double>();
-  const int64_t *tp = table.data_ptr<int64_t>(), *op = odd.data_ptr<int64_t>(),
-                *dp = den.data_ptr<int64_t>();
-  int8_t* out = ops.data_ptr<int8_t>();
-  const float ls = static_cast<float>(logit_scale);
-  const int64_t plane = G * N * M;
-  at::parallel_for(0, G * N, 8, [&](int64_t begin, int64_t end) {
-    std::vector<double> y(M);
-    std::vector<int32_t> dd(M), code(M);
-    std::vector<uint8_t> lut(levels + 1);
-    std::vector<int64_t> D(K);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / N;
-      const int32_t* a = ap + r * M;
-      const double* col = cp + g * M;
-      const double rt = rp[r];
-      lis_row(a, rt, col, M, m, ls, lo, hi, tp, levels, op, dp, K, groups, y.data(), dd.data(),
-              code.data(), lut.data(), D.data(), out + r * M, plane);
-    }
-  });
-  return ops;
 }
 
 // (B, N, 3·H·d) → (3, B·H, N, d) int8: per channel c, code = clamp(⌊x/Δ_c⌉ + z_c, lo_c, hi_c)
@@ -630,7 +452,7 @@ at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // ---- whole attention cores, one matrix (or block of query rows) per task ------------------
-// The same steps as the op-by-op path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
+// The steps of IntegerAttention's torch path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
 // → requantization), each matrix run start to end by one thread: its intermediates stay in that
 // core's cache and no step waits for the others (a task: one (image, head) matrix, or a block
 // of its query rows when the batch is small). ATen ops called here (torch._int_mm, softmax,
@@ -675,7 +497,7 @@ int64_t row_blocks(int64_t matrices, int64_t rows) {
 at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
                           const at::Tensor& zq, const at::Tensor& zk, const at::Tensor& zv,
                           const at::Tensor& m, const at::Tensor& probs_delta, int64_t mode,
-                          double r, double q, int64_t bits, const at::Tensor& table,
+                          double r, double q, double split, int64_t bits, const at::Tensor& table,
                           const at::Tensor& plane_class, const at::Tensor& plane_shift,
                           const at::Tensor& class_exact, const at::Tensor& mult,
                           const at::Tensor& out_scale, const at::Tensor& out_zero, int64_t qmin,
@@ -694,7 +516,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   check_cpu(out_zero, at::kFloat, 1, who, "out_zero");
   TORCH_CHECK(zq.numel() == G && zk.numel() == G && zv.numel() == G && m.numel() == G, who,
               ": one zero point / multiplier per matrix");
-  TORCH_CHECK(mode >= 0 && mode <= 2 && bits >= 1 && bits <= 16, who, ": bad log mode / bits");
+  TORCH_CHECK(mode >= 0 && mode <= 3 && bits >= 2 && bits <= 16, who, ": bad code mode / bits");
   const int64_t P = table.size(0), L = table.size(1), C = class_exact.numel();
   TORCH_CHECK(plane_class.numel() == P && plane_shift.numel() == P && C >= 1 && C <= 8 &&
                   mult.size(0) == C && mult.size(1) == G,
@@ -714,7 +536,8 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   const double *mp = m.data_ptr<double>(), *mu = mult.data_ptr<double>();
   const int8_t* tp = table.data_ptr<int8_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  const float rf = static_cast<float>(r), qf = static_cast<float>(q);
+  // modes 0–2: log codes (r, q: AdaLog's r and q); 3: twin uniform (r, q: Δ_R1, Δ_R2; split s)
+  const float rf = static_cast<float>(r), qf = static_cast<float>(q), sf = static_cast<float>(split);
   const float top = static_cast<float>(int64_t{1} << bits);
   std::vector<int64_t> bad(G, 0);
   const at::ThreadLocalState state;
@@ -745,9 +568,14 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
                      lg + i * N);
       }
       auto l = at::_softmax(lgt, -1, false);
-      l.div_(probs_delta);
-      at::log2_out(l, l);
-      log_rows(l.data_ptr<float>(), R * N, mode, rf, qf, top, idx.data());
+      if (mode == 3) {
+        twin_rows(l.data_ptr<float>(), R * N, sf, rf, qf, static_cast<float>((1 << (bits - 1)) - 1),
+                  idx.data());
+      } else {
+        l.div_(probs_delta);
+        at::log2_out(l, l);
+        log_rows(l.data_ptr<float>(), R * N, mode, rf, qf, top, idx.data());
+      }
       int32_t lo = static_cast<int32_t>(L), hi = -1;
       for (int64_t e = 0; e < R * N; ++e) {
         lo = std::min(lo, idx[e]);
@@ -1030,18 +858,54 @@ std::tuple<at::Tensor, at::Tensor> int_layernorm(
   return {out, ok};
 }
 
+// (M, K) float32 → (2M, K) int8: rows [positive levels; negative levels]
+at::Tensor twin_operands(const at::Tensor& x, double d_neg, double d_pos, int64_t h) {
+  const char* who = "twin_operands";
+  check_cpu(x, at::kFloat, 2, who, "x");
+  TORCH_CHECK(h >= 1 && h <= 128, who, ": h in [1, 128]");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = at::empty({2 * M, K}, x.options().dtype(at::kChar));
+  const float* xp = x.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
+  const float dn = static_cast<float>(d_neg), dp = static_cast<float>(d_pos);
+  const float hf = static_cast<float>(h);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [=](int64_t begin, int64_t end) {
+    twin_split(xp + begin * K, (end - begin) * K, dn, dp, hf, op + begin * K,
+               op + (M + begin) * K);
+  });
+  return out;
+}
+
+// codes (int32, −1 = the zero code) of probabilities x by attention_pow2's formulas: modes 0–2
+// from l = x (already log2(p/Δ)), mode 3 (twin uniform) from the probabilities themselves
+at::Tensor prob_codes(const at::Tensor& x, int64_t mode, double r, double q, double split,
+                      int64_t bits) {
+  const char* who = "prob_codes";
+  check_cpu(x, at::kFloat, -1, who, "x");
+  TORCH_CHECK(mode >= 0 && mode <= 3 && bits >= 2 && bits <= 16, who, ": bad code mode / bits");
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  const int64_t n = x.numel();
+  if (mode == 3)
+    twin_rows(x.data_ptr<float>(), n, static_cast<float>(split), static_cast<float>(r),
+              static_cast<float>(q), static_cast<float>((1 << (bits - 1)) - 1),
+              out.data_ptr<int32_t>());
+  else
+    log_rows(x.data_ptr<float>(), n, mode, static_cast<float>(r), static_cast<float>(q),
+             static_cast<float>(int64_t{1} << bits), out.data_ptr<int32_t>());
+  return out.sub_(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
-  m.def("qk_logits", &qk_logits);
-  m.def("pow2_operands", &pow2_operands);
-  m.def("pv_requant", &pv_requant);
-  m.def("lis_operands", &lis_operands);
+  m.def("prob_codes", &prob_codes);
   m.def("qkv_int8", &qkv_int8);
   m.def("bmm_int8", &bmm_int8);
   m.def("attention_pow2", &attention_pow2);
   m.def("attention_lis", &attention_lis);
   m.def("int_layernorm", &int_layernorm);
+  m.def("twin_operands", &twin_operands);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
