@@ -742,30 +742,38 @@ class IntegerAttention(nn.Module):
         self._qkv_cache = (key, params)
         return params
 
+    def fused_applies(self, n_tokens: int, device) -> bool:
+        """Whether ``_fused_forward`` runs (CPU, simulation requantization, a supported kind)."""
+        if torch.device(device).type != 'cpu' or not self.fast:
+            return False
+        if self.kind == 'lis':
+            return (self.method == 'simulation'
+                    and self._lis_setup(n_tokens, self.head_dim, device) is not None)
+        return self._pow2_applies()
+
     @torch.no_grad()
-    def _fused_forward(self, qkv: torch.Tensor):
+    def _fused_forward(self, qkv: torch.Tensor, rescale=None):
         """The compiled path from the qkv output itself: one pass codes q, k, v as int8 GEMM
         operands in head-major layout (instead of quantize → split → offset copies); None where
-        it does not apply."""
+        it does not apply. ``rescale`` = (bias_int, acc_scale, bias_float): ``qkv`` is the qkv
+        GEMM's int32 accumulator and its float output float32(acc + b_int)·Δ + bias is formed
+        inside the same pass (``IntegerLinear``'s rescale, never stored)."""
         from . import kernels
         if qkv.device.type != 'cpu' or qkv.dim() != 3 or \
                 qkv.dtype not in (torch.float32, torch.int32):
             return None
-        if qkv.dtype == torch.int32 and not self.cfg['shared_qkv']:
+        if qkv.dtype == torch.int32 and not self.cfg['shared_qkv'] and rescale is None:
             return None
         B, N, _ = qkv.shape
-        if self.kind == 'lis':
-            st = self._lis_setup(N, self.head_dim, qkv.device) \
-                if self.method == 'simulation' else None
-            if st is None:
-                return None
-        elif not self._pow2_applies():
+        if not self.fused_applies(N, qkv.device):
             return None
         ops = kernels.native()
         if ops is None:
             return None
+        st = self._lis_setup(N, self.head_dim, qkv.device) if self.kind == 'lis' else None
+        empty = torch.empty(0)
         qa, ka, va = ops.qkv_int8(qkv.contiguous(), *self._qkv_operand_params(qkv.device),
-                                  self.num_heads).unbind(0)
+                                  self.num_heads, *(rescale or (empty, empty, empty))).unbind(0)
         if self.kind == 'lis':
             return self._lis_core(ops, st, qa, ka, va, B)
         return self._pow2_core(ops, qa, ka, va, B)

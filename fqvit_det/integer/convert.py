@@ -149,9 +149,32 @@ class IntegerTimmAttention(nn.Module):
         links = getattr(self, '_code_links_cache', None)
         if links is None:
             links = self._code_links_cache = self._code_links()
-        qkv = self.qkv.forward_codes(x) if links[0] else self.qkv(x)
-        out = self.core(qkv, dequantize=not links[1])
+        out = self._fused(x) if not links[0] else None
+        if out is None:
+            qkv = self.qkv.forward_codes(x) if links[0] else self.qkv(x)
+            out = self.core(qkv, dequantize=not links[1])
+        elif not links[1]:
+            out = self.core.dequantize_out(out)
         return self.proj_drop(self.proj(out))
+
+    def _fused(self, x):
+        """A float-output integer qkv GEMM straight into the compiled core: its accumulator is
+        rescaled and coded for q, k, v in one pass (the same values as ``self.qkv(x)`` then the
+        core's quantizers); None where that path does not apply."""
+        lin = self.qkv
+        if not (isinstance(lin, IntegerLinear) and lin.out_mode == 'float'
+                and lin.in_kind == 'uniform' and x.device.type == 'cpu' and x.dim() == 3
+                and not self.core.cfg['shared_qkv']
+                and self.core.fused_applies(x.shape[1], x.device)):
+            return None
+        from . import kernels
+        if kernels.native() is None:
+            return None
+        acc = lin.accumulate(x.reshape(-1, x.shape[-1]), bias=False)
+        if acc.dtype != torch.int32:
+            return None
+        return self.core._fused_forward(acc.view(x.shape[0], x.shape[1], -1),
+                                        rescale=(lin.bias_int, lin.acc_scale, lin.bias_float))
 
 
 def integer_attention_paths(model: nn.Module) -> List[str]:

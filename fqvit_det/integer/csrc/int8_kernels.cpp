@@ -393,34 +393,52 @@ void lis_row(const int32_t* a, double rt, const double* col, int64_t M, double m
 }
 
 // (B, N, 3·H·d) → (3, B·H, N, d) int8: per channel c, code = clamp(⌊x/Δ_c⌉ + z_c, lo_c, hi_c)
-// (float32 input; int32 input: already codes) minus the operand offset off_c
+// minus the operand offset off_c, where x is the float32 qkv output, or the int32 accumulator
+// of the qkv GEMM (``acc_scale`` non-empty: x = float32(acc + b_int)·Δ + bias, the integer
+// Linear's own rescale, never stored); int32 input without acc_scale: already codes
 at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Tensor& zero,
                     const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& offset,
-                    int64_t heads) {
+                    int64_t heads, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                    const at::Tensor& bias_float) {
   const char* who = "qkv_int8";
-  const bool codes = qkv.scalar_type() == at::kInt;
-  check_cpu(qkv, codes ? at::kInt : at::kFloat, 3, who, "qkv");
+  const bool ints = qkv.scalar_type() == at::kInt;
+  const bool acc = ints && acc_scale.numel() > 0;
+  check_cpu(qkv, ints ? at::kInt : at::kFloat, 3, who, "qkv");
   for (const auto* t : {&scale, &zero, &lo, &hi, &offset}) check_cpu(*t, at::kFloat, 1, who, "per-channel parameter");
   const int64_t B = qkv.size(0), N = qkv.size(1), C3 = qkv.size(2);
   TORCH_CHECK(heads >= 1 && C3 % (3 * heads) == 0, who, ": last dim ", C3, " is not 3·heads·d");
   for (const auto* t : {&scale, &zero, &lo, &hi, &offset})
     TORCH_CHECK(t->numel() == C3, who, ": per-channel parameters of length ", C3, " expected");
+  if (acc) {
+    check_cpu(bias_int, at::kInt, 1, who, "bias_int");
+    check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
+    check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
+    TORCH_CHECK(bias_int.numel() == C3 && acc_scale.numel() == C3 && bias_float.numel() == C3,
+                who, ": rescale parameters of length ", C3, " expected");
+  }
   const int64_t d = C3 / (3 * heads);
   auto out = at::empty({3, B * heads, N, d}, qkv.options().dtype(at::kChar));
   const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>(), *lp = lo.data_ptr<float>(),
               *hp = hi.data_ptr<float>(), *op = offset.data_ptr<float>();
-  const float* xf = codes ? nullptr : qkv.data_ptr<float>();
-  const int32_t* xi = codes ? qkv.data_ptr<int32_t>() : nullptr;
+  const float* xf = ints ? nullptr : qkv.data_ptr<float>();
+  const int32_t* xi = ints ? qkv.data_ptr<int32_t>() : nullptr;
+  const int32_t* bi = acc ? bias_int.data_ptr<int32_t>() : nullptr;
+  const float* sc = acc ? acc_scale.data_ptr<float>() : nullptr;
+  const float* bf = acc ? bias_float.data_ptr<float>() : nullptr;
   int8_t* o = out.data_ptr<int8_t>();
   const int64_t part = B * heads * N * d;
   at::parallel_for(0, B * N, 16, [=](int64_t begin, int64_t end) {
-    std::vector<float> row(C3);
+    std::vector<float> row(C3), y(acc ? C3 : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, n = r % N;
-      if (codes)
+      if (acc) {
+        rescale_float(xi + r * C3, bi, sc, bf, C3, y.data());
+        quantize_offset(y.data(), sp, zp, lp, hp, op, C3, row.data());
+      } else if (ints) {
         codes_offset(xi + r * C3, op, C3, row.data());
-      else
+      } else {
         quantize_offset(xf + r * C3, sp, zp, lp, hp, op, C3, row.data());
+      }
       for (int64_t c = 0; c < C3; c += d) {
         const int64_t p = c / (heads * d), h = (c / d) % heads;
         int8_t* dst = o + p * part + ((b * heads + h) * N + n) * d;
@@ -590,16 +608,21 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        int8_t* o = operands.data_ptr<int8_t>() + np * span * N;
+        int8_t* o = operands.data_ptr<int8_t>() + np * R * N;     // planes stacked by rows
         for (int64_t e = 0; e < R * N; ++e) o[e] = tp[p * L + idx[e]];
         pid[np++] = p;
       }
-      std::vector<at::Tensor> prods(np);
-      const auto vaug = ones_column(va[g]);
-      for (int64_t i = 0; i < np; ++i) prods[i] = at::_int_mm(operands[i].narrow(0, 0, R), vaug);
+      if (np == 0) {                       // every probability is the zero code: P·V = 0
+        pid[np++] = 0;
+        std::memset(operands.data_ptr<int8_t>(), 0, R * N);
+      }
+      // one GEMM for all planes: (np·R × N) · (N × (d + 1))
+      const auto prod = at::_int_mm(
+          operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), ones_column(va[g]));
+      const int32_t* pp = prod.data_ptr<int32_t>();
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
       for (int64_t i = 0; i < R; ++i) {
-        for (int64_t j = 0; j < np; ++j) rows[j] = prods[j].data_ptr<int32_t>() + i * (d + 1);
+        for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * (d + 1);
         pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
                op + (b * N + i0 + i) * H * d + h * d);
       }
@@ -666,15 +689,15 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
         for (int64_t i = 0; i < R; ++i)
           lis_row(ap + i * N, static_cast<double>(as[i] * -zk + d * zq * zk), col.data(), N, m,
                   ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(), code.data(),
-                  lut.data(), D.data(), ob + i * N, span * N);
+                  lut.data(), D.data(), ob + i * N, R * N);
       }
-      std::vector<at::Tensor> prods(groups);
-      const auto vaug = ones_column(va[g]);
-      for (int64_t gr = 0; gr < groups; ++gr)
-        prods[gr] = at::_int_mm(operands[gr].narrow(0, 0, R), vaug);
+      // one GEMM for all groups, stacked by rows: (groups·R × N) · (N × (d + 1))
+      const auto prod = at::_int_mm(
+          operands.view({-1}).narrow(0, 0, groups * R * N).view({groups * R, N}),
+          ones_column(va[g]));
+      const int32_t* pp = prod.data_ptr<int32_t>();
       for (int64_t i = 0; i < R; ++i) {
-        for (int64_t gr = 0; gr < groups; ++gr)
-          rows[gr] = prods[gr].data_ptr<int32_t>() + i * (d + 1);
+        for (int64_t gr = 0; gr < groups; ++gr) rows[gr] = pp + (gr * R + i) * (d + 1);
         pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
                op + (b * N + i0 + i) * H * d + h * d);
       }
