@@ -56,7 +56,7 @@ from ..log import get_logger
 from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.uniform import UniformQuantizer
 from ..walk import feeding_norms
-from .layernorm import compile_integer_layernorms
+from .layernorm import compile_integer_layernorms, compile_ptf_quantizers
 from .linear import IntegerLinear, IntegerPatchEmbed, integer_input_ok
 
 
@@ -256,6 +256,7 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
     # its GEMMs on the codes too, so the whole model is the integer-exact simulation's arithmetic
     fuse_inplace_activations(new)
     compile_integer_layernorms(new)
+    compile_ptf_quantizers(new)
     from ..nn.exact import set_exact_arithmetic
     set_exact_arithmetic(new)
     new.fqvit_integer_plan = [list(p) for p in plan]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .convert import adopt_norm_targets, fuse_inplace_activations, install_integer_attention
-from .layernorm import compile_integer_layernorms
+from .layernorm import compile_integer_layernorms, compile_ptf_quantizers
 from .linear import IntegerLinear, IntegerPatchEmbed
 
 FORMAT = 'fqvit-det-integer/1'
@@ -254,6 +254,7 @@ def load_integer(path: str, device='cpu') -> nn.Module:
             mod.derive_constants()
     fuse_inplace_activations(model)
     compile_integer_layernorms(model)
+    compile_ptf_quantizers(model)
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
     model.fqvit_integer_attention = attention
     return model.to(device)

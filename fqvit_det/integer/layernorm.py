@@ -219,3 +219,48 @@ def compile_integer_layernorms(model: nn.Module) -> int:
             mod.__class__ = CompiledIntLayerNorm
             n += 1
     return n
+
+
+class CompiledPTFQuantizer(PTFQuantizer):
+    """A ``PTFQuantizer`` whose fake quantization (channels on the last dim, integral zero point,
+    no autograd) runs as one compiled loop (``kernels.py``'s ``fake_quant``: the same operations
+    as ``fake_quant_chunked``, bit for bit); otherwise ``PTFQuantizer``."""
+
+    def _kernel_args(self):
+        tensors = (self.base_scale, self.alpha, self.zero_point)
+        key = tuple((id(t), t._version) for t in tensors)
+        cache = getattr(self, '_args_cache', None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        from ..quantizers.base import is_integral
+        args = None
+        z = self.zero_point
+        s = self.channel_scale
+        if (z.numel() == 1 and is_integral(z) and s.dtype == torch.float32
+                and bool((s > 0).all())):
+            zf = float(z)
+            args = (s.reshape(-1).contiguous(), self.qmin - zf, self.qmax - zf)
+        self._args_cache = (key, args)
+        return args
+
+    def fake_quant(self, x):
+        from ..quantizers.base import needs_autograd
+        from . import kernels
+        ops = kernels.native() if (x.device.type == 'cpu' and x.dtype == torch.float32
+                                   and x.dim() >= 1 and x.numel() > 0
+                                   and self.ch_axis % x.dim() == x.dim() - 1
+                                   and not needs_autograd(x, self.base_scale)) else None
+        args = self._kernel_args() if ops is not None else None
+        if args is None or args[0].numel() != x.shape[-1]:
+            return super().fake_quant(x)
+        return ops.fake_quant(x.reshape(-1, x.shape[-1]).contiguous(), *args).reshape(x.shape)
+
+
+def compile_ptf_quantizers(model: nn.Module) -> int:
+    """Turn every ``PTFQuantizer`` into a ``CompiledPTFQuantizer`` (same state)."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is PTFQuantizer:
+            mod.__class__ = CompiledPTFQuantizer
+            n += 1
+    return n

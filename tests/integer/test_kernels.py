@@ -128,3 +128,27 @@ def test_integer_model_is_the_same_with_and_without_the_compiled_kernels(backend
             ref = integer(xb)
             backend('cpp')
             assert torch.equal(integer(xb), ref)
+
+
+def test_compiled_ptf_fake_quant_equals_the_torch_route(backend):
+    """Residual-stream PTF fake quantization: values, clamping, −0.0 → +0.0 and ±inf → NaN as the
+    torch route; a quantizer converted by ``compile_ptf_quantizers`` keeps its state."""
+    import copy
+
+    from fqvit_det.integer.layernorm import CompiledPTFQuantizer, compile_ptf_quantizers
+    model, x = calibrated('fqvit_lis', 'cpu')
+    q = copy.deepcopy(model.blocks[0].attn_residual_quantizer)
+    assert compile_ptf_quantizers(q) == 1 and type(q) is CompiledPTFQuantizer
+    C = q.alpha.numel()
+    g = torch.Generator().manual_seed(0)
+    xin = torch.randn(50, C, generator=g) * 4
+    xin[0, :4] = torch.tensor([-1e-30, float('inf'), float('-inf'), 1e6])
+    with torch.no_grad():
+        backend('torch')
+        ref = q(xin)
+        backend('cpp')
+        assert q._kernel_args() is not None
+        out = q(xin)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(torch.signbit(out[~out.isnan()]), torch.signbit(ref[~ref.isnan()]))

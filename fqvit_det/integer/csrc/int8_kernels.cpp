@@ -19,6 +19,8 @@
 //                  quantizers/ptf.py's int_layernorm_fake_quant), rows flagged where a bound fails
 //   twin_operands  PTQ4ViT's twin-uniform post-GELU codes split into the positive and negative
 //                  int8 operand rows of one GEMM
+//   fake_quant     a per-channel (last dim) uniform fake quantization with an integral zero point
+//                  (quantizers/uniform.py's fake_quant_chunked: PTF residual-stream quantizers)
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer
@@ -198,6 +200,18 @@ FQVIT_CLONES void twin_split(const float* __restrict x, int64_t n, float dn, flo
     b = b < 0.0f ? 0.0f : (b > h - 1.0f ? h - 1.0f : b);
     neg[j] = static_cast<int8_t>(negative ? a : 0.0f);
     pos[j] = static_cast<int8_t>(negative ? 0.0f : b);
+  }
+}
+
+// (clamp(⌊x/Δ_c⌉, lo, hi))·Δ_c − 0·x (fake_quant_chunked with an integral zero point folded into
+// lo, hi; the − 0·x turns a −0.0 into +0.0 and ±inf into NaN, as the reference)
+FQVIT_CLONES void fake_quant_row(const float* __restrict x, const float* __restrict s, float lo,
+                                 float hi, int64_t n, float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    float q = std::nearbyint(x[c] / s[c]);
+    q = q < lo ? lo : (q > hi ? hi : q);
+    const float r = q * s[c];
+    o[c] = r - 0.0f * x[c];
   }
 }
 
@@ -919,6 +933,24 @@ at::Tensor prob_codes(const at::Tensor& x, int64_t mode, double r, double q, dou
   return out.sub_(1);
 }
 
+at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, double hi) {
+  const char* who = "fake_quant";
+  check_cpu(x, at::kFloat, 2, who, "x");
+  check_cpu(scale, at::kFloat, 1, who, "scale");
+  const int64_t M = x.size(0), C = x.size(1);
+  TORCH_CHECK(scale.numel() == C, who, ": one scale per channel (", C, ") expected");
+  auto out = at::empty({M, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float l = static_cast<float>(lo), h = static_cast<float>(hi);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [=](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) fake_quant_row(xp + m * C, sp, l, h, C, op + m * C);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -929,6 +961,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("attention_lis", &attention_lis);
   m.def("int_layernorm", &int_layernorm);
   m.def("twin_operands", &twin_operands);
+  m.def("fake_quant", &fake_quant);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
