@@ -29,6 +29,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 PRESETS = {  # name: config file
     'fqvit_884': 'configs/cls/deit_tiny_w8a8a4.py',
     'ptq4vit_w6a6': 'configs/cls/deit_tiny_ptq4vit_w6a6.py',
+    'ptq4vit_w8a8': 'configs/cls/deit_tiny_ptq4vit_w8a8.py',
     'repq_w4a4': 'configs/cls/deit_tiny_repq_w4a4.py',
     'adalog_w4a4': 'configs/cls/deit_tiny_adalog_w4a4.py',
     'fqvit_888': 'configs/cls/deit_tiny_w8a8.py',

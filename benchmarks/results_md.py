@@ -122,6 +122,14 @@ def integer_section(doc):
         out.append(f'| {r["preset"]} | ' + ', '.join(f'{b["max_abs"]:.3g} ({b["rel"]:.1e})'
                                                       for b in r['block_divergence']) + ' |')
     out += notes_md(doc)
+    ident = load_result('integer_kernels_identity.json')
+    if ident:
+        out += ['', '### Compiled CPU kernels vs torch ops: the same logits', '',
+                f'Command: `{ident["command"]}`  ', f'Machine: {ident["machine"]}; date {ident["date"]}', '',
+                '| preset | images | identical logits | max abs logit diff | compiled s | torch ops s |',
+                '|---|---|---|---|---|---|']
+        out += [f'| {r["preset"]} | {r["images"]} | {r["identical_images"]} | {r["max_logit_diff"]:g} '
+                f'| {r["seconds_compiled"]:.1f} | {r["seconds_torch_ops"]:.1f} |' for r in ident['rows']]
     for name in ('integer_speed.json', 'integer_speed_tuned.json'):
         speed = load_result(name)
         if speed:

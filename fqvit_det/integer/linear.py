@@ -393,7 +393,16 @@ class IntegerLinear(nn.Module):
             if self.has_offset:
                 acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
         else:
-            acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
+            x2 = x.reshape(-1, shape[-1])
+            ops = _native_ops(x2, torch.float32)
+            if (ops is not None and self.in_kind == 'twin_gelu' and self.out_mode == 'float'
+                    and not self.has_offset):
+                # the two row blocks' int32 products joined and rescaled in one compiled pass
+                acc2 = int_mm(self._twin_operands(x2), self._b_t)
+                y = ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale,
+                                     self.bias_float)
+                return y.reshape(*shape[:-1], self.out_features)
+            acc = self.accumulate(x2, bias=False)
         if self.out_mode == 'requant':
             y = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                               self.out_scale, self._zo, self.out_qmin,

@@ -21,6 +21,8 @@
 //                  int8 operand rows of one GEMM
 //   fake_quant     a per-channel (last dim) uniform fake quantization with an integral zero point
 //                  (quantizers/uniform.py's fake_quant_chunked: PTF residual-stream quantizers)
+//   twin_rescale   the int32 products of twin_operands' two row blocks → the float output
+//                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch path)
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer
@@ -212,6 +214,19 @@ FQVIT_CLONES void fake_quant_row(const float* __restrict x, const float* __restr
     q = q < lo ? lo : (q > hi ? hi : q);
     const float r = q * s[c];
     o[c] = r - 0.0f * x[c];
+  }
+}
+
+// y = float32((pos·2^m + neg) + b_int)·Δ + bias (m < 0: pos + neg·2^−m), the int64 sum of the
+// twin-uniform row blocks
+FQVIT_CLONES void twin_rescale_row(const int32_t* __restrict pos, const int32_t* __restrict neg,
+                                   int64_t m, const int32_t* __restrict bi,
+                                   const float* __restrict sc, const float* __restrict bf,
+                                   int64_t n, float* __restrict o) {
+  const int64_t sp = m >= 0 ? m : 0, sn = m >= 0 ? 0 : -m;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t acc = (static_cast<int64_t>(pos[c]) << sp) + (static_cast<int64_t>(neg[c]) << sn);
+    o[c] = static_cast<float>(acc + bi[c]) * sc[c] + bf[c];
   }
 }
 
@@ -951,6 +966,31 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
   return out;
 }
 
+// acc2: (2M, N) int32, rows [positive block; negative block] of one twin-uniform GEMM
+at::Tensor twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
+                        const at::Tensor& acc_scale, const at::Tensor& bias_float) {
+  const char* who = "twin_rescale";
+  check_cpu(acc2, at::kInt, 2, who, "acc2");
+  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
+  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
+  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
+  TORCH_CHECK(acc2.size(0) % 2 == 0 && m > -32 && m < 32, who, ": (2M, N) products, |m| < 32");
+  const int64_t M = acc2.size(0) / 2, N = acc2.size(1);
+  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
+              ": one bias / scale per output channel (", N, ")");
+  auto out = at::empty({M, N}, acc2.options().dtype(at::kFloat));
+  const int32_t* ap = acc2.data_ptr<int32_t>();
+  const int32_t* bi = bias_int.data_ptr<int32_t>();
+  const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                   [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      twin_rescale_row(ap + r * N, ap + (M + r) * N, m, bi, sc, bf, N, op + r * N);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -962,6 +1002,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("int_layernorm", &int_layernorm);
   m.def("twin_operands", &twin_operands);
   m.def("fake_quant", &fake_quant);
+  m.def("twin_rescale", &twin_rescale);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
 }
