@@ -151,7 +151,9 @@ def integer_speed_section(doc):
     for r in doc['rows']:
         out.append(f'| {r["variant"]} | {r["batch"]} | {r["median_ms"]:.1f} | {r["ratio"]:.3f} |')
     for prof in doc.get('profiles', []):
-        out += ['', f'Profile: {prof["variant"]}, batch {prof["batch"]} (self CPU time, top ops)', '',
+        out += ['', f'Profile: {prof["variant"]}, batch {prof["batch"]} (self CPU time, top ops; '
+                'ops called inside the compiled attention\'s parallel tasks (`_int_mm`, `log2`, '
+                '`_softmax`) add up the time of both threads)', '',
                 '| op | self ms | % |', '|---|---|---|']
         out += [f'| `{o["op"]}` | {o["ms"]:.2f} | {o["pct"]:.1f} |' for o in prof['ops']]
     return '\n'.join(out)
