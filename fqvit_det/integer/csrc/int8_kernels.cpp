@@ -519,11 +519,12 @@ QkvOperands check_operands(const char* who, const at::Tensor& qa, const at::Tens
   return QkvOperands{qa, ka, va, qa.size(0) / heads, heads, qa.size(1), qa.size(2)};
 }
 
-// (N, d) int8 values → (N, d + 1) with a column of ones (the Σ operand column of the P·V GEMM)
+// (G, N, d) int8 values → (G, N, d + 1) with a column of ones (the Σ operand column of the P·V
+// GEMM), once per call
 at::Tensor ones_column(const at::Tensor& v) {
-  auto out = at::empty({v.size(0), v.size(1) + 1}, v.options());
-  out.narrow(1, 0, v.size(1)).copy_(v);
-  out.narrow(1, v.size(1), 1).fill_(1);
+  auto out = at::empty({v.size(0), v.size(1), v.size(2) + 1}, v.options());
+  out.narrow(2, 0, v.size(2)).copy_(v);
+  out.narrow(2, v.size(2), 1).fill_(1);
   return out;
 }
 
@@ -537,7 +538,7 @@ std::vector<int64_t> row_sums(const int8_t* x, int64_t n, int64_t d) {
 // Row blocks per matrix so that small batches still give every thread work: the query rows of
 // one matrix are independent through the whole core (QKᵀ, softmax / LIS and P·V are row-wise).
 int64_t row_blocks(int64_t matrices, int64_t rows) {
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
   return std::max<int64_t>(1, std::min<int64_t>(rows, (want + matrices - 1) / matrices));
 }
 
@@ -587,6 +588,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   const float rf = static_cast<float>(r), qf = static_cast<float>(q), sf = static_cast<float>(split);
   const float top = static_cast<float>(int64_t{1} << bits);
   std::vector<int64_t> bad(G, 0);
+  const auto vaug = ones_column(va);
   const at::ThreadLocalState state;
   const int64_t nb = row_blocks(G, N), span = (N + nb - 1) / nb;
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
@@ -647,7 +649,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       }
       // one GEMM for all planes: (np·R × N) · (N × (d + 1))
       const auto prod = at::_int_mm(
-          operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), ones_column(va[g]));
+          operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), vaug[g]);
       const int32_t* pp = prod.data_ptr<int32_t>();
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
       for (int64_t i = 0; i < R; ++i) {
@@ -690,6 +692,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
                 *dp = den.data_ptr<int64_t>();
   const float ls = static_cast<float>(logit_scale);
   int32_t* op = out.data_ptr<int32_t>();
+  const auto vaug = ones_column(va);
   const at::ThreadLocalState state;
   const int64_t nb = row_blocks(B * H, N), span = (N + nb - 1) / nb;
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
@@ -722,8 +725,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
       }
       // one GEMM for all groups, stacked by rows: (groups·R × N) · (N × (d + 1))
       const auto prod = at::_int_mm(
-          operands.view({-1}).narrow(0, 0, groups * R * N).view({groups * R, N}),
-          ones_column(va[g]));
+          operands.view({-1}).narrow(0, 0, groups * R * N).view({groups * R, N}), vaug[g]);
       const int32_t* pp = prod.data_ptr<int32_t>();
       for (int64_t i = 0; i < R; ++i) {
         for (int64_t gr = 0; gr < groups; ++gr) rows[gr] = pp + (gr * R + i) * (d + 1);
