@@ -485,6 +485,9 @@ class IntegerAttention(nn.Module):
 
     FQ-ViT (LIS, per-tensor scales) runs a fused, chunked version of the same integer steps
     (``_lis_fast``; equal to the generic path up to the dyadic multiplier width, ≤ 1 code).
+    On the CPU with 'simulation' requantization, steps 1–4 run as one compiled op per call
+    (``kernels.py``: ``attention_pow2`` / ``attention_lis``, bit-identical to the torch ops),
+    from the qkv output itself (``_fused_forward``) or from codes (``attend_codes``).
     Agreement with the simulation: stage by stage (see the module docstring). Not supported
     (clear error): relative-position bias, masks (Swin), q/k norms, gates.
     """

@@ -130,6 +130,7 @@ NATIVE = dict(quantize=_quantize_native, rescale=_rescale_native,
               requantize=_requantize_dequantize, rescale_requantize=_rescale_requantize_native)
 KERNELS = dict(NATIVE)
 OUT_MODES = ('float', 'dyadic', 'requant')
+TWIN_ROWS = 1024          # rows per block of the compiled twin-uniform path
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
@@ -397,10 +398,14 @@ class IntegerLinear(nn.Module):
             ops = _native_ops(x2, torch.float32)
             if (ops is not None and self.in_kind == 'twin_gelu' and self.out_mode == 'float'
                     and not self.has_offset):
-                # the two row blocks' int32 products joined and rescaled in one compiled pass
-                acc2 = int_mm(self._twin_operands(x2), self._b_t)
-                y = ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale,
-                                     self.bias_float)
+                # the two row blocks' int32 products joined and rescaled in one compiled pass,
+                # a block of rows at a time (the operands and products stay small)
+                y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+                for i in range(0, x2.shape[0], TWIN_ROWS):
+                    xc = x2[i:i + TWIN_ROWS]
+                    acc2 = int_mm(self._twin_operands(xc), self._b_t)
+                    ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale,
+                                     self.bias_float, y[i:i + TWIN_ROWS])
                 return y.reshape(*shape[:-1], self.out_features)
             acc = self.accumulate(x2, bias=False)
         if self.out_mode == 'requant':

@@ -21,7 +21,8 @@
 //                  int8 operand rows of one GEMM
 //   fake_quant     a per-channel (last dim) uniform fake quantization with an integral zero point
 //                  (quantizers/uniform.py's fake_quant_chunked: PTF residual-stream quantizers)
-//   twin_rescale   the int32 products of twin_operands' two row blocks → the float output
+//   twin_rescale   the int32 products of twin_operands' two row blocks → the float output (into
+//                  a given slice of rows)
 //                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch path)
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
@@ -969,8 +970,8 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
 }
 
 // acc2: (2M, N) int32, rows [positive block; negative block] of one twin-uniform GEMM
-at::Tensor twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
-                        const at::Tensor& acc_scale, const at::Tensor& bias_float) {
+void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
+                  const at::Tensor& acc_scale, const at::Tensor& bias_float, const at::Tensor& out) {
   const char* who = "twin_rescale";
   check_cpu(acc2, at::kInt, 2, who, "acc2");
   check_cpu(bias_int, at::kInt, 1, who, "bias_int");
@@ -980,7 +981,8 @@ at::Tensor twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bia
   const int64_t M = acc2.size(0) / 2, N = acc2.size(1);
   TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
               ": one bias / scale per output channel (", N, ")");
-  auto out = at::empty({M, N}, acc2.options().dtype(at::kFloat));
+  check_cpu(out, at::kFloat, 2, who, "out");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, who, ": out of shape (", M, ", ", N, ") expected");
   const int32_t* ap = acc2.data_ptr<int32_t>();
   const int32_t* bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
@@ -990,7 +992,6 @@ at::Tensor twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bia
     for (int64_t r = begin; r < end; ++r)
       twin_rescale_row(ap + r * N, ap + (M + r) * N, m, bi, sc, bf, N, op + r * N);
   });
-  return out;
 }
 
 }  // namespace
