@@ -21,9 +21,9 @@
 //                  int8 operand rows of one GEMM
 //   fake_quant     a per-channel (last dim) uniform fake quantization with an integral zero point
 //                  (quantizers/uniform.py's fake_quant_chunked: PTF residual-stream quantizers)
-//   twin_rescale   the int32 products of twin_operands' two row blocks → the float output (into
-//                  a given slice of rows)
-//                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch path)
+//   twin_rescale   the int32 products of twin_operands' two row blocks → the float output
+//                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch
+//                  path), written into a given block of rows
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer
@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // Hot loops are compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by
@@ -77,32 +78,28 @@ void quantize_into(const float* x, int64_t n, float s, float z, float lo, float 
   });
 }
 
-// y = float32(acc + b_int)·Δ + bias per channel; mode 1: fake-quantized; mode 2: codes
+// y = float32(acc + b_int)·Δ + bias per channel
 FQVIT_CLONES void rescale_float(const int32_t* __restrict a, const int32_t* __restrict bi,
                    const float* __restrict sc, const float* __restrict bf, int64_t n,
                    float* __restrict o) {
   for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
 }
 
-FQVIT_CLONES void rescale_fake(const int32_t* __restrict a, const int32_t* __restrict bi,
-                  const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
-                  float zo, float lo, float hi, float* __restrict o) {
+// the next quantizer on y: codes clamp(⌊y/Δ_o⌉ + z_o) (T = int32_t) or their values
+// (clamp(…) − z_o)·Δ_o (T = float)
+template <typename T>
+FQVIT_CLONES void rescale_requant(const int32_t* __restrict a, const int32_t* __restrict bi,
+                                  const float* __restrict sc, const float* __restrict bf,
+                                  int64_t n, float so, float zo, float lo, float hi,
+                                  T* __restrict o) {
   for (int64_t c = 0; c < n; ++c) {
     const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
     float q = std::nearbyint(y / so) + zo;
     q = q < lo ? lo : (q > hi ? hi : q);
-    o[c] = (q - zo) * so;
-  }
-}
-
-FQVIT_CLONES void rescale_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
-                   const float* __restrict sc, const float* __restrict bf, int64_t n, float so,
-                   float zo, float lo, float hi, int32_t* __restrict o) {
-  for (int64_t c = 0; c < n; ++c) {
-    const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
-    float q = std::nearbyint(y / so) + zo;
-    q = q < lo ? lo : (q > hi ? hi : q);
-    o[c] = static_cast<int32_t>(q);
+    if constexpr (std::is_same_v<T, float>)
+      o[c] = (q - zo) * so;
+    else
+      o[c] = static_cast<T>(q);
   }
 }
 
@@ -345,9 +342,9 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
       if (mode == 0)
         rescale_float(a, bi, sc, bf, N, of + m * N);
       else if (mode == 1)
-        rescale_fake(a, bi, sc, bf, N, so, zo, lo, hi, of + m * N);
+        rescale_requant<float>(a, bi, sc, bf, N, so, zo, lo, hi, of + m * N);
       else
-        rescale_codes(a, bi, sc, bf, N, so, zo, lo, hi, oi + m * N);
+        rescale_requant<int32_t>(a, bi, sc, bf, N, so, zo, lo, hi, oi + m * N);
     }
   });
   return out;
@@ -543,6 +540,37 @@ int64_t row_blocks(int64_t matrices, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, (want + matrices - 1) / matrices));
 }
 
+// Step 1 of a task: rows [i0, i0 + R) of matrix g's QKᵀ (int8 GEMM) and the operands' row sums
+// (the zero-point terms).
+struct QkRows {
+  at::Tensor acc;                    // (R, N) int32
+  std::vector<int64_t> q_sums, k_sums;
+};
+
+QkRows qk_rows(const at::Tensor& qa, const at::Tensor& ka, int64_t g, int64_t i0, int64_t R) {
+  const int64_t N = qa.size(1), d = qa.size(2);
+  const auto qrows = qa[g].narrow(0, i0, R);
+  return QkRows{at::_int_mm(qrows, ka[g].t()), row_sums(qrows.data_ptr<int8_t>(), R, d),
+                row_sums(ka[g].data_ptr<int8_t>(), N, d)};
+}
+
+// Steps 3–4 of a task: the operand planes of its R rows, stacked by rows in ``operands``
+// (np planes, ids pid), times the value operands with their ones column ``vaug`` (N × (d + 1))
+// in one int8 GEMM, then each row's requantization into out_row(i).
+template <typename OutRow>
+void pv_rows(const PvConsts& k, PvScratch& scratch, const at::Tensor& operands, int64_t np,
+             const int64_t* pid, int64_t R, const at::Tensor& vaug, int64_t z, const double* mult,
+             int64_t h, std::vector<const int32_t*>& rows, OutRow out_row) {
+  const int64_t N = vaug.size(0), d = k.d;
+  const auto prod = at::_int_mm(
+      operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), vaug);
+  const int32_t* pp = prod.data_ptr<int32_t>();
+  for (int64_t i = 0; i < R; ++i) {
+    for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * (d + 1);
+    pv_row(k, scratch, rows.data(), pid, np, z, mult, h, out_row(i));
+  }
+}
+
 at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
                           const at::Tensor& zq, const at::Tensor& zk, const at::Tensor& zv,
                           const at::Tensor& m, const at::Tensor& probs_delta, int64_t mode,
@@ -608,14 +636,11 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       auto lgt = logits.narrow(0, 0, R);
       float* lg = lgt.data_ptr<float>();
       {
-        const auto qrows = qa[g].narrow(0, i0, R);
-        const auto acc = at::_int_mm(qrows, ka[g].t());
-        const auto as = row_sums(qrows.data_ptr<int8_t>(), R, d);
-        const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
-        const int32_t* ap = acc.data_ptr<int32_t>();
+        const QkRows qk = qk_rows(qa, ka, g, i0, R);
+        const int32_t* ap = qk.acc.data_ptr<int32_t>();
         for (int64_t i = 0; i < R; ++i)
-          logits_row(ap + i * N, bs.data(), d * zqp[g] * zkp[g] - as[i] * zkp[g], zqp[g], mp[g], N,
-                     lg + i * N);
+          logits_row(ap + i * N, qk.k_sums.data(), d * zqp[g] * zkp[g] - qk.q_sums[i] * zkp[g],
+                     zqp[g], mp[g], N, lg + i * N);
       }
       auto l = at::_softmax(lgt, -1, false);
       if (mode == 3) {
@@ -648,16 +673,9 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         pid[np++] = 0;
         std::memset(operands.data_ptr<int8_t>(), 0, R * N);
       }
-      // one GEMM for all planes: (np·R × N) · (N × (d + 1))
-      const auto prod = at::_int_mm(
-          operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), vaug[g]);
-      const int32_t* pp = prod.data_ptr<int32_t>();
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
-      for (int64_t i = 0; i < R; ++i) {
-        for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * (d + 1);
-        pv_row(k, scratch, rows.data(), pid.data(), np, zvp[g], cm.data(), h,
-               op + (b * N + i0 + i) * H * d + h * d);
-      }
+      pv_rows(k, scratch, operands, np, pid.data(), R, vaug[g], zvp[g], cm.data(), h, rows,
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
     }
   });
   for (int64_t g = 0; g < G; ++g)
@@ -713,26 +731,16 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
       const int64_t R = std::min(span, N - i0);
       if (R <= 0) continue;
       {
-        const auto qrows = qa[g].narrow(0, i0, R);
-        const auto acc = at::_int_mm(qrows, ka[g].t());
-        const auto as = row_sums(qrows.data_ptr<int8_t>(), R, d);
-        const auto bs = row_sums(ka[g].data_ptr<int8_t>(), N, d);
-        for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(bs[j] * -zq);
-        const int32_t* ap = acc.data_ptr<int32_t>();
+        const QkRows qk = qk_rows(qa, ka, g, i0, R);
+        for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(qk.k_sums[j] * -zq);
+        const int32_t* ap = qk.acc.data_ptr<int32_t>();
         for (int64_t i = 0; i < R; ++i)
-          lis_row(ap + i * N, static_cast<double>(as[i] * -zk + d * zq * zk), col.data(), N, m,
-                  ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(), code.data(),
-                  lut.data(), D.data(), ob + i * N, R * N);
+          lis_row(ap + i * N, static_cast<double>(qk.q_sums[i] * -zk + d * zq * zk), col.data(),
+                  N, m, ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(),
+                  code.data(), lut.data(), D.data(), ob + i * N, R * N);
       }
-      // one GEMM for all groups, stacked by rows: (groups·R × N) · (N × (d + 1))
-      const auto prod = at::_int_mm(
-          operands.view({-1}).narrow(0, 0, groups * R * N).view({groups * R, N}), vaug[g]);
-      const int32_t* pp = prod.data_ptr<int32_t>();
-      for (int64_t i = 0; i < R; ++i) {
-        for (int64_t gr = 0; gr < groups; ++gr) rows[gr] = pp + (gr * R + i) * (d + 1);
-        pv_row(k, scratch, rows.data(), pid.data(), groups, zv, &out_step, h,
-               op + (b * N + i0 + i) * H * d + h * d);
-      }
+      pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
     }
   });
   return out;
