@@ -724,8 +724,9 @@ class IntegerAttention(nn.Module):
         offset of the quantizer that codes it (``split``'s formulas), float32."""
         cfg = self.cfg
         H, d = self.num_heads, self.head_dim
-        key = (str(device),) + tuple(tuple(getattr(self, f'{r}_{p}').reshape(-1).tolist())
-                                     for r in 'qkv' for p in ('scale', 'zero'))
+        from .kernels import args_key
+        key = (str(device),) + args_key(*(getattr(self, f'{r}_{p}')
+                                          for r in 'qkv' for p in ('scale', 'zero')))
         cache = getattr(self, '_qkv_cache', None)
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -745,14 +746,58 @@ class IntegerAttention(nn.Module):
         self._qkv_cache = (key, params)
         return params
 
-    def fused_applies(self, n_tokens: int, device) -> bool:
-        """Whether ``_fused_forward`` runs (CPU, simulation requantization, a supported kind)."""
+    def _compiled_setup(self, n_tokens: int, device):
+        """(compiled ops, LIS setup or None) where the compiled core runs (CPU, 'simulation'
+        requantization, a supported kind, the kernels built), else None."""
         if torch.device(device).type != 'cpu' or not self.fast:
-            return False
+            return None
+        st = None
         if self.kind == 'lis':
-            return (self.method == 'simulation'
-                    and self._lis_setup(n_tokens, self.head_dim, device) is not None)
-        return self._pow2_applies()
+            if self.method != 'simulation':
+                return None
+            st = self._lis_setup(n_tokens, self.head_dim, device)
+            if st is None:
+                return None
+        elif not self._pow2_applies():
+            return None
+        from . import kernels
+        ops = kernels.native()
+        return None if ops is None else (ops, st)
+
+    def fused_applies(self, n_tokens: int, device) -> bool:
+        """Whether ``_fused_forward`` runs."""
+        return self._compiled_setup(n_tokens, device) is not None
+
+    def _compiled_core(self, ops, st, qa, ka, va, B):
+        """Steps 1–4 on the int8 operands code − offset of q, k, v ((B·H, N, d) each) in one
+        compiled op: ``attention_lis`` (FQ-ViT) or ``attention_pow2``."""
+        if self.kind == 'lis':
+            return ops.attention_lis(qa, ka, va, st['zq'], st['zk'], st['zv'], st['m_sim'],
+                                     float(st['logit_scale']), st['lo'], st['hi'], st['table'],
+                                     st['odd'], st['den'], len(st['tops']), st['out_step'],
+                                     float(st['out_scale']), st['z_out'], *st['out_range'],
+                                     self.num_heads)
+        cfg = self.cfg
+        c = self._pow2_consts(B, qa.device)
+        plan = c['plan']
+        mode, r, qq, split = self._code_mode()
+        return ops.attention_pow2(qa, ka, va, c['zq_g'], c['zk_g'], c['zv_g'], c['m_g'],
+                                  self.probs_delta.float(), mode, r, qq, split,
+                                  cfg['probs_bits'], plan['table'], plan['classes'],
+                                  plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
+                                  *cfg['out_range'], self.num_heads)
+
+    @torch.no_grad()
+    def _compiled_codes(self, q, k, v):
+        """The compiled core on q, k, v codes (B, H, N, d); None where it does not apply."""
+        B, H, N, d = q.shape
+        setup = self._compiled_setup(N, q.device)
+        if setup is None:
+            return None
+        G = B * H
+        operands = (to_int8(t, int8_offset(*self.cfg[f'{r}_range'])).reshape(G, N, d)
+                    for t, r in ((q, 'q'), (k, 'k'), (v, 'v')))
+        return self._compiled_core(*setup, *operands, B)
 
     @torch.no_grad()
     def _fused_forward(self, qkv: torch.Tensor, rescale=None):
@@ -761,25 +806,19 @@ class IntegerAttention(nn.Module):
         it does not apply. ``rescale`` = (bias_int, acc_scale, bias_float): ``qkv`` is the qkv
         GEMM's int32 accumulator and its float output float32(acc + b_int)·Δ + bias is formed
         inside the same pass (``IntegerLinear``'s rescale, never stored)."""
-        from . import kernels
         if qkv.device.type != 'cpu' or qkv.dim() != 3 or \
                 qkv.dtype not in (torch.float32, torch.int32):
             return None
         if qkv.dtype == torch.int32 and not self.cfg['shared_qkv'] and rescale is None:
             return None
         B, N, _ = qkv.shape
-        if not self.fused_applies(N, qkv.device):
+        setup = self._compiled_setup(N, qkv.device)
+        if setup is None:
             return None
-        ops = kernels.native()
-        if ops is None:
-            return None
-        st = self._lis_setup(N, self.head_dim, qkv.device) if self.kind == 'lis' else None
         empty = torch.empty(0)
-        qa, ka, va = ops.qkv_int8(qkv.contiguous(), *self._qkv_operand_params(qkv.device),
-                                  self.num_heads, *(rescale or (empty, empty, empty))).unbind(0)
-        if self.kind == 'lis':
-            return self._lis_core(ops, st, qa, ka, va, B)
-        return self._pow2_core(ops, qa, ka, va, B)
+        operands = setup[0].qkv_int8(qkv.contiguous(), *self._qkv_operand_params(qkv.device),
+                                     self.num_heads, *(rescale or (empty, empty, empty)))
+        return self._compiled_core(*setup, *operands.unbind(0), B)
 
     def dequantize_out(self, codes: torch.Tensor) -> torch.Tensor:
         """``proj_input`` codes → values, as ``UniformQuantizer.dequantize``."""
@@ -789,14 +828,10 @@ class IntegerAttention(nn.Module):
     def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dequantize: bool = False) -> torch.Tensor:
         """Steps 1–4 on q, k, v codes (B, H, N, d)."""
-        if self.kind == 'lis' and self.fast:
-            out = self._lis_compiled(q, k, v)
-            if out is None:
+        if self.fast:
+            out = self._compiled_codes(q, k, v)
+            if out is None and self.kind == 'lis':
                 out = self._lis_fast(q, k, v)
-            if out is not None:
-                return self.dequantize_out(out) if dequantize else out
-        if self.kind == 'pow2' and self.fast:
-            out = self._pow2_compiled(q, k, v)
             if out is not None:
                 return self.dequantize_out(out) if dequantize else out
         B, H, N = q.shape[0], q.shape[1], q.shape[2]
@@ -945,30 +980,12 @@ class IntegerAttention(nn.Module):
         return (self.kind == 'pow2' and self.method == 'simulation'
                 and cfg['out_range'] is not None and cfg['logit_range'] is None)
 
-    @torch.no_grad()
-    def _pow2_compiled(self, q, k, v):
-        from . import kernels
-        if q.device.type != 'cpu' or not self._pow2_applies():
-            return None
-        ops = kernels.native()
-        if ops is None:
-            return None
-        cfg = self.cfg
-        B, H, N, d = q.shape
-        G = B * H
-        oq, ok, ov = (int8_offset(*cfg[f'{r}_range']) for r in ('q', 'k', 'v'))
-        return self._pow2_core(ops, to_int8(q, oq).reshape(G, N, d),
-                               to_int8(k, ok).reshape(G, N, d), to_int8(v, ov).reshape(G, N, d), B)
-
-    def _buffer_key(self):
-        """The constants' current values (a cache key: buffers can be reloaded or edited)."""
-        return tuple(torch.cat([getattr(self, n).detach().reshape(-1).double().cpu() for n in
-                                ('q_scale', 'q_zero', 'k_scale', 'k_zero', 'v_scale', 'v_zero',
-                                 'out_scale', 'out_zero', 'probs_delta', 'probs_q')]).tolist())
-
     def _pow2_consts(self, B: int, dev):
-        """Per-matrix constants of ``_pow2_core`` for a batch of B images (cached)."""
-        key = (B, str(dev), self._buffer_key())
+        """Per-matrix constants of ``attention_pow2`` for a batch of B images (cached)."""
+        from .kernels import args_key
+        key = (B, str(dev)) + args_key(*(getattr(self, n) for n in (
+            'q_scale', 'q_zero', 'k_scale', 'k_zero', 'v_scale', 'v_zero', 'out_scale',
+            'out_zero', 'probs_delta', 'probs_q')))
         cache = getattr(self, '_pow2_consts_cache', None)
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -986,27 +1003,13 @@ class IntegerAttention(nn.Module):
         plan = self._pow2_plan(dev)
         m = self.q_scale.to(**f64) * self.k_scale.to(**f64) * self.scale
         sv = self.v_scale.to(**f64)
-        c = dict(plan=plan, per_g=per_g, zq=zq, zk=zk, zv=zv, m=m, sv=sv,
-                 so=self.out_scale.float().reshape(-1).contiguous(),
+        c = dict(plan=plan, so=self.out_scale.float().reshape(-1).contiguous(),
                  zo=self.out_zero.float().reshape(-1).contiguous(),
                  zq_g=per_g(zq, B, **i64), zk_g=per_g(zk, B, **i64), zv_g=per_g(zv, B, **i64),
                  m_g=per_g(m, B, **f64),
                  mult=torch.stack([per_g(sv * f, B, **f64) for f in plan['factors']]).contiguous())
         self._pow2_consts_cache = (key, c)
         return c
-
-    def _pow2_core(self, ops, a_all, b_all, va_all, B):
-        """Steps 1–4 on the int8 operands code − offset of q, k, v, (B·H, N, d) each, in one
-        compiled op (``attention_pow2``)."""
-        cfg = self.cfg
-        c = self._pow2_consts(B, a_all.device)
-        plan = c['plan']
-        mode, r, qq, split = self._code_mode()
-        return ops.attention_pow2(a_all, b_all, va_all, c['zq_g'], c['zk_g'], c['zv_g'],
-                                  c['m_g'], self.probs_delta.float(), mode, r, qq, split,
-                                  cfg['probs_bits'], plan['table'], plan['classes'],
-                                  plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
-                                  *cfg['out_range'], self.num_heads)
 
     # --- FQ-ViT fast path -------------------------------------------------------------------
     # The same integer algorithm as the generic path (int8 QKᵀ, dyadic logit requantization,
@@ -1070,32 +1073,6 @@ class IntegerAttention(nn.Module):
             out_scale=self.out_scale.float())
         self._fast_cache = (key, setup)
         return setup
-
-    @torch.no_grad()
-    def _lis_compiled(self, q, k, v):
-        """``_lis_fast`` ('simulation' requantization) as the compiled op ``attention_lis``
-        (bit-identical); None where it does not apply."""
-        from . import kernels
-        if q.device.type != 'cpu' or self.method != 'simulation':
-            return None
-        B, H, N, d = q.shape
-        st = self._lis_setup(N, d, q.device)
-        ops = kernels.native() if st is not None else None
-        if ops is None:
-            return None
-        oq_, ok_, ov_ = st['offsets']
-        G = B * H
-        return self._lis_core(ops, st, to_int8(q, oq_).reshape(G, N, d),
-                              to_int8(k, ok_).reshape(G, N, d), to_int8(v, ov_).reshape(G, N, d), B)
-
-    def _lis_core(self, ops, st, qa, ka, va, B):
-        """The compiled LIS path on the int8 operands code − offset, (B·H, N, d) each: the
-        whole core per image in one op (``attention_lis``)."""
-        return ops.attention_lis(qa, ka, va, st['zq'], st['zk'], st['zv'], st['m_sim'],
-                                 float(st['logit_scale']), st['lo'], st['hi'], st['table'],
-                                 st['odd'], st['den'], len(st['tops']), st['out_step'],
-                                 float(st['out_scale']), st['z_out'], *st['out_range'],
-                                 self.num_heads)
 
     @torch.no_grad()
     def _lis_fast(self, q, k, v):

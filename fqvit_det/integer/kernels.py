@@ -95,3 +95,10 @@ def info() -> dict:
     ops = native()
     return dict(backend=_backend(), compiled=ops is not None, error=_state['error'])
 
+
+
+def args_key(*tensors) -> tuple:
+    """A cache key for kernel arguments prepared from ``tensors``: each tensor's identity and
+    in-place version counter (None entries allowed), so a reload or an edit of any of them
+    invalidates the cache without reading their values."""
+    return tuple(None if t is None else (id(t), t._version) for t in tensors)

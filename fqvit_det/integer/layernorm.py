@@ -35,6 +35,7 @@ from ..quantizers.ptf import PTFQuantizer, int_layernorm
 from ..quantizers.uniform import UniformQuantizer
 from ..quantizers.base import chunk_step, scratch
 from .attention import dyadic_values, requantize
+from .kernels import args_key
 
 
 def _int_zero(z: torch.Tensor, who: str) -> int:
@@ -172,8 +173,7 @@ class CompiledIntLayerNorm(QuantLayerNorm):
         tensors = [self.weight, self.bias, q.zero_point, oq.scale, oq.zero_point,
                    getattr(q, 'base_scale', None), getattr(q, 'alpha', None),
                    getattr(q, 'scale', None)]
-        key = (x.shape[-1], str(x.device), id(q), id(oq), q.bits, oq.bits) + tuple(
-            (id(t), t._version) if t is not None else None for t in tensors)
+        key = (x.shape[-1], str(x.device), id(q), id(oq), q.bits, oq.bits) + args_key(*tensors)
         cache = getattr(self, '_args_cache', None)
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -227,8 +227,7 @@ class CompiledPTFQuantizer(PTFQuantizer):
     as ``fake_quant_chunked``, bit for bit); otherwise ``PTFQuantizer``."""
 
     def _kernel_args(self):
-        tensors = (self.base_scale, self.alpha, self.zero_point)
-        key = tuple((id(t), t._version) for t in tensors)
+        key = args_key(self.base_scale, self.alpha, self.zero_point)
         cache = getattr(self, '_args_cache', None)
         if cache is not None and cache[0] == key:
             return cache[1]

@@ -33,7 +33,7 @@ def test_compiled_attention_equals_the_torch_path(backend, method):
         backend('torch')
         ref = ia.attend_codes(q, k, v)
         backend('cpp')
-        assert ia._pow2_compiled(q, k, v) is not None        # the compiled path applies
+        assert ia._compiled_codes(q, k, v) is not None       # the compiled path applies
         ours = ia.attend_codes(q, k, v)
         assert ours.dtype == torch.int32 and torch.equal(ours, ref)
         ia.chunk_elems = 1                                   # one image per chunk: the same
