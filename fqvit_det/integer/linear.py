@@ -385,6 +385,21 @@ class IntegerLinear(nn.Module):
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
 
+    def _twin_float_compiled(self, x2: torch.Tensor):
+        """Twin-uniform input, float output, compiled kernels: the two row blocks' int32 products
+        joined and rescaled in one pass (the values of ``accumulate`` + rescale), a block of rows
+        at a time so the operands and products stay small; None where that does not apply."""
+        ops = _native_ops(x2, torch.float32)
+        if ops is None or self.in_kind != 'twin_gelu' or self.out_mode != 'float' \
+                or self.has_offset:
+            return None
+        y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        for i in range(0, x2.shape[0], TWIN_ROWS):
+            acc2 = int_mm(self._twin_operands(x2[i:i + TWIN_ROWS]), self._b_t)
+            ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale, self.bias_float,
+                             y[i:i + TWIN_ROWS])
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float input (quantized here), or integer input = codes of the input quantizer."""
         shape = x.shape
@@ -395,17 +410,8 @@ class IntegerLinear(nn.Module):
                 acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
         else:
             x2 = x.reshape(-1, shape[-1])
-            ops = _native_ops(x2, torch.float32)
-            if (ops is not None and self.in_kind == 'twin_gelu' and self.out_mode == 'float'
-                    and not self.has_offset):
-                # the two row blocks' int32 products joined and rescaled in one compiled pass,
-                # a block of rows at a time (the operands and products stay small)
-                y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
-                for i in range(0, x2.shape[0], TWIN_ROWS):
-                    xc = x2[i:i + TWIN_ROWS]
-                    acc2 = int_mm(self._twin_operands(xc), self._b_t)
-                    ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale,
-                                     self.bias_float, y[i:i + TWIN_ROWS])
+            y = self._twin_float_compiled(x2)
+            if y is not None:
                 return y.reshape(*shape[:-1], self.out_features)
             acc = self.accumulate(x2, bias=False)
         if self.out_mode == 'requant':
