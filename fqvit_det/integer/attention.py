@@ -764,9 +764,6 @@ class IntegerAttention(nn.Module):
         ops = kernels.native()
         return None if ops is None else (ops, st)
 
-    def fused_applies(self, n_tokens: int, device) -> bool:
-        """Whether ``_fused_forward`` runs."""
-        return self._compiled_setup(n_tokens, device) is not None
 
     def _compiled_core(self, ops, st, qa, ka, va, B):
         """Steps 1–4 on the int8 operands code − offset of q, k, v ((B·H, N, d) each) in one
@@ -800,19 +797,20 @@ class IntegerAttention(nn.Module):
         return self._compiled_core(*setup, *operands, B)
 
     @torch.no_grad()
-    def _fused_forward(self, qkv: torch.Tensor, rescale=None):
+    def _fused_forward(self, qkv: torch.Tensor, rescale=None, setup=None):
         """The compiled path from the qkv output itself: one pass codes q, k, v as int8 GEMM
         operands in head-major layout (instead of quantize → split → offset copies); None where
         it does not apply. ``rescale`` = (bias_int, acc_scale, bias_float): ``qkv`` is the qkv
         GEMM's int32 accumulator and its float output float32(acc + b_int)·Δ + bias is formed
-        inside the same pass (``IntegerLinear``'s rescale, never stored)."""
+        inside the same pass (``IntegerLinear``'s rescale, never stored). ``setup``: the
+        caller's ``_compiled_setup`` result, if it already has one."""
         if qkv.device.type != 'cpu' or qkv.dim() != 3 or \
                 qkv.dtype not in (torch.float32, torch.int32):
             return None
         if qkv.dtype == torch.int32 and not self.cfg['shared_qkv'] and rescale is None:
             return None
         B, N, _ = qkv.shape
-        setup = self._compiled_setup(N, qkv.device)
+        setup = setup or self._compiled_setup(N, qkv.device)
         if setup is None:
             return None
         empty = torch.empty(0)
@@ -1027,8 +1025,9 @@ class IntegerAttention(nn.Module):
                 or self.out_scale.numel() != 1 or cfg['probs_bits'] > 15:
             return None
         bits, n_exp = cfg['probs_bits'], cfg['lis_n']
-        key = (n_tok, d, str(device)) + tuple(float(t) for t in bufs) + \
-            (float(self.out_scale), float(self.out_zero), bits, n_exp, self.scale, self.method)
+        from .kernels import args_key
+        key = (n_tok, d, str(device)) + args_key(*bufs, self.out_scale, self.out_zero) + \
+            (bits, n_exp, self.scale, self.method)
         if self._fast_cache is not None and self._fast_cache[0] == key:
             return self._fast_cache[1]
         lq_min, lq_max = cfg['logit_range']

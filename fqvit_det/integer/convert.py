@@ -164,17 +164,15 @@ class IntegerTimmAttention(nn.Module):
         lin = self.qkv
         if not (isinstance(lin, IntegerLinear) and lin.out_mode == 'float'
                 and lin.in_kind == 'uniform' and x.device.type == 'cpu' and x.dim() == 3
-                and not self.core.cfg['shared_qkv']
-                and self.core.fused_applies(x.shape[1], x.device)):
+                and not self.core.cfg['shared_qkv']):
             return None
-        from . import kernels
-        if kernels.native() is None:
+        setup = self.core._compiled_setup(x.shape[1], x.device)
+        if setup is None:
             return None
         acc = lin.accumulate(x.reshape(-1, x.shape[-1]), bias=False)
-        if acc.dtype != torch.int32:
-            return None
         return self.core._fused_forward(acc.view(x.shape[0], x.shape[1], -1),
-                                        rescale=(lin.bias_int, lin.acc_scale, lin.bias_float))
+                                        rescale=(lin.bias_int, lin.acc_scale, lin.bias_float),
+                                        setup=setup)
 
 
 def integer_attention_paths(model: nn.Module) -> List[str]:
