@@ -201,6 +201,10 @@ def main(argv=None):
     p.add_argument('--diag-images', type=int, default=200,
                    help='images for the graph-opt-off and torch-reordering agreement columns')
     p.add_argument('--image-cache', help='a .pt file caching the preprocessed evaluation images')
+    p.add_argument('--arithmetic', choices=('float', 'exact'), default='float',
+                   help="export_onnx's arithmetic: 'float' (QDQ around float MatMuls) or 'exact' "
+                        '(MatMulInteger on the codes, the integer-exact simulation); the opt-off and '
+                        'torch-running-the-export columns then compare with that simulation')
     p.add_argument('--keep-rows', action='store_true',
                    help='keep the rows (and latency) of an earlier run that this run does not redo')
     args = p.parse_args(argv)
@@ -257,14 +261,17 @@ def main(argv=None):
         # the exported math run by torch itself (same ops, torch kernels): how much of the ORT
         # difference is float summation order rather than the export
         torch.set_num_threads(args.eval_threads)
-        with export_forwards(model):
+        arith = args.arithmetic
+        ref = exact if arith == 'exact' else sim
+        with export_forwards(model, arithmetic=arith):
             n_diag = min(args.diag_images, len(val_x))
-            twin = agreement(torch_logits(model, val_x[:n_diag]).numpy(), sim[:n_diag], y[:n_diag])
-        path = osp.join(args.out_dir, f'{name}.onnx')
+            twin = agreement(torch_logits(model, val_x[:n_diag]).numpy(), ref[:n_diag], y[:n_diag])
+        tag = name if arith == 'float' else f'{name}_{arith}'
+        path = osp.join(args.out_dir, f'{tag}.onnx')
         t1 = time.time()
-        report = export_onnx(model, val_x[:1], path)
+        report = export_onnx(model, val_x[:1], path, arithmetic=arith)
         export_s = time.time() - t1
-        opt_path = osp.join(args.out_dir, f'{name}.ort_optimized.onnx')
+        opt_path = osp.join(args.out_dir, f'{tag}.ort_optimized.onnx')
         sess = ort_session(path, optimized_path=opt_path, threads=args.eval_threads)
         t1 = time.time()
         ort_out = ort_logits(sess, val_x)
@@ -272,11 +279,12 @@ def main(argv=None):
         res = agreement(ort_out, sim, y)
         res_exact = agreement(ort_out, exact, y)
         res_noopt = agreement(ort_logits(ort_session(path, level='none', threads=args.eval_threads),
-                                         val_x[:n_diag]), sim[:n_diag], y[:n_diag])
+                                         val_x[:n_diag]), ref[:n_diag], y[:n_diag])
         fused = {op: c for op, c in op_counts(opt_path).items() if op in INTEGER_OPS}
+        identical = int((np.abs(ort_out - exact).max(1) == 0).sum())
         qdq_left = {op: c for op, c in op_counts(opt_path).items()
                     if op in ('QuantizeLinear', 'DequantizeLinear', 'MatMul')}
-        rec = dict(method=name, bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}', quant_cfg=cfg,
+        rec = dict(method=name, arithmetic=arith, identical_to_exact=identical, bits=f'{spec.w_bits}/{spec.a_bits}/{spec.attn_bits}', quant_cfg=cfg,
                    calib_images=n_calib, state=how, diag_images=n_diag, sim_top1=float((sim.argmax(1) == y).mean() * 100),
                    **res, exact_sim_top1=float((exact.argmax(1) == y).mean() * 100),
                    agree_exact=res_exact['agree'], max_abs_diff_exact=res_exact['max_abs_diff'],
@@ -293,7 +301,7 @@ def main(argv=None):
               f'{res_noopt["max_abs_diff"]:.3g}; torch running the exported ops: agreement '
               f'{twin["agree"]:.2f}%, max |diff| {twin["max_abs_diff"]:.3g}), {rec["onnx_mb"]:.2f} MB, fused {fused} ({how})',
               flush=True)
-        variants[f'ORT {name}'] = ort_runner(ort_session(path))
+        variants[f'ORT {name}' + ('' if arith == 'float' else f' ({arith})')] = ort_runner(ort_session(path))
         del model
         save(args, argv, val_x, records, None)       # rows so far (latency comes last)
     lat = None
@@ -310,12 +318,21 @@ def save(args, argv, val_x, records, lat):
     if getattr(args, 'keep_rows', False):
         old = load_result('onnx_export.json')
         if old and old.get('val_images') == len(val_x):
-            done = {r['method'] for r in records}
-            records = [r for r in old['records'] if r['method'] not in done] + records
-            records.sort(key=lambda r: (r['method'] != 'fp32', list(ROWS).index(r['method'])
-                                        if r['method'] in ROWS else 0))
-            lat = lat if lat is not None else old.get('latency')
-    doc = dict(command='python benchmarks/onnx_export.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+            def key(r):
+                return r['method'], r.get('arithmetic', 'float')
+            done = {key(r) for r in records}
+            records = [r for r in old['records'] if key(r) not in done] + records
+            records.sort(key=lambda r: (r.get('arithmetic', 'float'), r['method'] != 'fp32',
+                                        list(ROWS).index(r['method']) if r['method'] in ROWS else 0))
+            lat = {**(old.get('latency') or {}), **(lat or {})} or None
+    command = 'python benchmarks/onnx_export.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    if getattr(args, 'keep_rows', False):
+        old = load_result('onnx_export.json') or {}
+        commands = old.get('commands') or ([old['command']] if old.get('command') else [])
+        commands = [c for c in commands if c != command] + [command]
+    else:
+        commands = [command]
+    doc = dict(command=command, commands=commands,
                machine=machine_info(), date=datetime.date.today().isoformat(),
                val_images=len(val_x), onnxruntime=__import__('onnxruntime').__version__,
                load_average=os.getloadavg(), records=records, latency=lat)
@@ -331,26 +348,30 @@ def onnx_section(doc):
     lat = doc.get('latency') or {}
     n_diag = next((r['diag_images'] for r in doc['records'] if 'diag_images' in r), 200)
     out = ['## ONNX export: DeiT-Tiny (real weights) in onnxruntime vs our simulated model', '',
-           f'Command: `{doc["command"]}`  ',
+           'Commands: ' + ', '.join(f'`{c}`' for c in doc.get('commands') or [doc['command']]) + '  ',
            f'Machine: {doc["machine"]}, onnxruntime {doc["onnxruntime"]} (CPUExecutionProvider, '
            f'ORT_ENABLE_ALL, 2 intra-op threads); date {doc["date"]}; load average during the run '
            f'{", ".join(f"{v:.1f}" for v in doc["load_average"])} (latency is contended when > 2).  ',
            f'{doc["val_images"]} `imagenet/val1300` images. Agreement = same top-1 class as our simulated '
            'model (for fp32: as torch). Latency = ratio to torch fp32 eager in the same round (median '
            'over rounds; < 1 is faster).', '',
-           '| model | bits (W/A/attn) | simulated top-1 | ORT top-1 | top-1 agreement | agreement with the '
-           'integer-exact simulation | max abs logit diff '
+           '| model | arithmetic | bits (W/A/attn) | simulated top-1 | ORT top-1 | top-1 agreement | agreement with the '
+           'integer-exact simulation | logits identical to it | max abs logit diff '
            f'| agreement, ORT graph opt. off (first {n_diag}) | agreement, torch running the exported ops '
            f'(first {n_diag}) '
            '| ONNX MB | fused integer ops (ORT) | latency bs1 | latency bs32 |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     lat_rows = {'fp32': 'ORT fp32'}
     for r in doc['records']:
-        key = lat_rows.get(r['method'], f'ORT {r["method"]}')
+        arith = r.get('arithmetic', 'float')
+        key = lat_rows.get(r['method'], f'ORT {r["method"]}' + ('' if arith == 'float' else f' ({arith})'))
         lv = lat.get(key, {})
         fused = ', '.join(f'{k} {v}' for k, v in r.get('fused_integer_ops', {}).items()) or '—'
-        out.append(f'| {r["method"]} | {r["bits"]} | {r["sim_top1"]:.2f} | {r["top1"]:.2f} | '
-                   f'{r["agree"]:.2f} % | {pct(r.get("agree_exact"))} | {r["max_abs_diff"]:.3g} | '
+        ident = r.get('identical_to_exact')
+        out.append(f'| {r["method"]} | {arith if r["method"] != "fp32" else "–"} | {r["bits"]} | '
+                   f'{r["sim_top1"]:.2f} | {r["top1"]:.2f} | '
+                   f'{r["agree"]:.2f} % | {pct(r.get("agree_exact"))} | '
+                   f'{"–" if ident is None else ident} | {r["max_abs_diff"]:.3g} | '
                    f'{pct(r.get("noopt_agree"))} | '
                    f'{pct(r.get("torch_export_forwards_agree"))} | {r["onnx_mb"]:.2f} | {fused} | '
                    + (f'{lv["bs1"]:.2f}× | {lv["bs32"]:.2f}× |' if lv else '– | – |'))

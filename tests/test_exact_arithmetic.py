@@ -110,3 +110,40 @@ def test_exact_layers_read_their_grids_at_each_forward():
     iq.set_mode('float')
     with torch.no_grad():
         assert torch.equal(mod(x), nn.functional.linear(x, mod.quant_weight(), mod.bias))
+
+
+def test_rational_gelu_is_gelu_within_the_erf_approximation():
+    """A&S 7.1.28 (|erf error| ≤ 3e-7) evaluated in float32, where P^16 multiplies P's rounding
+    by 16: |GELU error| ≤ 1e-6·|x| (torch's own float32 GELU is off by up to ~1.2e-6), against
+    GELU in float64 (math.erf) over [−12, 12], the tails and signed zeros."""
+    import math
+
+    from fqvit_det.nn.exact import rational_gelu
+    x = torch.cat([torch.linspace(-12, 12, 200001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0])])
+    ref = torch.tensor([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.double().tolist()],
+                       dtype=torch.float64)
+    y = rational_gelu(x)
+    err = (y.double() - ref).abs()
+    assert float((err - (1e-6 * x.double().abs() + 1e-7)).max()) <= 0, float(err.max())
+    tail = torch.tensor([0.0, 0.0, 1e-30, -1e-30, 50.0, 0.0]) * torch.tensor([1, 1, 0.5, 0.5, 1, 1])
+    assert torch.equal(y[-6:], tail)
+    # the same bits in a different op order would be a different function: spot-check the order
+    # against torch's GELU only loosely (a different erf approximation)
+    assert float((y - torch.nn.functional.gelu(x)).abs().max()) <= 2e-6
+
+
+def test_exact_arithmetic_swaps_gelu_and_back():
+    from fqvit_det.nn.exact import RationalGELU
+    model = tiny_vit()
+    spec = make_spec(method='repq', w_bits=4, a_bits=4)
+    quantize_model(model, spec)
+    x = images(model, 4)
+    CalibrationRunner(model, spec, progress=False).run([x])
+    n = sum(type(m) is nn.GELU for m in model.modules())
+    assert n > 0
+    set_exact_arithmetic(model)
+    assert sum(type(m) is RationalGELU for m in model.modules()) == n
+    assert not any(type(m) is nn.GELU for m in model.modules())
+    set_exact_arithmetic(model, False)
+    assert sum(type(m) is nn.GELU for m in model.modules()) == n
+    assert not any(type(m) is RationalGELU for m in model.modules())

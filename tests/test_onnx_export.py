@@ -11,6 +11,7 @@ rounding tie can land one code apart: identical top-1 and max |logit diff| ≤ 1
 models (measured ≤ 4e-7 here). With optimizations on, onnxruntime fuses the QDQ pairs into
 integer kernels that requantize with their own rounding: identical top-1, max diff ≤ 0.1.
 """
+import copy
 import re
 
 import numpy as np
@@ -23,6 +24,7 @@ from fqvit_det.calibration import CalibrationRunner
 from fqvit_det.convert import quantize_model
 from fqvit_det.export import UnsupportedQuantizerError, check_exportable, export_onnx
 from fqvit_det.export.onnx import uniform_plan
+from fqvit_det.nn.exact import set_exact_arithmetic
 from fqvit_det.presets import make_spec
 from fqvit_det.quantizers import build_quantizer
 from fqvit_det.quantizers.base import Quantizer
@@ -108,6 +110,44 @@ def test_tiny_vit_export_matches_simulation(name, tmp_path):
     # onnxruntime fuses QDQ MatMuls into integer kernels
     fused = set(op_types(opt)) & {'QLinearMatMul', 'MatMulIntegerToFloat', 'QLinearConv'}
     assert fused, sorted(set(op_types(opt)))
+
+
+@pytest.mark.parametrize('name', list(PRESETS))
+def test_tiny_vit_exact_export_matches_the_exact_simulation(name, tmp_path):
+    """arithmetic='exact': every Linear on a per-tensor uniform input is MatMulInteger on the codes
+    followed by Cast, Mul Δ_x·Δ_w, Add bias (twin-uniform inputs: a float64 MatMul on the codes),
+    QKᵀ and P·V on codes; onnxruntime reproduces the integer-exact simulation, with graph
+    optimizations on too (the integer GEMMs and the separate rescale are kept)."""
+    model = calibrated(name)
+    x = images(model, 6, seed=5)
+    with torch.no_grad():
+        ref_float = model(x).numpy()
+    exact = copy.deepcopy(model)
+    set_exact_arithmetic(exact)
+    with torch.no_grad():
+        ref = exact(x).numpy()
+    path = tmp_path / f'{name}.onnx'
+    report = export_onnx(model, x[:2], path, arithmetic='exact')
+    with torch.no_grad():                 # the model computes as before (exact arithmetic off)
+        assert np.array_equal(model(x).numpy(), ref_float)
+    forms = list(report.weights.values())
+    n_int = sum(f.startswith('integer (MatMulInteger') for f in forms)
+    assert n_int >= len(forms) - 2 - (4 if name.startswith('ptq4vit') else 0), report.weights
+    assert op_types(path).count('MatMulInteger') == n_int
+    opt = tmp_path / 'opt.onnx'
+    for optimize in (False, True):
+        out = run(session(path, optimize, opt if optimize else None), x)
+        assert (out.argmax(1) == ref.argmax(1)).all()
+        assert float(np.abs(out - ref).max()) <= (1e-5 if name in EXACT else 1e-2), name
+    ops = op_types(opt)
+    assert ops.count('MatMulInteger') == n_int and 'MatMulIntegerToFloat' not in ops
+
+
+def test_exact_export_rejects_an_unknown_arithmetic(tmp_path):
+    with pytest.raises(ValueError, match="arithmetic must be one of"):
+        export_onnx(torch.nn.Sequential(torch.nn.Identity()), torch.zeros(1, 4),
+                    tmp_path / 'x.onnx', arithmetic='integer')
+    assert not (tmp_path / 'x.onnx').exists()
 
 
 def test_uniform_qdq_rounds_like_our_quantizer(tmp_path):
@@ -228,17 +268,18 @@ def test_cli_rejects_a_state_of_another_recipe(tmp_path):
     assert not (tmp_path / 'b.onnx').exists()
 
 
-@pytest.mark.parametrize('cfg, exact', [
-    (dict(type='TwinUniformGeluQuantizer', bits=6), True),
-    (dict(type='TwinUniformSoftmaxQuantizer', bits=6), True),
-    (dict(type='Log2Quantizer', bits=4), False),
-    (dict(type='LogSqrt2Quantizer', bits=4), False),
-    (dict(type='AdaLogQuantizer', bits=4, shift=0.16997124, max_samples=4096), False),
+@pytest.mark.parametrize('cfg', [
+    dict(type='TwinUniformGeluQuantizer', bits=6),
+    dict(type='TwinUniformSoftmaxQuantizer', bits=6),
+    dict(type='Log2Quantizer', bits=4),
+    dict(type='LogSqrt2Quantizer', bits=4),
+    dict(type='LogSqrt2Quantizer', bits=6),
+    dict(type='AdaLogQuantizer', bits=4, shift=0.16997124, max_samples=4096),
 ])
-def test_non_uniform_quantizers_as_standard_ops(cfg, exact, tmp_path):
-    """Twin uniform: bit-exact. Log-coded: the dequantized values come from the quantizer's own
-    table; only a code whose −log2 lies within ~1 ulp of a rounding tie may differ (Log/ln2 in
-    onnxruntime vs torch's float32 log2)."""
+def test_non_uniform_quantizers_as_standard_ops(cfg, tmp_path):
+    """Bit-exact: twin uniform by construction; log-coded ones because the approximate code from
+    onnxruntime's Log is corrected with the code's exact float32 thresholds (inputs placed at and
+    beside every threshold included)."""
     q = build_quantizer(cfg)
     g = torch.Generator().manual_seed(0)
     if 'Gelu' in cfg['type'] or 'shift' in cfg:
@@ -252,9 +293,23 @@ def test_non_uniform_quantizers_as_standard_ops(cfg, exact, tmp_path):
     path = tmp_path / 'q.onnx'
     report = export_onnx(torch.nn.Sequential(q), x[:2], path)
     assert 'standard ops' in next(iter(report.quantizers.values()))
-    out, ref = run(session(path, optimize=False), x), q.fake_quant(x).numpy()
-    if exact:
-        assert np.array_equal(out, ref)
-    else:
-        assert np.mean(out != ref) <= 1e-3
-        assert set(np.unique(out)) <= set(np.unique(q.fake_quant(torch.cat([x, x * 0])).numpy())) | {0.0}
+    if 'Log' in cfg['type'] or 'shift' in cfg:
+        # the inputs whose code changes: every threshold u = x/Δ and its float32 neighbours
+        from fqvit_det.export.onnx import log_code_thresholds
+        from fqvit_det.quantizers.log import log_sqrt2_quantize, log2_quantize
+        d = q.delta.detach()
+        code_of = ((lambda u: torch.round(-2.0 * torch.log2(u))) if 'Sqrt2' in cfg['type'] else
+                   (lambda u: torch.round(-torch.log2(u))) if cfg['type'] == 'Log2Quantizer' else
+                   (lambda u: torch.round(-torch.log2(u) * float(q.r) / float(int(q.q)))))
+        t = log_code_thresholds(code_of, q.bits)
+        near = torch.cat([t, torch.nextafter(t, torch.zeros(())), torch.nextafter(t, t * 2)]) * d
+        shift = float(getattr(q, 'shift', 0.0) or 0.0)
+        near = torch.cat([near - shift, torch.zeros(64 - near.numel() % 64)])
+        x = torch.cat([x.reshape(-1), near]).reshape(-1, 64)
+        if 'Sqrt2' in cfg['type']:
+            assert torch.equal(q.quantize(t * d), log_sqrt2_quantize(t * d, d, q.bits))
+        if cfg['type'] == 'Log2Quantizer':
+            assert torch.equal(q.quantize(t * d), log2_quantize(t * d, d, q.bits))
+    for optimize in (False, True):
+        out, ref = run(session(path, optimize=optimize), x), q.fake_quant(x).numpy()
+        assert np.array_equal(out, ref), (cfg, int((out != ref).sum()))

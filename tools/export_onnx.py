@@ -7,7 +7,8 @@
 Without ``--quant-state`` the model is calibrated first (the config's calibration data and number
 of images, as ``tools/test.py`` does). Uniform quantizers become QuantizeLinear/DequantizeLinear,
 weights int8 initializers + DequantizeLinear, the non-uniform quantizers standard ONNX ops
-(``fqvit_det/export/onnx.py``). The graph's input is the preprocessed image batch (the dataset
+(``fqvit_det/export/onnx.py``); with ``--arithmetic exact`` the quantized Linears are
+MatMulInteger on the codes with an exact rescale, the model's integer-exact simulation. The graph's input is the preprocessed image batch (the dataset
 transform's output, normalized), its output the logits; the batch dimension is dynamic.
 """
 import argparse
@@ -28,6 +29,11 @@ def parse_args(argv=None):
     p.add_argument('--calib-images', type=int, help='override the number of calibration images')
     p.add_argument('--float', action='store_true', help='export the float model (quantizers off)')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset (>= 13; default 17)')
+    p.add_argument('--arithmetic', choices=('float', 'exact'), default='float',
+                   help="'float' (default): the float32 simulation, QDQ around float MatMuls that "
+                        "onnxruntime fuses into its integer kernels; 'exact': the integer-exact "
+                        'simulation (tools/test.py --exact-arithmetic, the integer model\'s '
+                        'arithmetic): MatMulInteger on the codes and an exact rescale')
     p.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
                    help="input height and width (default: the model's own image size)")
     p.add_argument('--verify', action='store_true',
@@ -105,9 +111,11 @@ def main(argv=None):
              f'(mmpretrain models, wrapped in {list(CLASSIFIERS)})')
     if not args.float and cfg.model.get('quant_cfg') is None:
         fail(f'{args.config} has no quant_cfg: nothing to quantize (use --float for a float export)')
-    from mmengine.registry import MODELS
+    from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import set_random_seed
     import fqvit_det.mm  # noqa: F401  (registers the models)
+    # the config's registry scope (its datasets and transforms), as mmengine's Runner sets it
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     seed = (cfg.get('randomness') or {}).get('seed')
     if seed is not None:   # as mmengine's Runner: layers without trained weights are reproducible
         set_random_seed(seed)
@@ -138,32 +146,39 @@ def main(argv=None):
             fail('cannot tell the input size of this model; pass --input-size H W')
         h, w = size
     example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    report = export_onnx(target, example, args.out, opset=args.opset)
+    report = export_onnx(target, example, args.out, opset=args.opset, arithmetic=args.arithmetic)
     print(f'wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB, opset {args.opset})')
     for form, count in report.summary().items():
         print(f'  {count:4d} × {form}')
     print('  ops: ' + ', '.join(f'{k} {v}' for k, v in report.op_counts.items()
-                                 if k in ('QuantizeLinear', 'DequantizeLinear', 'MatMul', 'Conv',
+                                 if k in ('QuantizeLinear', 'DequantizeLinear', 'MatMul',
+                                          'MatMulInteger', 'Conv',
                                           'LayerNormalization', 'Log', 'Gather')))
     if args.verify:
-        verify(target, args.out, h, w)
+        verify(target, args.out, h, w, args.arithmetic)
     return report
 
 
-def verify(model, path, h, w):
+def verify(model, path, h, w, arithmetic='float'):
     import numpy as np
     import onnxruntime as ort
     import torch
+
+    from fqvit_det.nn.exact import set_exact_arithmetic
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        if arithmetic == 'exact':
+            set_exact_arithmetic(model)
         ref = model(x).numpy()
+        if arithmetic == 'exact':
+            set_exact_arithmetic(model, False)
     for level, name in ((ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 'off'),
                         (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 'all')):
         so = ort.SessionOptions()
         so.graph_optimization_level = level
         sess = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
         out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        print(f'verify (graph optimizations {name}): max |onnxruntime − simulated| = '
+        print(f'verify (graph optimizations {name}): max |onnxruntime − simulated ({arithmetic})| = '
               f'{float(np.abs(out - ref).max()):.3g}, same top-1: '
               f'{bool((out.argmax(-1) == ref.argmax(-1)).all())}')
 

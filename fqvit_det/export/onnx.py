@@ -19,9 +19,10 @@ and quantized LayerNorm runs an exportable twin of its simulated forward:
   Linear weights are stored transposed ([in, out], axis 1) and multiplied with ``MatMul``.
 * **Non-uniform quantizers** become standard ops that reproduce the fake quantization:
   twin uniform (PTQ4ViT): ``Less/Where, Div, Round, Clip, Mul`` (bit-exact); log2 / log√2
-  (FQ-ViT, RepQ-ViT) and AdaLog: ``Div, Log, Mul, Round`` to the code, then ``Gather`` from the
-  table of dequantized values our quantizer computes (identical values; the code can differ from
-  torch's float32 ``log2`` where −log2(x/Δ)·k lies within about one ulp of a rounding tie);
+  (FQ-ViT, RepQ-ViT) and AdaLog: ``Div, Log, Mul, Round`` to an approximate code, corrected to
+  the code torch's float32 ``log2`` gives by comparing x/Δ with the code's exact float32
+  thresholds (found by bisection with torch's own ops), then ``Gather`` from the table of
+  dequantized values our quantizer computes (identical codes and values);
   Log-Int-Softmax (FQ-ViT): the logit codes (``Div, Round, Clip``), the row maximum, a ``Gather``
   from the integer-exp table, the exact float64 ratio ``Round(Σe/e)`` and the log2 code by
   ``Log`` with an exact power-of-two correction (bit-exact).
@@ -36,6 +37,7 @@ clamp(round(x / Δ) + z, q_min, q_max). Remaining differences are float summatio
 MatMul / LayerNorm / Softmax kernels and the log-based codes named above.
 """
 import contextlib
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -249,17 +251,55 @@ def _ptf_forward(q: PTFQuantizer):
     return (lambda x: apply_uniform_plan(plan, x)), plan.form
 
 
-def _log_table_forward(q: Quantizer, table: torch.Tensor, code_fn, what: str):
-    """code_fn(x) → float codes; values = table[clamp(code, 0, 2^b)] with NaN → the zero entry
-    (table[2^b] = 0 for the zero code)."""
+def log_code_thresholds(code_of, bits: int) -> torch.Tensor:
+    """T[k], k = 0 … 2^b − 1: the smallest positive float32 u whose code ``code_of(u)`` (the
+    quantizer's own float32 formula, evaluated by torch; non-increasing in u) is ≤ k, found by
+    bisection over the float32 bit patterns. ``code_of(u) > k`` exactly when u < T[k]."""
+    n = 2 ** bits
+    lo = torch.ones(n, dtype=torch.int64)                      # smallest positive subnormal
+    hi = torch.full((n,), 0x7F7FFFFF, dtype=torch.int64)       # largest finite float32
+    ks = torch.arange(n, dtype=torch.float32)
+
+    def codes(bits_):
+        # 64 copies of each value: torch's vectorized kernels, as on the model's tensors
+        u = bits_.to(torch.int32).view(torch.float32).repeat_interleave(64)
+        return code_of(u).reshape(-1, 64)[:, 0]
+    if not bool((codes(hi) <= ks).all()):
+        raise UnsupportedQuantizerError('log code thresholds: the largest input does not reach code 0')
+    while bool((hi > lo).any()):
+        mid = (lo + hi) // 2
+        ok = codes(mid) <= ks                     # NaN codes compare False: keep searching above
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid + 1)
+    t = hi.to(torch.int32).view(torch.float32)
+    below = (hi - 1).clamp(min=1)
+    if not (bool((codes(hi) <= ks).all()) and bool(((codes(below) > ks) | (hi == 1)).all())):
+        raise UnsupportedQuantizerError('log code thresholds: the code is not monotone in its input')
+    return t
+
+
+def _log_table_forward(q: Quantizer, table: torch.Tensor, arg_fn, code_of, what: str):
+    """Codes c = code_of(u), u = arg_fn(x), clamped to [0, 2^b] (2^b, NaN, +inf: the zero code);
+    values = table[c] (table[2^b] = 0).
+
+    ``code_of`` is the quantizer's own float32 formula (torch's log2). In the graph it becomes
+    ``Log``, whose result can sit an ulp away from torch's; the code is then made exact with the
+    thresholds of ``log_code_thresholds``: c = c₀ + [u < T[c₀]] − [u ≥ T[c₀ − 1]] (one Gather and
+    a compare each way), so the graph returns torch's code for every u."""
     n = 2 ** q.bits
+    thresholds = log_code_thresholds(code_of, q.bits)
+    up = torch.cat([thresholds, torch.zeros(1)])                        # T[c], T[2^b] = 0
+    down = torch.cat([torch.full((1,), float('inf')), thresholds])      # T[c − 1], T[−1] = ∞
 
     def forward(x):
-        c = code_fn(x)
+        u = arg_fn(x)
+        c = code_of(u)
         c = torch.where(torch.isnan(c), torch.full_like(c, float(n)), c)
-        idx = torch.clamp(c, 0.0, float(n)).to(torch.int64)
-        return table.to(x.device)[idx]
-    return forward, f'standard ops ({what}: Log, Round, Gather)'
+        c = torch.clamp(c, 0.0, float(n))
+        i = c.to(torch.int64)
+        c = c + (u < up.to(x.device)[i]).to(c.dtype) - (u >= down.to(x.device)[i]).to(c.dtype)
+        return table.to(x.device)[c.to(torch.int64)]
+    return forward, f'standard ops ({what}: Log, Round, Gather, exact code thresholds)'
 
 
 def _code_table(dequant, bits: int) -> torch.Tensor:
@@ -272,16 +312,16 @@ def _log2_forward(q: Log2Quantizer):
     d = q.delta.detach().cpu()
     table = _code_table(lambda c: log2_dequantize(c, d), q.bits)
     dv = d.to(torch.float32)
-    return _log_table_forward(q, table, lambda x: torch.round(-torch.log2(x / dv.to(x.device))),
-                              'log2')
+    return _log_table_forward(q, table, lambda x: x / dv.to(x.device),
+                              lambda u: torch.round(-torch.log2(u)), 'log2')
 
 
 def _log_sqrt2_forward(q: LogSqrt2Quantizer):
     d = q.delta.detach().cpu()
     table = _code_table(lambda c: log_sqrt2_dequantize(c, d), q.bits)
     dv = d.to(torch.float32)
-    return _log_table_forward(
-        q, table, lambda x: torch.round(torch.log2(x / dv.to(x.device)) * -2.0), 'log√2')
+    return _log_table_forward(q, table, lambda x: x / dv.to(x.device),
+                              lambda u: torch.round(-2.0 * torch.log2(u)), 'log√2')
 
 
 def _adalog_forward(q: AdaLogQuantizer):
@@ -291,10 +331,11 @@ def _adalog_forward(q: AdaLogQuantizer):
                                                     q.shift, q.subtract_shift), q.bits)
     shift, r = q.shift, float(q.r)
 
-    def code(x):
+    def arg(x):
         xs = x + shift if shift else x
-        return torch.round(-torch.log2(xs / d.to(x.device)) * r / qv)
-    return _log_table_forward(q, table, code, 'AdaLog')
+        return xs / d.to(x.device)
+    return _log_table_forward(q, table, arg, lambda u: torch.round(-torch.log2(u) * r / qv),
+                              'AdaLog')
 
 
 def _twin_softmax_forward(q: TwinUniformSoftmaxQuantizer):
@@ -319,13 +360,27 @@ def _twin_gelu_forward(q: TwinUniformGeluQuantizer):
     return forward, 'standard ops (twin uniform: Where, Div, Round, Clip, Mul)'
 
 
-def _floor_log2(v: torch.Tensor) -> torch.Tensor:
-    """⌊log2 v⌋ for positive float64 v, exactly: Log's estimate corrected against exact powers of
-    two (Pow(2, k) is exact for integer k)."""
-    two = torch.tensor(2.0, dtype=torch.float64, device=v.device)
-    k = torch.floor(torch.log2(v))
-    k = k + (v >= torch.pow(two, k + 1)).to(torch.float64) - (v < torch.pow(two, k)).to(torch.float64)
-    return k
+def _pow2_table(lo: int, hi: int, device=None) -> torch.Tensor:
+    """[2^lo, …, 2^hi] in float64, exactly (ldexp)."""
+    return torch.tensor([math.ldexp(1.0, e) for e in range(lo, hi + 1)], dtype=torch.float64,
+                        device=device)
+
+
+def _exp2_int(k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """2^k for integer-valued float64 k in [lo, hi], exactly: a Gather from the table of those
+    powers (onnxruntime's Pow is not exact for every integer exponent)."""
+    return _pow2_table(lo, hi, k.device)[(k - lo).to(torch.int64)]
+
+
+def _floor_log2(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """clamp(⌊log2 v⌋, lo, hi) for positive float64 v, exactly: Log's estimate (within one of
+    the floor) corrected by comparing v with exact powers of two from a table."""
+    table = _pow2_table(lo, hi + 1, v.device)                     # 2^lo … 2^(hi+1)
+    k = torch.clamp(torch.floor(torch.log2(v)), float(lo), float(hi))
+    i = (k - lo).to(torch.int64)
+    up = (v >= table[i + 1]) & (k < hi)
+    down = (v < table[i]) & (k > lo)
+    return k + up.to(torch.float64) - down.to(torch.float64)
 
 
 def lis_exp_table(q: LogIntSoftmax, n_tok: int) -> torch.Tensor:
@@ -352,7 +407,8 @@ def _lis_forward(q: LogIntSoftmax):
     s = lq.scale.detach().cpu().reshape(()).to(torch.float32)
     zp = float(lq.zero_point)
     lo, hi = lq.qmin - zp, lq.qmax - zp
-    top = float(2 ** q.bits)
+    n_top = 2 ** q.bits
+    top = float(n_top)
     tables = {}
 
     def forward(x):
@@ -367,13 +423,12 @@ def _lis_forward(q: LogIntSoftmax):
         tot = t.sum(dim=-1, keepdim=True)
         pos = t > 0
         r = torch.round(tot / torch.where(pos, t, torch.ones_like(t)))  # R = ⌊Σe/e⌉, ties to even
-        k = _floor_log2(r / 0.75)                                       # half-up log2 code of R
-        two = torch.tensor(2.0, dtype=torch.float64, device=x.device)
+        k = _floor_log2(r / 0.75, 0, n_top)                        # half-up log2 code of R
         keep = pos & (k < top)
-        val = torch.where(keep, torch.pow(two, -torch.where(keep, k, torch.zeros_like(k))),
+        val = torch.where(keep, _exp2_int(-torch.where(keep, k, torch.zeros_like(k)), 1 - n_top, 0),
                           torch.zeros_like(k))
         return val.to(torch.float32)
-    return forward, 'standard ops (Log-Int-Softmax: Round, ReduceMax, Gather, float64 Div/Round, Log, Pow)'
+    return forward, 'standard ops (Log-Int-Softmax: Round, ReduceMax, Gather, float64 Div/Round, Log)'
 
 
 _FORWARDS = {UniformQuantizer: _uniform_forward, PTFQuantizer: _ptf_forward,
@@ -394,7 +449,7 @@ def int_layernorm_onnx(x, iv, weight, bias, oq, eps: float, dyadic_bits: int = 8
     order; integers stay exact below 2^53.
     """
     dev = x.device
-    C = x.shape[-1]
+    C = int(x.shape[-1])          # a constant of the graph (a traced size would compute in float32)
     s_in = iv.channel_scale.detach().to(torch.float32).reshape(-1).to(dev)
     zp_in = float(iv.zero_point)
     factor = torch.pow(2.0, iv.alpha.detach().to(torch.float64)).reshape(-1).to(dev)
@@ -408,21 +463,25 @@ def int_layernorm_onnx(x, iv, weight, bias, oq, eps: float, dyadic_bits: int = 8
     sign = torch.where(gamma < 0, -1.0, 1.0).to(torch.float64)
     z_out = float(torch.round(oq.zero_point.detach()).reshape(()))
     lo_out, hi_out = 0.0 - z_out, (2 ** oq.bits - 1) - z_out
-    two = torch.tensor(2.0, dtype=torch.float64, device=dev)
 
     codes = torch.clamp(torch.round(x / s_in), 0.0 - zp_in, iv.qmax - zp_in)
     xc = codes.to(torch.float64) * factor                      # (q − z)·2^α, units of Δ_1
     s1 = xc.sum(dim=-1, keepdim=True)
     s2 = (xc * xc).sum(dim=-1, keepdim=True)
-    d = s2 * float(C) - s1 * s1
-    sigma = (delta1 / C) * torch.sqrt(d + eps * C * C / (delta1 * delta1))
-    mu = (s1 * delta1) / float(C)
-    abs_a = (delta1 / sigma) * gamma_abs / delta_out
-    f = _floor_log2(torch.clamp(abs_a, min=torch.finfo(torch.float64).tiny))
+    # float64 constants as float64 tensors (the exporter writes a bare Python float as float32)
+    def f64(v):
+        return torch.tensor(v, dtype=torch.float64, device=dev)
+    d = s2 * f64(float(C)) - s1 * s1
+    sigma = f64(delta1 / C) * torch.sqrt(d + f64(eps * C * C / (delta1 * delta1)))
+    mu = (s1 * f64(delta1)) / f64(float(C))
+    abs_a = (f64(delta1) / sigma) * gamma_abs / f64(delta_out)
+    # only ⌊log2|A|⌋ in [dyadic_bits − 32, dyadic_bits − 1] matters: N is clamped to [0, 31]
+    f = _floor_log2(torch.clamp(abs_a, min=torch.finfo(torch.float64).tiny), dyadic_bits - 32,
+                    dyadic_bits - 1)
     n = torch.clamp((dyadic_bits - 1) - f, 0.0, 31.0)
-    two_n = torch.pow(two, n)
+    two_n = _exp2_int(n, 0, 31)
     m = torch.clamp(torch.floor(abs_a * two_n), 0.0, float(2 ** dyadic_bits - 1)) * sign
-    b = torch.round((beta - mu / sigma * gamma) / delta_out * two_n)
+    b = torch.round((beta - mu / sigma * gamma) / f64(delta_out) * two_n)
     y = torch.round((m * xc + b) / two_n)
     y = torch.clamp(y, lo_out, hi_out).to(torch.float32)
     return y * oq.scale.detach().to(torch.float32).reshape(()).to(dev)
@@ -524,6 +583,112 @@ def _layernorm_forward(mod: QuantLayerNorm, report: ExportReport, name: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Integer-exact arithmetic (``fqvit_det.nn.exact``): GEMMs on codes, as the integer model
+# ---------------------------------------------------------------------------------------------
+class _QuantizeCodes(torch.autograd.Function):
+    """QuantizeLinear: the container codes clamp(⌊x/Δ⌉ + z', c_min, c_max) (``zero_point``'s dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point):
+        cmin, cmax = _container_range(zero_point.dtype)
+        return torch.clamp(torch.round(x / scale) + zero_point.to(torch.float32), cmin, cmax
+                           ).to(zero_point.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point):
+        return g.op('QuantizeLinear', x, scale, zero_point)
+
+
+class _MatMulInteger(torch.autograd.Function):
+    """MatMulInteger: int32 Σ_k (a − z_a)(b − z_b), exact (b_zero_point per tensor or per column)."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_zero_point, b_zero_point):
+        af = a.to(torch.float64) - a_zero_point.to(torch.float64)
+        bf = b.to(torch.float64) - b_zero_point.to(torch.float64)
+        return torch.matmul(af, bf).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, a, b, a_zero_point, b_zero_point):
+        return g.op('MatMulInteger', a, b, a_zero_point, b_zero_point)
+
+
+def _integer_weight(wc: torch.Tensor):
+    """(B [K, N], b_zero_point) for MatMulInteger from centred weight codes wc [N, K] (float64):
+    int8 with zero point 0 when they fit, else uint8 codes with a per-column zero point."""
+    wc = wc.reshape(wc.shape[0], -1).to(torch.int64)
+    if int(wc.min()) >= -128 and int(wc.max()) <= 127:
+        return wc.t().contiguous().to(torch.int8), torch.zeros((), dtype=torch.int8)
+    zp = torch.clamp(-wc.amin(dim=1), min=0)
+    if int((wc + zp[:, None]).max()) > 255 or int(zp.max()) > 255:
+        return None
+    return (wc + zp[:, None]).t().contiguous().to(torch.uint8), zp.to(torch.uint8)
+
+
+def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
+    """The integer-exact forward of a quantized Linear (or a patch convolution, ``patches`` =
+    (patch size, out channels)) in ONNX, or None where the layer does not compute exactly:
+
+    * per-tensor uniform input: codes by ``QuantizeLinear`` (after the grid's Clip), then
+      ``MatMulInteger`` with the input and weight zero points → int32, ``Cast`` to float32,
+      ``Mul`` Δ_x·Δ_w[c], ``Add`` bias: the ops of ``QuantLinear``'s exact branch and of
+      ``IntegerLinear`` (requant='float'), in their order;
+    * twin-uniform input (PTQ4ViT after GELU): the codes in the finer step (``Div, Round``) and a
+      float64 ``MatMul`` (every partial sum an integer below 2^53), ``Cast`` to float32.
+    """
+    from ..nn.exact import exact_linear_constants
+    with torch.no_grad():
+        unit = mod._exact_step()
+        if unit is None:
+            return None
+        wc, acc_scale = exact_linear_constants(mod, unit)
+    iq = mod._exact[0]
+    bias = None if mod.bias is None else mod.bias.detach().to(torch.float32)
+    n_out = wc.shape[0]
+    plan = None
+    if type(iq) is UniformQuantizer:
+        plan = uniform_plan(iq.scale, iq.zero_point, iq.qmin, iq.qmax, None)
+        if plan.zero_point is None or plan.scale.dim() != 0:
+            plan = None
+    weight = _integer_weight(wc) if plan is not None else None
+    if weight is not None:
+        b, b_zp = weight
+        report.weights[name] = 'integer (MatMulInteger, exact rescale)'
+    else:
+        w64 = wc.reshape(n_out, -1).t().contiguous()
+        report.weights[name] = 'integer-valued float64 MatMul (exact)'
+    unit32 = unit.detach().to(torch.float32).reshape(())
+
+    def gemm(x):                                            # [..., K] → float32 [..., N]
+        if weight is not None:
+            if plan.clip:
+                x = torch.clamp(x, float(plan.lo * plan.scale), float(plan.hi * plan.scale))
+            a = _QuantizeCodes.apply(x, plan.scale.to(x.device), plan.zero_point.to(x.device))
+            acc = _MatMulInteger.apply(a, b.to(x.device), plan.zero_point.to(x.device),
+                                       b_zp.to(x.device)).to(torch.float32)
+        else:
+            xc = torch.round(x / unit32.to(x.device)).to(torch.float64)
+            acc = torch.matmul(xc, w64.to(x.device)).to(torch.float32)
+        y = acc * acc_scale.to(x.device)
+        return y if bias is None else y + bias.to(x.device)
+
+    def forward(x):
+        if mod.in_quantizer is not None and weight is None:
+            x = mod.in_quantizer(x)            # twin: the fake-quantized values, on its grid
+        if patches is None:
+            y = gemm(x)
+        else:
+            (ph, pw), c_out = patches
+            B, C, H, W = x.shape
+            gh, gw = H // ph, W // pw
+            x = x[:, :, :gh * ph, :gw * pw].reshape(-1, C, gh, ph, gw, pw)
+            x = x.permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, C * ph * pw)
+            y = gemm(x).transpose(1, 2).reshape(-1, c_out, gh, gw)
+        return y if mod.out_quantizer is None else mod.out_quantizer(y)
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
 def check_exportable(model: nn.Module) -> None:
@@ -541,14 +706,31 @@ def check_exportable(model: nn.Module) -> None:
                 f'supported: {sorted(c.__name__ for c in _FORWARDS)}')
 
 
+ARITHMETIC = ('float', 'exact')
+
+
 @contextlib.contextmanager
-def export_forwards(model: nn.Module, report: Optional[ExportReport] = None):
+def export_forwards(model: nn.Module, report: Optional[ExportReport] = None,
+                    arithmetic: str = 'float'):
     """Within the context every quantizer in 'quant' mode, quantized Linear / Conv and quantized
     LayerNorm of ``model`` runs its exportable forward (instance attribute ``forward``); the
-    originals are restored on exit."""
+    originals are restored on exit.
+
+    ``arithmetic='exact'``: the model computes as its integer-exact simulation
+    (``set_exact_arithmetic``, switched on for the context) and its GEMMs are written on codes:
+    ``MatMulInteger`` for Linears / patch convolutions on per-tensor uniform inputs, integer-valued
+    float32 / float64 ``MatMul`` for QKᵀ and P·V (exact in any summation order), GELU as
+    ``rational_gelu``'s float32 +, −, ×, ÷ (the same bits in any IEEE backend)."""
+    from ..nn.exact import RationalGELU, set_exact_arithmetic
+    if arithmetic not in ARITHMETIC:
+        raise ValueError(f'export: arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}')
     check_exportable(model)
     report = report if report is not None else ExportReport()
     patched: List[nn.Module] = []
+    switched = arithmetic == 'exact' and not any(
+        type(m) is RationalGELU or getattr(m, '_exact', None) is not None for m in model.modules())
+    if arithmetic == 'exact':
+        set_exact_arithmetic(model)
     # weight quantizers are written with their module (int8 initializers + DequantizeLinear);
     # LIS drives its logit quantizer itself
     inner = {id(m.w_quantizer) for m in model.modules()
@@ -563,9 +745,14 @@ def export_forwards(model: nn.Module, report: Optional[ExportReport] = None):
                 fwd, form = _FORWARDS[type(mod)](mod)
                 report.quantizers[name] = form
             elif isinstance(mod, QuantLinear):
-                fwd = _linear_forward(mod, report, name)
+                fwd = ((arithmetic == 'exact' and _exact_linear_forward(mod, report, name))
+                       or _linear_forward(mod, report, name))
             elif isinstance(mod, QuantConv2d):
-                fwd = _conv_forward(mod, report, name)
+                patch = (tuple(mod.kernel_size) == tuple(mod.stride) and mod.groups == 1
+                         and tuple(mod.padding) == (0, 0) and tuple(mod.dilation) == (1, 1))
+                fwd = ((arithmetic == 'exact' and patch and _exact_linear_forward(
+                    mod, report, name, (tuple(mod.kernel_size), mod.out_channels)))
+                    or _conv_forward(mod, report, name))
             elif isinstance(mod, QuantLayerNorm):
                 fwd = _layernorm_forward(mod, report, name)
             if fwd is not None:
@@ -575,24 +762,34 @@ def export_forwards(model: nn.Module, report: Optional[ExportReport] = None):
     finally:
         for mod in patched:
             del mod.forward
+        if switched:
+            set_exact_arithmetic(model, False)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
-                input_name: str = 'input', output_name: str = 'logits') -> ExportReport:
+                input_name: str = 'input', output_name: str = 'logits',
+                arithmetic: str = 'float') -> ExportReport:
     """Export ``model`` (calibrated, quantizers in 'quant' mode; or float) to ONNX at ``path``.
+
+    ``arithmetic``: ``'float'`` (default) writes the float32 simulation (QDQ around float MatMuls,
+    which onnxruntime fuses into its integer kernels); ``'exact'`` writes the integer-exact
+    simulation (``export_forwards``), the arithmetic of the integer model.
 
     Returns an ``ExportReport``: how every quantizer, weight and LayerNorm was written, and the
     op counts of the written graph.
     """
     import onnx
+    if arithmetic not in ARITHMETIC:
+        raise ValueError(f'export_onnx: arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}')
     if opset < 13:
         raise ValueError(f'export_onnx: opset must be >= 13 (per-axis QuantizeLinear), got {opset}')
     report = ExportReport(path=str(path), opset=opset)
     was_training = model.training
     model.eval()
     try:
-        with export_forwards(model, report), torch.no_grad(), warnings.catch_warnings():
+        with export_forwards(model, report, arithmetic), torch.no_grad(), \
+                warnings.catch_warnings():
             # the calibrated parameters are meant to become constants of the graph
             warnings.simplefilter('ignore', torch.jit.TracerWarning)
             warnings.simplefilter('ignore', DeprecationWarning)   # the TorchScript exporter

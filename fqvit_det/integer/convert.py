@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..log import get_logger
+from ..nn.exact import RationalGELU, rational_gelu
 from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.uniform import UniformQuantizer
 from ..walk import feeding_norms
@@ -263,23 +264,30 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
     return new.to(device)
 
 
-class InPlaceGELU(nn.GELU):
-    """``nn.GELU`` by torch's own kernel in place (``aten::gelu_``, the same values): installed
-    where its input is an integer fc1's float output, a fresh tensor nothing else reads, so the
+class InPlaceRationalGELU(RationalGELU):
+    """``rational_gelu`` (the exact arithmetic's GELU) in place, by the compiled kernel
+    (``rational_gelu_``, the same float32 operations in the same order) where it builds: installed
+    where the input is an integer fc1's float output, a fresh tensor nothing else reads, so the
     MLP allocates one hidden-size tensor instead of two."""
 
     def forward(self, x):
-        return torch.ops.aten.gelu_(x, approximate=self.approximate)
+        if x.device.type == 'cpu' and x.dtype == torch.float32 and x.is_contiguous():
+            from . import kernels
+            ops = kernels.native()
+            if ops is not None:
+                return ops.rational_gelu_(x)
+        return rational_gelu(x)
 
 
 def fuse_inplace_activations(model: nn.Module) -> int:
-    """Replace the GELU between an integer fc1 (float output) and fc2 by ``InPlaceGELU``."""
+    """Replace the GELU between an integer fc1 (float output) and fc2 by ``InPlaceRationalGELU``."""
     n = 0
     for mod in model.modules():
         fc1, act = getattr(mod, 'fc1', None), getattr(mod, 'act', None)
-        if (isinstance(fc1, IntegerLinear) and fc1.out_mode == 'float' and type(act) is nn.GELU
-                and hasattr(mod, 'fc2')):
-            mod.act = InPlaceGELU(approximate=act.approximate)
+        if (isinstance(fc1, IntegerLinear) and fc1.out_mode == 'float' and hasattr(mod, 'fc2')
+                and (type(act) is RationalGELU
+                     or (type(act) is nn.GELU and act.approximate == 'none'))):
+            mod.act = InPlaceRationalGELU()
             n += 1
     return n
 

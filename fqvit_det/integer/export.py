@@ -255,6 +255,8 @@ def load_integer(path: str, device='cpu') -> nn.Module:
     fuse_inplace_activations(model)
     compile_integer_layernorms(model)
     compile_ptf_quantizers(model)
+    from ..nn.exact import set_exact_arithmetic
+    set_exact_arithmetic(model)          # as to_integer: what stays simulated computes on codes
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
     model.fqvit_integer_attention = attention
     return model.to(device)

@@ -22,6 +22,14 @@ reproduces this simulation up to float64 rounding in P·V for irrational probabi
 (log√2, AdaLog), rather than up to float32 GEMM rounding. Everything else (LayerNorm, softmax,
 GELU, residual adds, the quantizers themselves) is unchanged.
 
+GELU is the one float function whose value differs between backends by more than rounding:
+torch's float32 kernel evaluates erf by its own approximation (errors up to ~1e-6), onnxruntime by
+another, and a difference that lands on a rounding tie of the next quantizer moves a whole step.
+The exact arithmetic therefore evaluates GELU as ``rational_gelu``: erf by Abramowitz & Stegun
+7.1.28 (|erf error| ≤ 3·10⁻⁷; evaluated in float32 the GELU is within 1e-6·|x|, torch's own
+float32 GELU within ~1.2e-6), written with float32 +, −, ×, ÷ only, so every IEEE backend
+(torch eager, the compiled integer kernels, onnxruntime) gets the same bits.
+
 The switch changes arithmetic, not parameters: calibration and the quant state are the same
 either way. Off by default (the published tables use the float32 simulation).
 """
@@ -31,6 +39,49 @@ import torch
 from torch import nn
 
 from ..quantizers.uniform import UniformQuantizer
+
+
+# Abramowitz & Stegun 7.1.28: erf(z) ≈ 1 − (1 + a1·z + … + a6·z⁶)^−16 for z ≥ 0, |error| ≤ 3e-7
+ERF_COEFFS = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+SQRT1_2 = 0.7071067811865476
+
+
+def rational_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) = x/2·(1 + erf(x/√2)) with erf by A&S 7.1.28, in float32 +, −, ×, ÷ in a fixed
+    order (Horner from a6, four squarings for the 16th power, one division): for x ≥ 0,
+    x/2·(2 − P^−16); for x < 0, x/2·P^−16 (no cancellation). Every IEEE float32 backend gets
+    the same bits; the compiled integer kernel (``rational_gelu_``) evaluates the same sequence."""
+    z = torch.abs(x) * SQRT1_2
+    p = z * ERF_COEFFS[5] + ERF_COEFFS[4]
+    for a in (ERF_COEFFS[3], ERF_COEFFS[2], ERF_COEFFS[1], ERF_COEFFS[0], 1.0):
+        p = p * z + a
+    for _ in range(4):
+        p = p * p
+    r = torch.ones((), dtype=p.dtype, device=p.device) / p
+    return (x * 0.5) * torch.where(x >= 0, 2.0 - r, r)
+
+
+class RationalGELU(nn.Module):
+    """``nn.GELU`` (approximate='none') as ``rational_gelu``: installed by
+    ``set_exact_arithmetic`` and in the integer model."""
+
+    def forward(self, x):
+        return rational_gelu(x)
+
+
+def use_rational_gelu(model: nn.Module, enabled: bool = True) -> int:
+    """Swap every ``nn.GELU`` (approximate='none') child of ``model`` for ``RationalGELU`` (or
+    back); returns how many were swapped."""
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if enabled and type(child) is nn.GELU and child.approximate == 'none':
+                swaps.append((parent, name, RationalGELU()))
+            elif not enabled and type(child) is RationalGELU:
+                swaps.append((parent, name, nn.GELU()))
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return len(swaps)
 
 
 def exact_unit(q) -> Optional[torch.Tensor]:
@@ -69,13 +120,14 @@ def exact_grid(q) -> Optional[torch.Tensor]:
 
 
 def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic (module
-    docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
+    """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic and its
+    GELUs to ``rational_gelu`` (module docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
     Call it after calibration: which layers qualify is decided now; their grids are read at each
     forward (a layer whose quantizers leave 'quant' mode computes as usual)."""
     from ..walk import feeding_norms
     from .modules import AttentionQuantizers, QuantConv2d, QuantLinear, QuantLayerNorm
     feeds = feeding_norms(model)
+    use_rational_gelu(model, enabled)
     count = 0
     for path, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, QuantConv2d)):

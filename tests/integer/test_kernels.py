@@ -152,3 +152,16 @@ def test_compiled_ptf_fake_quant_equals_the_torch_route(backend):
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
     assert torch.equal(torch.signbit(out[~out.isnan()]), torch.signbit(ref[~ref.isnan()]))
+
+
+def test_compiled_rational_gelu_is_the_torch_formula(backend):
+    from fqvit_det.nn.exact import rational_gelu
+    backend('cpp')
+    ops = kernels.native()
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100003, generator=g) * 4, torch.linspace(-12, 12, 4097),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 3e38, -3e38])])
+    ref = rational_gelu(x)
+    y = x.clone()
+    assert ops.rational_gelu_(y) is not None
+    assert torch.equal(y, ref)

@@ -977,6 +977,39 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
   return out;
 }
 
+// fqvit_det.nn.exact.rational_gelu: the same float32 operations in the same order (no
+// contraction: -ffp-contract=off), so the same bits
+FQVIT_CLONES void rational_gelu_span(float* __restrict x, int64_t n) {
+  const float k = static_cast<float>(0.7071067811865476);
+  const float a1 = 0.0705230784f, a2 = 0.0422820123f, a3 = 0.0092705272f, a4 = 0.0001520143f,
+              a5 = 0.0002765672f, a6 = 0.0000430638f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float z = std::fabs(v) * k;
+    float p = z * a6 + a5;
+    p = p * z + a4;
+    p = p * z + a3;
+    p = p * z + a2;
+    p = p * z + a1;
+    p = p * z + 1.0f;
+    p = p * p;
+    p = p * p;
+    p = p * p;
+    p = p * p;
+    const float r = 1.0f / p;
+    x[i] = (v * 0.5f) * (v >= 0.0f ? 2.0f - r : r);
+  }
+}
+
+at::Tensor rational_gelu_(const at::Tensor& x) {
+  check_cpu(x, at::kFloat, -1, "rational_gelu_", "x");
+  float* xp = x.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 16384, [=](int64_t begin, int64_t end) {
+    rational_gelu_span(xp + begin, end - begin);
+  });
+  return x;
+}
+
 // acc2: (2M, N) int32, rows [positive block; negative block] of one twin-uniform GEMM
 void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
                   const at::Tensor& acc_scale, const at::Tensor& bias_float, const at::Tensor& out) {
@@ -1016,4 +1049,5 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("twin_rescale", &twin_rescale);
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
+  m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", &rational_gelu_);
 }
