@@ -131,8 +131,10 @@ def test_tiny_vit_exact_export_matches_the_exact_simulation(name, tmp_path):
     with torch.no_grad():                 # the model computes as before (exact arithmetic off)
         assert np.array_equal(model(x).numpy(), ref_float)
     forms = list(report.weights.values())
-    n_int = sum(f.startswith('integer (MatMulInteger') for f in forms)
-    assert n_int >= len(forms) - 2 - (4 if name.startswith('ptq4vit') else 0), report.weights
+    n_twin = sum(f.startswith('integer (two MatMulInteger') for f in forms)
+    n_int = sum(f.startswith('integer (MatMulInteger') for f in forms) + 2 * n_twin
+    assert sum(f.startswith('integer') for f in forms) >= len(forms) - 1, report.weights
+    assert n_twin == (2 if name.startswith('ptq4vit') else 0)     # fc2 after the twin GELU grid
     assert op_types(path).count('MatMulInteger') == n_int
     opt = tmp_path / 'opt.onnx'
     for optimize in (False, True):

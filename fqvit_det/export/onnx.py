@@ -651,16 +651,37 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
         if plan.zero_point is None or plan.scale.dim() != 0:
             plan = None
     weight = _integer_weight(wc) if plan is not None else None
+    twin = None
+    if plan is None and isinstance(iq, TwinUniformGeluQuantizer) and iq.bits <= 8:
+        weight = _integer_weight(wc)
+        if weight is not None:
+            d_neg, d_pos = (float(t) for t in twin_gelu_steps(iq.pos_exp.cpu(), iq.bits))
+            # the two regions' codes as uint8 operands (negative levels negated); their steps in
+            # units of the finer one are exact powers of two
+            twin = (d_neg, d_pos, float(2 ** (iq.bits - 1)), -d_neg / float(unit),
+                    d_pos / float(unit))
     if weight is not None:
         b, b_zp = weight
-        report.weights[name] = 'integer (MatMulInteger, exact rescale)'
+        report.weights[name] = ('integer (MatMulInteger, exact rescale)' if twin is None else
+                                'integer (two MatMulInteger for the twin-uniform input, exact rescale)')
     else:
         w64 = wc.reshape(n_out, -1).t().contiguous()
         report.weights[name] = 'integer-valued float64 MatMul (exact)'
     unit32 = unit.detach().to(torch.float32).reshape(())
 
     def gemm(x):                                            # [..., K] → float32 [..., N]
-        if weight is not None:
+        if twin is not None:
+            d_neg, d_pos, h, r_neg, r_pos = twin
+            zero = torch.zeros_like(x)
+            neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0.0), zero)
+            pos = torch.where(x < 0, zero, torch.clamp(torch.round(x / d_pos), 0.0, h - 1))
+            z8 = torch.zeros((), dtype=torch.uint8, device=x.device)
+            acc = (_MatMulInteger.apply((-neg).to(torch.uint8), b.to(x.device), z8,
+                                        b_zp.to(x.device)).to(torch.float64) * r_neg
+                   + _MatMulInteger.apply(pos.to(torch.uint8), b.to(x.device), z8,
+                                          b_zp.to(x.device)).to(torch.float64) * r_pos)
+            acc = acc.to(torch.float32)
+        elif weight is not None:
             if plan.clip:
                 x = torch.clamp(x, float(plan.lo * plan.scale), float(plan.hi * plan.scale))
             a = _QuantizeCodes.apply(x, plan.scale.to(x.device), plan.zero_point.to(x.device))
@@ -674,7 +695,7 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
 
     def forward(x):
         if mod.in_quantizer is not None and weight is None:
-            x = mod.in_quantizer(x)            # twin: the fake-quantized values, on its grid
+            x = mod.in_quantizer(x)            # the fake-quantized values, on its grid
         if patches is None:
             y = gemm(x)
         else:
