@@ -379,6 +379,17 @@ def onnx_section(doc):
         t = lat['torch fp32 eager']
         out += ['', f'torch fp32 eager medians: bs1 {t["bs1_ms"]:.0f} ms, bs32 {t["bs32_ms"]:.0f} ms.']
     notes = [
+        'Arithmetic "exact" (`export_onnx(..., arithmetic=\'exact\')`, `tools/export_onnx.py --arithmetic '
+        'exact`): the graph of the integer-exact simulation (`tools/test.py --exact-arithmetic`, the '
+        'arithmetic of the integer model): every quantized Linear / patch convolution on a per-tensor '
+        'grid is MatMulInteger on the codes (PTQ4ViT\'s twin-uniform fc2 input: two) followed by Cast, '
+        'Mul Δ_x·Δ_w, Add bias; QKᵀ and P·V on codes; log-coded probabilities with exact code '
+        'thresholds; GELU as the rational erf both sides evaluate bit for bit. Its reference is that '
+        'simulation: "agreement with the integer-exact simulation" and "logits identical to it" are the '
+        'columns to read; the opt-off and torch columns of exact rows compare with it too. What still '
+        'differs: float LayerNorm (RepQ-ViT, PTQ4ViT) and Softmax kernels, and PTQ4ViT\'s float patch '
+        'embedding (its input, the image, is not quantized), whose float32 sums onnxruntime orders '
+        'differently.',
         'Uniform quantizers are QuantizeLinear/DequantizeLinear pairs (uint8 activations per tensor, PTF '
         'per channel; a b < 8-bit grid is the uint8 container with a Clip before QuantizeLinear); weights are '
         'int8 initializers + DequantizeLinear (per channel); log2 / log√2 / AdaLog / twin uniform / '

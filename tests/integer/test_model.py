@@ -60,6 +60,8 @@ def test_tiny_vit_integer_agrees_with_the_simulation(name, device):
 
 def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
     from safetensors import safe_open
+
+    from fqvit_det.integer.export import SMALL_PREFIX, read_integer
     for name in ('fqvit_884', 'repq_w4a4', 'ptq4vit_w6a6'):
         model, spec, x = _calibrated(name, device)
         integer = to_integer(model)
@@ -67,7 +69,12 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         size = save_integer(integer, path, ARCH, spec)
         assert size == osp.getsize(path) and not any(p.name.startswith('.integer-') for p in tmp_path.iterdir())
         with safe_open(path, framework='pt') as f:
-            keys = list(f.keys())
+            entries = list(f.keys())
+            assert set(f.metadata()) == {'format', 'bundle'}
+        # small tensors travel concatenated per dtype; the header lists only the large ones
+        assert len(entries) < 70 and any(k.startswith(SMALL_PREFIX) for k in entries)
+        meta, tensors = read_integer(path)
+        keys = list(tensors)
         packed = [k for k in keys if k.endswith('weight_codes.packed4')]
         assert bool(packed) == (name == 'repq_w4a4')
         assert not [k for k in keys if k.endswith('.bias_int')]      # derived on loading
@@ -80,8 +87,7 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         assert not [k for k in keys if k.endswith('.weight') and 'norm' not in k]
         if name == 'fqvit_884':    # PTF factors (int64 in memory) as int8
             alpha = [k for k in keys if k.endswith('.alpha')]
-            with safe_open(path, framework='pt') as f:
-                assert alpha and all(f.get_tensor(k).dtype == torch.int8 for k in alpha)
+            assert alpha and all(tensors[k].dtype == torch.int8 for k in alpha)
         loaded = load_integer(path, device=device)
         with torch.no_grad():
             assert torch.equal(integer(x), loaded(x))
