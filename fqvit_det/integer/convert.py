@@ -279,16 +279,36 @@ class InPlaceRationalGELU(RationalGELU):
         return rational_gelu(x)
 
 
+class GELUInPreviousLayer(nn.Identity):
+    """Marks a GELU that runs in the previous integer Linear's epilogue (with the next Linear's
+    input quantization): its input is already the next layer's codes."""
+
+
+def _plain_timm_mlp(mod: nn.Module) -> bool:
+    """timm's ``Mlp`` (fc1 → act → drop1 → norm → fc2) with nothing between act and fc2 in eval."""
+    return (type(mod).__name__ == 'Mlp' and type(mod).__module__.startswith('timm.')
+            and type(getattr(mod, 'norm', None)) is nn.Identity
+            and type(getattr(mod, 'drop1', None)) in (nn.Dropout, nn.Identity))
+
+
 def fuse_inplace_activations(model: nn.Module) -> int:
-    """Replace the GELU between an integer fc1 (float output) and fc2 by ``InPlaceRationalGELU``."""
+    """The GELU between an integer fc1 (float output) and fc2: in timm's ``Mlp`` with a
+    uniform-input integer fc2, fused into fc1's epilogue with fc2's input quantization
+    (``IntegerLinear.fuse_gelu_quantize``; ``act`` becomes ``GELUInPreviousLayer``); elsewhere
+    ``InPlaceRationalGELU``. Returns how many GELUs were replaced."""
     n = 0
     for mod in model.modules():
-        fc1, act = getattr(mod, 'fc1', None), getattr(mod, 'act', None)
-        if (isinstance(fc1, IntegerLinear) and fc1.out_mode == 'float' and hasattr(mod, 'fc2')
+        fc1, act, fc2 = getattr(mod, 'fc1', None), getattr(mod, 'act', None), getattr(mod, 'fc2', None)
+        if not (isinstance(fc1, IntegerLinear) and fc1.out_mode == 'float' and fc2 is not None
                 and (type(act) is RationalGELU
                      or (type(act) is nn.GELU and act.approximate == 'none'))):
+            continue
+        if _plain_timm_mlp(mod) and isinstance(fc2, IntegerLinear) and fc2.in_kind == 'uniform':
+            fc1.fuse_gelu_quantize(fc2)
+            mod.act = GELUInPreviousLayer()
+        else:
             mod.act = InPlaceRationalGELU()
-            n += 1
+        n += 1
     return n
 
 

@@ -224,6 +224,9 @@ class IntegerLinear(nn.Module):
         self.register_buffer('shift', torch.zeros((), dtype=torch.int64))
         self.register_buffer('out_scale', torch.ones((), dtype=torch.float32))
         self.register_buffer('out_zero_point', torch.zeros((), dtype=torch.int64))
+        # (Δ, z, q_min, q_max, code dtype) of the next Linear's input grid when GELU and that
+        # quantizer run in this layer's epilogue (``fuse_gelu_quantize``): the output is codes
+        self.gelu_codes = None
         self._prepare()
 
     # --- construction -------------------------------------------------------------------------
@@ -421,14 +424,36 @@ class IntegerLinear(nn.Module):
         elif self.out_mode == 'dyadic':
             y = KERNELS['requantize'](acc, self.bias_int, self.multiplier, self.bias_out, self._round, self._shift,
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
+        elif self.gelu_codes is not None:
+            y = self._rescale_gelu_codes(acc)
         else:
             y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                    in_place=True)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def fuse_gelu_quantize(self, next_linear: 'IntegerLinear') -> None:
+        """Float-output layer followed by GELU and ``next_linear`` (uniform input): return the
+        codes next_linear's quantizer gives rational_gelu(y) instead of y (one pass over the
+        accumulator instead of rescale, GELU and quantization passes; the same codes)."""
+        if self.out_mode != 'float' or next_linear.in_kind != 'uniform':
+            raise ValueError('fuse_gelu_quantize: a float-output layer and a uniform-input one')
+        self.gelu_codes = (float(next_linear.in_scale), next_linear._z, next_linear._qmin,
+                           next_linear._qmax, next_linear._code_dtype)
+
+    def _rescale_gelu_codes(self, acc: torch.Tensor) -> torch.Tensor:
+        from ..nn.exact import rational_gelu
+        s, z, qmin, qmax, dtype = self.gelu_codes
+        ops = _native_ops(acc, torch.int32)
+        if ops is not None and acc.dim() == 2:
+            return ops.rescale_gelu_quantize(acc.contiguous(), self.bias_int, self.acc_scale,
+                                             self.bias_float, s, z, qmin, qmax, dtype)
+        y = _rescale(acc, self.bias_int, self.acc_scale, self.bias_float)
+        return _quantize_input(rational_gelu(y), s, z, qmin, qmax, dtype)
+
     def extra_repr(self):
         return (f'{self.in_features}→{self.out_features}, in={self.in_kind}'
-                f'{"/s" if self.in_signed else "/u"}{self.in_bits}, w{self.w_bits}, out={self.out_mode}')
+                f'{"/s" if self.in_signed else "/u"}{self.in_bits}, w{self.w_bits}, out={self.out_mode}'
+                + (', +GELU→next codes' if self.gelu_codes is not None else ''))
 
 
 def integer_input_ok(q) -> bool:

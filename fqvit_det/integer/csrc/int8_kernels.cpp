@@ -979,26 +979,78 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
 
 // fqvit_det.nn.exact.rational_gelu: the same float32 operations in the same order (no
 // contraction: -ffp-contract=off), so the same bits
-FQVIT_CLONES void rational_gelu_span(float* __restrict x, int64_t n) {
+static inline __attribute__((always_inline)) float rational_gelu_value(float v) {
   const float k = static_cast<float>(0.7071067811865476);
-  const float a1 = 0.0705230784f, a2 = 0.0422820123f, a3 = 0.0092705272f, a4 = 0.0001520143f,
-              a5 = 0.0002765672f, a6 = 0.0000430638f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const float z = std::fabs(v) * k;
-    float p = z * a6 + a5;
-    p = p * z + a4;
-    p = p * z + a3;
-    p = p * z + a2;
-    p = p * z + a1;
-    p = p * z + 1.0f;
-    p = p * p;
-    p = p * p;
-    p = p * p;
-    p = p * p;
-    const float r = 1.0f / p;
-    x[i] = (v * 0.5f) * (v >= 0.0f ? 2.0f - r : r);
+  const float z = std::fabs(v) * k;
+  float p = z * 0.0000430638f + 0.0002765672f;
+  p = p * z + 0.0001520143f;
+  p = p * z + 0.0092705272f;
+  p = p * z + 0.0422820123f;
+  p = p * z + 0.0705230784f;
+  p = p * z + 1.0f;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  const float r = 1.0f / p;
+  return (v * 0.5f) * (v >= 0.0f ? 2.0f - r : r);
+}
+
+FQVIT_CLONES void rational_gelu_span(float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = rational_gelu_value(x[i]);
+}
+
+// fc1's epilogue fused with GELU and fc2's input quantizer: clamp(⌊gelu(y)/Δ⌉ + z) as T, with
+// y = float32(acc + b_int)·Δ_acc + bias (rescale_float, rational_gelu_value, quantize_span)
+template <typename T>
+FQVIT_CLONES void rescale_gelu_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
+                                     const float* __restrict sc, const float* __restrict bf,
+                                     int64_t n, float s, float z, float lo, float hi,
+                                     T* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float g = rational_gelu_value(static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c]);
+    float q = std::nearbyint(g / s) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    o[c] = static_cast<T>(q);
   }
+}
+
+at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_int,
+                                 const at::Tensor& acc_scale, const at::Tensor& bias_float,
+                                 double scale, int64_t zero, int64_t qmin, int64_t qmax,
+                                 at::ScalarType dtype) {
+  const char* who = "rescale_gelu_quantize";
+  check_cpu(acc, at::kInt, 2, who, "acc");
+  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
+  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
+  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kChar, who, ": uint8 or int8 codes");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
+              ": one bias / scale per output channel (", N, ")");
+  auto out = at::empty({M, N}, acc.options().dtype(dtype));
+  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  AT_DISPATCH_SWITCH(dtype, "rescale_gelu_quantize",
+    AT_DISPATCH_CASE(at::kByte, [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                       [=](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m)
+          rescale_gelu_codes<scalar_t>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
+      });
+    })
+    AT_DISPATCH_CASE(at::kChar, [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                       [=](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m)
+          rescale_gelu_codes<scalar_t>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
+      });
+    }));
+  return out;
 }
 
 at::Tensor rational_gelu_(const at::Tensor& x) {
@@ -1050,4 +1102,5 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("quantize", &quantize);
   m.def("rescale", &rescale);
   m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", &rational_gelu_);
+  m.def("rescale_gelu_quantize", &rescale_gelu_quantize);
 }
