@@ -34,7 +34,17 @@ and quantized LayerNorm runs an exportable twin of its simulated forward:
 Rounding: ONNX ``QuantizeLinear`` and ``Round`` round half to even, as ``torch.round`` in our
 quantizers; ``QuantizeLinear`` computes saturate(round(x / Δ) + z) like our
 clamp(round(x / Δ) + z, q_min, q_max). Remaining differences are float summation order in
-MatMul / LayerNorm / Softmax kernels and the log-based codes named above.
+MatMul / LayerNorm / Softmax kernels and GELU's erf.
+
+``arithmetic='exact'`` writes the integer-exact simulation instead (``fqvit_det.nn.exact``, the
+integer model's arithmetic): a quantized Linear / patch convolution on a per-tensor uniform input
+is ``QuantizeLinear`` → ``MatMulInteger`` (input and weight zero points) → ``Cast`` → ``Mul``
+Δ_x·Δ_w[c] → ``Add`` bias, the ops and order of ``IntegerLinear``; PTQ4ViT's twin-uniform input
+is two uint8 ``MatMulInteger`` joined in float64; QKᵀ and P·V run on codes as integer-valued
+float32 / float64 ``MatMul`` (exact in any summation order); GELU is ``rational_gelu``'s float32
++, −, ×, ÷. onnxruntime keeps the integer GEMMs and the separate rescale with its optimizations
+on, so what can still differ is only float LayerNorm / Softmax kernels and float GEMMs whose input
+is not on a grid (PTQ4ViT's patch embedding).
 """
 import contextlib
 import math
