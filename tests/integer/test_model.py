@@ -91,6 +91,12 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         loaded = load_integer(path, device=device)
         with torch.no_grad():
             assert torch.equal(integer(x), loaded(x))
+        if name == 'repq_w4a4':     # a file of the first format (one entry per tensor) still loads
+            from safetensors.torch import save_file
+            v1 = str(tmp_path / 'v1.safetensors')
+            save_file(tensors, v1, metadata={**meta, 'format': 'fqvit-det-integer/1'})
+            with torch.no_grad():
+                assert torch.equal(integer(x), load_integer(v1, device=device)(x))
 
 
 def test_export_refuses_an_unconverted_model(tmp_path):
