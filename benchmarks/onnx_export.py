@@ -322,7 +322,7 @@ def save(args, argv, val_x, records, lat):
                 return r['method'], r.get('arithmetic', 'float')
             done = {key(r) for r in records}
             records = [r for r in old['records'] if key(r) not in done] + records
-            records.sort(key=lambda r: (r.get('arithmetic', 'float'), r['method'] != 'fp32',
+            records.sort(key=lambda r: (r.get('arithmetic', 'float') != 'float', r['method'] != 'fp32',
                                         list(ROWS).index(r['method']) if r['method'] in ROWS else 0))
             lat = {**(old.get('latency') or {}), **(lat or {})} or None
     command = 'python benchmarks/onnx_export.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
