@@ -43,8 +43,13 @@ def assert_untouched(model, before):
         assert after[k].shape == v.shape and torch.equal(after[k], v), f'{k} changed by a refused load'
 
 
-@pytest.mark.parametrize('cfg', [FQVIT, REPQ, REPQ_GPTQ], ids=['fqvit_ptf_lis', 'repq_reparam',
-                                                               'repq_gptq_weights'])
+PTQ4VIT = dict(method='ptq4vit', w_bits=6, a_bits=6)       # twin uniform, Hessian-searched scales
+ADALOG = dict(method='adalog', w_bits=4, a_bits=4)         # adaptive log base, FPCS-searched
+
+
+@pytest.mark.parametrize('cfg', [FQVIT, REPQ, REPQ_GPTQ, PTQ4VIT, ADALOG],
+                         ids=['fqvit_ptf_lis', 'repq_reparam', 'repq_gptq_weights', 'ptq4vit_search',
+                              'adalog_search'])
 def test_round_trip_gives_bit_identical_outputs(cfg, tmp_path, device):
     model, spec = calibrated(cfg, device)
     path = save_quant_state(model, str(tmp_path / 'q.safetensors'), spec)
