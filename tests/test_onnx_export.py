@@ -237,6 +237,12 @@ def test_cli_calibrates_saves_state_exports_and_reexports_from_state(tmp_path, c
     assert report.op_counts['QuantizeLinear'] > 0
     x = torch.randn(3, 3, 32, 32)
     assert np.array_equal(run(session(first, False), x), run(session(second, False), x))
+    capsys.readouterr()
+    report = _cli([cfg, '--out', tmp_path / 'c.onnx', '--quant-state', state, '--arithmetic', 'exact',
+                   '--verify'])
+    out = capsys.readouterr().out
+    assert report.op_counts.get('MatMulInteger', 0) > 0 and 'MatMulInteger' in out
+    assert out.count('simulated (exact)') == 2 and 'same top-1: False' not in out
 
 
 @pytest.mark.parametrize('args, message', [
