@@ -395,9 +395,10 @@ def onnx_section(doc):
         'int8 initializers + DequantizeLinear (per channel); log2 / log√2 / AdaLog / twin uniform / '
         'Log-Int-Softmax and the FQ-ViT integer LayerNorm are standard ONNX ops (fqvit_det/export/onnx.py).',
         'Each quantizer alone is bit-exact in onnxruntime (uniform QDQ, twin uniform, Log-Int-Softmax, '
-        'integer LayerNorm; log-coded ones since their codes are corrected against exact thresholds — '
-        'the float rows above were measured before that correction, when a code could differ at a '
-        'rounding tie; tests/test_onnx_export.py). In the float export '
+        'integer LayerNorm; log-coded ones since their codes are corrected against exact thresholds; '
+        'tests/test_onnx_export.py). The float rows\' latency and op profiles are from the first '
+        'command (before those thresholds and the power-of-two tables), their agreement columns from '
+        'the last. In the float export '
         'what differs is the float kernels between quantizers (LayerNorm, Softmax, GELU, MatMul summation '
         'order; with ORT_ENABLE_ALL the fused integer kernels): a difference of one float ulp that lands '
         'on a rounding tie moves a value by a whole quantization step, and at 4 bits with a float '
