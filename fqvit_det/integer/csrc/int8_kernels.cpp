@@ -59,6 +59,16 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const cha
   TORCH_CHECK(t.is_contiguous(), who, ": ", name, " must be contiguous");
 }
 
+// the per-output-channel parameters of a rescale: int32 zero-point terms, float32 Δ_x·Δ_w and bias
+void check_rescale_params(const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                          const at::Tensor& bias_float, int64_t n, const char* who) {
+  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
+  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
+  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
+  TORCH_CHECK(bias_int.numel() == n && acc_scale.numel() == n && bias_float.numel() == n, who,
+              ": one bias / scale per output channel (", n, ")");
+}
+
 // The hot loops are plain functions of restrict pointers and values (a lambda's by-reference
 // captures would be reloaded every iteration and keep the loops scalar).
 template <typename T>
@@ -85,15 +95,35 @@ FQVIT_CLONES void rescale_float(const int32_t* __restrict a, const int32_t* __re
   for (int64_t c = 0; c < n; ++c) o[c] = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
 }
 
-// the next quantizer on y: codes clamp(⌊y/Δ_o⌉ + z_o) (T = int32_t) or their values
-// (clamp(…) − z_o)·Δ_o (T = float)
-template <typename T>
+// fqvit_det.nn.exact.rational_gelu: the same float32 operations in the same order (no
+// contraction: -ffp-contract=off), so the same bits
+static inline __attribute__((always_inline)) float rational_gelu_value(float v) {
+  const float k = static_cast<float>(0.7071067811865476);
+  const float z = std::fabs(v) * k;
+  float p = z * 0.0000430638f + 0.0002765672f;
+  p = p * z + 0.0001520143f;
+  p = p * z + 0.0092705272f;
+  p = p * z + 0.0422820123f;
+  p = p * z + 0.0705230784f;
+  p = p * z + 1.0f;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  const float r = 1.0f / p;
+  return (v * 0.5f) * (v >= 0.0f ? 2.0f - r : r);
+}
+
+// the next quantizer on y (Gelu: on rational_gelu(y)): codes clamp(⌊y/Δ_o⌉ + z_o) (T an integer
+// type) or their values (clamp(…) − z_o)·Δ_o (T = float)
+template <typename T, bool Gelu = false>
 FQVIT_CLONES void rescale_requant(const int32_t* __restrict a, const int32_t* __restrict bi,
                                   const float* __restrict sc, const float* __restrict bf,
                                   int64_t n, float so, float zo, float lo, float hi,
                                   T* __restrict o) {
   for (int64_t c = 0; c < n; ++c) {
-    const float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+    float y = static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c];
+    if constexpr (Gelu) y = rational_gelu_value(y);
     float q = std::nearbyint(y / so) + zo;
     q = q < lo ? lo : (q > hi ? hi : q);
     if constexpr (std::is_same_v<T, float>)
@@ -313,12 +343,8 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
                    int64_t qmin, int64_t qmax, bool in_place) {
   const char* who = "rescale";
   check_cpu(acc, at::kInt, 2, who, "acc");
-  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
-  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
-  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
   const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
-              ": one bias / scale per output channel (", N, ")");
+  check_rescale_params(bias_int, acc_scale, bias_float, N, who);
   TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode 0, 1 or 2");
   const auto dtype = mode == 2 ? at::kInt : at::kFloat;
   // in place: the result overwrites the accumulator's storage (same element size), row by row
@@ -436,13 +462,7 @@ at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Te
   TORCH_CHECK(heads >= 1 && C3 % (3 * heads) == 0, who, ": last dim ", C3, " is not 3·heads·d");
   for (const auto* t : {&scale, &zero, &lo, &hi, &offset})
     TORCH_CHECK(t->numel() == C3, who, ": per-channel parameters of length ", C3, " expected");
-  if (acc) {
-    check_cpu(bias_int, at::kInt, 1, who, "bias_int");
-    check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
-    check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
-    TORCH_CHECK(bias_int.numel() == C3 && acc_scale.numel() == C3 && bias_float.numel() == C3,
-                who, ": rescale parameters of length ", C3, " expected");
-  }
+  if (acc) check_rescale_params(bias_int, acc_scale, bias_float, C3, who);
   const int64_t d = C3 / (3 * heads);
   auto out = at::empty({3, B * heads, N, d}, qkv.options().dtype(at::kChar));
   const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>(), *lp = lo.data_ptr<float>(),
@@ -977,79 +997,39 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
   return out;
 }
 
-// fqvit_det.nn.exact.rational_gelu: the same float32 operations in the same order (no
-// contraction: -ffp-contract=off), so the same bits
-static inline __attribute__((always_inline)) float rational_gelu_value(float v) {
-  const float k = static_cast<float>(0.7071067811865476);
-  const float z = std::fabs(v) * k;
-  float p = z * 0.0000430638f + 0.0002765672f;
-  p = p * z + 0.0001520143f;
-  p = p * z + 0.0092705272f;
-  p = p * z + 0.0422820123f;
-  p = p * z + 0.0705230784f;
-  p = p * z + 1.0f;
-  p = p * p;
-  p = p * p;
-  p = p * p;
-  p = p * p;
-  const float r = 1.0f / p;
-  return (v * 0.5f) * (v >= 0.0f ? 2.0f - r : r);
-}
-
 FQVIT_CLONES void rational_gelu_span(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = rational_gelu_value(x[i]);
 }
 
-// fc1's epilogue fused with GELU and fc2's input quantizer: clamp(⌊gelu(y)/Δ⌉ + z) as T, with
-// y = float32(acc + b_int)·Δ_acc + bias (rescale_float, rational_gelu_value, quantize_span)
-template <typename T>
-FQVIT_CLONES void rescale_gelu_codes(const int32_t* __restrict a, const int32_t* __restrict bi,
-                                     const float* __restrict sc, const float* __restrict bf,
-                                     int64_t n, float s, float z, float lo, float hi,
-                                     T* __restrict o) {
-  for (int64_t c = 0; c < n; ++c) {
-    const float g = rational_gelu_value(static_cast<float>(a[c] + bi[c]) * sc[c] + bf[c]);
-    float q = std::nearbyint(g / s) + z;
-    q = q < lo ? lo : (q > hi ? hi : q);
-    o[c] = static_cast<T>(q);
-  }
-}
-
+// fc1's epilogue fused with GELU and fc2's input quantizer: the codes clamp(⌊gelu(y)/Δ⌉ + z)
+// (uint8 / int8) of y = float32(acc + b_int)·Δ_acc + bias, the values of rescale → rational_gelu_
+// → quantize
 at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_int,
                                  const at::Tensor& acc_scale, const at::Tensor& bias_float,
                                  double scale, int64_t zero, int64_t qmin, int64_t qmax,
                                  at::ScalarType dtype) {
   const char* who = "rescale_gelu_quantize";
   check_cpu(acc, at::kInt, 2, who, "acc");
-  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
-  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
-  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
   TORCH_CHECK(dtype == at::kByte || dtype == at::kChar, who, ": uint8 or int8 codes");
   const int64_t M = acc.size(0), N = acc.size(1);
-  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
-              ": one bias / scale per output channel (", N, ")");
+  check_rescale_params(bias_int, acc_scale, bias_float, N, who);
   auto out = at::empty({M, N}, acc.options().dtype(dtype));
   const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   const float s = static_cast<float>(scale), z = static_cast<float>(zero);
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-  AT_DISPATCH_SWITCH(dtype, "rescale_gelu_quantize",
-    AT_DISPATCH_CASE(at::kByte, [&] {
-      scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                       [=](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m)
-          rescale_gelu_codes<scalar_t>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
-      });
-    })
-    AT_DISPATCH_CASE(at::kChar, [&] {
-      scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                       [=](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m)
-          rescale_gelu_codes<scalar_t>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
-      });
-    }));
+  auto rows = [&](auto* op) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                     [=](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        rescale_requant<T, true>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
+    });
+  };
+  if (dtype == at::kByte)
+    rows(out.data_ptr<uint8_t>());
+  else
+    rows(out.data_ptr<int8_t>());
   return out;
 }
 
@@ -1067,13 +1047,9 @@ void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
                   const at::Tensor& acc_scale, const at::Tensor& bias_float, const at::Tensor& out) {
   const char* who = "twin_rescale";
   check_cpu(acc2, at::kInt, 2, who, "acc2");
-  check_cpu(bias_int, at::kInt, 1, who, "bias_int");
-  check_cpu(acc_scale, at::kFloat, 1, who, "acc_scale");
-  check_cpu(bias_float, at::kFloat, 1, who, "bias_float");
   TORCH_CHECK(acc2.size(0) % 2 == 0 && m > -32 && m < 32, who, ": (2M, N) products, |m| < 32");
   const int64_t M = acc2.size(0) / 2, N = acc2.size(1);
-  TORCH_CHECK(bias_int.numel() == N && acc_scale.numel() == N && bias_float.numel() == N, who,
-              ": one bias / scale per output channel (", N, ")");
+  check_rescale_params(bias_int, acc_scale, bias_float, N, who);
   check_cpu(out, at::kFloat, 2, who, "out");
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, who, ": out of shape (", M, ", ", N, ") expected");
   const int32_t* ap = acc2.data_ptr<int32_t>();
