@@ -12,6 +12,7 @@ MatMulInteger on the codes with an exact rescale, the model's integer-exact simu
 transform's output, normalized), its output the logits; the batch dimension is dynamic.
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 import sys
@@ -164,14 +165,11 @@ def verify(model, path, h, w, arithmetic='float'):
     import onnxruntime as ort
     import torch
 
-    from fqvit_det.nn.exact import set_exact_arithmetic
+    from fqvit_det.nn.exact import exact_arithmetic
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        if arithmetic == 'exact':
-            set_exact_arithmetic(model)
+    exact = exact_arithmetic(model) if arithmetic == 'exact' else contextlib.nullcontext()
+    with torch.no_grad(), exact:
         ref = model(x).numpy()
-        if arithmetic == 'exact':
-            set_exact_arithmetic(model, False)
     for level, name in ((ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 'off'),
                         (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 'all')):
         so = ort.SessionOptions()

@@ -635,18 +635,23 @@ def _integer_weight(wc: torch.Tensor):
     return (wc + zp[:, None]).t().contiguous().to(torch.uint8), zp.to(torch.uint8)
 
 
-def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
-    """The integer-exact forward of a quantized Linear (or a patch convolution, ``patches`` =
-    (patch size, out channels)) in ONNX, or None where the layer does not compute exactly:
+def _exact_linear_forward(mod, report: ExportReport, name: str, patch=False):
+    """The integer-exact forward of a quantized Linear (or of a patch convolution, ``patch``) in
+    ONNX, or None where the layer does not compute exactly. Its GEMM, by input grid:
 
-    * per-tensor uniform input: codes by ``QuantizeLinear`` (after the grid's Clip), then
+    * per-tensor uniform: codes by ``QuantizeLinear`` (after the grid's Clip), then
       ``MatMulInteger`` with the input and weight zero points → int32, ``Cast`` to float32,
       ``Mul`` Δ_x·Δ_w[c], ``Add`` bias: the ops of ``QuantLinear``'s exact branch and of
       ``IntegerLinear`` (requant='float'), in their order;
-    * twin-uniform input (PTQ4ViT after GELU): the codes in the finer step (``Div, Round``) and a
-      float64 ``MatMul`` (every partial sum an integer below 2^53), ``Cast`` to float32.
+    * twin uniform (PTQ4ViT after GELU): the negative and positive levels as two uint8
+      ``MatMulInteger`` (negative levels negated), joined in float64 with their steps in units of
+      the finer one (exact powers of two);
+    * otherwise (weight codes that fit no 8-bit operand): the codes in the input step and a float64
+      ``MatMul`` (every partial sum an integer below 2^53).
     """
+    from ..integer.linear import patch_rows
     from ..nn.exact import exact_linear_constants
+    from ..quantizers.twin import twin_gelu_levels
     with torch.no_grad():
         unit = mod._exact_step()
         if unit is None:
@@ -654,49 +659,41 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
         wc, acc_scale = exact_linear_constants(mod, unit)
     iq = mod._exact[0]
     bias = None if mod.bias is None else mod.bias.detach().to(torch.float32)
-    n_out = wc.shape[0]
-    plan = None
-    if type(iq) is UniformQuantizer:
+    weight = _integer_weight(wc)
+    kind = 'float64'
+    if weight is not None and type(iq) is UniformQuantizer:
         plan = uniform_plan(iq.scale, iq.zero_point, iq.qmin, iq.qmax, None)
-        if plan.zero_point is None or plan.scale.dim() != 0:
-            plan = None
-    weight = _integer_weight(wc) if plan is not None else None
-    twin = None
-    if plan is None and isinstance(iq, TwinUniformGeluQuantizer) and iq.bits <= 8:
-        weight = _integer_weight(wc)
-        if weight is not None:
-            d_neg, d_pos = (float(t) for t in twin_gelu_steps(iq.pos_exp.cpu(), iq.bits))
-            # the two regions' codes as uint8 operands (negative levels negated); their steps in
-            # units of the finer one are exact powers of two
-            twin = (d_neg, d_pos, float(2 ** (iq.bits - 1)), -d_neg / float(unit),
-                    d_pos / float(unit))
-    if weight is not None:
-        b, b_zp = weight
-        report.weights[name] = ('integer (MatMulInteger, exact rescale)' if twin is None else
-                                'integer (two MatMulInteger for the twin-uniform input, exact rescale)')
+        if plan.zero_point is not None and plan.scale.dim() == 0:
+            kind = 'uniform'
+    elif weight is not None and isinstance(iq, TwinUniformGeluQuantizer) and iq.bits <= 8:
+        kind = 'twin'
+        d_neg, d_pos = (float(t) for t in twin_gelu_steps(iq.pos_exp.cpu(), iq.bits))
+        h, r_neg, r_pos = float(2 ** (iq.bits - 1)), -d_neg / float(unit), d_pos / float(unit)
+    report.weights[name] = {
+        'uniform': 'integer (MatMulInteger, exact rescale)',
+        'twin': 'integer (two MatMulInteger for the twin-uniform input, exact rescale)',
+        'float64': 'integer-valued float64 MatMul (exact)'}[kind]
+    if kind == 'float64':
+        w64 = wc.reshape(wc.shape[0], -1).t().contiguous()
     else:
-        w64 = wc.reshape(n_out, -1).t().contiguous()
-        report.weights[name] = 'integer-valued float64 MatMul (exact)'
+        b, b_zp = weight
     unit32 = unit.detach().to(torch.float32).reshape(())
 
+    def mm_int(a, a_zp, x):
+        return _MatMulInteger.apply(a, b.to(x.device), a_zp.to(x.device), b_zp.to(x.device))
+
     def gemm(x):                                            # [..., K] → float32 [..., N]
-        if twin is not None:
-            d_neg, d_pos, h, r_neg, r_pos = twin
-            zero = torch.zeros_like(x)
-            neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0.0), zero)
-            pos = torch.where(x < 0, zero, torch.clamp(torch.round(x / d_pos), 0.0, h - 1))
-            z8 = torch.zeros((), dtype=torch.uint8, device=x.device)
-            acc = (_MatMulInteger.apply((-neg).to(torch.uint8), b.to(x.device), z8,
-                                        b_zp.to(x.device)).to(torch.float64) * r_neg
-                   + _MatMulInteger.apply(pos.to(torch.uint8), b.to(x.device), z8,
-                                          b_zp.to(x.device)).to(torch.float64) * r_pos)
-            acc = acc.to(torch.float32)
-        elif weight is not None:
+        if kind == 'uniform':
             if plan.clip:
                 x = torch.clamp(x, float(plan.lo * plan.scale), float(plan.hi * plan.scale))
             a = _QuantizeCodes.apply(x, plan.scale.to(x.device), plan.zero_point.to(x.device))
-            acc = _MatMulInteger.apply(a, b.to(x.device), plan.zero_point.to(x.device),
-                                       b_zp.to(x.device)).to(torch.float32)
+            acc = mm_int(a, plan.zero_point, x).to(torch.float32)
+        elif kind == 'twin':
+            neg, pos = twin_gelu_levels(x, d_neg, d_pos, h)
+            z8 = torch.zeros((), dtype=torch.uint8)
+            acc = (mm_int((-neg).to(torch.uint8), z8, x).to(torch.float64) * r_neg
+                   + mm_int(pos.to(torch.uint8), z8, x).to(torch.float64) * r_pos)
+            acc = acc.to(torch.float32)
         else:
             xc = torch.round(x / unit32.to(x.device)).to(torch.float64)
             acc = torch.matmul(xc, w64.to(x.device)).to(torch.float32)
@@ -704,17 +701,13 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patches=None):
         return y if bias is None else y + bias.to(x.device)
 
     def forward(x):
-        if mod.in_quantizer is not None and weight is None:
+        if mod.in_quantizer is not None and kind == 'float64':
             x = mod.in_quantizer(x)            # the fake-quantized values, on its grid
-        if patches is None:
+        if not patch:
             y = gemm(x)
         else:
-            (ph, pw), c_out = patches
-            B, C, H, W = x.shape
-            gh, gw = H // ph, W // pw
-            x = x[:, :, :gh * ph, :gw * pw].reshape(-1, C, gh, ph, gw, pw)
-            x = x.permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, C * ph * pw)
-            y = gemm(x).transpose(1, 2).reshape(-1, c_out, gh, gw)
+            rows, (gh, gw) = patch_rows(x, mod.kernel_size)
+            y = gemm(rows).transpose(1, 2).reshape(-1, mod.out_channels, gh, gw)
         return y if mod.out_quantizer is None else mod.out_quantizer(y)
     return forward
 
@@ -752,49 +745,48 @@ def export_forwards(model: nn.Module, report: Optional[ExportReport] = None,
     ``MatMulInteger`` for Linears / patch convolutions on per-tensor uniform inputs, integer-valued
     float32 / float64 ``MatMul`` for QKᵀ and P·V (exact in any summation order), GELU as
     ``rational_gelu``'s float32 +, −, ×, ÷ (the same bits in any IEEE backend)."""
-    from ..nn.exact import RationalGELU, set_exact_arithmetic
+    from ..nn.exact import exact_arithmetic
     if arithmetic not in ARITHMETIC:
         raise ValueError(f'export: arithmetic must be one of {ARITHMETIC}, got {arithmetic!r}')
     check_exportable(model)
     report = report if report is not None else ExportReport()
     patched: List[nn.Module] = []
-    switched = arithmetic == 'exact' and not any(
-        type(m) is RationalGELU or getattr(m, '_exact', None) is not None for m in model.modules())
-    if arithmetic == 'exact':
-        set_exact_arithmetic(model)
-    # weight quantizers are written with their module (int8 initializers + DequantizeLinear);
-    # LIS drives its logit quantizer itself
-    inner = {id(m.w_quantizer) for m in model.modules()
-             if isinstance(m, (QuantLinear, QuantConv2d)) and m.w_quantizer is not None}
-    inner |= {id(m.logit_quant) for m in model.modules() if isinstance(m, LogIntSoftmax)}
-    try:
-        for name, mod in model.named_modules():
-            fwd = None
-            if id(mod) in inner:
-                continue
-            if isinstance(mod, Quantizer) and mod.mode == 'quant':
-                fwd, form = _FORWARDS[type(mod)](mod)
-                report.quantizers[name] = form
-            elif isinstance(mod, QuantLinear):
-                fwd = ((arithmetic == 'exact' and _exact_linear_forward(mod, report, name))
-                       or _linear_forward(mod, report, name))
-            elif isinstance(mod, QuantConv2d):
-                patch = (tuple(mod.kernel_size) == tuple(mod.stride) and mod.groups == 1
-                         and tuple(mod.padding) == (0, 0) and tuple(mod.dilation) == (1, 1))
-                fwd = ((arithmetic == 'exact' and patch and _exact_linear_forward(
-                    mod, report, name, (tuple(mod.kernel_size), mod.out_channels)))
-                    or _conv_forward(mod, report, name))
-            elif isinstance(mod, QuantLayerNorm):
-                fwd = _layernorm_forward(mod, report, name)
-            if fwd is not None:
-                mod.forward = fwd
-                patched.append(mod)
-        yield report
-    finally:
-        for mod in patched:
-            del mod.forward
-        if switched:
-            set_exact_arithmetic(model, False)
+    with exact_arithmetic(model) if arithmetic == 'exact' else contextlib.nullcontext():
+        # weight quantizers are written with their module (int8 initializers + DequantizeLinear);
+        # LIS drives its logit quantizer itself
+        inner = {id(m.w_quantizer) for m in model.modules()
+                 if isinstance(m, (QuantLinear, QuantConv2d)) and m.w_quantizer is not None}
+        inner |= {id(m.logit_quant) for m in model.modules() if isinstance(m, LogIntSoftmax)}
+        try:
+            for name, mod in model.named_modules():
+                if id(mod) in inner:
+                    continue
+                fwd = _export_forward(mod, report, name, arithmetic)
+                if fwd is not None:
+                    mod.forward = fwd
+                    patched.append(mod)
+            yield report
+        finally:
+            for mod in patched:
+                del mod.forward
+
+
+def _export_forward(mod: nn.Module, report: ExportReport, name: str, arithmetic: str):
+    """The exportable forward of one module (None: it exports as it is)."""
+    from ..integer.linear import IntegerPatchEmbed
+    exact = arithmetic == 'exact'
+    if isinstance(mod, Quantizer) and mod.mode == 'quant':
+        fwd, report.quantizers[name] = _FORWARDS[type(mod)](mod)
+        return fwd
+    if isinstance(mod, QuantLinear):
+        return (exact and _exact_linear_forward(mod, report, name)) or _linear_forward(mod, report, name)
+    if isinstance(mod, QuantConv2d):
+        return ((exact and IntegerPatchEmbed.supports(mod)
+                 and _exact_linear_forward(mod, report, name, patch=True))
+                or _conv_forward(mod, report, name))
+    if isinstance(mod, QuantLayerNorm):
+        return _layernorm_forward(mod, report, name)
+    return None
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,

@@ -58,7 +58,7 @@ from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.uniform import UniformQuantizer
 from ..walk import feeding_norms
 from .layernorm import compile_integer_layernorms, compile_ptf_quantizers
-from .linear import IntegerLinear, IntegerPatchEmbed, integer_input_ok
+from .linear import IntegerLinear, IntegerPatchEmbed, _native_ops, integer_input_ok
 
 
 def _quant_on(q) -> bool:
@@ -271,12 +271,8 @@ class InPlaceRationalGELU(RationalGELU):
     MLP allocates one hidden-size tensor instead of two."""
 
     def forward(self, x):
-        if x.device.type == 'cpu' and x.dtype == torch.float32 and x.is_contiguous():
-            from . import kernels
-            ops = kernels.native()
-            if ops is not None:
-                return ops.rational_gelu_(x)
-        return rational_gelu(x)
+        ops = _native_ops(x, torch.float32) if x.is_contiguous() else None
+        return ops.rational_gelu_(x) if ops is not None else rational_gelu(x)
 
 
 class GELUInPreviousLayer(nn.Identity):

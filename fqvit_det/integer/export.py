@@ -11,6 +11,7 @@ bit. Written to a temporary file in the target directory, then renamed.
 """
 import base64
 import json
+import math
 import os
 import tempfile
 import zlib
@@ -56,19 +57,13 @@ def _unpack_small(tensors: Dict[str, torch.Tensor], manifest) -> Dict[str, torch
     state = {k: v for k, v in tensors.items() if not k.startswith(SMALL_PREFIX)}
     for key, dt, shape, offset in manifest:
         flat = tensors[SMALL_PREFIX + dt]
-        n = 1
-        for d in shape:
-            n *= d
-        state[key] = flat[offset:offset + n].reshape(shape).clone()
+        state[key] = flat[offset:offset + math.prod(shape)].reshape(shape).clone()
     return state
 
 
 def read_integer(path: str):
     """(metadata dict of JSON strings, tensors by state key) of a ``save_integer`` file, small
     tensors unpacked; a clear error for other files."""
-    import base64
-    import zlib
-
     from safetensors import safe_open
     with safe_open(path, framework='pt') as f:
         meta = f.metadata() or {}

@@ -339,14 +339,13 @@ class IntegerLinear(nn.Module):
 
     def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code."""
-        from ..quantizers.twin import twin_gelu_steps
+        from ..quantizers.twin import twin_gelu_levels, twin_gelu_steps
         h = 2 ** (self.in_bits - 1)
         d_neg, d_pos = twin_gelu_steps(self.twin_m, self.in_bits, x.device)
         ops = _native_ops(x, torch.float32) if x.dim() == 2 else None
         if ops is not None:       # the same levels in one compiled pass
             return ops.twin_operands(x.contiguous(), float(d_neg), float(d_pos), h)
-        neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0), torch.zeros_like(x))
-        pos = torch.where(x < 0, torch.zeros_like(x), torch.clamp(torch.round(x / d_pos), 0, h - 1))
+        neg, pos = twin_gelu_levels(x, d_neg, d_pos, h)
         return torch.cat([pos, neg], 0).to(torch.int8)
 
     def accumulate(self, x2: torch.Tensor, bias: bool = True) -> torch.Tensor:
@@ -479,10 +478,17 @@ class IntegerPatchEmbed(nn.Module):
                 and conv.groups == 1 and tuple(conv.dilation) == (1, 1))
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        ph, pw = self.patch_size
-        gh, gw = H // ph, W // pw
-        x = x[:, :, :gh * ph, :gw * pw]
-        patches = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
+        patches, (gh, gw) = patch_rows(x, self.patch_size)
         y = self.linear(patches)                                     # (B, L, out)
-        return y.transpose(1, 2).reshape(B, self.out_channels, gh, gw)
+        return y.transpose(1, 2).reshape(-1, self.out_channels, gh, gw)
+
+
+def patch_rows(x: torch.Tensor, patch_size):
+    """(B, L, C·ph·pw) rows of the non-overlapping patches of x (B, C, H, W), channel-major as a
+    conv weight is laid out, and the patch grid (gh, gw); a ragged border is dropped, as the
+    stride-ph convolution drops it."""
+    _, C, H, W = x.shape
+    ph, pw = patch_size
+    gh, gw = H // ph, W // pw
+    x = x[:, :, :gh * ph, :gw * pw].reshape(-1, C, gh, ph, gw, pw)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, C * ph * pw), (gh, gw)

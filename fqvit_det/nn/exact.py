@@ -33,6 +33,7 @@ float32 GELU within ~1.2e-6), written with float32 +, −, ×, ÷ only, so every
 The switch changes arithmetic, not parameters: calibration and the quant state are the same
 either way. Off by default (the published tables use the float32 simulation).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -121,7 +122,8 @@ def exact_grid(q) -> Optional[torch.Tensor]:
 
 def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
     """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic and its
-    GELUs to ``rational_gelu`` (module docstring), or back (``enabled=False``). Returns how many layers and attentions compute exactly.
+    GELUs to ``rational_gelu`` (module docstring), or back (``enabled=False``). Returns how many
+    layers and attentions compute exactly.
     Call it after calibration: which layers qualify is decided now; their grids are read at each
     forward (a layer whose quantizers leave 'quant' mode computes as usual)."""
     from ..walk import feeding_norms
@@ -156,6 +158,24 @@ def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
             if isinstance(aq, AttentionQuantizers) and isinstance(qkv, QuantLinear):
                 aq._exact = (qkv.out_quantizer if exact_grid(qkv.out_quantizer) is not None else None,)
     return count
+
+
+def exact_arithmetic_on(model: nn.Module) -> bool:
+    """Whether ``set_exact_arithmetic`` is in effect on ``model``."""
+    return any(type(m) is RationalGELU or getattr(m, '_exact', None) is not None
+               for m in model.modules())
+
+
+@contextlib.contextmanager
+def exact_arithmetic(model: nn.Module):
+    """``set_exact_arithmetic(model)`` for the context; switched back on exit unless it was on."""
+    was_on = exact_arithmetic_on(model)
+    set_exact_arithmetic(model)
+    try:
+        yield model
+    finally:
+        if not was_on:
+            set_exact_arithmetic(model, False)
 
 
 def exact_linear_constants(mod, unit: torch.Tensor):

@@ -99,6 +99,16 @@ def twin_gelu_steps(m, bits: int, device=None):
     return d_neg, d_neg * torch.exp2(e)
 
 
+def twin_gelu_levels(x: torch.Tensor, d_neg, d_pos, h):
+    """(negative, positive) levels of x on the post-GELU twin grid, as floats: clamp(⌊x/Δ_neg⌉,
+    −h, 0) where x < 0 and clamp(⌊x/Δ_pos⌉, 0, h − 1) elsewhere, 0 in the other region — the two
+    operands of an integer GEMM on twin-uniform inputs."""
+    zero = torch.zeros_like(x)
+    neg = torch.where(x < 0, torch.clamp(torch.round(x / d_neg), -h, 0), zero)
+    pos = torch.where(x < 0, zero, torch.clamp(torch.round(x / d_pos), 0, h - 1))
+    return neg, pos
+
+
 def twin_gelu_codes(x: torch.Tensor, m, bits: int) -> torch.Tensor:
     """Integer codes: MSB = 1 for the positive region (magnitude in the low b − 1 bits); MSB = 0 for
     negative levels, storing (|level| − 1) so that −Δ_neg … −2^(b−1)·Δ_neg use codes 0 … 2^(b−1) − 1."""
