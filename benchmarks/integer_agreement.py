@@ -37,6 +37,23 @@ PRESETS = {  # name: config file
 MODEL = 'deit_tiny_patch16_224'
 
 
+def add_preset_args(p: argparse.ArgumentParser, presets: str) -> None:
+    """--data, --presets (default ``presets``) and --states, as the integer benchmarks share them."""
+    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
+    p.add_argument('--presets', default=presets, help=f'comma list of {sorted(PRESETS)}')
+    p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'),
+                   help='calibrated states, one tools/test.py work dir per preset')
+
+
+def chosen_presets(args) -> list:
+    """``args.presets`` as a list; exits naming the unknown ones before any work."""
+    presets = args.presets.split(',')
+    unknown = [r for r in presets if r not in PRESETS]
+    if unknown:
+        raise SystemExit(f'unknown presets {unknown}; choose from {sorted(PRESETS)}')
+    return presets
+
+
 def state_path(states_dir, preset):
     name = osp.splitext(osp.basename(PRESETS[preset]))[0]
     return osp.join(states_dir, name, 'quant_state.safetensors')
@@ -101,9 +118,7 @@ def block_divergence(sim, integer, x):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
-    p.add_argument('--presets', default='fqvit_884,ptq4vit_w6a6,repq_w4a4')
-    p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
+    add_preset_args(p, 'fqvit_884,ptq4vit_w6a6,repq_w4a4')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
     p.add_argument('--size-only', action='store_true',
@@ -121,10 +136,7 @@ def main(argv=None):
     from fqvit_det.integer import load_integer, save_integer, to_integer
     from fqvit_det.nn.exact import set_exact_arithmetic
     from results_md import load_result, machine_info, save_result
-    presets = args.presets.split(',')
-    unknown = [r for r in presets if r not in PRESETS]
-    if unknown:
-        raise SystemExit(f'unknown presets {unknown}; choose from {sorted(PRESETS)}')
+    presets = chosen_presets(args)
     for pr in presets:     # fail before any heavy work
         if not osp.isfile(state_path(args.states, pr)):
             build_simulated(pr, args.states, args.data)

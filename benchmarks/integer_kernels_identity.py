@@ -21,23 +21,19 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from integer_agreement import PRESETS, build_simulated, load_images  # noqa: E402
+from integer_agreement import (PRESETS, add_preset_args, build_simulated,  # noqa: E402
+                               chosen_presets, load_images)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
-    p.add_argument('--presets', default='repq_w4a4,fqvit_884,ptq4vit_w6a6')
-    p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
+    add_preset_args(p, 'repq_w4a4,fqvit_884,ptq4vit_w6a6')
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
     args = p.parse_args(argv)
     from fqvit_det.integer import kernels, to_integer
     from results_md import machine_info, save_result
-    presets = args.presets.split(',')
-    for pr in presets:
-        if pr not in PRESETS:
-            raise SystemExit(f'unknown preset {pr!r}; choose from {sorted(PRESETS)}')
+    presets = chosen_presets(args)
     kernels.set_backend('cpp')          # fails here, before any work, where they do not build
     rows = []
     for pr in presets:

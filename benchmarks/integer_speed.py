@@ -38,7 +38,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from integer_agreement import MODEL, PRESETS, build_simulated, load_images  # noqa: E402
+from integer_agreement import (MODEL, add_preset_args, build_simulated,  # noqa: E402
+                               chosen_presets, load_images)
 
 # glibc malloc keeps up to 2 GiB of freed memory and serves tensors up to 32 MiB from its heap
 TUNED_MALLOC = 'glibc.malloc.trim_threshold=2147483648:glibc.malloc.mmap_threshold=33554432'
@@ -82,9 +83,7 @@ def profile(fn, x, calls, top=14):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', default=osp.join(ROOT, '..', 'shared', 'data'))
-    p.add_argument('--presets', default='repq_w4a4,fqvit_884')
-    p.add_argument('--states', default=osp.join('work_dirs', 'integer_states'))
+    add_preset_args(p, 'repq_w4a4,fqvit_884')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--batches', default='1,32')
@@ -107,10 +106,7 @@ def main(argv=None):
     from fqvit_det.integer import to_integer
     from results_md import machine_info, save_result
     torch.set_num_threads(args.threads)
-    presets = args.presets.split(',')
-    for pr in presets:
-        if pr not in PRESETS:
-            raise SystemExit(f'unknown preset {pr!r}; choose from {sorted(PRESETS)}')
+    presets = chosen_presets(args)
     variants = {'float eager': float_model(args.data)}
     for pr in presets:
         sim, _, _ = build_simulated(pr, args.states, args.data)
