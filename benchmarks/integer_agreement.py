@@ -133,7 +133,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import copy
 
-    from fqvit_det.integer import load_integer, save_integer, to_integer
+    from fqvit_det.integer import load_integer, to_integer
     from fqvit_det.nn.exact import set_exact_arithmetic
     from results_md import load_result, machine_info, save_result
     presets = chosen_presets(args)
@@ -150,7 +150,7 @@ def main(argv=None):
         exact = copy.deepcopy(sim)
         set_exact_arithmetic(exact)
         export = osp.join(args.export_dir, f'{pr}.safetensors')
-        size = save_integer(integer, export, arch, spec)
+        size, plain_size = export_sizes(integer, export, arch, spec)
         reloaded = load_integer(export)
         n = same = same_f32 = sim_correct = f32_correct = int_correct = 0
         max_diff, max_diff_f32, worst, identical_reload = 0.0, 0.0, None, True
@@ -180,6 +180,7 @@ def main(argv=None):
                    max_logit_diff=max_diff, max_logit_diff_f32=max_diff_f32, worst_image=worst, block_divergence=divergence,
                    integer_gemms=len(integer.fqvit_integer_plan), export_bytes=size,
                    float_bytes=float_bytes, size_ratio=float_bytes / size,
+                   export_bytes_plain=plain_size, size_ratio_plain=float_bytes / plain_size,
                    reload_bit_identical=identical_reload, seconds=time.time() - t0,
                    date=datetime.date.today().isoformat(), command=command())
         # re-read just before writing: runs for other presets may have saved in the meantime
@@ -199,24 +200,35 @@ def main(argv=None):
 
 def update_sizes(args, presets, float_bytes):
     """``--size-only``: re-export each preset and rewrite its row's size and reload columns."""
-    from fqvit_det.integer import load_integer, save_integer, to_integer
+    from fqvit_det.integer import load_integer, to_integer
     from results_md import load_result, save_result
     x, _ = next(load_images(args.data, args.batch, args.batch))
     for pr in presets:
         sim, spec, arch = build_simulated(pr, args.states, args.data)
         integer = to_integer(sim, requant=args.requant)
         export = osp.join(args.export_dir, f'{pr}.safetensors')
-        size = save_integer(integer, export, arch, spec)
+        size, plain_size = export_sizes(integer, export, arch, spec)
         with torch.no_grad():
             identical = bool(torch.equal(integer(x), load_integer(export)(x)))
         old = load_result(args.json)
         for r in old['records']:
             if r['preset'] == pr:
                 r.update(export_bytes=size, size_ratio=float_bytes / size, reload_bit_identical=identical,
+                         export_bytes_plain=plain_size, size_ratio_plain=float_bytes / plain_size,
                          size_command=command(), size_date=datetime.date.today().isoformat())
         save_result(args.json, old)
-        print(f'{pr}: export {size / 1e6:.3f} MB ({float_bytes / size:.2f}x smaller), reload identical '
-              f'{identical}', flush=True)
+        print(f'{pr}: export {size / 1e6:.3f} MB ({float_bytes / size:.2f}x smaller; not entropy-coded '
+              f'{plain_size / 1e6:.3f} MB, {float_bytes / plain_size:.2f}x), reload identical {identical}',
+              flush=True)
+
+
+def export_sizes(integer, export, arch, spec):
+    """(bytes of ``export`` as ``save_integer`` writes it, bytes without entropy coding; that
+    second file is written beside it with the suffix ``.plain.safetensors``)."""
+    from fqvit_det.integer import save_integer
+    plain = export[:-len('.safetensors')] + '.plain.safetensors'
+    return (save_integer(integer, export, arch, spec),
+            save_integer(integer, plain, arch, spec, entropy_coding=False))
 
 
 def command():

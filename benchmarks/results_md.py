@@ -98,13 +98,14 @@ def integer_section(doc):
            f'Agreement = same top-1 class on {doc["val_images"]} `val1300` images as the integer-exact '
            'simulation (GEMMs on codes, `tools/test.py --exact-arithmetic`; the same calibrated state) '
            'and as the default float32 simulation (GEMMs on dequantized values); export = '
-           '`save_integer` safetensors vs the float32 safetensors file. Rows without the float32 '
+           '`save_integer` safetensors (code tensors Huffman-coded, the default) vs the float32 '
+           'safetensors file; "plain" = `save_integer(..., entropy_coding=False)`. Rows without the float32 '
            'columns are from before the integer-exact simulation existed (their agreement is with '
            'the float32 simulation, on the images given).', '',
            '| preset | bits W/A/attn | requant | integer GEMMs | agree % (exact sim) | differ | '
            'max logit diff | agree % (float32 sim) | exact sim top-1 | float32 sim top-1 | int top-1 '
-           '| export MB | x smaller | reload identical |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '| export MB | x smaller | plain MB | x smaller (plain) | reload identical |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in doc['records']:
         f32 = 'agree_f32_pct' in r
         out.append(f'| {r["preset"]} | {r["bits"]} | {r.get("requant", "dyadic")} | {r["integer_gemms"]} | '
@@ -114,7 +115,9 @@ def integer_section(doc):
                       f'– | – | – | {r["agree_pct"]:.2f} ({r["images"]} images) | – | '
                       f'{r["sim_top1"]:.2f} | ')
                    + f'{r["int_top1"]:.2f} | {r["export_bytes"] / 1e6:.2f} | {r["size_ratio"]:.2f} | '
-                   f'{r["reload_bit_identical"]} |')
+                   + (f'{r["export_bytes_plain"] / 1e6:.2f} | {r["size_ratio_plain"]:.2f} | '
+                      if 'export_bytes_plain' in r else '– | – | ')
+                   + f'{r["reload_bit_identical"]} |')
     out += ['', 'Where differences start (first 16 images): max |residual-stream difference| after each '
             'block (relative to the block output\'s max |value|).', '',
             '| preset | block 1 … 12 |', '|---|---|']

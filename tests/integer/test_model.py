@@ -75,6 +75,16 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         assert len(entries) < 70 and any(k.startswith(SMALL_PREFIX) for k in entries)
         meta, tensors = read_integer(path)
         keys = list(tensors)
+        # the large code tensors are Huffman-coded: lossless, and the file is smaller than the
+        # plain one (entropy_coding=False), which stores every tensor as it is used
+        huffman = [k for k, _, _ in json.loads(meta['huffman'])]
+        assert huffman and all(k.endswith(('weight_codes', '.packed4', '.codes')) for k in huffman), huffman
+        plain = str(tmp_path / f'{name}.plain.safetensors')
+        assert save_integer(integer, plain, ARCH, spec, entropy_coding=False) > size
+        meta_plain, tensors_plain = read_integer(plain)
+        assert 'huffman' not in meta_plain
+        assert tensors.keys() == tensors_plain.keys()
+        assert all(torch.equal(tensors[k], tensors_plain[k]) for k in tensors)
         packed = [k for k in keys if k.endswith('weight_codes.packed4')]
         assert bool(packed) == (name == 'repq_w4a4')
         assert not [k for k in keys if k.endswith('.bias_int')]      # derived on loading
@@ -91,12 +101,46 @@ def test_save_load_gives_identical_outputs_and_packs_4_bit(tmp_path, device):
         loaded = load_integer(path, device=device)
         with torch.no_grad():
             assert torch.equal(integer(x), loaded(x))
-        if name == 'repq_w4a4':     # a file of the first format (one entry per tensor) still loads
-            from safetensors.torch import save_file
-            v1 = str(tmp_path / 'v1.safetensors')
+        if name == 'repq_w4a4':     # files of the earlier formats still load
+            from safetensors.torch import load_file, save_file
+            v1 = str(tmp_path / 'v1.safetensors')     # /1: one entry per tensor, plain metadata
             save_file(tensors, v1, metadata={**meta, 'format': 'fqvit-det-integer/1'})
+            v2 = str(tmp_path / 'v2.safetensors')     # /2: as /3 without entropy coding
+            with safe_open(plain, framework='pt') as f:
+                save_file(load_file(plain), v2, metadata={**f.metadata(), 'format': 'fqvit-det-integer/2'})
             with torch.no_grad():
-                assert torch.equal(integer(x), load_integer(v1, device=device)(x))
+                for old in (v1, v2, plain):
+                    assert torch.equal(integer(x), load_integer(old, device=device)(x))
+
+
+def test_entropy_code_round_trip_and_errors():
+    from fqvit_det.integer.export import SMALL_NUMEL, entropy_code, entropy_decode
+    g = torch.Generator().manual_seed(0)
+    bell = torch.randn(64, 200, generator=g).mul(8).round().clamp(-127, 127).to(torch.int8)
+    nibbles = torch.randint(0, 256, (64, 100), generator=g, dtype=torch.uint8) & 0x33
+    noise = torch.randint(0, 256, (64, 100), generator=g, dtype=torch.uint8)   # incompressible
+    small = bell[:1, :SMALL_NUMEL // 200]
+    floats = torch.randn(64, 100, generator=g)
+    state = dict(bell=bell, nibbles=nibbles, noise=noise, small=small, floats=floats)
+    coded, manifest = entropy_code(state)
+    assert sorted(k for k, _, _ in manifest) == ['bell', 'nibbles']
+    # a Huffman code comes within a small fraction of a bit per byte of the empirical entropy
+    p = torch.bincount(bell.reshape(-1).long() + 128).double() / bell.numel()
+    bits = float(-(p[p > 0] * p[p > 0].log2()).sum())          # ≈ 5.05 for σ = 8
+    assert coded['bell'].dtype == torch.uint8
+    assert coded['bell'].numel() <= bell.numel() * (bits + 0.1) / 8 + 64
+    for k in ('noise', 'small', 'floats'):
+        assert coded[k] is state[k]
+    back = entropy_decode(coded, manifest, 'x.safetensors')
+    assert back.keys() == state.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+    broken = dict(coded, bell=coded['bell'].clone())
+    broken['bell'][7:] = 0
+    with pytest.raises(ValueError, match=r"x.safetensors: entropy-coded tensor 'bell' is corrupt"):
+        entropy_decode(broken, manifest, 'x.safetensors')
+    wrong = [[k, dt, [shape[0] + 1] + shape[1:]] for k, dt, shape in manifest]
+    with pytest.raises(ValueError, match=r"'bell' decodes to 12800 bytes, expected 13000"):
+        entropy_decode(coded, wrong, 'x.safetensors')
 
 
 def test_export_refuses_an_unconverted_model(tmp_path):
