@@ -62,6 +62,7 @@ from ..quantizers.adalog import AdaLogQuantizer, adalog_dequantize
 from ..quantizers.base import Quantizer, broadcast_param, is_integral
 from ..quantizers.lis import LogIntSoftmax, int_exp_parts
 from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer, log2_dequantize, log_sqrt2_dequantize
+from ..quantizers.log import log_code_thresholds as _log_code_thresholds
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
                                twin_gelu_steps, twin_softmax_steps)
@@ -262,30 +263,11 @@ def _ptf_forward(q: PTFQuantizer):
 
 
 def log_code_thresholds(code_of, bits: int) -> torch.Tensor:
-    """T[k], k = 0 … 2^b − 1: the smallest positive float32 u whose code ``code_of(u)`` (the
-    quantizer's own float32 formula, evaluated by torch; non-increasing in u) is ≤ k, found by
-    bisection over the float32 bit patterns. ``code_of(u) > k`` exactly when u < T[k]."""
-    n = 2 ** bits
-    lo = torch.ones(n, dtype=torch.int64)                      # smallest positive subnormal
-    hi = torch.full((n,), 0x7F7FFFFF, dtype=torch.int64)       # largest finite float32
-    ks = torch.arange(n, dtype=torch.float32)
-
-    def codes(bits_):
-        # 64 copies of each value: torch's vectorized kernels, as on the model's tensors
-        u = bits_.to(torch.int32).view(torch.float32).repeat_interleave(64)
-        return code_of(u).reshape(-1, 64)[:, 0]
-    if not bool((codes(hi) <= ks).all()):
-        raise UnsupportedQuantizerError('log code thresholds: the largest input does not reach code 0')
-    while bool((hi > lo).any()):
-        mid = (lo + hi) // 2
-        ok = codes(mid) <= ks                     # NaN codes compare False: keep searching above
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid + 1)
-    t = hi.to(torch.int32).view(torch.float32)
-    below = (hi - 1).clamp(min=1)
-    if not (bool((codes(hi) <= ks).all()) and bool(((codes(below) > ks) | (hi == 1)).all())):
-        raise UnsupportedQuantizerError('log code thresholds: the code is not monotone in its input')
-    return t
+    """``quantizers.log.log_code_thresholds``; a code that is not monotone is not exportable."""
+    try:
+        return _log_code_thresholds(code_of, bits)
+    except ValueError as err:
+        raise UnsupportedQuantizerError(str(err)) from None
 
 
 def _log_table_forward(q: Quantizer, table: torch.Tensor, arg_fn, code_of, what: str):

@@ -408,6 +408,58 @@ def twin_softmax_tables(bits: int, split_exp: int):
     return mant, shift, 1.0 / n
 
 
+def log_code_of(mode: int, r: float = 1.0, q: float = 1.0):
+    """The float32 code formula of the compiled kernels' log codes from u = x/Δ (torch ops): mode
+    0 log2 ⌊−log2 u⌉, 1 log√2 ⌊−2·log2 u⌉, 2 AdaLog ⌊(−log2 u)·r/q⌉ (r, q as float32)."""
+    if mode == 0:
+        return lambda u: torch.round(-torch.log2(u))
+    if mode == 1:
+        return lambda u: torch.round(-2.0 * torch.log2(u))
+    if mode == 2:
+        return lambda u: torch.round((-torch.log2(u)) * float(r) / float(q))
+    raise ValueError(f'log_code_of: mode {mode} is not a log code (0, 1, 2)')
+
+
+F32_INF_BITS = 0x7F800000
+
+
+def log_code_buckets(code_of, bits: int, max_fine_bits: int = 8):
+    """(shift, base, inc, thr) that compute the codes of ``code_of`` without a logarithm, or None
+    where no table of at most 2^(8 + max_fine_bits) buckets does (or the code is not monotone).
+
+    With T the exact float32 thresholds (``log_code_thresholds``: code(u) > k ⟺ u < T[k]), the
+    code of u ≥ 0 is #{k : u < T[k]} (2^b: the zero code). Non-negative float32 values order as
+    their bit patterns, so bucket k = (bits of u) >> shift holds a contiguous range of values;
+    shift = 23 − m is the largest (m the fewest mantissa bits) that leaves at most one distinct
+    threshold strictly inside any bucket. Then code = base[k] + inc[k]·[u < thr[k]], with base
+    the thresholds above the bucket, thr that threshold and inc how many T share it (else 0)."""
+    from ..quantizers.log import log_code_thresholds
+    try:
+        t = log_code_thresholds(code_of, bits)
+    except ValueError:
+        return None
+    tb = t.view(torch.int32).to(torch.int64)
+    values, counts = torch.unique(tb, return_counts=True)
+    asc = tb.sort().values
+    for m in range(max_fine_bits + 1):
+        shift = 23 - m
+        inside = (values & ((1 << shift) - 1)) != 0        # not a bucket's first value
+        owner = values[inside] >> shift
+        if torch.unique(owner).numel() != owner.numel():
+            continue
+        n_buckets = (F32_INF_BITS >> shift) + 1
+        last = ((torch.arange(n_buckets, dtype=torch.int64) + 1) << shift) - 1
+        last = last.clamp(max=F32_INF_BITS)
+        base = tb.numel() - torch.searchsorted(asc, last, right=True)     # #{T > last value}
+        inc = torch.zeros(n_buckets, dtype=torch.int64)
+        thr = torch.zeros(n_buckets, dtype=torch.int64)      # +0.0: u < thr never holds
+        inc[owner] = counts[inside]
+        thr[owner] = values[inside]
+        return (shift, base.to(torch.int32), inc.to(torch.int32),
+                thr.to(torch.int32).view(torch.float32))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The attention core of a calibrated QuantTimmAttention on codes
 # ---------------------------------------------------------------------------------------------
@@ -782,7 +834,22 @@ class IntegerAttention(nn.Module):
                                   self.probs_delta.float(), mode, r, qq, split,
                                   cfg['probs_bits'], plan['table'], plan['classes'],
                                   plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
-                                  *cfg['out_range'], self.num_heads)
+                                  *cfg['out_range'], self.num_heads, *self._code_buckets())
+
+    def _code_buckets(self):
+        """``attention_pow2``'s last arguments: the exact-threshold code tables
+        (``log_code_buckets``) for log codes with one Δ, else empty (log2 in the kernel)."""
+        mode, r, qq, _ = self._code_mode()
+        key = (mode, r, qq, int(self.cfg['probs_bits']), self.probs_delta.numel())
+        cache = getattr(self, '_buckets_cache', None)
+        if cache is None or cache[0] != key:
+            b = None
+            if mode != 3 and self.probs_delta.numel() == 1:
+                b = log_code_buckets(log_code_of(mode, r, qq), self.cfg['probs_bits'])
+            empty = torch.empty(0, dtype=torch.int32)
+            args = (empty, empty, torch.empty(0), 0) if b is None else (b[1], b[2], b[3], b[0])
+            cache = self._buckets_cache = (key, args)
+        return cache[1]
 
     @torch.no_grad()
     def _compiled_codes(self, q, k, v):

@@ -73,6 +73,33 @@ def pooled_samples(pool: list, max_samples: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # log2 / log√2 code formulas (pure functions, broadcast over candidate Δ tensors)
 # ---------------------------------------------------------------------------------------------
+def log_code_thresholds(code_of, bits: int) -> torch.Tensor:
+    """T[k], k = 0 … 2^b − 1: the smallest positive float32 u whose code ``code_of(u)`` (the
+    quantizer's own float32 formula, evaluated by torch; non-increasing in u) is ≤ k, found by
+    bisection over the float32 bit patterns. ``code_of(u) > k`` exactly when u < T[k]."""
+    n = 2 ** bits
+    lo = torch.ones(n, dtype=torch.int64)                      # smallest positive subnormal
+    hi = torch.full((n,), 0x7F7FFFFF, dtype=torch.int64)       # largest finite float32
+    ks = torch.arange(n, dtype=torch.float32)
+
+    def codes(bits_):
+        # 64 copies of each value: torch's vectorized kernels, as on the model's tensors
+        u = bits_.to(torch.int32).view(torch.float32).repeat_interleave(64)
+        return code_of(u).reshape(-1, 64)[:, 0]
+    if not bool((codes(hi) <= ks).all()):
+        raise ValueError('log code thresholds: the largest input does not reach code 0')
+    while bool((hi > lo).any()):
+        mid = (lo + hi) // 2
+        ok = codes(mid) <= ks                     # NaN codes compare False: keep searching above
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid + 1)
+    t = hi.to(torch.int32).view(torch.float32)
+    below = (hi - 1).clamp(min=1)
+    if not (bool((codes(hi) <= ks).all()) and bool(((codes(below) > ks) | (hi == 1)).all())):
+        raise ValueError('log code thresholds: the code is not monotone in its input')
+    return t
+
+
 def log2_quantize(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
     """q = clamp(⌊−log2(x/Δ)⌉, 0, 2^b − 1); ``ZERO_CODE`` where the code would be ≥ 2^b."""
     x = _as_float(x)

@@ -165,3 +165,63 @@ def test_compiled_rational_gelu_is_the_torch_formula(backend):
     y = x.clone()
     assert ops.rational_gelu_(y) is not None
     assert torch.equal(y, ref)
+
+
+def _threshold_probe(t: torch.Tensor, delta: float) -> torch.Tensor:
+    """Probabilities whose u = x/Δ sit at, just below and just above every code threshold T,
+    plus random values over 40 octaves, subnormals and the special values (odd length: the
+    vector loop's scalar tail runs too)."""
+    g = torch.Generator().manual_seed(3)
+    near = torch.cat([t, torch.nextafter(t, torch.zeros(())), torch.nextafter(t, t * 2),
+                      torch.nextafter(torch.nextafter(t, t * 2), t * 2)])
+    rnd = torch.exp2(-40 * torch.rand(20000, generator=g)) * torch.rand(20000, generator=g)
+    special = torch.tensor([0.0, -0.0, 1.0, 2.0, 1e-45, 1e-40, 3e38, float('inf'),
+                            float('-inf'), float('nan'), -0.5, -1e-30])
+    u = torch.cat([near, rnd, special])
+    # x = u·Δ then x/Δ may not give u back: probe both u·Δ and its neighbours
+    x = u * delta
+    return torch.cat([x, torch.nextafter(x, torch.full_like(x, float('inf'))),
+                      torch.nextafter(x, torch.zeros_like(x)), torch.rand(7, generator=g)])
+
+
+# (0, 7) and (1, 8) have thresholds among the subnormals
+@pytest.mark.parametrize('mode,bits,r,q', [(0, 4, 1.0, 1.0), (0, 7, 1.0, 1.0), (1, 4, 1.0, 1.0),
+                                           (1, 8, 1.0, 1.0), (2, 4, 37.0, 5.0), (2, 6, 23.0, 4.0)])
+def test_threshold_codes_equal_the_log2_codes(backend, mode, bits, r, q):
+    """attention_pow2's log codes without log2 (``log_code_buckets`` → ``bucket_rows``): for
+    every probability the same code as log2(x/Δ) through the code formula, vector and scalar
+    loops alike, and the table alone (torch) says the same: code = #{T > u}."""
+    from fqvit_det.integer.attention import log_code_buckets, log_code_of
+    from fqvit_det.quantizers.log import log_code_thresholds
+    backend('cpp')
+    ops = kernels.native()
+    code_of = log_code_of(mode, r, q)
+    shift, base, inc, thr = log_code_buckets(code_of, bits)
+    assert 23 - 8 <= shift <= 23
+    t = log_code_thresholds(code_of, bits)
+    for delta in (0.9, 0.0123, 1.0 / 3.0):
+        x = _threshold_probe(t, delta)
+        d = torch.tensor(delta, dtype=torch.float32)
+        ref = ops.prob_codes(torch.log2(x / d), mode, r, q, 0.0, bits)
+        for vector in (True, False):
+            assert torch.equal(ops.bucket_codes(x, delta, base, inc, thr, shift, bits, vector), ref)
+        # the tables in torch: the bucket of u, base + inc·[u < thr], the zero code from 2^b
+        b = (x / d).view(torch.int32)
+        keep = (b >= 0) & (b <= 0x7F800000)           # NaN, negatives, −0: the kernel's guard
+        u = (x / d)[keep]
+        k = u.view(torch.int32).to(torch.int64) >> shift
+        count = base[k].to(torch.int64) + inc[k].to(torch.int64) * (u < thr[k]).to(torch.int64)
+        assert torch.equal(count, (u.unsqueeze(1) < t.unsqueeze(0)).sum(1))
+        assert torch.equal(torch.where(count >= 2 ** bits, -1, count).to(torch.int32), ref[keep])
+
+
+def test_compiled_attention_uses_threshold_codes_for_log_kinds():
+    from fqvit_det.integer.attention import log_code_buckets, log_code_of
+    for method, uses in (('repq_w4a4', True), ('adalog_6', True), ('ptq4vit', False)):
+        model, _ = calibrated(method, 'cpu')
+        ia = IntegerAttention(model.blocks[0].attn, method='simulation')
+        assert (ia._code_buckets()[0].numel() > 0) == uses
+    # no tables (the kernel then calls log2) for a code that is not monotone in u, or where
+    # thresholds crowd one bucket: 8-bit log2 has 130 of them among the subnormals
+    assert log_code_buckets(lambda u: torch.round(torch.sin(40 * u) * 3 + 3), 2) is None
+    assert log_code_buckets(log_code_of(0), 8) is None

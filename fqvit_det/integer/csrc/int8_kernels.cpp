@@ -3,7 +3,9 @@
 // computes the same numbers: integer steps are exact, and every float step is the single IEEE
 // operation the torch chain performs, in the same order (compiled with -ffp-contract=off: no
 // product is fused into an add; no reassociation). Where a step is a torch function whose
-// implementation we cannot reproduce bit for bit (softmax, log2), the kernel calls that function.
+// implementation we cannot reproduce bit for bit (softmax, log2), the kernel calls that function,
+// or, for log2, uses the exact float32 thresholds where the code changes, found with torch's
+// own log2 (attention.log_code_buckets).
 //
 //   attention_pow2 the attention core for power-of-two probability codes (log2, log√2, AdaLog,
 //                  PTQ4ViT twin uniform): QKᵀ int8 GEMM → float32 logits → softmax → codes →
@@ -11,6 +13,7 @@
 //                  exact accumulators → the proj-input codes
 //   attention_lis  the same for FQ-ViT's Log-Int-Softmax (integer logits, exp table, log2 codes)
 //   prob_codes     the probability codes alone (the formulas attention_pow2 uses; for tests)
+//   bucket_codes   the same log codes by exact thresholds (attention_pow2's route without log2)
 //   bmm_int8       a batch of int8 × int8 → int32 GEMMs (torch._int_mm per matrix, the batch
 //                  spread over the threads in one call)
 //   qkv_int8       the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
@@ -204,6 +207,97 @@ FQVIT_CLONES void log_rows(const float* __restrict l, int64_t n, int64_t mode, f
     c = std::nearbyint(c);
     idx[j] = !(c < top) ? 0 : (c < 0.0f ? 1 : static_cast<int32_t>(c) + 1);
   }
+}
+
+// table rows (code + 1) of log codes by exact thresholds instead of log2 (one pass over the
+// probabilities x): u = float32(x/Δ), bucket k = (bits of u) >> shift, code = base[k] + inc[k]·
+// [u < thr[k]], which is the number of code thresholds above u (attention.log_code_buckets);
+// code ≥ top, NaN or negative u (sign bit set) → the zero code, row 0. Branch-free; with
+// AVX-512 16 values at a time (the table reads are gathers, which GCC does not vectorize here).
+constexpr uint32_t kF32Inf = 0x7F800000u;
+
+inline int32_t bucket_row(float u, uint32_t sh, const int32_t* base, const int32_t* inc,
+                          const float* thr, int32_t top) {
+  uint32_t b;
+  std::memcpy(&b, &u, 4);
+  const uint32_t bad = static_cast<uint32_t>(b > kF32Inf);
+  const uint32_t k = (b < kF32Inf ? b : kF32Inf) >> sh;
+  const int32_t c = base[k] + (inc[k] & -static_cast<int32_t>(u < thr[k]));
+  const int32_t keep = -static_cast<int32_t>((bad | static_cast<uint32_t>(c >= top)) == 0);
+  return (c + 1) & keep;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FQVIT_HAVE_AVX512_BUCKETS 1
+__attribute__((target("avx512f"))) void bucket_rows_avx512(
+    const float* __restrict x, int64_t n, float delta, uint32_t sh, const int32_t* base,
+    const int32_t* inc, const float* thr, int32_t top, int32_t* __restrict idx) {
+  const __m512 vd = _mm512_set1_ps(delta);
+  const __m512i vinf = _mm512_set1_epi32(static_cast<int32_t>(kF32Inf));
+  const __m512i vtop = _mm512_set1_epi32(top), one = _mm512_set1_epi32(1);
+  const __m128i count = _mm_cvtsi32_si128(static_cast<int>(sh));
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 u = _mm512_div_ps(_mm512_loadu_ps(x + j), vd);
+    const __m512i b = _mm512_castps_si512(u);
+    const __mmask16 bad = _mm512_cmpgt_epu32_mask(b, vinf);
+    const __m512i k = _mm512_srl_epi32(_mm512_min_epu32(b, vinf), count);
+    const __m512i c0 = _mm512_i32gather_epi32(k, base, 4);
+    const __m512i in = _mm512_i32gather_epi32(k, inc, 4);
+    const __m512 t = _mm512_i32gather_ps(k, thr, 4);
+    const __m512i c = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(u, t, _CMP_LT_OQ), c0, in);
+    const __mmask16 zero = bad | _mm512_cmpge_epi32_mask(c, vtop);
+    _mm512_storeu_si512(idx + j, _mm512_maskz_add_epi32(static_cast<__mmask16>(~zero), c, one));
+  }
+  for (; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
+}
+#endif
+
+void bucket_rows(const float* __restrict x, int64_t n, float delta, int64_t shift,
+                 const int32_t* __restrict base, const int32_t* __restrict inc,
+                 const float* __restrict thr, int32_t top, int32_t* __restrict idx,
+                 bool vector = true) {
+  const uint32_t sh = static_cast<uint32_t>(shift);
+#ifdef FQVIT_HAVE_AVX512_BUCKETS
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && vector) return bucket_rows_avx512(x, n, delta, sh, base, inc, thr, top, idx);
+#endif
+  for (int64_t j = 0; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
+}
+
+// Bucket tables of bucket_rows: shift in [0, 23], base / inc / thr with one entry per bucket
+// of the non-negative float32 bit patterns up to +inf
+struct Buckets {
+  int64_t shift = 0;
+  const int32_t *base = nullptr, *inc = nullptr;
+  const float* thr = nullptr;
+  bool on = false;
+};
+
+Buckets check_buckets(const char* who, const at::Tensor& base, const at::Tensor& inc,
+                      const at::Tensor& thr, int64_t shift) {
+  Buckets k;
+  if (base.numel() == 0) return k;
+  check_cpu(base, at::kInt, 1, who, "bucket base");
+  check_cpu(inc, at::kInt, 1, who, "bucket inc");
+  check_cpu(thr, at::kFloat, 1, who, "bucket thr");
+  TORCH_CHECK(shift >= 0 && shift <= 23, who, ": bucket shift ", shift, " outside [0, 23]");
+  const int64_t nb = (int64_t{0x7F800000} >> shift) + 1;
+  TORCH_CHECK(base.numel() == nb && inc.numel() == nb && thr.numel() == nb, who, ": ", nb,
+              " buckets expected for shift ", shift);
+  k.shift = shift;
+  k.base = base.data_ptr<int32_t>();
+  k.inc = inc.data_ptr<int32_t>();
+  k.thr = thr.data_ptr<float>();
+  k.on = true;
+  return k;
+}
+
+// o[e] = table[idx[e]]: one int8 operand plane of the probability codes
+FQVIT_CLONES void gather_plane(const int8_t* __restrict table, const int32_t* __restrict idx,
+                               int64_t n, int8_t* __restrict o) {
+  for (int64_t e = 0; e < n; ++e) o[e] = table[idx[e]];
 }
 
 // table rows (code + 1) of PTQ4ViT twin-uniform softmax codes from the probabilities x:
@@ -598,9 +692,16 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
                           const at::Tensor& plane_class, const at::Tensor& plane_shift,
                           const at::Tensor& class_exact, const at::Tensor& mult,
                           const at::Tensor& out_scale, const at::Tensor& out_zero, int64_t qmin,
-                          int64_t qmax, int64_t heads) {
+                          int64_t qmax, int64_t heads, const at::Tensor& bucket_base,
+                          const at::Tensor& bucket_inc, const at::Tensor& bucket_thr,
+                          int64_t bucket_shift) {
   const char* who = "attention_pow2";
   const QkvOperands x = check_operands(who, qa, ka, va, heads);
+  const Buckets bk = check_buckets(who, bucket_base, bucket_inc, bucket_thr, bucket_shift);
+  TORCH_CHECK(!bk.on || (mode != 3 && probs_delta.numel() == 1 &&
+                         probs_delta.scalar_type() == at::kFloat),
+              who, ": code buckets are for log codes with one float32 Δ");
+  const float delta = bk.on ? probs_delta.item<float>() : 0.0f;
   const int64_t B = x.B, H = x.H, N = x.N, d = x.d, G = B * H;
   for (const auto* t : {&zq, &zk, &zv}) check_cpu(*t, at::kLong, 1, who, "zero points");
   check_cpu(m, at::kDouble, 1, who, "m");
@@ -666,6 +767,9 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       if (mode == 3) {
         twin_rows(l.data_ptr<float>(), R * N, sf, rf, qf, static_cast<float>((1 << (bits - 1)) - 1),
                   idx.data());
+      } else if (bk.on) {
+        bucket_rows(l.data_ptr<float>(), R * N, delta, bk.shift, bk.base, bk.inc, bk.thr,
+                    static_cast<int32_t>(top), idx.data());
       } else {
         l.div_(probs_delta);
         at::log2_out(l, l);
@@ -685,8 +789,8 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        int8_t* o = operands.data_ptr<int8_t>() + np * R * N;     // planes stacked by rows
-        for (int64_t e = 0; e < R * N; ++e) o[e] = tp[p * L + idx[e]];
+        gather_plane(tp + p * L, idx.data(), R * N,
+                     operands.data_ptr<int8_t>() + np * R * N);     // planes stacked by rows
         pid[np++] = p;
       }
       if (np == 0) {                       // every probability is the zero code: P·V = 0
@@ -979,6 +1083,22 @@ at::Tensor prob_codes(const at::Tensor& x, int64_t mode, double r, double q, dou
   return out.sub_(1);
 }
 
+// codes (int32, −1 = the zero code) of probabilities x by bucket_rows (the exact-threshold route
+// of attention_pow2's log codes; for tests; vector false: the scalar loop even with AVX-512)
+at::Tensor bucket_codes(const at::Tensor& x, double delta, const at::Tensor& base,
+                        const at::Tensor& inc, const at::Tensor& thr, int64_t shift, int64_t bits,
+                        bool vector) {
+  const char* who = "bucket_codes";
+  check_cpu(x, at::kFloat, -1, who, "x");
+  TORCH_CHECK(base.numel() > 0 && bits >= 2 && bits <= 16, who, ": buckets and 2 ≤ bits ≤ 16");
+  const Buckets bk = check_buckets(who, base, inc, thr, shift);
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  bucket_rows(x.data_ptr<float>(), x.numel(), static_cast<float>(delta), bk.shift, bk.base,
+              bk.inc, bk.thr, static_cast<int32_t>(int64_t{1} << bits), out.data_ptr<int32_t>(),
+              vector);
+  return out.sub_(1);
+}
+
 at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, double hi) {
   const char* who = "fake_quant";
   check_cpu(x, at::kFloat, 2, who, "x");
@@ -1067,6 +1187,7 @@ void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
 
 TORCH_LIBRARY(fqvit_int, m) {
   m.def("prob_codes", &prob_codes);
+  m.def("bucket_codes", &bucket_codes);
   m.def("qkv_int8", &qkv_int8);
   m.def("bmm_int8", &bmm_int8);
   m.def("attention_pow2", &attention_pow2);
