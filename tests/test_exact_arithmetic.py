@@ -91,6 +91,57 @@ def test_exact_simulation_of_a_tiny_vit(name):
     assert float((exact - default).abs().max()) < 0.1 * float(default.abs().max())
 
 
+def test_float_input_gemms_run_in_float64():
+    """With ``float_input_gemm='float64'`` a quantized layer on a float input (PTQ4ViT's patch
+    embedding) computes float32(Σ x·ŵ in float64) + bias: the same float32 bits whatever the
+    summation order (a conv and a patch-row MatMul agree); by default, and switched off, it
+    computes as the float32 simulation; a convolution whose windows overlap keeps its kernel."""
+    from fqvit_det.integer.linear import patch_rows
+    from fqvit_det.nn.exact import float64_gemm_on
+    model = tiny_vit()
+    x = images(model, 4)
+    spec = make_spec(**PRESETS['ptq4vit_w6a6'])
+    quantize_model(model, spec)
+    CalibrationRunner(model, spec, progress=False).run([x])
+    conv = model.patch_embed.proj
+    assert conv.in_quantizer is None
+    with torch.no_grad():
+        f32 = conv(x)
+        set_exact_arithmetic(model)
+        assert not float64_gemm_on(conv) and torch.equal(conv(x), f32)
+        with pytest.raises(ValueError, match="float_input_gemm must be one of"):
+            set_exact_arithmetic(model, float_input_gemm='float16')
+        set_exact_arithmetic(model, float_input_gemm='float64')
+        assert float64_gemm_on(conv)
+        y = conv(x)
+        w = conv.quant_weight().double()
+        ref = nn.functional.conv2d(x.double(), w, None, conv.stride).float() + conv.bias.reshape(-1, 1, 1)
+        rows, (gh, gw) = patch_rows(x, conv.kernel_size)
+        by_rows = (rows.double() @ w.reshape(w.shape[0], -1).t()).float() + conv.bias
+        assert torch.equal(y, ref)
+        assert torch.equal(y, by_rows.transpose(1, 2).reshape(y.shape))
+        assert float((y - f32).abs().max()) < 1e-4 * float(f32.abs().max())
+        set_exact_arithmetic(model, False)
+        assert not float64_gemm_on(conv) and torch.equal(conv(x), f32)
+        # the context manager restores what was on before it
+        from fqvit_det.nn.exact import exact_arithmetic, exact_arithmetic_on
+        set_exact_arithmetic(model)
+        with exact_arithmetic(model, float_input_gemm='float64'):
+            assert torch.equal(conv(x), y)
+        assert exact_arithmetic_on(model) and not float64_gemm_on(conv)
+        set_exact_arithmetic(model, False)
+        with exact_arithmetic(model, float_input_gemm='float64'):
+            assert float64_gemm_on(conv)
+        assert not exact_arithmetic_on(model)
+    overlapping = torch.nn.Conv2d(3, 8, 3, padding=1)
+    from fqvit_det.nn.modules import QuantConv2d
+    q = QuantConv2d.from_float(overlapping, w_quantizer=UniformQuantizer(bits=8, ch_axis=0))
+    q.w_quantizer.observe(q.weight.detach())
+    q.w_quantizer.finalize()
+    q.w_quantizer.set_mode('quant')
+    assert set_exact_arithmetic(q, float_input_gemm='float64') == 0 and not float64_gemm_on(q)
+
+
 def test_exact_layers_read_their_grids_at_each_forward():
     """Switched on once, a layer follows later changes of its quantizers (a reloaded state, a
     quantizer turned off) instead of computing with stale constants."""

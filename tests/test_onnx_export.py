@@ -135,6 +135,9 @@ def test_tiny_vit_exact_export_matches_the_exact_simulation(name, tmp_path):
     n_int = sum(f.startswith('integer (MatMulInteger') for f in forms) + 2 * n_twin
     assert sum(f.startswith('integer') for f in forms) >= len(forms) - 1, report.weights
     assert n_twin == (2 if name.startswith('ptq4vit') else 0)     # fc2 after the twin GELU grid
+    # PTQ4ViT's patch embedding reads the float image: a float64 MatMul (order-independent)
+    assert forms.count('float64 MatMul (float input, dequantized weight)') == \
+        (1 if name.startswith('ptq4vit') else 0), report.weights
     assert op_types(path).count('MatMulInteger') == n_int
     opt = tmp_path / 'opt.onnx'
     for optimize in (False, True):

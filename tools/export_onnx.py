@@ -165,9 +165,11 @@ def verify(model, path, h, w, arithmetic='float'):
     import onnxruntime as ort
     import torch
 
+    from fqvit_det.export.onnx import EXACT_FLOAT_INPUT_GEMM
     from fqvit_det.nn.exact import exact_arithmetic
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
-    exact = exact_arithmetic(model) if arithmetic == 'exact' else contextlib.nullcontext()
+    exact = (exact_arithmetic(model, float_input_gemm=EXACT_FLOAT_INPUT_GEMM)
+             if arithmetic == 'exact' else contextlib.nullcontext())
     with torch.no_grad(), exact:
         ref = model(x).numpy()
     for level, name in ((ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 'off'),

@@ -694,6 +694,35 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patch=False):
     return forward
 
 
+def _float64_input_forward(mod, report: ExportReport, name: str, patch=False):
+    """The exact arithmetic's forward of a quantized Linear / patch convolution whose input stays
+    float (``nn.exact.float_input_gemm``): ``Cast`` to float64, ``MatMul`` with the dequantized
+    weight as a float64 initializer, ``Cast`` to float32, ``Add`` bias; None where it does not
+    apply. Products of float32 values are exact in float64, so the float32 result does not depend
+    on onnxruntime's summation order (see ``nn.exact``)."""
+    from ..integer.linear import patch_rows
+    from ..nn.exact import float64_gemm_on
+    with torch.no_grad():
+        if not float64_gemm_on(mod):
+            return None
+        w64 = mod.quant_weight().detach().reshape(mod.weight.shape[0], -1).t().contiguous().double()
+    bias = None if mod.bias is None else mod.bias.detach().to(torch.float32)
+    report.weights[name] = 'float64 MatMul (float input, dequantized weight)'
+
+    def gemm(x):
+        y = torch.matmul(x.to(torch.float64), w64.to(x.device)).to(torch.float32)
+        return y if bias is None else y + bias.to(x.device)
+
+    def forward(x):
+        if not patch:
+            y = gemm(x)
+        else:
+            rows, (gh, gw) = patch_rows(x, mod.kernel_size)
+            y = gemm(rows).transpose(1, 2).reshape(-1, mod.out_channels, gh, gw)
+        return y if mod.out_quantizer is None else mod.out_quantizer(y)
+    return forward
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +742,9 @@ def check_exportable(model: nn.Module) -> None:
 
 
 ARITHMETIC = ('float', 'exact')
+# the exact export's quantized layers on float inputs (PTQ4ViT's patch embedding): float64 GEMMs,
+# whose float32 results onnxruntime reproduces whatever its summation order (nn.exact)
+EXACT_FLOAT_INPUT_GEMM = 'float64'
 
 
 @contextlib.contextmanager
@@ -723,9 +755,11 @@ def export_forwards(model: nn.Module, report: Optional[ExportReport] = None,
     originals are restored on exit.
 
     ``arithmetic='exact'``: the model computes as its integer-exact simulation
-    (``set_exact_arithmetic``, switched on for the context) and its GEMMs are written on codes:
+    (``set_exact_arithmetic`` with ``float_input_gemm='float64'``, switched on for the context)
+    and its GEMMs are written on codes:
     ``MatMulInteger`` for Linears / patch convolutions on per-tensor uniform inputs, integer-valued
-    float32 / float64 ``MatMul`` for QKᵀ and P·V (exact in any summation order), GELU as
+    float32 / float64 ``MatMul`` for QKᵀ and P·V (exact in any summation order), a float64
+    ``MatMul`` for a quantized layer on a float input (PTQ4ViT's patch embedding), GELU as
     ``rational_gelu``'s float32 +, −, ×, ÷ (the same bits in any IEEE backend)."""
     from ..nn.exact import exact_arithmetic
     if arithmetic not in ARITHMETIC:
@@ -733,7 +767,8 @@ def export_forwards(model: nn.Module, report: Optional[ExportReport] = None,
     check_exportable(model)
     report = report if report is not None else ExportReport()
     patched: List[nn.Module] = []
-    with exact_arithmetic(model) if arithmetic == 'exact' else contextlib.nullcontext():
+    with (exact_arithmetic(model, float_input_gemm=EXACT_FLOAT_INPUT_GEMM) if arithmetic == 'exact'
+          else contextlib.nullcontext()):
         # weight quantizers are written with their module (int8 initializers + DequantizeLinear);
         # LIS drives its logit quantizer itself
         inner = {id(m.w_quantizer) for m in model.modules()
@@ -761,10 +796,13 @@ def _export_forward(mod: nn.Module, report: ExportReport, name: str, arithmetic:
         fwd, report.quantizers[name] = _FORWARDS[type(mod)](mod)
         return fwd
     if isinstance(mod, QuantLinear):
-        return (exact and _exact_linear_forward(mod, report, name)) or _linear_forward(mod, report, name)
+        return ((exact and (_float64_input_forward(mod, report, name)
+                            or _exact_linear_forward(mod, report, name)))
+                or _linear_forward(mod, report, name))
     if isinstance(mod, QuantConv2d):
         return ((exact and IntegerPatchEmbed.supports(mod)
-                 and _exact_linear_forward(mod, report, name, patch=True))
+                 and (_float64_input_forward(mod, report, name, patch=True)
+                      or _exact_linear_forward(mod, report, name, patch=True)))
                 or _conv_forward(mod, report, name))
     if isinstance(mod, QuantLayerNorm):
         return _layernorm_forward(mod, report, name)

@@ -19,8 +19,18 @@ the product formed in float64) and P·V as float64(P̂) @ float64(v codes) · Δ
 float32. These are the formulas the integer kernels evaluate (``IntegerLinear`` with
 ``requant='float'``, ``IntegerAttention`` with ``method='simulation'``), so the integer model
 reproduces this simulation up to float64 rounding in P·V for irrational probability levels
-(log√2, AdaLog), rather than up to float32 GEMM rounding. Everything else (LayerNorm, softmax,
-GELU, residual adds, the quantizers themselves) is unchanged.
+(log√2, AdaLog), rather than up to float32 GEMM rounding.
+
+A Linear or patch convolution (kernel = stride) whose weight is quantized but whose input the
+method keeps float (PTQ4ViT's patch embedding reads the image itself) has no codes to multiply; by
+default it computes as in the float32 simulation. ``float_input_gemm='float64'`` (the ONNX exact
+export's choice) makes it y = float32(Σ_k x_k·ŵ_k in float64) + bias instead: every product of two
+float32 values is exact in float64 and the sum's rounding is ~2^-40 of the float32 step, so the
+float32 result no longer depends on the GEMM kernel's summation order (torch's float32
+convolution and onnxruntime's disagree in the last bit on most images, and those bits reach the
+next quantizer). It is not the default because it costs PTQ4ViT's integer DeiT-Tiny ~20 % at
+batch 32. Everything else (LayerNorm, softmax, GELU, residual adds, the quantizers themselves) is
+unchanged.
 
 GELU is the one float function whose value differs between backends by more than rounding:
 torch's float32 kernel evaluates erf by its own approximation (errors up to ~1e-6), onnxruntime by
@@ -120,21 +130,33 @@ def exact_grid(q) -> Optional[torch.Tensor]:
     return None
 
 
-def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
+FLOAT_INPUT_GEMMS = ('float32', 'float64')
+
+
+def set_exact_arithmetic(model: nn.Module, enabled: bool = True,
+                         float_input_gemm: str = 'float32') -> int:
     """Switch the quantized GEMMs of a calibrated ``model`` to integer-exact arithmetic and its
     GELUs to ``rational_gelu`` (module docstring), or back (``enabled=False``). Returns how many
-    layers and attentions compute exactly.
+    layers and attentions compute exactly (float-input GEMMs in float64 included).
+    ``float_input_gemm``: 'float32' (default) or 'float64' for quantized layers on float inputs.
     Call it after calibration: which layers qualify is decided now; their grids are read at each
     forward (a layer whose quantizers leave 'quant' mode computes as usual)."""
     from ..walk import feeding_norms
     from .modules import AttentionQuantizers, QuantConv2d, QuantLinear, QuantLayerNorm
+    if float_input_gemm not in FLOAT_INPUT_GEMMS:
+        raise ValueError(f'set_exact_arithmetic: float_input_gemm must be one of '
+                         f'{FLOAT_INPUT_GEMMS}, got {float_input_gemm!r}')
     feeds = feeding_norms(model)
     use_rational_gelu(model, enabled)
     count = 0
     for path, mod in model.named_modules():
         if isinstance(mod, (QuantLinear, QuantConv2d)):
-            mod._exact = None
+            mod._exact, mod._float64_gemm = None, False
             if not enabled:
+                continue
+            if float_input_gemm == 'float64' and float_input_layer(mod, path in feeds):
+                mod._float64_gemm = True
+                count += 1
                 continue
             in_q = mod.in_quantizer
             if in_q is None and path in feeds:
@@ -160,22 +182,47 @@ def set_exact_arithmetic(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+def float_input_layer(mod, fed_by_norm: bool) -> bool:
+    """A quantized Linear / patch convolution whose input stays float (no input quantizer, not
+    fed by a LayerNorm) and whose uniform weight has no input-channel scale or bias correction:
+    ``set_exact_arithmetic(..., float_input_gemm='float64')`` runs its GEMM in float64."""
+    from .modules import QuantConv2d
+    if mod.in_quantizer is not None or fed_by_norm or not exact_weight_ok(mod.w_quantizer):
+        return False
+    if mod.input_channel_scale() is not None or getattr(mod, 'bias_correction', None) is not None:
+        return False
+    return not isinstance(mod, QuantConv2d) or (
+        tuple(mod.kernel_size) == tuple(mod.stride) and tuple(mod.padding) == (0, 0)
+        and mod.groups == 1 and tuple(mod.dilation) == (1, 1) and mod.padding_mode == 'zeros')
+
+
+def float64_gemm_on(mod) -> bool:
+    """Whether ``mod`` runs its float-input GEMM in float64 now (``float_input_layer``; inference
+    with its weight quantized)."""
+    return (getattr(mod, '_float64_gemm', False) and not torch.is_grad_enabled()
+            and mod.in_quantizer is None and mod.w_quantizer.mode == 'quant')
+
+
 def exact_arithmetic_on(model: nn.Module) -> bool:
     """Whether ``set_exact_arithmetic`` is in effect on ``model``."""
     return any(type(m) is RationalGELU or getattr(m, '_exact', None) is not None
-               for m in model.modules())
+               or getattr(m, '_float64_gemm', False) for m in model.modules())
 
 
 @contextlib.contextmanager
-def exact_arithmetic(model: nn.Module):
-    """``set_exact_arithmetic(model)`` for the context; switched back on exit unless it was on."""
+def exact_arithmetic(model: nn.Module, float_input_gemm: str = 'float32'):
+    """``set_exact_arithmetic(model, float_input_gemm=...)`` for the context; on exit the model
+    is switched back to what it was (off, or on with the float-input GEMMs it had)."""
     was_on = exact_arithmetic_on(model)
-    set_exact_arithmetic(model)
+    was_64 = any(getattr(m, '_float64_gemm', False) for m in model.modules())
+    set_exact_arithmetic(model, float_input_gemm=float_input_gemm)
     try:
         yield model
     finally:
         if not was_on:
             set_exact_arithmetic(model, False)
+        elif was_64 != (float_input_gemm == 'float64'):
+            set_exact_arithmetic(model, float_input_gemm='float64' if was_64 else 'float32')
 
 
 def exact_linear_constants(mod, unit: torch.Tensor):

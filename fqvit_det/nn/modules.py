@@ -14,6 +14,7 @@ from torch import nn
 
 from ..quantizers.base import Quantizer
 from ..quantizers.uniform import UniformQuantizer
+from .exact import float64_gemm_on
 
 
 def _apply(q: Optional[Quantizer], x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,7 @@ class _WeightQuantMixin(QuantModule):
     # grid the input is on,) when on; the GEMM then runs on the codes.
     _exact = None
     _exact_cache = None
+    _float64_gemm = False
 
     def _exact_step(self):
         """The input step Δ_x when the GEMM can run on codes now, else None."""
@@ -184,6 +186,10 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
             y = F.linear(xc, wc).to(torch.float32) * acc_scale
             y = y if self.bias is None else y + self.bias
             return _apply(self.out_quantizer, y)
+        if float64_gemm_on(self):    # float input: float32(Σ x·ŵ in float64) + bias
+            y = F.linear(x.double(), self.quant_weight().double()).to(torch.float32)
+            y = y if self.bias is None else y + self.bias
+            return _apply(self.out_quantizer, y)
         self.observe_layer_input(x)
         y = self._corrected(F.linear(x, self.quant_weight(), self.bias), -1)
         return _apply(self.out_quantizer, y)
@@ -237,6 +243,10 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
             xc, wc, acc_scale = self._exact_operands(x, unit)
             y = F.conv2d(xc, wc, None, self.stride, self.padding, self.dilation, self.groups)
             y = y.to(torch.float32) * acc_scale.reshape(-1, 1, 1)
+            y = y if self.bias is None else y + self.bias.reshape(-1, 1, 1)
+            return _apply(self.out_quantizer, y)
+        if float64_gemm_on(self):    # a float-input patch convolution (see QuantLinear)
+            y = F.conv2d(x.double(), self.quant_weight().double(), None, self.stride).to(torch.float32)
             y = y if self.bias is None else y + self.bias.reshape(-1, 1, 1)
             return _apply(self.out_quantizer, y)
         self.observe_layer_input(x)
