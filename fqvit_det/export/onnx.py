@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..integer.attention import log_code_of
 from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.adalog import AdaLogQuantizer, adalog_dequantize
 from ..quantizers.base import Quantizer, broadcast_param, is_integral
@@ -304,16 +305,14 @@ def _log2_forward(q: Log2Quantizer):
     d = q.delta.detach().cpu()
     table = _code_table(lambda c: log2_dequantize(c, d), q.bits)
     dv = d.to(torch.float32)
-    return _log_table_forward(q, table, lambda x: x / dv.to(x.device),
-                              lambda u: torch.round(-torch.log2(u)), 'log2')
+    return _log_table_forward(q, table, lambda x: x / dv.to(x.device), log_code_of(0), 'log2')
 
 
 def _log_sqrt2_forward(q: LogSqrt2Quantizer):
     d = q.delta.detach().cpu()
     table = _code_table(lambda c: log_sqrt2_dequantize(c, d), q.bits)
     dv = d.to(torch.float32)
-    return _log_table_forward(q, table, lambda x: x / dv.to(x.device),
-                              lambda u: torch.round(-2.0 * torch.log2(u)), 'log√2')
+    return _log_table_forward(q, table, lambda x: x / dv.to(x.device), log_code_of(1), 'log√2')
 
 
 def _adalog_forward(q: AdaLogQuantizer):
@@ -326,8 +325,7 @@ def _adalog_forward(q: AdaLogQuantizer):
     def arg(x):
         xs = x + shift if shift else x
         return xs / d.to(x.device)
-    return _log_table_forward(q, table, arg, lambda u: torch.round(-torch.log2(u) * r / qv),
-                              'AdaLog')
+    return _log_table_forward(q, table, arg, log_code_of(2, r, qv), 'AdaLog')
 
 
 def _twin_softmax_forward(q: TwinUniformSoftmaxQuantizer):
