@@ -34,7 +34,8 @@ def parse_args(argv=None):
                    help="'float' (default): the float32 simulation, QDQ around float MatMuls that "
                         "onnxruntime fuses into its integer kernels; 'exact': the integer-exact "
                         'simulation (tools/test.py --exact-arithmetic, the integer model\'s '
-                        'arithmetic): MatMulInteger on the codes and an exact rescale')
+                        'arithmetic): MatMulInteger on the codes and an exact rescale; a quantized '
+                        'layer on a float input (PTQ4ViT\'s patch embedding) as a float64 MatMul')
     p.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
                    help="input height and width (default: the model's own image size)")
     p.add_argument('--verify', action='store_true',
