@@ -38,7 +38,7 @@ from fqvit_det.convert import quantize_model  # noqa: E402
 from fqvit_det.export import export_onnx  # noqa: E402
 from fqvit_det.export.onnx import EXACT_FLOAT_INPUT_GEMM, export_forwards  # noqa: E402
 from fqvit_det.mm.checkpoint import load_weights  # noqa: E402
-from fqvit_det.nn.exact import set_exact_arithmetic  # noqa: E402
+from fqvit_det.nn.exact import float64_gemms_set, set_exact_arithmetic  # noqa: E402
 from fqvit_det.presets import make_spec  # noqa: E402
 from fqvit_det.state import load_quant_state, save_quant_state  # noqa: E402
 
@@ -259,12 +259,11 @@ def main(argv=None):
         integer_ref = torch_logits(exact_model, val_x).numpy()
         # what the exact graph encodes: the same, with float-input GEMMs (PTQ4ViT's patch
         # embedding) in float64; identical to the above where the model has none
-        if args.arithmetic == 'exact' and \
-                set_exact_arithmetic(exact_model, float_input_gemm=EXACT_FLOAT_INPUT_GEMM) != \
-                set_exact_arithmetic(copy.deepcopy(model)):
-            exact = torch_logits(exact_model, val_x).numpy()
-        else:
-            exact = integer_ref
+        exact = integer_ref
+        if args.arithmetic == 'exact':
+            set_exact_arithmetic(exact_model, float_input_gemm=EXACT_FLOAT_INPUT_GEMM)
+            if float64_gemms_set(exact_model):
+                exact = torch_logits(exact_model, val_x).numpy()
         del exact_model
         # the exported math run by torch itself (same ops, torch kernels): how much of the ORT
         # difference is float summation order rather than the export

@@ -43,8 +43,9 @@ is ``QuantizeLinear`` → ``MatMulInteger`` (input and weight zero points) → `
 is two uint8 ``MatMulInteger`` joined in float64; QKᵀ and P·V run on codes as integer-valued
 float32 / float64 ``MatMul`` (exact in any summation order); GELU is ``rational_gelu``'s float32
 +, −, ×, ÷. onnxruntime keeps the integer GEMMs and the separate rescale with its optimizations
-on, so what can still differ is only float LayerNorm / Softmax kernels and float GEMMs whose input
-is not on a grid (PTQ4ViT's patch embedding).
+on, so what can still differ is only float LayerNorm / Softmax kernels. A quantized layer whose
+input is not on a grid (PTQ4ViT's patch embedding) is a float64 ``MatMul``, the exact arithmetic
+with ``float_input_gemm='float64'``, whose float32 result does not depend on the summation order.
 """
 import contextlib
 import math
@@ -57,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..integer.attention import log_code_of
 from ..nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear
 from ..quantizers.adalog import AdaLogQuantizer, adalog_dequantize
 from ..quantizers.base import Quantizer, broadcast_param, is_integral
 from ..quantizers.lis import LogIntSoftmax, int_exp_parts
 from ..quantizers.log import Log2Quantizer, LogSqrt2Quantizer, log2_dequantize, log_sqrt2_dequantize
+from ..quantizers.log import log_code_of
 from ..quantizers.log import log_code_thresholds as _log_code_thresholds
 from ..quantizers.ptf import PTFQuantizer
 from ..quantizers.twin import (TwinUniformGeluQuantizer, TwinUniformSoftmaxQuantizer,
@@ -629,7 +630,6 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patch=False):
     * otherwise (weight codes that fit no 8-bit operand): the codes in the input step and a float64
       ``MatMul`` (every partial sum an integer below 2^53).
     """
-    from ..integer.linear import patch_rows
     from ..nn.exact import exact_linear_constants
     from ..quantizers.twin import twin_gelu_levels
     with torch.no_grad():
@@ -680,9 +680,20 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patch=False):
         y = acc * acc_scale.to(x.device)
         return y if bias is None else y + bias.to(x.device)
 
+    # float64 on the fake-quantized input values, on its grid
+    prepare = mod.in_quantizer if kind == 'float64' else None
+    return _gemm_layer_forward(mod, gemm, patch, prepare)
+
+
+def _gemm_layer_forward(mod, gemm, patch: bool, prepare=None):
+    """forward(x) of a Linear, or of a patch convolution (``patch``: the patches as rows), whose
+    GEMM and bias are ``gemm`` ([..., K] → float32 [..., N]), then the output quantizer;
+    ``prepare`` (optional) maps the input first."""
+    from ..integer.linear import patch_rows
+
     def forward(x):
-        if mod.in_quantizer is not None and kind == 'float64':
-            x = mod.in_quantizer(x)            # the fake-quantized values, on its grid
+        if prepare is not None:
+            x = prepare(x)
         if not patch:
             y = gemm(x)
         else:
@@ -694,11 +705,10 @@ def _exact_linear_forward(mod, report: ExportReport, name: str, patch=False):
 
 def _float64_input_forward(mod, report: ExportReport, name: str, patch=False):
     """The exact arithmetic's forward of a quantized Linear / patch convolution whose input stays
-    float (``nn.exact.float_input_gemm``): ``Cast`` to float64, ``MatMul`` with the dequantized
+    float (``nn.exact.float_input_layer``): ``Cast`` to float64, ``MatMul`` with the dequantized
     weight as a float64 initializer, ``Cast`` to float32, ``Add`` bias; None where it does not
     apply. Products of float32 values are exact in float64, so the float32 result does not depend
     on onnxruntime's summation order (see ``nn.exact``)."""
-    from ..integer.linear import patch_rows
     from ..nn.exact import float64_gemm_on
     with torch.no_grad():
         if not float64_gemm_on(mod):
@@ -710,15 +720,7 @@ def _float64_input_forward(mod, report: ExportReport, name: str, patch=False):
     def gemm(x):
         y = torch.matmul(x.to(torch.float64), w64.to(x.device)).to(torch.float32)
         return y if bias is None else y + bias.to(x.device)
-
-    def forward(x):
-        if not patch:
-            y = gemm(x)
-        else:
-            rows, (gh, gw) = patch_rows(x, mod.kernel_size)
-            y = gemm(rows).transpose(1, 2).reshape(-1, mod.out_channels, gh, gw)
-        return y if mod.out_quantizer is None else mod.out_quantizer(y)
-    return forward
+    return _gemm_layer_forward(mod, gemm, patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,7 +817,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
 
     ``arithmetic``: ``'float'`` (default) writes the float32 simulation (QDQ around float MatMuls,
     which onnxruntime fuses into its integer kernels); ``'exact'`` writes the integer-exact
-    simulation (``export_forwards``), the arithmetic of the integer model.
+    simulation (``export_forwards``), the arithmetic of the integer model except for quantized
+    layers on float inputs, which it computes in float64.
 
     Returns an ``ExportReport``: how every quantizer, weight and LayerNorm was written, and the
     op counts of the written graph.

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..quantizers.base import broadcast_param, is_integral, scratch
+from ..quantizers.log import log_code_of, log_code_thresholds
 
 ROUNDINGS = ('half_even', 'half_up')
 
@@ -408,18 +409,6 @@ def twin_softmax_tables(bits: int, split_exp: int):
     return mant, shift, 1.0 / n
 
 
-def log_code_of(mode: int, r: float = 1.0, q: float = 1.0):
-    """The float32 code formula of the compiled kernels' log codes from u = x/Δ (torch ops): mode
-    0 log2 ⌊−log2 u⌉, 1 log√2 ⌊−2·log2 u⌉, 2 AdaLog ⌊(−log2 u)·r/q⌉ (r, q as float32)."""
-    if mode == 0:
-        return lambda u: torch.round(-torch.log2(u))
-    if mode == 1:
-        return lambda u: torch.round(-2.0 * torch.log2(u))
-    if mode == 2:
-        return lambda u: torch.round((-torch.log2(u)) * float(r) / float(q))
-    raise ValueError(f'log_code_of: mode {mode} is not a log code (0, 1, 2)')
-
-
 F32_INF_BITS = 0x7F800000
 
 
@@ -433,7 +422,6 @@ def log_code_buckets(code_of, bits: int, max_fine_bits: int = 8):
     shift = 23 − m is the largest (m the fewest mantissa bits) that leaves at most one distinct
     threshold strictly inside any bucket. Then code = base[k] + inc[k]·[u < thr[k]], with base
     the thresholds above the bucket, thr that threshold and inc how many T share it (else 0)."""
-    from ..quantizers.log import log_code_thresholds
     try:
         t = log_code_thresholds(code_of, bits)
     except ValueError:
@@ -834,12 +822,13 @@ class IntegerAttention(nn.Module):
                                   self.probs_delta.float(), mode, r, qq, split,
                                   cfg['probs_bits'], plan['table'], plan['classes'],
                                   plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
-                                  *cfg['out_range'], self.num_heads, *self._code_buckets())
+                                  *cfg['out_range'], self.num_heads,
+                                  *self._code_buckets(mode, r, qq))
 
-    def _code_buckets(self):
-        """``attention_pow2``'s last arguments: the exact-threshold code tables
-        (``log_code_buckets``) for log codes with one Δ, else empty (log2 in the kernel)."""
-        mode, r, qq, _ = self._code_mode()
+    def _code_buckets(self, mode: int, r: float, qq: float):
+        """``attention_pow2``'s last arguments for code mode ``mode`` (``_code_mode``): the
+        exact-threshold code tables (``log_code_buckets``) for log codes with one Δ, else empty
+        (log2 in the kernel)."""
         key = (mode, r, qq, int(self.cfg['probs_bits']), self.probs_delta.numel())
         cache = getattr(self, '_buckets_cache', None)
         if cache is None or cache[0] != key:

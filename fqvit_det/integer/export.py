@@ -37,6 +37,10 @@ SMALL_NUMEL = 4096
 SMALL_PREFIX = '__small__.'
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace('torch.', '')
+
+
 def _pack_small(state: Dict[str, torch.Tensor]):
     """(tensors, manifest): the tensors of at most ``SMALL_NUMEL`` elements concatenated, flat, per
     dtype into ``__small__.<dtype>``; manifest rows [key, dtype, shape, offset]."""
@@ -46,7 +50,7 @@ def _pack_small(state: Dict[str, torch.Tensor]):
         if t.numel() > SMALL_NUMEL:
             out[key] = t
             continue
-        dt = str(t.dtype).replace('torch.', '')
+        dt = _dtype_name(t)
         parts = groups.setdefault(dt, [])
         manifest.append([key, dt, list(t.shape), sum(x.numel() for x in parts)])
         parts.append(t.reshape(-1))
@@ -78,7 +82,7 @@ def entropy_code(tensors: Dict[str, torch.Tensor]):
     out, manifest = {}, []
     for key in sorted(tensors):
         t = tensors[key]
-        dt = str(t.dtype).replace('torch.', '')
+        dt = _dtype_name(t)
         if dt not in HUFFMAN_DTYPES or t.numel() <= SMALL_NUMEL:
             out[key] = t
             continue
@@ -109,8 +113,8 @@ def entropy_decode(tensors: Dict[str, torch.Tensor], manifest, where: str) -> Di
 
 
 def read_integer(path: str):
-    """(metadata dict of JSON strings, tensors by state key) of a ``save_integer`` file, small
-    tensors unpacked; a clear error for other files."""
+    """(metadata dict of JSON strings, tensors by state key) of a ``save_integer`` file,
+    entropy-coded tensors decoded and small ones unpacked; a clear error for other files."""
     from safetensors import safe_open
     with safe_open(path, framework='pt') as f:
         meta = f.metadata() or {}

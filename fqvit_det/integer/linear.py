@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.modules import is_patch_conv
+
 INT8_MIN, INT8_MAX = -128, 127
 MULT_BITS = 31
 
@@ -472,10 +474,7 @@ class IntegerPatchEmbed(nn.Module):
         self.patch_size = tuple(patch_size)
         self.out_channels = out_channels
 
-    @staticmethod
-    def supports(conv: nn.Conv2d) -> bool:
-        return (tuple(conv.kernel_size) == tuple(conv.stride) and tuple(conv.padding) == (0, 0)
-                and conv.groups == 1 and tuple(conv.dilation) == (1, 1))
+    supports = staticmethod(is_patch_conv)
 
     def forward(self, x):
         patches, (gh, gw) = patch_rows(x, self.patch_size)

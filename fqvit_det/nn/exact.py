@@ -186,14 +186,12 @@ def float_input_layer(mod, fed_by_norm: bool) -> bool:
     """A quantized Linear / patch convolution whose input stays float (no input quantizer, not
     fed by a LayerNorm) and whose uniform weight has no input-channel scale or bias correction:
     ``set_exact_arithmetic(..., float_input_gemm='float64')`` runs its GEMM in float64."""
-    from .modules import QuantConv2d
+    from .modules import QuantConv2d, is_patch_conv
     if mod.in_quantizer is not None or fed_by_norm or not exact_weight_ok(mod.w_quantizer):
         return False
     if mod.input_channel_scale() is not None or getattr(mod, 'bias_correction', None) is not None:
         return False
-    return not isinstance(mod, QuantConv2d) or (
-        tuple(mod.kernel_size) == tuple(mod.stride) and tuple(mod.padding) == (0, 0)
-        and mod.groups == 1 and tuple(mod.dilation) == (1, 1) and mod.padding_mode == 'zeros')
+    return not isinstance(mod, QuantConv2d) or (is_patch_conv(mod) and mod.padding_mode == 'zeros')
 
 
 def float64_gemm_on(mod) -> bool:
@@ -201,6 +199,12 @@ def float64_gemm_on(mod) -> bool:
     with its weight quantized)."""
     return (getattr(mod, '_float64_gemm', False) and not torch.is_grad_enabled()
             and mod.in_quantizer is None and mod.w_quantizer.mode == 'quant')
+
+
+def float64_gemms_set(model: nn.Module) -> bool:
+    """Whether ``set_exact_arithmetic(..., float_input_gemm='float64')`` marked any layer of
+    ``model`` (``float_input_layer``)."""
+    return any(getattr(m, '_float64_gemm', False) for m in model.modules())
 
 
 def exact_arithmetic_on(model: nn.Module) -> bool:
@@ -214,7 +218,7 @@ def exact_arithmetic(model: nn.Module, float_input_gemm: str = 'float32'):
     """``set_exact_arithmetic(model, float_input_gemm=...)`` for the context; on exit the model
     is switched back to what it was (off, or on with the float-input GEMMs it had)."""
     was_on = exact_arithmetic_on(model)
-    was_64 = any(getattr(m, '_float64_gemm', False) for m in model.modules())
+    was_64 = float64_gemms_set(model)
     set_exact_arithmetic(model, float_input_gemm=float_input_gemm)
     try:
         yield model

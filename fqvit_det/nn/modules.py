@@ -195,6 +195,13 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         return _apply(self.out_quantizer, y)
 
 
+def is_patch_conv(conv: nn.Conv2d) -> bool:
+    """A convolution over non-overlapping patches (kernel = stride, no padding, dilation 1, one
+    group): a GEMM on the flattened patches."""
+    return (tuple(conv.kernel_size) == tuple(conv.stride) and tuple(conv.padding) == (0, 0)
+            and conv.groups == 1 and tuple(conv.dilation) == (1, 1))
+
+
 class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
     """Conv2d with weight, input and output quantizers.
 

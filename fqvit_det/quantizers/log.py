@@ -100,6 +100,18 @@ def log_code_thresholds(code_of, bits: int) -> torch.Tensor:
     return t
 
 
+def log_code_of(mode: int, r: float = 1.0, q: float = 1.0):
+    """The float32 log-code formula from u = x/Δ as torch ops (the compiled kernels' modes): mode
+    0 log2 ⌊−log2 u⌉, 1 log√2 ⌊−2·log2 u⌉, 2 AdaLog ⌊(−log2 u)·r/q⌉ (r, q as float32)."""
+    if mode == 0:
+        return lambda u: torch.round(-torch.log2(u))
+    if mode == 1:
+        return lambda u: torch.round(-2.0 * torch.log2(u))
+    if mode == 2:
+        return lambda u: torch.round((-torch.log2(u)) * float(r) / float(q))
+    raise ValueError(f'log_code_of: mode {mode} is not a log code (0, 1, 2)')
+
+
 def log2_quantize(x: torch.Tensor, delta, bits: int) -> torch.Tensor:
     """q = clamp(⌊−log2(x/Δ)⌉, 0, 2^b − 1); ``ZERO_CODE`` where the code would be ≥ 2^b."""
     x = _as_float(x)
