@@ -539,6 +539,9 @@ class IntegerAttention(nn.Module):
             raise ValueError('IntegerAttention: pass a calibrated attention module or a config')
         self.fast = fast
         self.chunk_elems = 1 << 17       # CPU: batch·head matrices per chunk of the fused path
+        # compiled LIS core: the AVX-512 code count where it applies (False: the scalar route;
+        # the same codes, for tests)
+        self.vector_kernels = True
         self._fast_cache = None
         params = None
         if attn is not None:
@@ -813,7 +816,7 @@ class IntegerAttention(nn.Module):
                                      float(st['logit_scale']), st['lo'], st['hi'], st['table'],
                                      st['odd'], st['den'], len(st['tops']), st['out_step'],
                                      float(st['out_scale']), st['z_out'], *st['out_range'],
-                                     self.num_heads)
+                                     self.num_heads, self.vector_kernels)
         cfg = self.cfg
         c = self._pow2_consts(B, qa.device)
         plan = c['plan']
@@ -1108,6 +1111,11 @@ class IntegerAttention(nn.Module):
         groups = -(-K // 8)
         frac = 8 * groups - 1
         pv_bound = n_tok * (2 ** frac) * (128 + abs(zv))
+        if pv_bound >= 2 ** 62:
+            # 6-bit codes and wider: the groups' shifted int64 sums would overflow; the generic
+            # path (pow2_matmul per shift class) runs instead
+            self._fast_cache = (key, None)
+            return None
         m_out = torch.tensor(float(self.v_scale), **f64) * 2.0 ** -frac / float(self.out_scale)
         if not sim:
             (mo,), _, exact_out = dyadic_values([m_out], pv_bound)
@@ -1156,7 +1164,6 @@ class IntegerAttention(nn.Module):
         lo, hi, frac = st['lo'], st['hi'], st['frac']
         width = levels + 1
         tops = st['tops']
-        two_top = [torch.tensor(2 ** t, dtype=torch.int32, device=dev) for t in tops]
         pv = torch.empty((len(tops), G, N, d + 1), dtype=torch.int32, device=dev)
         for i in range(0, G, cg):
             j = min(G, i + cg)
@@ -1187,11 +1194,12 @@ class IntegerAttention(nn.Module):
             torch.index_select(lut, 0, flat, out=code.view(-1))
             code32 = code.to(torch.int32)
             for g, top in enumerate(tops):
-                # operand −2^(top − code) for codes of group g, else 0: codes of earlier groups
-                # give 2^(top − code) ≥ 256 (masked by & 255), later ones shift to 0
-                p = torch.bitwise_right_shift(two_top[g], code32)
-                if g:
-                    p.bitwise_and_(255)
+                # operand −2^(top − code) for the codes of group g (0 ≤ top − code ≤ 7), else 0
+                # (the byte of (2^top >> code) & 255; 2^top itself overflows from 5-bit codes)
+                sh = torch.sub(top, code32)
+                outside = (sh < 0) | (sh > 7)
+                p = torch.bitwise_left_shift(torch.ones_like(sh), sh.clamp_(0, 7))
+                p.masked_fill_(outside, 0)
                 pv[g, i:j] = int8_bmm(p.neg_().to(torch.int8), v_aug[i:j])
         # Σ_j P_j (v'_j − z'_v) per group (P = −operand), groups aligned by shifts: exact
         # (int32 while |Σ| ≤ 2^frac·N·(128 + |z'_v|) < 2^31, else int64)

@@ -168,6 +168,9 @@ def test_pow2_matmul_matches_the_dequantized_product(kind):
 # --- IntegerAttention vs the simulation ---------------------------------------------------------
 METHODS = {
     'fqvit_lis': ('fqvit', 8, 8, dict(attn_bits=4)),
+    'fqvit_lis3': ('fqvit', 8, 8, dict(attn_bits=3)),
+    'fqvit_lis5': ('fqvit', 8, 8, dict(attn_bits=5)),
+    'fqvit_lis6': ('fqvit', 8, 8, dict(attn_bits=6)),
     'fqvit_uniform': ('fqvit', 8, 8, dict(attn_bits=8, lis=False)),
     'repq_w4a4': ('repq', 4, 4, {}),
     # the post-GELU AdaLog search (Δ × q) is slow and outside the attention: uniform fc2 input
@@ -274,13 +277,20 @@ def test_integer_attention_refuses_unconverted_or_unquantized_attention():
         IntegerAttention(model.blocks[0].attn)
 
 
-def test_lis_fast_path_equals_the_generic_integer_path(device):
-    model, x = calibrated('fqvit_lis', device)
+@pytest.mark.parametrize('method,requant', [('fqvit_lis', 'dyadic'), ('fqvit_lis', 'simulation'),
+                                            ('fqvit_lis5', 'simulation'),
+                                            ('fqvit_lis6', 'simulation')])
+def test_lis_fast_path_equals_the_generic_integer_path(device, method, requant):
+    """5-bit codes: operand groups up to 2^31; 6-bit codes would overflow the fast path's int64
+    group sums, so it declines them and the generic path runs."""
+    model, x = calibrated(method, device)
     caps = capture_attention(model, x[:4])
     for blk, cap in zip(model.blocks, caps):
-        fast, slow = IntegerAttention(blk.attn), IntegerAttention(blk.attn, fast=False)
+        fast = IntegerAttention(blk.attn, method=requant)
+        slow = IntegerAttention(blk.attn, fast=False, method=requant)
         codes = blk.attn.qkv.out_quantizer.quantize(cap['qkv'])
-        assert fast._lis_fast(*fast.split(codes)) is not None      # the fast path applies
+        applies = fast._lis_fast(*fast.split(codes)) is not None
+        assert applies == (method != 'fqvit_lis6')
         a, b = fast(codes), slow(codes)
         assert int((a - b).abs().max()) <= 1 and float((a != b).float().mean()) <= 0.001
 

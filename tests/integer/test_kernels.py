@@ -40,6 +40,25 @@ def test_compiled_attention_equals_the_torch_path(backend, method):
         assert torch.equal(ia.attend_codes(q, k, v), ref)
 
 
+@pytest.mark.parametrize('method', ['fqvit_lis', 'fqvit_lis3', 'fqvit_lis5'])
+def test_compiled_lis_attention_equals_the_torch_path(backend, method):
+    """FQ-ViT's Log-Int-Softmax core: 4-bit codes (16 thresholds) are counted in AVX-512 lanes
+    where the CPU has them, other widths (and vector_kernels=False) take the binary-search
+    route; all give the torch path's codes. 5 bits: operand groups whose top shift is 31."""
+    model, x = calibrated(method, 'cpu')
+    caps = capture_attention(model, x)
+    for blk, cap in zip(model.blocks, caps):
+        ia = IntegerAttention(blk.attn, method='simulation')
+        q, k, v = ia.split(blk.attn.qkv.out_quantizer.quantize(cap['qkv']))
+        backend('torch')
+        ref = ia.attend_codes(q, k, v)
+        backend('cpp')
+        assert ia._compiled_codes(q, k, v) is not None       # the compiled path applies
+        for vector in (True, False):
+            ia.vector_kernels = vector
+            assert torch.equal(ia.attend_codes(q, k, v), ref)
+
+
 def test_probability_codes_match_the_quantizers(backend):
     """The kernels' code formulas = the quantizers' own codes (ties, 0, 1, tiny values): from
     log2(x/Δ) for log2 / log√2 / AdaLog, from the probabilities for twin uniform."""
@@ -105,11 +124,22 @@ def test_compiled_integer_layernorm_equals_the_torch_route(backend):
             ref = norm(xin)
             backend('cpp')
             assert torch.equal(norm(xin), ref)
-            norm.weight[3] = 0.0                                  # |a| = 0: the reference route
+            # γ_c = 0 (real DeiT-Tiny LayerNorms have one): |a| = 0, the reference's literal
+            # route (n = 31, M = 0), which the kernel computes itself
+            norm.weight[3] = 0.0
             backend('torch')
             ref0 = norm(xin)
             backend('cpp')
             assert torch.equal(norm(xin), ref0)
+            ops = kernels.native()
+            _, ok = ops.int_layernorm(xin.reshape(-1, xin.shape[-1]).contiguous(),
+                                      *norm._kernel_args(norm._integer_pair(), xin))
+            assert bool(ok.all())
+            norm.weight[3] = float('inf')                         # a bound fails: reference
+            backend('torch')
+            ref_inf = norm(xin)
+            backend('cpp')
+            assert torch.equal(norm(xin).nan_to_num(), ref_inf.nan_to_num())
 
 
 @pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4', 'adalog_6', 'ptq4vit'])

@@ -252,6 +252,32 @@ __attribute__((target("avx512f"))) void bucket_rows_avx512(
   }
   for (; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
 }
+
+// code_j = #{k : θ_k ≥ e_j} for K = 16 non-increasing θ (lis_row): a four-step branch-free
+// binary search per lane with θ held in two registers (a two-source permute per probe)
+__attribute__((target("avx512f"))) void lis_codes16_avx512(const int64_t* __restrict e, int64_t n,
+                                                           const int64_t* theta,
+                                                           int32_t* __restrict code) {
+  const __m512i t_lo = _mm512_loadu_si512(theta), t_hi = _mm512_loadu_si512(theta + 8);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512i v = _mm512_loadu_si512(e + j);
+    __m512i c = _mm512_setzero_si512();
+    for (int64_t step = 8; step >= 1; step /= 2) {
+      const __m512i probe = _mm512_add_epi64(c, _mm512_set1_epi64(step - 1));
+      const __m512i t = _mm512_permutex2var_epi64(t_lo, probe, t_hi);
+      c = _mm512_mask_add_epi64(c, _mm512_cmpge_epi64_mask(t, v), c, _mm512_set1_epi64(step));
+    }
+    const __m512i t = _mm512_permutex2var_epi64(t_lo, c, t_hi);
+    c = _mm512_mask_add_epi64(c, _mm512_cmpge_epi64_mask(t, v), c, _mm512_set1_epi64(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(code + j), _mm512_cvtepi64_epi32(c));
+  }
+  for (; j < n; ++j) {
+    int32_t c = 0;
+    while (c < 16 && theta[c] >= e[j]) ++c;
+    code[j] = c;
+  }
+}
 #endif
 
 void bucket_rows(const float* __restrict x, int64_t n, float delta, int64_t shift,
@@ -470,37 +496,19 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
   return out;
 }
 
-// the logit codes of one row, as floats: ⌊float32((row + acc + col)·m) / Δ⌉ clamped to [lo, hi]
-FQVIT_CLONES void lis_logits(const int32_t* __restrict a, double rt, const double* __restrict col, int64_t n,
-                double m, float ls, double lo, double hi, double* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) {
-    double v = (rt + static_cast<double>(a[j])) + col[j];
-    v = static_cast<double>(static_cast<float>(v * m) / ls);
-    v = std::nearbyint(v);
-    y[j] = v < lo ? lo : (v > hi ? hi : v);
+// ops[g, j] = −((2^(8g+7) >> code_j) & 255): the code's power of two in group g's byte,
+// −2^(top − code) where 0 ≤ top − code ≤ 7, else 0 (no shift by 32 or more)
+FQVIT_CLONES void lis_operands(const int32_t* __restrict code, int64_t M, int64_t groups,
+                               int8_t* __restrict o, int64_t stride) {
+  for (int64_t gr = 0; gr < groups; ++gr) {
+    const int32_t top = 8 * static_cast<int32_t>(gr) + 7;
+    int8_t* __restrict og = o + gr * stride;
+    for (int64_t j = 0; j < M; ++j) {
+      const uint32_t sh = static_cast<uint32_t>(top - code[j]);
+      const int32_t pw = sh <= 7u ? (1 << (sh & 7u)) : 0;
+      og[j] = static_cast<int8_t>(-pw);
+    }
   }
-}
-
-// −((2^top >> code) & 255): the operand of a log2 code in the group whose largest shift is top
-FQVIT_CLONES void lis_group_operands(const int32_t* __restrict code, int64_t n, int32_t top,
-                        int8_t* __restrict o) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t c = code[j];
-    const int32_t pw = top >= c ? ((1 << (top - c)) & 255) : 0;
-    o[j] = static_cast<int8_t>(-pw);
-  }
-}
-
-// min{d : T[d] ≤ θ} for a non-increasing T (levels if none): a branchless binary search
-inline int64_t first_at_most(const int64_t* t, int64_t n, int64_t theta) {
-  const int64_t* base = t;
-  int64_t len = n;
-  while (len > 1) {
-    const int64_t half = len / 2;
-    base = base[half - 1] > theta ? base + half : base;
-    len -= half;
-  }
-  return (base - t) + (*base > theta ? 1 : 0);
 }
 
 // One row of FQ-ViT's Log-Int-Softmax path (IntegerAttention._lis_fast, 'simulation'
@@ -509,34 +517,83 @@ inline int64_t first_at_most(const int64_t* t, int64_t n, int64_t theta) {
 //   d_j  = max_j y − y_j;  e_j = T[d_j];  2Σ = 2·Σ_j e_j
 //   θ_k  = ⌊(2Σ − odd_k) / den_k⌋;  D_k = min{d : T[d] ≤ θ_k};  code_j = #{k : D_k ≤ d_j}
 //   ops[g, j] = −((2^(8g+7) >> code_j) & 255)   (the code's power of two in group g's byte)
-void lis_row(const int32_t* a, double rt, const double* col, int64_t M, double m, float ls,
-             double lo, double hi, const int64_t* tp, int64_t levels, const int64_t* op,
-             const int64_t* dp, int64_t K, int64_t groups, double* y, int32_t* dd, int32_t* code,
-             uint8_t* lut, int64_t* D, int8_t* o, int64_t stride) {
-  lis_logits(a, rt, col, M, m, ls, lo, hi, y);
+// The maximum and the integer sum are exact in any order, so both are taken in SIMD lanes. D_k
+// is a binary search per k over the non-increasing T whose probe sequence depends only on the
+// table length, so the K searches advance together, one probe step for all k at a time.
+// halves: the probe steps of that search (len/2 while len > 1, from the table length).
+FQVIT_CLONES void lis_row(const int32_t* __restrict a, double rt, const double* __restrict col,
+                          int64_t M, double m, float ls, double lo, double hi,
+                          const int64_t* __restrict tp, int64_t levels,
+                          const int64_t* __restrict halves, int64_t steps,
+                          const int64_t* __restrict op, const int64_t* __restrict dp, int64_t K,
+                          int64_t groups, double* __restrict y, int32_t* __restrict dd,
+                          int32_t* __restrict code, int32_t* __restrict lut,
+                          int64_t* __restrict D, int64_t* __restrict theta,
+                          int64_t* __restrict ev, int8_t* __restrict o, int64_t stride,
+                          bool vector) {
   double ymax = lo;
-  for (int64_t j = 0; j < M; ++j) ymax = y[j] > ymax ? y[j] : ymax;
-  int64_t sum = 0;
+#pragma omp simd reduction(max : ymax)
   for (int64_t j = 0; j < M; ++j) {
-    dd[j] = static_cast<int32_t>(ymax - y[j]);
-    sum += tp[dd[j]];
+    double v = (rt + static_cast<double>(a[j])) + col[j];
+    v = static_cast<double>(static_cast<float>(v * m) / ls);
+    v = std::nearbyint(v);
+    v = v < lo ? lo : (v > hi ? hi : v);
+    y[j] = v;
+    ymax = v > ymax ? v : ymax;
+  }
+#ifdef FQVIT_HAVE_AVX512_BUCKETS
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+  constexpr bool avx512 = false;
+#endif
+  int64_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < M; ++j) {
+    const int32_t d = static_cast<int32_t>(ymax - y[j]);
+    dd[j] = d;
+    ev[j] = tp[d];
+    sum += ev[j];
   }
   const int64_t s2 = 2 * sum;
+  bool falling = true;
   for (int64_t k = 0; k < K; ++k) {
-    const int64_t theta = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
-    D[k] = first_at_most(tp, levels, theta);
+    theta[k] = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
+    D[k] = 0;
+    falling = falling && (k == 0 || theta[k] <= theta[k - 1]);
   }
+  // code_j = #{k : D_k ≤ d_j} = #{k : T[d_j] ≤ θ_k} (T non-increasing); for K = 16 counted
+  // directly from e_j = T[d_j]
+#ifdef FQVIT_HAVE_AVX512_BUCKETS
+  if (avx512 && vector && K == 16 && falling) {
+    lis_codes16_avx512(ev, M, theta, code);
+    lis_operands(code, M, groups, o, stride);
+    return;
+  }
+#endif
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t half = halves[st];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) D[k] = tp[D[k] + half - 1] > theta[k] ? D[k] + half : D[k];
+  }
+  for (int64_t k = 0; k < K; ++k) D[k] += tp[D[k]] > theta[k] ? 1 : 0;
   // code(d) = #{k : D_k ≤ d}; D is non-decreasing (θ_k falls with k), so code(d) = c on
   // [D_{c−1}, D_c) (D_{−1} = 0, D_K = levels + 1)
   int64_t from = 0;
   for (int64_t c = 0; c <= K; ++c) {
     const int64_t to = c < K ? D[c] : levels + 1;
-    if (to > from) std::memset(lut + from, static_cast<int>(c), to - from);
+    for (int64_t d = from; d < to; ++d) lut[d] = static_cast<int32_t>(c);
     from = std::max(from, to);
   }
+#pragma omp simd
   for (int64_t j = 0; j < M; ++j) code[j] = lut[dd[j]];
-  for (int64_t gr = 0; gr < groups; ++gr)
-    lis_group_operands(code, M, 8 * static_cast<int32_t>(gr) + 7, o + gr * stride);
+  lis_operands(code, M, groups, o, stride);
+}
+
+// the probe steps of a branch-free binary search over n entries (lis_row): len/2 while len > 1
+std::vector<int64_t> search_halves(int64_t n) {
+  std::vector<int64_t> h;
+  for (int64_t len = n; len > 1; len -= len / 2) h.push_back(len / 2);
+  return h;
 }
 
 // (B, N, 3·H·d) → (3, B·H, N, d) int8: per channel c, code = clamp(⌊x/Δ_c⌉ + z_c, lo_c, hi_c)
@@ -812,7 +869,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
                          double lo, double hi, const at::Tensor& table, const at::Tensor& odd,
                          const at::Tensor& den, int64_t groups, double out_step,
                          double out_scale, double out_zero, int64_t qmin, int64_t qmax,
-                         int64_t heads) {
+                         int64_t heads, bool vector) {
   const char* who = "attention_lis";
   const QkvOperands x = check_operands(who, qa, ka, va, heads);
   const int64_t B = x.B, H = x.H, N = x.N, d = x.d;
@@ -820,8 +877,11 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   check_cpu(odd, at::kLong, 1, who, "odd");
   check_cpu(den, at::kLong, 1, who, "den");
   const int64_t K = odd.numel(), levels = table.numel();
-  TORCH_CHECK(den.numel() == K && K >= 1 && groups >= 1 && groups <= 8 && 8 * groups >= K, who,
+  TORCH_CHECK(den.numel() == K && K >= 1 && groups >= 1 && 8 * groups >= K, who,
               ": thresholds and groups do not match");
+  // Σ_j 2^(8·groups − 1)·|v − z_v| must fit the int64 accumulators: at most 4 groups (5-bit codes)
+  TORCH_CHECK(groups <= 4 && N * (128 + std::abs(zv)) < (int64_t{1} << 31), who,
+              ": at most 4 operand groups (5-bit codes) for the int64 accumulators, got ", groups);
   TORCH_CHECK(hi - lo + 1 <= static_cast<double>(levels), who, ": table shorter than the logit range");
   auto out = at::empty({B, N, H * d}, qa.options().dtype(at::kInt));
   const int64_t frac = 8 * groups - 1;
@@ -838,6 +898,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   const auto vaug = ones_column(va);
   const at::ThreadLocalState state;
   const int64_t nb = row_blocks(B * H, N), span = (N + nb - 1) / nb;
+  const auto halves = search_halves(levels);
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
@@ -845,9 +906,8 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     std::vector<int64_t> pid(groups);
     for (int64_t gr = 0; gr < groups; ++gr) pid[gr] = gr;
     std::vector<double> y(N), col(N);
-    std::vector<int32_t> dd(N), code(N);
-    std::vector<uint8_t> lut(levels + 1);
-    std::vector<int64_t> D(K);
+    std::vector<int32_t> dd(N), code(N), lut(levels + 1);
+    std::vector<int64_t> D(K), theta(K), ev(N);
     auto operands = at::empty({groups, span, N}, qa.options());
     int8_t* ob = operands.data_ptr<int8_t>();
     for (int64_t t = begin; t < end; ++t) {
@@ -860,8 +920,10 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
         const int32_t* ap = qk.acc.data_ptr<int32_t>();
         for (int64_t i = 0; i < R; ++i)
           lis_row(ap + i * N, static_cast<double>(qk.q_sums[i] * -zk + d * zq * zk), col.data(),
-                  N, m, ls, lo, hi, tp, levels, opd, dp, K, groups, y.data(), dd.data(),
-                  code.data(), lut.data(), D.data(), ob + i * N, R * N);
+                  N, m, ls, lo, hi, tp, levels, halves.data(),
+                  static_cast<int64_t>(halves.size()), opd, dp, K, groups, y.data(), dd.data(),
+                  code.data(), lut.data(), D.data(), theta.data(), ev.data(), ob + i * N,
+                  R * N, vector);
       }
       pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
               [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
@@ -885,21 +947,44 @@ struct LnConsts {
 constexpr double kExactLimit = 4503599627370496.0;  // 2^52
 constexpr double kEdge = 1.4551915228366852e-11;    // 2^-36
 
-// PTF shifted codes of one row: clamp(⌊float32(x/Δ_c)⌉, lo, hi)·2^α_c (float64)
+// The correctly rounded quotient a/d from y = RN(1/d), without a division: q0 = RN(a·y) is
+// within two ulps, one correction with the exact remainder r = a − q0·d (an fma) makes it
+// faithful, and a second is RN(a/d) by Markstein's theorem (y within half an ulp of 1/d, q
+// faithful ⇒ RN(q + r·y) = RN(a/d); IEEE normal range, which the callers' bounds keep).
+static inline __attribute__((always_inline)) double div_rn(double a, double d, double y) {
+  const double q0 = a * y;
+  const double q1 = __builtin_fma(__builtin_fma(-q0, d, a), y, q0);
+  return __builtin_fma(__builtin_fma(-q1, d, a), y, q1);
+}
+
+// PTF shifted codes of one row: clamp(⌊float32(x/Δ_c)⌉, lo, hi)·2^α_c (float64), and their sum
+// and sum of squares. Every code is an integer and every partial sum an integer below 2^53 when
+// the final S2·C < 2^52 holds (checked by the caller), so the sums are exact in any order: they
+// are summed in SIMD lanes.
 FQVIT_CLONES void ln_codes(const float* __restrict x, const float* __restrict s, double lo,
                            double hi, const double* __restrict factor, int64_t n,
-                           double* __restrict codes) {
+                           double* __restrict codes, double* sums) {
+  double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
   for (int64_t c = 0; c < n; ++c) {
     double v = std::nearbyint(static_cast<double>(x[c] / s[c]));
     v = v < lo ? lo : (v > hi ? hi : v);
-    codes[c] = v * factor[c];
+    v = v * factor[c];
+    codes[c] = v;
+    s1 += v;
+    s2 += v * v;
   }
+  sums[0] = s1;
+  sums[1] = s2;
 }
 
 // |a| = Δ_1/σ·|γ|/Δ_out (/C), 2^n = 2^(d−1)/2^⌊log2|a|⌋ clamped to [1, 2^31], M = ⌊|a|·2^n⌋,
 // and 2^−n (the division by 2^n below as an exact product). 1/2^⌊log2|a|⌋ is formed from the
 // exponent bits (exact, no division); returns the number of channels where that or the bound
 // |a|·2^n ∈ [2^(d−1), 2^d) (with margin) does not hold: such rows take the reference route.
+// |a| = 0 (a zero γ_c; real DeiT-Tiny LayerNorms have one) is the reference's literal route
+// exactly: ⌊log2(tiny)⌋ = −1022 clamps n to 31, M = 0; the exponent bits give the same 2^31,
+// 2^−31 and M (E = 0), so such a channel is not flagged.
 template <bool DivC>
 FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_abs,
                                     double delta_out, double Cd, double top, int64_t n,
@@ -908,10 +993,11 @@ FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_ab
   int64_t bad = 0;
   const double lo = top / 2.0 * (1.0 + kEdge), hi = top * (1.0 - kEdge), half = top / 2.0;
   const double inv_half = 2.0 / top;
+  const double inv_out = 1.0 / delta_out, inv_c = 1.0 / Cd;
   for (int64_t c = 0; c < n; ++c) {
     double a = ds * gamma_abs[c];
-    a = a / delta_out;
-    if (DivC) a = a / Cd;
+    a = div_rn(a, delta_out, inv_out);
+    if (DivC) a = div_rn(a, Cd, inv_c);
     uint64_t bits;
     std::memcpy(&bits, &a, 8);
     const uint64_t E = (bits >> 52) & 0x7FF;
@@ -925,8 +1011,9 @@ FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_ab
     double it = e * inv_half;                          // 1/t, the same clamp
     it = it > 1.0 ? 1.0 : (it < 4.656612873077393e-10 ? 4.656612873077393e-10 : it);
     const double mm = a * t;
-    bad += 1 - (static_cast<int64_t>(E >= 1) & static_cast<int64_t>(E <= 2045) &
-                static_cast<int64_t>(mm >= lo) & static_cast<int64_t>(mm <= hi));
+    bad += 1 - ((static_cast<int64_t>(E >= 1) & static_cast<int64_t>(E <= 2045) &
+                 static_cast<int64_t>(mm >= lo) & static_cast<int64_t>(mm <= hi)) |
+                static_cast<int64_t>(a == 0.0));
     two_n[c] = t;
     inv_two_n[c] = it;
     m[c] = std::floor(mm);
@@ -936,18 +1023,20 @@ FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_ab
 
 // y = ⌊(B + M·x_in)/2^n⌉ + 0 (B rounded; the division by a power of two as the exact product
 // by 2^−n), clamped to the output codes, times Δ_out (float32)
+template <bool FoldMean>
 FQVIT_CLONES void ln_output(const double* __restrict codes, const double* __restrict two_n,
                             const double* __restrict inv_two_n, const double* __restrict m,
                             const double* __restrict gamma, const double* __restrict beta,
                             const double* __restrict beta_out, const double* __restrict sign,
-                            bool fold_mean, double mu_sigma, double delta_out, double Cd, double s1,
+                            double mu_sigma, double delta_out, double Cd, double s1,
                             double lo, double hi, double s_out, int64_t n, float* __restrict o) {
+  const double inv_out = 1.0 / delta_out;
   for (int64_t c = 0; c < n; ++c) {
     double bb, xin;
-    if (fold_mean) {
+    if (FoldMean) {
       bb = mu_sigma * gamma[c];
       bb = beta[c] - bb;
-      bb = bb / delta_out;
+      bb = div_rn(bb, delta_out, inv_out);
       bb = bb * two_n[c];
       xin = codes[c];
     } else {
@@ -966,12 +1055,9 @@ bool ln_row(const LnConsts& k, const float* x, double* codes, double* two_n, dou
             double* m, const double* sign, float* o) {
   const int64_t C = k.C;
   const double Cd = static_cast<double>(C);
-  ln_codes(x, k.s_in, k.lo_in, k.hi_in, k.factor, C, codes);
-  double s1 = 0.0, s2 = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    s1 += codes[c];
-    s2 += codes[c] * codes[c];
-  }
+  double sums[2];
+  ln_codes(x, k.s_in, k.lo_in, k.hi_in, k.factor, C, codes, sums);
+  const double s1 = sums[0], s2 = sums[1];
   if (!(s2 * Cd < kExactLimit)) return false;
   const double dv = Cd * s2 - s1 * s1;
   const double sigma = k.delta1 / Cd * std::sqrt(dv + k.eps * Cd * Cd / (k.delta1 * k.delta1));
@@ -993,8 +1079,9 @@ bool ln_row(const LnConsts& k, const float* x, double* codes, double* two_n, dou
       ? ln_multipliers<false>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m)
       : ln_multipliers<true>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m);
   if (bad) return false;
-  ln_output(codes, two_n, inv_two_n, m, k.gamma, k.beta, k.beta_out, sign, k.fold_mean, mu_sigma,
-            k.delta_out, Cd, s1, k.lo_out, k.hi_out, k.s_out, C, o);
+  (k.fold_mean ? ln_output<true> : ln_output<false>)(
+      codes, two_n, inv_two_n, m, k.gamma, k.beta, k.beta_out, sign, mu_sigma, k.delta_out, Cd,
+      s1, k.lo_out, k.hi_out, k.s_out, C, o);
   return true;
 }
 
