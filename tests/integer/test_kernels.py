@@ -40,6 +40,24 @@ def test_compiled_attention_equals_the_torch_path(backend, method):
         assert torch.equal(ia.attend_codes(q, k, v), ref)
 
 
+def test_reciprocal_quotients_are_correctly_rounded(backend):
+    """The integer LayerNorm divides by Δ_out (and C) as a·RN(1/d) with two fma corrections
+    (Markstein): it must equal IEEE division on every input, including quotients next to a
+    rounding boundary (a = q·d ± a few ulps of a) and divisors with long significands."""
+    backend('cpp')
+    ops = kernels.native()
+    g = torch.Generator().manual_seed(0)
+    for d in [0.1447228193283081, 0.05213913321495056, 192.0, 3.0, 1 - 2 ** -52, 1.5e-7, 7.1e5]:
+        a = torch.rand(200_000, generator=g, dtype=torch.float64)
+        a = torch.cat([a * 10.0 ** torch.randint(-12, 13, a.shape, generator=g), -a[:1000],
+                       torch.zeros(1)])
+        q = torch.randint(1, 2 ** 40, (20_000,), generator=g).double() * 2.0 ** -20
+        near = q * d                                   # products just around exact multiples
+        near = torch.cat([torch.nextafter(near, near + 1), near, torch.nextafter(near, near - 1)])
+        x = torch.cat([a, near])
+        assert torch.equal(ops.quotients(x, d), x / d)
+
+
 @pytest.mark.parametrize('method', ['fqvit_lis', 'fqvit_lis3', 'fqvit_lis5'])
 def test_compiled_lis_attention_equals_the_torch_path(backend, method):
     """FQ-ViT's Log-Int-Softmax core: 4-bit codes (16 thresholds) are counted in AVX-512 lanes

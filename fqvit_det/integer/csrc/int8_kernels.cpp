@@ -1186,6 +1186,17 @@ at::Tensor bucket_codes(const at::Tensor& x, double delta, const at::Tensor& bas
   return out.sub_(1);
 }
 
+// a/d for every a by div_rn (int_layernorm's division by a per-call constant; for tests)
+at::Tensor quotients(const at::Tensor& a, double d) {
+  check_cpu(a, at::kDouble, 1, "quotients", "a");
+  auto out = at::empty_like(a);
+  const double* ap = a.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  const double y = 1.0 / d;
+  for (int64_t i = 0; i < a.numel(); ++i) op[i] = div_rn(ap[i], d, y);
+  return out;
+}
+
 at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, double hi) {
   const char* who = "fake_quant";
   check_cpu(x, at::kFloat, 2, who, "x");
@@ -1275,6 +1286,7 @@ void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
 TORCH_LIBRARY(fqvit_int, m) {
   m.def("prob_codes", &prob_codes);
   m.def("bucket_codes", &bucket_codes);
+  m.def("quotients", &quotients);
   m.def("qkv_int8", &qkv_int8);
   m.def("bmm_int8", &bmm_int8);
   m.def("attention_pow2", &attention_pow2);
