@@ -2,7 +2,8 @@
 // Each replaces a chain of whole-tensor torch ops (one pass instead of five to fifteen) and
 // computes the same numbers: integer steps are exact, and every float step is the single IEEE
 // operation the torch chain performs, in the same order (compiled with -ffp-contract=off: no
-// product is fused into an add; no reassociation). Where a step is a torch function whose
+// product is fused into an add; no reassociation). Two exceptions give provably equal values:
+// sums of exact integers in SIMD lanes, and div_rn (a correctly rounded quotient by fma). Where a step is a torch function whose
 // implementation we cannot reproduce bit for bit (softmax, log2), the kernel calls that function,
 // or, for log2, uses the exact float32 thresholds where the code changes, found with torch's
 // own log2 (attention.log_code_buckets).
@@ -525,27 +526,25 @@ FQVIT_CLONES void lis_row(const int32_t* __restrict a, double rt, const double* 
                           int64_t M, double m, float ls, double lo, double hi,
                           const int64_t* __restrict tp, int64_t levels,
                           const int64_t* __restrict halves, int64_t steps,
-                          const int64_t* __restrict op, const int64_t* __restrict dp, int64_t K,
-                          int64_t groups, double* __restrict y, int32_t* __restrict dd,
+                          const int64_t* __restrict op, const int64_t* __restrict dp,
+                          const double* __restrict inv_den, int64_t K,
+                          int64_t groups, float* __restrict y, int32_t* __restrict dd,
                           int32_t* __restrict code, int32_t* __restrict lut,
                           int64_t* __restrict D, int64_t* __restrict theta,
                           int64_t* __restrict ev, int8_t* __restrict o, int64_t stride,
-                          bool vector) {
-  double ymax = lo;
+                          bool count16) {
+  // the rounded, clamped logit codes are small integers: float32 holds them (and the rounding of
+  // the float32 quotient) exactly
+  const float lof = static_cast<float>(lo), hif = static_cast<float>(hi);
+  float ymax = lof;
 #pragma omp simd reduction(max : ymax)
   for (int64_t j = 0; j < M; ++j) {
-    double v = (rt + static_cast<double>(a[j])) + col[j];
-    v = static_cast<double>(static_cast<float>(v * m) / ls);
-    v = std::nearbyint(v);
-    v = v < lo ? lo : (v > hi ? hi : v);
-    y[j] = v;
-    ymax = v > ymax ? v : ymax;
+    const double v = (rt + static_cast<double>(a[j])) + col[j];
+    float u = std::nearbyint(static_cast<float>(v * m) / ls);
+    u = u < lof ? lof : (u > hif ? hif : u);
+    y[j] = u;
+    ymax = u > ymax ? u : ymax;
   }
-#ifdef FQVIT_HAVE_AVX512_BUCKETS
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-#else
-  constexpr bool avx512 = false;
-#endif
   int64_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < M; ++j) {
@@ -557,14 +556,25 @@ FQVIT_CLONES void lis_row(const int32_t* __restrict a, double rt, const double* 
   const int64_t s2 = 2 * sum;
   bool falling = true;
   for (int64_t k = 0; k < K; ++k) {
-    theta[k] = (s2 - op[k]) / dp[k];   // s2 > odd_k: floor division
+    // ⌊(2Σ − odd_k)/den_k⌋ (s2 > odd_k): below 2^53 from the float64 reciprocal, whose quotient
+    // is within one of the truth, and one exact integer correction either way
+    const int64_t num = s2 - op[k];
+    int64_t t;
+    if (num >= 0 && num < (int64_t{1} << 53)) {
+      t = static_cast<int64_t>(static_cast<double>(num) * inv_den[k]);
+      t -= static_cast<int64_t>(t * dp[k] > num);
+      t += static_cast<int64_t>((t + 1) * dp[k] <= num);
+    } else {
+      t = num / dp[k];
+    }
+    theta[k] = t;
     D[k] = 0;
-    falling = falling && (k == 0 || theta[k] <= theta[k - 1]);
+    falling = falling && (k == 0 || t <= theta[k - 1]);
   }
   // code_j = #{k : D_k ≤ d_j} = #{k : T[d_j] ≤ θ_k} (T non-increasing); for K = 16 counted
   // directly from e_j = T[d_j]
 #ifdef FQVIT_HAVE_AVX512_BUCKETS
-  if (avx512 && vector && K == 16 && falling) {
+  if (count16 && K == 16 && falling) {
     lis_codes16_avx512(ev, M, theta, code);
     lis_operands(code, M, groups, o, stride);
     return;
@@ -697,10 +707,21 @@ at::Tensor ones_column(const at::Tensor& v) {
   return out;
 }
 
+// Σ_e x[i, e] per row (|Σ| ≤ 128·d < 2^31: int32 lanes; a local sum, since int8 stores could
+// alias the output)
+FQVIT_CLONES void row_sums_into(const int8_t* __restrict x, int64_t n, int64_t d,
+                                int64_t* __restrict s) {
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t acc = 0;
+    for (int64_t e = 0; e < d; ++e) acc += x[i * d + e];
+    s[i] = acc;
+  }
+}
+
 std::vector<int64_t> row_sums(const int8_t* x, int64_t n, int64_t d) {
-  std::vector<int64_t> s(n, 0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t e = 0; e < d; ++e) s[i] += x[i * d + e];
+  TORCH_CHECK(d < (int64_t{1} << 23), "row_sums: rows of at most 2^23 codes");
+  std::vector<int64_t> s(n);
+  row_sums_into(x, n, d, s.data());
   return s;
 }
 
@@ -883,6 +904,9 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   TORCH_CHECK(groups <= 4 && N * (128 + std::abs(zv)) < (int64_t{1} << 31), who,
               ": at most 4 operand groups (5-bit codes) for the int64 accumulators, got ", groups);
   TORCH_CHECK(hi - lo + 1 <= static_cast<double>(levels), who, ": table shorter than the logit range");
+  TORCH_CHECK(lo == std::nearbyint(lo) && hi == std::nearbyint(hi) && std::fabs(lo) < 16777216.0 &&
+                  std::fabs(hi) < 16777216.0,
+              who, ": integer logit code bounds below 2^24 expected");
   auto out = at::empty({B, N, H * d}, qa.options().dtype(at::kInt));
   const int64_t frac = 8 * groups - 1;
   std::vector<int64_t> pc(groups, 0), ps(groups);
@@ -899,13 +923,24 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   const at::ThreadLocalState state;
   const int64_t nb = row_blocks(B * H, N), span = (N + nb - 1) / nb;
   const auto halves = search_halves(levels);
+  std::vector<double> inv_den(K);
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(dp[k] >= 1, who, ": positive threshold denominators expected");
+    inv_den[k] = 1.0 / static_cast<double>(dp[k]);
+  }
+#ifdef FQVIT_HAVE_AVX512_BUCKETS
+  const bool count16 = vector && __builtin_cpu_supports("avx512f");
+#else
+  const bool count16 = false;
+#endif
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
     std::vector<const int32_t*> rows(groups);
     std::vector<int64_t> pid(groups);
     for (int64_t gr = 0; gr < groups; ++gr) pid[gr] = gr;
-    std::vector<double> y(N), col(N);
+    std::vector<double> col(N);
+    std::vector<float> y(N);
     std::vector<int32_t> dd(N), code(N), lut(levels + 1);
     std::vector<int64_t> D(K), theta(K), ev(N);
     auto operands = at::empty({groups, span, N}, qa.options());
@@ -921,9 +956,9 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
         for (int64_t i = 0; i < R; ++i)
           lis_row(ap + i * N, static_cast<double>(qk.q_sums[i] * -zk + d * zq * zk), col.data(),
                   N, m, ls, lo, hi, tp, levels, halves.data(),
-                  static_cast<int64_t>(halves.size()), opd, dp, K, groups, y.data(), dd.data(),
-                  code.data(), lut.data(), D.data(), theta.data(), ev.data(), ob + i * N,
-                  R * N, vector);
+                  static_cast<int64_t>(halves.size()), opd, dp, inv_den.data(), K, groups,
+                  y.data(), dd.data(), code.data(), lut.data(), D.data(), theta.data(),
+                  ev.data(), ob + i * N, R * N, count16);
       }
       pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
               [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
