@@ -448,6 +448,21 @@ def log_code_buckets(code_of, bits: int, max_fine_bits: int = 8):
     return None
 
 
+def search_thresholds16(code_of, bits: int) -> torch.Tensor:
+    """The exact thresholds T of codes of at most 4 bits, padded with −inf to 16 float32 values
+    (code(u) = #{k : u < T[k]}; −inf never counts), for the kernels' register search; empty
+    for wider codes or where ``log_code_thresholds`` has none."""
+    if 2 ** bits > 16:
+        return torch.empty(0)
+    try:
+        t = log_code_thresholds(code_of, bits)
+    except ValueError:
+        return torch.empty(0)
+    out = torch.full((16,), float('-inf'), dtype=torch.float32)
+    out[:t.numel()] = t
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The attention core of a calibrated QuantTimmAttention on codes
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +554,8 @@ class IntegerAttention(nn.Module):
             raise ValueError('IntegerAttention: pass a calibrated attention module or a config')
         self.fast = fast
         self.chunk_elems = 1 << 17       # CPU: batch·head matrices per chunk of the fused path
-        # compiled LIS core: the AVX-512 code count where it applies (False: the scalar route;
-        # the same codes, for tests)
+        # compiled attention cores: the AVX-512 routes where they apply (LIS code counts, log-code
+        # buckets, operand planes of 4-bit codes); False: the scalar routes, the same codes (tests)
         self.vector_kernels = True
         self._fast_cache = None
         params = None
@@ -826,20 +841,23 @@ class IntegerAttention(nn.Module):
                                   cfg['probs_bits'], plan['table'], plan['classes'],
                                   plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
                                   *cfg['out_range'], self.num_heads,
-                                  *self._code_buckets(mode, r, qq))
+                                  *self._code_buckets(mode, r, qq), self.vector_kernels)
 
     def _code_buckets(self, mode: int, r: float, qq: float):
         """``attention_pow2``'s last arguments for code mode ``mode`` (``_code_mode``): the
         exact-threshold code tables (``log_code_buckets``) for log codes with one Δ, else empty
-        (log2 in the kernel)."""
+        (log2 in the kernel), and for codes of at most 4 bits the thresholds themselves
+        (``search_thresholds16``)."""
         key = (mode, r, qq, int(self.cfg['probs_bits']), self.probs_delta.numel())
         cache = getattr(self, '_buckets_cache', None)
         if cache is None or cache[0] != key:
             b = None
+            bits = self.cfg['probs_bits']
             if mode != 3 and self.probs_delta.numel() == 1:
-                b = log_code_buckets(log_code_of(mode, r, qq), self.cfg['probs_bits'])
+                b = log_code_buckets(log_code_of(mode, r, qq), bits)
             empty = torch.empty(0, dtype=torch.int32)
-            args = (empty, empty, torch.empty(0), 0) if b is None else (b[1], b[2], b[3], b[0])
+            args = ((empty, empty, torch.empty(0), 0, torch.empty(0)) if b is None else
+                    (b[1], b[2], b[3], b[0], search_thresholds16(log_code_of(mode, r, qq), bits)))
             cache = self._buckets_cache = (key, args)
         return cache[1]
 

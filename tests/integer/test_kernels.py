@@ -38,6 +38,8 @@ def test_compiled_attention_equals_the_torch_path(backend, method):
         assert ours.dtype == torch.int32 and torch.equal(ours, ref)
         ia.chunk_elems = 1                                   # one image per chunk: the same
         assert torch.equal(ia.attend_codes(q, k, v), ref)
+        ia.vector_kernels = False                            # the scalar code / plane loops
+        assert torch.equal(ia.attend_codes(q, k, v), ref)
 
 
 def test_reciprocal_quotients_are_correctly_rounded(backend):
@@ -234,12 +236,13 @@ def _threshold_probe(t: torch.Tensor, delta: float) -> torch.Tensor:
 
 # (0, 7) and (1, 8) have thresholds among the subnormals
 @pytest.mark.parametrize('mode,bits,r,q', [(0, 4, 1.0, 1.0), (0, 7, 1.0, 1.0), (1, 4, 1.0, 1.0),
-                                           (1, 8, 1.0, 1.0), (2, 4, 37.0, 5.0), (2, 6, 23.0, 4.0)])
+                                           (1, 3, 1.0, 1.0), (1, 8, 1.0, 1.0), (2, 4, 37.0, 5.0),
+                                           (2, 6, 23.0, 4.0)])
 def test_threshold_codes_equal_the_log2_codes(backend, mode, bits, r, q):
     """attention_pow2's log codes without log2 (``log_code_buckets`` → ``bucket_rows``): for
     every probability the same code as log2(x/Δ) through the code formula, vector and scalar
     loops alike, and the table alone (torch) says the same: code = #{T > u}."""
-    from fqvit_det.integer.attention import log_code_buckets
+    from fqvit_det.integer.attention import log_code_buckets, search_thresholds16
     from fqvit_det.quantizers.log import log_code_of, log_code_thresholds
     backend('cpp')
     ops = kernels.native()
@@ -252,7 +255,13 @@ def test_threshold_codes_equal_the_log2_codes(backend, mode, bits, r, q):
         d = torch.tensor(delta, dtype=torch.float32)
         ref = ops.prob_codes(torch.log2(x / d), mode, r, q, 0.0, bits)
         for vector in (True, False):
-            assert torch.equal(ops.bucket_codes(x, delta, base, inc, thr, shift, bits, vector), ref)
+            assert torch.equal(ops.bucket_codes(x, delta, base, inc, thr, shift, bits, vector,
+                                                torch.empty(0)), ref)
+        if bits <= 4:                    # the 16-threshold register search (AVX-512 CPUs)
+            t16 = search_thresholds16(code_of, bits)
+            assert t16.numel() == 16
+            assert torch.equal(ops.bucket_codes(x, delta, base, inc, thr, shift, bits, True, t16),
+                               ref)
         # the tables in torch: the bucket of u, base + inc·[u < thr], the zero code from 2^b
         b = (x / d).view(torch.int32)
         keep = (b >= 0) & (b <= 0x7F800000)           # NaN, negatives, −0: the kernel's guard

@@ -279,15 +279,51 @@ __attribute__((target("avx512f"))) void lis_codes16_avx512(const int64_t* __rest
     code[j] = c;
   }
 }
+// the same codes from at most 16 thresholds T (non-increasing, padded with −inf): the code of
+// u is #{k : u < T[k]}, found by a four-step search with T in one register (a permute per
+// probe) instead of the three table gathers per value
+__attribute__((target("avx512f"))) void search_rows16_avx512(
+    const float* __restrict x, int64_t n, float delta, const float* thr16, int32_t top,
+    int32_t* __restrict idx) {
+  const __m512 vd = _mm512_set1_ps(delta), t = _mm512_loadu_ps(thr16);
+  const __m512i vinf = _mm512_set1_epi32(static_cast<int32_t>(kF32Inf));
+  const __m512i vtop = _mm512_set1_epi32(top), one = _mm512_set1_epi32(1);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 u = _mm512_div_ps(_mm512_loadu_ps(x + j), vd);
+    const __mmask16 bad = _mm512_cmpgt_epu32_mask(_mm512_castps_si512(u), vinf);
+    __m512i c = _mm512_setzero_si512();
+    for (int32_t step = 8; step >= 1; step /= 2) {
+      const __m512 probe =
+          _mm512_permutexvar_ps(_mm512_add_epi32(c, _mm512_set1_epi32(step - 1)), t);
+      c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, probe, _CMP_LT_OQ), c,
+                                _mm512_set1_epi32(step));
+    }
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, _mm512_permutexvar_ps(c, t), _CMP_LT_OQ),
+                              c, one);
+    const __mmask16 zero = bad | _mm512_cmpge_epi32_mask(c, vtop);
+    _mm512_storeu_si512(idx + j, _mm512_maskz_add_epi32(static_cast<__mmask16>(~zero), c, one));
+  }
+  for (; j < n; ++j) {
+    const float u = x[j] / delta;
+    uint32_t b;
+    std::memcpy(&b, &u, 4);
+    int32_t c = 0;
+    for (int k = 0; k < 16; ++k) c += static_cast<int32_t>(u < thr16[k]);
+    idx[j] = (b > kF32Inf || c >= top) ? 0 : c + 1;
+  }
+}
 #endif
 
 void bucket_rows(const float* __restrict x, int64_t n, float delta, int64_t shift,
                  const int32_t* __restrict base, const int32_t* __restrict inc,
                  const float* __restrict thr, int32_t top, int32_t* __restrict idx,
-                 bool vector = true) {
+                 bool vector = true, const float* thr16 = nullptr) {
   const uint32_t sh = static_cast<uint32_t>(shift);
 #ifdef FQVIT_HAVE_AVX512_BUCKETS
   static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && vector && thr16 != nullptr)
+    return search_rows16_avx512(x, n, delta, thr16, top, idx);
   if (avx512 && vector) return bucket_rows_avx512(x, n, delta, sh, base, inc, thr, top, idx);
 #endif
   for (int64_t j = 0; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
@@ -321,10 +357,54 @@ Buckets check_buckets(const char* who, const at::Tensor& base, const at::Tensor&
   return k;
 }
 
+// the thresholds of search_rows16_avx512: empty (the bucket tables), or 16 float32 values
+// that never rise
+const float* check_thresholds16(const char* who, const at::Tensor& t, const Buckets& bk,
+                                int64_t bits) {
+  if (t.numel() == 0) return nullptr;
+  check_cpu(t, at::kFloat, 1, who, "code thresholds");
+  TORCH_CHECK(bk.on && t.numel() == 16 && bits <= 4, who,
+              ": 16 code thresholds go with bucket tables of codes of at most 4 bits");
+  const float* p = t.data_ptr<float>();
+  for (int k = 1; k < 16; ++k)
+    TORCH_CHECK(!(p[k] > p[k - 1]) && !std::isnan(p[k]), who, ": code thresholds must not rise");
+  return p;
+}
+
 // o[e] = table[idx[e]]: one int8 operand plane of the probability codes
-FQVIT_CLONES void gather_plane(const int8_t* __restrict table, const int32_t* __restrict idx,
-                               int64_t n, int8_t* __restrict o) {
+FQVIT_CLONES void gather_plane_scalar(const int8_t* __restrict table,
+                                      const int32_t* __restrict idx, int64_t n,
+                                      int8_t* __restrict o) {
   for (int64_t e = 0; e < n; ++e) o[e] = table[idx[e]];
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// the same for a table of at most 32 entries (4-bit codes) and indices in [0, L): the table
+// sits in two registers and each lookup is a two-source permute, 16 codes at a time
+__attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* table, int64_t L,
+                                                              const int32_t* __restrict idx,
+                                                              int64_t n, int8_t* __restrict o) {
+  alignas(64) int32_t t[32] = {0};
+  for (int64_t c = 0; c < L; ++c) t[c] = table[c];
+  const __m512i t_lo = _mm512_load_si512(t), t_hi = _mm512_load_si512(t + 16);
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512i i = _mm512_loadu_si512(idx + e);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + e),
+                     _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(t_lo, i, t_hi)));
+  }
+  for (; e < n; ++e) o[e] = table[idx[e]];
+}
+#endif
+
+// idx[e] in [0, L) (checked by the caller)
+void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t n, int8_t* o,
+                  bool vector) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && vector && L <= 32) return gather_plane32_avx512(table, L, idx, n, o);
+#endif
+  gather_plane_scalar(table, idx, n, o);
 }
 
 // table rows (code + 1) of PTQ4ViT twin-uniform softmax codes from the probabilities x:
@@ -772,10 +852,11 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
                           const at::Tensor& out_scale, const at::Tensor& out_zero, int64_t qmin,
                           int64_t qmax, int64_t heads, const at::Tensor& bucket_base,
                           const at::Tensor& bucket_inc, const at::Tensor& bucket_thr,
-                          int64_t bucket_shift) {
+                          int64_t bucket_shift, const at::Tensor& code_thresholds, bool vector) {
   const char* who = "attention_pow2";
   const QkvOperands x = check_operands(who, qa, ka, va, heads);
   const Buckets bk = check_buckets(who, bucket_base, bucket_inc, bucket_thr, bucket_shift);
+  const float* thr16 = check_thresholds16(who, code_thresholds, bk, bits);
   TORCH_CHECK(!bk.on || (mode != 3 && probs_delta.numel() == 1 &&
                          probs_delta.scalar_type() == at::kFloat),
               who, ": code buckets are for log codes with one float32 Δ");
@@ -847,7 +928,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
                   idx.data());
       } else if (bk.on) {
         bucket_rows(l.data_ptr<float>(), R * N, delta, bk.shift, bk.base, bk.inc, bk.thr,
-                    static_cast<int32_t>(top), idx.data());
+                    static_cast<int32_t>(top), idx.data(), vector, thr16);
       } else {
         l.div_(probs_delta);
         at::log2_out(l, l);
@@ -867,8 +948,8 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        gather_plane(tp + p * L, idx.data(), R * N,
-                     operands.data_ptr<int8_t>() + np * R * N);     // planes stacked by rows
+        gather_plane(tp + p * L, L, idx.data(), R * N,
+                     operands.data_ptr<int8_t>() + np * R * N, vector);   // stacked by rows
         pid[np++] = p;
       }
       if (np == 0) {                       // every probability is the zero code: P·V = 0
@@ -1206,18 +1287,20 @@ at::Tensor prob_codes(const at::Tensor& x, int64_t mode, double r, double q, dou
 }
 
 // codes (int32, −1 = the zero code) of probabilities x by bucket_rows (the exact-threshold route
-// of attention_pow2's log codes; for tests; vector false: the scalar loop even with AVX-512)
+// of attention_pow2's log codes; for tests; vector false: the scalar loop even with AVX-512;
+// thresholds non-empty: the 16-threshold search)
 at::Tensor bucket_codes(const at::Tensor& x, double delta, const at::Tensor& base,
                         const at::Tensor& inc, const at::Tensor& thr, int64_t shift, int64_t bits,
-                        bool vector) {
+                        bool vector, const at::Tensor& thresholds) {
   const char* who = "bucket_codes";
   check_cpu(x, at::kFloat, -1, who, "x");
   TORCH_CHECK(base.numel() > 0 && bits >= 2 && bits <= 16, who, ": buckets and 2 ≤ bits ≤ 16");
   const Buckets bk = check_buckets(who, base, inc, thr, shift);
+  const float* thr16 = check_thresholds16(who, thresholds, bk, bits);
   auto out = at::empty(x.sizes(), x.options().dtype(at::kInt));
   bucket_rows(x.data_ptr<float>(), x.numel(), static_cast<float>(delta), bk.shift, bk.base,
               bk.inc, bk.thr, static_cast<int32_t>(int64_t{1} << bits), out.data_ptr<int32_t>(),
-              vector);
+              vector, thr16);
   return out.sub_(1);
 }
 
