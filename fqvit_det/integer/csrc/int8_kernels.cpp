@@ -3,10 +3,10 @@
 // computes the same numbers: integer steps are exact, and every float step is the single IEEE
 // operation the torch chain performs, in the same order (compiled with -ffp-contract=off: no
 // product is fused into an add; no reassociation). Two exceptions give provably equal values:
-// sums of exact integers in SIMD lanes, and div_rn (a correctly rounded quotient by fma). Where a step is a torch function whose
-// implementation we cannot reproduce bit for bit (softmax, log2), the kernel calls that function,
-// or, for log2, uses the exact float32 thresholds where the code changes, found with torch's
-// own log2 (attention.log_code_buckets).
+// sums of exact integers in SIMD lanes, and div_rn (a correctly rounded quotient by fma).
+// Where a step is a torch function whose implementation we cannot reproduce bit for bit
+// (softmax, log2), the kernel calls that function, or, for log2, uses the exact float32
+// thresholds where the code changes, found with torch's own log2 (attention.log_code_buckets).
 //
 //   attention_pow2 the attention core for power-of-two probability codes (log2, log√2, AdaLog,
 //                  PTQ4ViT twin uniform): QKᵀ int8 GEMM → float32 logits → softmax → codes →
@@ -366,8 +366,9 @@ const float* check_thresholds16(const char* who, const at::Tensor& t, const Buck
   TORCH_CHECK(bk.on && t.numel() == 16 && bits <= 4, who,
               ": 16 code thresholds go with bucket tables of codes of at most 4 bits");
   const float* p = t.data_ptr<float>();
-  for (int k = 1; k < 16; ++k)
-    TORCH_CHECK(!(p[k] > p[k - 1]) && !std::isnan(p[k]), who, ": code thresholds must not rise");
+  for (int k = 0; k < 16; ++k)
+    TORCH_CHECK(!std::isnan(p[k]) && (k == 0 || !(p[k] > p[k - 1])), who,
+                ": code thresholds must be numbers that never rise");
   return p;
 }
 
