@@ -854,10 +854,11 @@ class IntegerAttention(nn.Module):
             b = None
             bits = self.cfg['probs_bits']
             if mode != 3 and self.probs_delta.numel() == 1:
-                b = log_code_buckets(log_code_of(mode, r, qq), bits)
+                code_of = log_code_of(mode, r, qq)
+                b = log_code_buckets(code_of, bits)
             empty = torch.empty(0, dtype=torch.int32)
             args = ((empty, empty, torch.empty(0), 0, torch.empty(0)) if b is None else
-                    (b[1], b[2], b[3], b[0], search_thresholds16(log_code_of(mode, r, qq), bits)))
+                    (b[1], b[2], b[3], b[0], search_thresholds16(code_of, bits)))
             cache = self._buckets_cache = (key, args)
         return cache[1]
 

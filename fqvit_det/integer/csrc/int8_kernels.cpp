@@ -230,7 +230,21 @@ inline int32_t bucket_row(float u, uint32_t sh, const int32_t* base, const int32
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define FQVIT_HAVE_AVX512_BUCKETS 1
+// AVX-512 routes (code buckets and searches, operand planes, LIS code counts), taken where the
+// CPU has AVX-512F (cpu_has_avx512) and the caller asks for vector loops
+#define FQVIT_HAVE_AVX512 1
+#endif
+
+bool cpu_has_avx512() {
+#ifdef FQVIT_HAVE_AVX512
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#ifdef FQVIT_HAVE_AVX512
 __attribute__((target("avx512f"))) void bucket_rows_avx512(
     const float* __restrict x, int64_t n, float delta, uint32_t sh, const int32_t* base,
     const int32_t* inc, const float* thr, int32_t top, int32_t* __restrict idx) {
@@ -320,11 +334,11 @@ void bucket_rows(const float* __restrict x, int64_t n, float delta, int64_t shif
                  const float* __restrict thr, int32_t top, int32_t* __restrict idx,
                  bool vector = true, const float* thr16 = nullptr) {
   const uint32_t sh = static_cast<uint32_t>(shift);
-#ifdef FQVIT_HAVE_AVX512_BUCKETS
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && vector && thr16 != nullptr)
-    return search_rows16_avx512(x, n, delta, thr16, top, idx);
-  if (avx512 && vector) return bucket_rows_avx512(x, n, delta, sh, base, inc, thr, top, idx);
+#ifdef FQVIT_HAVE_AVX512
+  if (vector && cpu_has_avx512()) {
+    if (thr16 != nullptr) return search_rows16_avx512(x, n, delta, thr16, top, idx);
+    return bucket_rows_avx512(x, n, delta, sh, base, inc, thr, top, idx);
+  }
 #endif
   for (int64_t j = 0; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
 }
@@ -379,7 +393,7 @@ FQVIT_CLONES void gather_plane_scalar(const int8_t* __restrict table,
   for (int64_t e = 0; e < n; ++e) o[e] = table[idx[e]];
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef FQVIT_HAVE_AVX512
 // the same for a table of at most 32 entries (4-bit codes) and indices in [0, L): the table
 // sits in two registers and each lookup is a two-source permute, 16 codes at a time
 __attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* table, int64_t L,
@@ -401,9 +415,8 @@ __attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* tabl
 // idx[e] in [0, L) (checked by the caller)
 void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t n, int8_t* o,
                   bool vector) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && vector && L <= 32) return gather_plane32_avx512(table, L, idx, n, o);
+#ifdef FQVIT_HAVE_AVX512
+  if (vector && L <= 32 && cpu_has_avx512()) return gather_plane32_avx512(table, L, idx, n, o);
 #endif
   gather_plane_scalar(table, idx, n, o);
 }
@@ -649,18 +662,18 @@ FQVIT_CLONES void lis_row(const int32_t* __restrict a, double rt, const double* 
       t = num / dp[k];
     }
     theta[k] = t;
-    D[k] = 0;
     falling = falling && (k == 0 || t <= theta[k - 1]);
   }
   // code_j = #{k : D_k ≤ d_j} = #{k : T[d_j] ≤ θ_k} (T non-increasing); for K = 16 counted
   // directly from e_j = T[d_j]
-#ifdef FQVIT_HAVE_AVX512_BUCKETS
+#ifdef FQVIT_HAVE_AVX512
   if (count16 && K == 16 && falling) {
     lis_codes16_avx512(ev, M, theta, code);
     lis_operands(code, M, groups, o, stride);
     return;
   }
 #endif
+  for (int64_t k = 0; k < K; ++k) D[k] = 0;
   for (int64_t st = 0; st < steps; ++st) {
     const int64_t half = halves[st];
 #pragma omp simd
@@ -1010,11 +1023,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     TORCH_CHECK(dp[k] >= 1, who, ": positive threshold denominators expected");
     inv_den[k] = 1.0 / static_cast<double>(dp[k]);
   }
-#ifdef FQVIT_HAVE_AVX512_BUCKETS
-  const bool count16 = vector && __builtin_cpu_supports("avx512f");
-#else
-  const bool count16 = false;
-#endif
+  const bool count16 = vector && cpu_has_avx512();
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
