@@ -89,6 +89,8 @@ def main(argv=None):
     p.add_argument('--batches', default='1,32')
     p.add_argument('--compile', action='store_true',
                    help='also time the integer models with torch.compile-fused elementwise kernels')
+    p.add_argument('--replay', action='store_true',
+                   help='also time each integer model replayed from C++ (fqvit_det.integer.replay)')
     p.add_argument('--torch-ops', action='store_true',
                    help='also time the integer models with the compiled kernels off')
     p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
@@ -103,7 +105,7 @@ def main(argv=None):
                   dict(os.environ, GLIBC_TUNABLES=TUNED_MALLOC))
     from fqvit_det.integer import kernels
     from fqvit_det.integer import linear as int_linear
-    from fqvit_det.integer import to_integer
+    from fqvit_det.integer import replay, to_integer
     from results_md import machine_info, save_result
     torch.set_num_threads(args.threads)
     presets = chosen_presets(args)
@@ -128,6 +130,8 @@ def main(argv=None):
     for pr in presets:
         model = variants[f'integer {pr}']
         variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
+        if args.replay:
+            variants[f'integer {pr} (replayed)'] = with_kernels(replay(model), eager_kernels)
         if compiled_kernels is not None:
             variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
         if args.torch_ops:
@@ -144,7 +148,8 @@ def main(argv=None):
         identical = {}
         with torch.inference_mode():      # compile / first-call costs outside the rounds
             for n in names:
-                out = variants[n](x)
+                for _ in range(3 if n.endswith('(replayed)') else 1):   # eager, record, replay
+                    out = variants[n](x)
                 if n.endswith(')'):        # a variant of an integer model: same numbers
                     identical[n] = bool(torch.equal(out, variants[n[:n.rindex(' (')]](x)))
         if identical:

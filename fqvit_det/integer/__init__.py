@@ -10,5 +10,6 @@ __all__ = ['to_integer', 'plan_integer', 'integer_modules', 'IntegerLinear', 'In
            'int_mm', 'use_compiled_kernels']
 
 from .export import load_integer, pack_int4, save_integer, unpack_int4  # noqa: E402
+from .recording import ReplayedModule, replay  # noqa: E402
 
-__all__ += ['save_integer', 'load_integer', 'pack_int4', 'unpack_int4']
+__all__ += ['save_integer', 'load_integer', 'pack_int4', 'unpack_int4', 'replay', 'ReplayedModule']

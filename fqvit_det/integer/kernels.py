@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 BACKENDS = ('auto', 'cpp', 'torch')
-_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'int8_kernels.cpp')
+_SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', f)
+            for f in ('int8_kernels.cpp', 'replay.cpp')]
 _lock = threading.Lock()
 _state = dict(backend=None, ops=None, error=None, tried=False)
 
@@ -59,7 +60,7 @@ def _build():
     flags = ['-O3', '-ffp-contract=off', '-fno-trapping-math', '-fopenmp']
     if platform.machine() in ('x86_64', 'AMD64'):
         flags.append('-march=x86-64-v2')   # SSE4.1 rounding inline; every x86-64 CPU since 2009
-    cpp_extension.load(name='fqvit_int_kernels', sources=[_SOURCE], extra_cflags=flags,
+    cpp_extension.load(name='fqvit_int_kernels', sources=_SOURCES, extra_cflags=flags,
                        extra_ldflags=['-fopenmp'],
                        is_python_module=False, verbose=False)
     return torch.ops.fqvit_int

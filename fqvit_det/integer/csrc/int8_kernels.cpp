@@ -1412,19 +1412,31 @@ void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
-  m.def("prob_codes", &prob_codes);
-  m.def("bucket_codes", &bucket_codes);
-  m.def("quotients", &quotients);
-  m.def("qkv_int8", &qkv_int8);
-  m.def("bmm_int8", &bmm_int8);
-  m.def("attention_pow2", &attention_pow2);
-  m.def("attention_lis", &attention_lis);
-  m.def("int_layernorm", &int_layernorm);
-  m.def("twin_operands", &twin_operands);
-  m.def("fake_quant", &fake_quant);
-  m.def("twin_rescale", &twin_rescale);
-  m.def("quantize", &quantize);
-  m.def("rescale", &rescale);
-  m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", &rational_gelu_);
-  m.def("rescale_gelu_quantize", &rescale_gelu_quantize);
+  m.def("prob_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(prob_codes)));
+  m.def("bucket_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(bucket_codes)));
+  m.def("quotients", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(quotients)));
+  m.def("qkv_int8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(qkv_int8)));
+  m.def("bmm_int8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(bmm_int8)));
+  m.def("attention_pow2", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(attention_pow2)));
+  m.def("attention_lis", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(attention_lis)));
+  m.def("int_layernorm", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(int_layernorm)));
+  m.def("twin_operands", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(twin_operands)));
+  m.def("fake_quant", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(fake_quant)));
+  m.def("twin_rescale(Tensor acc2, int m, Tensor bias_int, Tensor acc_scale, Tensor bias_float, "
+        "Tensor(a!) out) -> ()", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(twin_rescale)));
+  m.def("quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(quantize)));
+  m.def("rescale", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale)));
+  m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rational_gelu_)));
+  m.def("rescale_gelu_quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_quantize)));
+}
+
+// CPU kernels (not catch-all ones, which would run as decompositions above the Python dispatch
+// key) without autograd formulas: under no_grad the ops fall through the Autograd key to the
+// Python key like ATen's ops do (fqvit_det.integer.recording records them there).
+TORCH_LIBRARY_IMPL(fqvit_int, Autograd, m) {
+  for (const char* op : {"prob_codes", "bucket_codes", "quotients", "qkv_int8", "bmm_int8",
+                         "attention_pow2", "attention_lis", "int_layernorm", "twin_operands",
+                         "fake_quant", "twin_rescale", "quantize", "rescale", "rational_gelu_",
+                         "rescale_gelu_quantize"})
+    m.impl(op, torch::CppFunction::makeFallthrough());
 }

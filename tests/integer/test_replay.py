@@ -1,0 +1,145 @@
+"""``fqvit_det.integer.replay`` (``recording.py``): the recorded forward replayed from C++ gives the eager forward's
+bits, keeps Python decisions on tensor values as guards, and declines what it cannot repeat."""
+import pytest
+import torch
+import torch.nn as nn
+
+from fqvit_det.integer import kernels, replay, to_integer
+
+from .test_int_attention import calibrated
+from .test_kernels import backend  # noqa: F401  (fixture)
+
+
+def _calls(model, x, n):
+    return [model(x) for _ in range(n)]
+
+
+@pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4', 'adalog_6', 'ptq4vit'])
+def test_replayed_integer_vit_equals_eager(backend, method):  # noqa: F811
+    backend('cpp')
+    model, x = calibrated(method, 'cpu')
+    integer = to_integer(model)
+    rep = replay(integer)
+    with torch.inference_mode():
+        for batch in (x[:1], x[:3]):                       # one program per input shape
+            _calls(rep, batch, 2)                          # eager (fills caches), then recorded
+            for xb in (batch, batch.flip(0) * 0.7, batch + 0.05 * torch.randn_like(batch)):
+                assert torch.equal(rep(xb), integer(xb))
+    assert rep.stats['recorded'] == 2 and rep.stats['declined'] == {}
+    assert rep.stats['replays'] == 6 and rep.stats['fallbacks'] == 0
+    with torch.no_grad():                                  # no_grad is a separate key: recorded too
+        _calls(rep, x[:2], 3)
+        assert torch.equal(rep(x[:2]), integer(x[:2]))
+    assert rep.stats["replays"] == 8, rep.stats
+
+
+class _Branchy(nn.Module):
+    """Python decides on a tensor's value: replay must follow the recorded branch only where the
+    value is the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+
+    def forward(self, x):
+        y = x @ self.w
+        if bool(y.sum() > 0):
+            return y * 2
+        return y - 1
+
+
+def test_a_different_tensor_value_falls_back_to_eager(backend):  # noqa: F811
+    backend('cpp')
+    m = _Branchy()
+    rep = replay(m)
+    x = torch.randn(3, 4)
+    if float((x @ m.w).sum()) <= 0:
+        x = -x
+    with torch.inference_mode():
+        _calls(rep, x, 2)
+        assert torch.equal(rep(x), x @ m.w * 2) and rep.stats['replays'] == 1
+        assert torch.equal(rep(-x), -x @ m.w - 1)           # the other branch: eager
+        assert rep.stats['fallbacks'] == 1 and rep.stats['replays'] == 1
+        assert torch.equal(rep(x * 0.5), x * 0.5 @ m.w * 2) and rep.stats['replays'] == 2
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('count', torch.zeros(()))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x + self.count
+
+
+class _Dict(nn.Module):
+    def forward(self, x):
+        return dict(y=x * 2, n=int(x.shape[0]))
+
+
+class _Composite(nn.Module):
+    """Constant-only work (folded once), tensor lists, views and in-place ops on fresh tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('table', torch.arange(12.).reshape(4, 3))
+
+    def forward(self, x):
+        t = self.table.t().contiguous() * 0.5                 # constants only: computed once
+        y = torch.cat([x, x * 2], 0) @ t
+        y.add_(1).clamp_(max=20)
+        a, b = y.unbind(0)[:2]
+        return torch.stack([a, b]).reshape(-1), y[:, :2].sum(1)
+
+
+def test_declines_writes_into_constants_random_ops_and_non_tensor_outputs(backend):  # noqa: F811
+    backend('cpp')
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        c = _Counter()
+        rep = replay(c)
+        outs = _calls(rep, x, 4)
+        assert float(c.count) == 4 and torch.equal(outs[-1], x + 4)   # every call ran eagerly
+        assert 'writes into a constant' in next(iter(rep.stats['declined'].values()))
+        d = nn.Dropout(0.5).train()
+        rep = replay(d)
+        _calls(rep, x, 3)
+        assert 'random op' in next(iter(rep.stats['declined'].values()))
+        rep = replay(_Dict())
+        assert rep(x)['n'] == 2 and rep(x)['n'] == 2 and rep(x)['n'] == 2
+        assert 'other than tensors' in next(iter(rep.stats['declined'].values()))
+        assert rep.stats['replays'] == 0
+    m = _Composite()
+    rep = replay(m)
+    with torch.inference_mode():
+        _calls(rep, torch.randn(2, 3), 2)
+        for _ in range(3):
+            x = torch.randn(2, 3)
+            got, want = rep(x), m(x)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert rep.stats['replays'] == 3
+    names = next(v for v in rep._programs.values() if isinstance(v, tuple))[4]
+    assert 'aten::t.default' not in names and 'aten::mul.Tensor' in names     # x * 2 only
+    assert {'aten::cat.default', 'aten::clamp_.default', 'aten::unbind.int'} <= set(names)
+
+
+def test_replay_runs_eager_with_gradients_or_without_the_compiled_kernels(backend):  # noqa: F811
+    m = _Branchy()
+    rep = replay(m)
+    x = torch.randn(3, 4)
+    _calls(rep, x, 3)                                      # gradients on: always eager
+    assert rep.stats['eager'] == 3 and rep.stats['recorded'] == 0
+    backend('torch')
+    with torch.inference_mode():
+        assert kernels.native() is None
+        _calls(rep, x, 3)
+    assert rep.stats['eager'] == 6 and rep.stats['replays'] == 0
+    backend('cpp')
+    with torch.inference_mode():
+        _calls(rep, x, 3)
+    assert rep.stats['recorded'] == 1 and rep.stats['replays'] == 1
+    rep.reset()
+    with torch.inference_mode():
+        _calls(rep, x, 3)
+    assert rep.stats['recorded'] == 2
