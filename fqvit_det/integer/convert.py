@@ -290,7 +290,8 @@ def _plain_timm_mlp(mod: nn.Module) -> bool:
 def fuse_inplace_activations(model: nn.Module) -> int:
     """The GELU between an integer fc1 (float output) and fc2: in timm's ``Mlp`` with a
     uniform-input integer fc2, fused into fc1's epilogue with fc2's input quantization
-    (``IntegerLinear.fuse_gelu_quantize``; ``act`` becomes ``GELUInPreviousLayer``); elsewhere
+    (``IntegerLinear.fuse_gelu_quantize``), with a twin-uniform-input one (PTQ4ViT) with fc2's
+    operand split (``fuse_gelu_twin``); ``act`` becomes ``GELUInPreviousLayer``. Elsewhere
     ``InPlaceRationalGELU``. Returns how many GELUs were replaced."""
     n = 0
     for mod in model.modules():
@@ -301,6 +302,10 @@ def fuse_inplace_activations(model: nn.Module) -> int:
             continue
         if _plain_timm_mlp(mod) and isinstance(fc2, IntegerLinear) and fc2.in_kind == 'uniform':
             fc1.fuse_gelu_quantize(fc2)
+            mod.act = GELUInPreviousLayer()
+        elif _plain_timm_mlp(mod) and isinstance(fc2, IntegerLinear) \
+                and fc2.in_kind == 'twin_gelu' and fc2.out_mode == 'float':
+            fc1.fuse_gelu_twin(fc2)
             mod.act = GELUInPreviousLayer()
         else:
             mod.act = InPlaceRationalGELU()

@@ -229,6 +229,10 @@ class IntegerLinear(nn.Module):
         # (Δ, z, q_min, q_max, code dtype) of the next Linear's input grid when GELU and that
         # quantizer run in this layer's epilogue (``fuse_gelu_quantize``): the output is codes
         self.gelu_codes = None
+        # (Δ_neg, Δ_pos, h) of the next Linear's twin-uniform input when GELU and its operand
+        # split run in this layer's epilogue (``fuse_gelu_twin``): the output is that layer's
+        # operand pair (2, ..., out) int8, positive rows first
+        self.gelu_twin = None
         self._prepare()
 
     # --- construction -------------------------------------------------------------------------
@@ -340,8 +344,11 @@ class IntegerLinear(nn.Module):
         return KERNELS['quantize'](x, self.in_scale, self._z, self._qmin, self._qmax, self._code_dtype)
 
     def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code."""
+        """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code
+        (x: float rows, or the operand pair of a fused previous layer, returned as rows)."""
         from ..quantizers.twin import twin_gelu_levels, twin_gelu_steps
+        if x.dtype == torch.int8:
+            return x.reshape(-1, self.in_features)
         h = 2 ** (self.in_bits - 1)
         d_neg, d_pos = twin_gelu_steps(self.twin_m, self.in_bits, x.device)
         ops = _native_ops(x, torch.float32) if x.dim() == 2 else None
@@ -356,7 +363,7 @@ class IntegerLinear(nn.Module):
         if self.in_kind == 'twin_gelu':
             a = self._twin_operands(x2)
             acc2 = int_mm(a, self._b_t).to(torch.int64)
-            rows = x2.shape[0]
+            rows = a.shape[0] // 2
             pos, neg = acc2[:rows], acc2[rows:]
             m = self.twin_m        # Δ_pos = 2^m Δ_neg; the unit is the finer step
             acc = (pos << m) + neg if m >= 0 else pos + (neg << -m)
@@ -389,14 +396,20 @@ class IntegerLinear(nn.Module):
         acc = self.accumulate(x.reshape(-1, shape[-1]))
         return self.requantize(acc).to(torch.int32).reshape(*shape[:-1], self.out_features)
 
-    def _twin_float_compiled(self, x2: torch.Tensor):
+    def _twin_float_compiled(self, x2: torch.Tensor, pairs: bool = False):
         """Twin-uniform input, float output, compiled kernels: the two row blocks' int32 products
         joined and rescaled in one pass (the values of ``accumulate`` + rescale), a block of rows
-        at a time so the operands and products stay small; None where that does not apply."""
-        ops = _native_ops(x2, torch.float32)
+        at a time so the operands and products stay small (``pairs``: x2 is already the operand
+        rows, one GEMM); None where that does not apply."""
+        ops = _native_ops(x2, torch.int8 if pairs else torch.float32)
         if ops is None or self.in_kind != 'twin_gelu' or self.out_mode != 'float' \
                 or self.has_offset:
             return None
+        if pairs:
+            y = torch.empty((x2.shape[0] // 2, self.out_features), dtype=torch.float32)
+            ops.twin_rescale(int_mm(x2, self._b_t), self.twin_m, self.bias_int, self.acc_scale,
+                             self.bias_float, y)
+            return y
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         for i in range(0, x2.shape[0], TWIN_ROWS):
             acc2 = int_mm(self._twin_operands(x2[i:i + TWIN_ROWS]), self._b_t)
@@ -405,7 +418,18 @@ class IntegerLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float input (quantized here), or integer input = codes of the input quantizer."""
+        """Float input (quantized here), integer input = codes of the input quantizer, or, for a
+        twin-uniform input, the operand pair (2, ..., in) int8 of a ``fuse_gelu_twin`` layer."""
+        if x.dtype == torch.int8 and self.in_kind == 'twin_gelu':
+            if x.shape[0] != 2 or x.shape[-1] != self.in_features:
+                raise ValueError(f'IntegerLinear: twin operand pair (2, ..., {self.in_features}) '
+                                 f'expected, got {tuple(x.shape)}')
+            shape = x.shape[1:]
+            x2 = x.reshape(-1, self.in_features)
+            y = self._twin_float_compiled(x2, pairs=True)
+            if y is None:
+                y = self._float_output(self.accumulate(x2, bias=False))
+            return y.reshape(*shape[:-1], self.out_features)
         shape = x.shape
         if not x.is_floating_point() and self.in_kind == 'uniform':
             a = x.reshape(-1, shape[-1]).to(self._code_dtype)
@@ -418,6 +442,13 @@ class IntegerLinear(nn.Module):
             if y is not None:
                 return y.reshape(*shape[:-1], self.out_features)
             acc = self.accumulate(x2, bias=False)
+        y = self._float_output(acc)
+        if self.gelu_twin is not None:
+            return y.reshape(2, *shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _float_output(self, acc: torch.Tensor) -> torch.Tensor:
+        """The output of the int32 accumulator (no bias added yet) by ``out_mode``."""
         if self.out_mode == 'requant':
             y = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                               self.out_scale, self._zo, self.out_qmin,
@@ -427,10 +458,12 @@ class IntegerLinear(nn.Module):
                                       self.out_zero_point, self.out_qmin, self.out_qmax, self.out_scale)
         elif self.gelu_codes is not None:
             y = self._rescale_gelu_codes(acc)
+        elif self.gelu_twin is not None:
+            y = self._rescale_gelu_twin(acc)
         else:
             y = KERNELS['rescale'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                    in_place=True)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y
 
     def fuse_gelu_quantize(self, next_linear: 'IntegerLinear') -> None:
         """Float-output layer followed by GELU and ``next_linear`` (uniform input): return the
@@ -440,6 +473,29 @@ class IntegerLinear(nn.Module):
             raise ValueError('fuse_gelu_quantize: a float-output layer and a uniform-input one')
         self.gelu_codes = (float(next_linear.in_scale), next_linear._z, next_linear._qmin,
                            next_linear._qmax, next_linear._code_dtype)
+
+    def fuse_gelu_twin(self, next_linear: 'IntegerLinear') -> None:
+        """Float-output layer followed by GELU and ``next_linear`` (PTQ4ViT's twin-uniform
+        post-GELU input): return next_linear's operand pair of rational_gelu(y) instead of y (one
+        pass instead of rescale, GELU and the operand split; the same operands)."""
+        from ..quantizers.twin import twin_gelu_steps
+        if self.out_mode != 'float' or next_linear.in_kind != 'twin_gelu':
+            raise ValueError('fuse_gelu_twin: a float-output layer and a twin-uniform-input one')
+        d_neg, d_pos = twin_gelu_steps(next_linear.twin_m, next_linear.in_bits, 'cpu')
+        self.gelu_twin = (float(d_neg), float(d_pos), 2 ** (next_linear.in_bits - 1),
+                          next_linear.twin_m)
+
+    def _rescale_gelu_twin(self, acc: torch.Tensor) -> torch.Tensor:
+        from ..nn.exact import rational_gelu
+        from ..quantizers.twin import twin_gelu_levels
+        d_neg, d_pos, h, _ = self.gelu_twin
+        ops = _native_ops(acc, torch.int32)
+        if ops is not None and acc.dim() == 2:
+            return ops.rescale_gelu_twin(acc.contiguous(), self.bias_int, self.acc_scale,
+                                         self.bias_float, d_neg, d_pos, h)
+        y = rational_gelu(_rescale(acc, self.bias_int, self.acc_scale, self.bias_float))
+        neg, pos = twin_gelu_levels(y, torch.tensor(d_neg), torch.tensor(d_pos), h)
+        return torch.cat([pos, neg], 0).to(torch.int8)
 
     def _rescale_gelu_codes(self, acc: torch.Tensor) -> torch.Tensor:
         from ..nn.exact import rational_gelu
@@ -454,7 +510,8 @@ class IntegerLinear(nn.Module):
     def extra_repr(self):
         return (f'{self.in_features}→{self.out_features}, in={self.in_kind}'
                 f'{"/s" if self.in_signed else "/u"}{self.in_bits}, w{self.w_bits}, out={self.out_mode}'
-                + (', +GELU→next codes' if self.gelu_codes is not None else ''))
+                + (', +GELU→next codes' if self.gelu_codes is not None else '')
+                + (', +GELU→next twin operands' if self.gelu_twin is not None else ''))
 
 
 def integer_input_ok(q) -> bool:

@@ -283,3 +283,19 @@ def test_compiled_attention_uses_threshold_codes_for_log_kinds():
     # thresholds crowd one bucket: 8-bit log2 has 130 of them among the subnormals
     assert log_code_buckets(lambda u: torch.round(torch.sin(40 * u) * 3 + 3), 2) is None
     assert log_code_buckets(log_code_of(0), 8) is None
+
+
+@pytest.mark.parametrize('L', [5, 17, 32, 33, 129, 256, 257])
+def test_operand_plane_lookup_routes_equal_indexing(backend, L):
+    """The permute routes of the operand-plane lookup (≤ 32 entries; ≤ 257 entries with
+    AVX-512 VBMI, index 256 patched from its mask) against plain indexing, with both ends of the
+    table, a scalar tail, and the scalar route."""
+    backend('cpp')
+    ops = kernels.native()
+    g = torch.Generator().manual_seed(L)
+    table = torch.randint(-128, 128, (L,), generator=g, dtype=torch.int8)
+    idx = torch.randint(0, L, (64 * 7 + 13,), generator=g, dtype=torch.int32)
+    idx[:3] = torch.tensor([0, L - 1, L - 1], dtype=torch.int32)
+    idx[100:140] = L - 1
+    for vector in (True, False):
+        assert torch.equal(ops.gather_table(table, idx, vector), table[idx.long()])

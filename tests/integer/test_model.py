@@ -217,20 +217,33 @@ def test_deit_detector_backbone_integer_equals_exact_simulation(name):
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
-@pytest.mark.parametrize('name, fused', [('repq_w4a4', True), ('fqvit_884', True),
-                                         ('ptq4vit_w6a6', False)])
-def test_mlp_gelu_runs_in_fc1s_epilogue_where_fc2_reads_a_uniform_grid(name, fused):
-    """timm's Mlp with a uniform-input fc2: fc1 returns fc2's input codes of rational_gelu(y)
-    (act marked GELUInPreviousLayer); PTQ4ViT's twin-uniform fc2 keeps an in-place GELU. Either
-    way the outputs are the integer-exact simulation's (GELU included)."""
-    from fqvit_det.integer.convert import GELUInPreviousLayer, InPlaceRationalGELU
+@pytest.mark.parametrize('name, fused', [('repq_w4a4', 'codes'), ('fqvit_884', 'codes'),
+                                         ('ptq4vit_w6a6', 'twin')])
+def test_mlp_gelu_runs_in_fc1s_epilogue(name, fused):
+    """timm's Mlp: fc1 returns fc2's input codes of rational_gelu(y) (uniform fc2) or fc2's
+    twin-uniform operand pair (PTQ4ViT), act marked GELUInPreviousLayer. Either way, compiled
+    kernels or torch ops, the outputs are the integer-exact simulation's (GELU included)."""
+    from fqvit_det.integer import kernels
+    from fqvit_det.integer.convert import GELUInPreviousLayer
     model, spec, x = _calibrated(name, 'cpu')
     integer = to_integer(model)
     mlp = integer.blocks[0].mlp
-    assert (mlp.fc1.gelu_codes is not None) == fused
-    assert type(mlp.act) is (GELUInPreviousLayer if fused else InPlaceRationalGELU)
-    with torch.no_grad():
-        hidden = mlp.fc1(torch.randn(2, 5, mlp.fc1.in_features))
-        assert hidden.is_floating_point() != fused
-        set_exact_arithmetic(model)
-        assert torch.equal(integer(x), model(x))
+    assert (mlp.fc1.gelu_codes is not None) == (fused == 'codes')
+    assert (mlp.fc1.gelu_twin is not None) == (fused == 'twin')
+    assert type(mlp.act) is GELUInPreviousLayer
+    before = kernels._backend()
+    try:
+        with torch.no_grad():
+            set_exact_arithmetic(model)
+            want = model(x)
+            for backend in ('cpp', 'torch'):
+                kernels.set_backend(backend)
+                hidden = mlp.fc1(torch.randn(2, 5, mlp.fc1.in_features))
+                if fused == 'twin':
+                    assert hidden.dtype == torch.int8
+                    assert hidden.shape == (2, 2, 5, mlp.fc1.out_features)
+                else:
+                    assert not hidden.is_floating_point()
+                assert torch.equal(integer(x), want)
+    finally:
+        kernels.set_backend(before)

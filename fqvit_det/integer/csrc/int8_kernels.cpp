@@ -15,6 +15,7 @@
 //   attention_lis  the same for FQ-ViT's Log-Int-Softmax (integer logits, exp table, log2 codes)
 //   prob_codes     the probability codes alone (the formulas attention_pow2 uses; for tests)
 //   bucket_codes   the same log codes by exact thresholds (attention_pow2's route without log2)
+//   gather_table   table[idx] by attention_pow2's operand-plane route (for tests)
 //   bmm_int8       a batch of int8 × int8 → int32 GEMMs (torch._int_mm per matrix, the batch
 //                  spread over the threads in one call)
 //   qkv_int8       the qkv projection output (B, N, 3·H·d), float32 values or int32 codes → the
@@ -29,6 +30,7 @@
 //                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch
 //                  path), written into a given block of rows
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
+//   rescale_gelu_twin  fc1's accumulator → float → rational GELU → fc2's twin-uniform operand rows
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer
 #include <ATen/ATen.h>
@@ -146,6 +148,11 @@ FQVIT_CLONES void quantize_offset(const float* __restrict x, const float* __rest
     q = q < lo[c] ? lo[c] : (q > hi[c] ? hi[c] : q);
     o[c] = q - off[c];
   }
+}
+
+// integral floats in [−128, 127] → int8 (a loop of its own so that it is vectorized)
+FQVIT_CLONES void to_int8_span(const float* __restrict x, int64_t n, int8_t* __restrict o) {
+  for (int64_t e = 0; e < n; ++e) o[e] = static_cast<int8_t>(static_cast<int32_t>(x[e]));
 }
 
 FQVIT_CLONES void codes_offset(const int32_t* __restrict x, const float* __restrict off, int64_t n,
@@ -410,6 +417,47 @@ __attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* tabl
   }
   for (; e < n; ++e) o[e] = table[idx[e]];
 }
+
+bool cpu_has_avx512_vbmi() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vbmi");
+  return has;
+}
+
+// the same for a table of at most 257 entries (codes up to 8 bits, indexed by code + 1): the
+// first 256 entries sit in four registers, each lookup is two two-source byte permutes (low 7
+// index bits) and a blend on bit 7, 64 codes at a time; index 256 is patched from its mask
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void gather_plane256_avx512(
+    const int8_t* table, int64_t L, const int32_t* __restrict idx, int64_t n,
+    int8_t* __restrict o) {
+  alignas(64) int8_t t[256] = {0};
+  for (int64_t c = 0; c < std::min<int64_t>(L, 256); ++c) t[c] = table[c];
+  const __m512i t0 = _mm512_load_si512(t), t1 = _mm512_load_si512(t + 64),
+                t2 = _mm512_load_si512(t + 128), t3 = _mm512_load_si512(t + 192);
+  const bool has256 = L > 256;
+  const __m512i v256 = _mm512_set1_epi32(256), last = _mm512_set1_epi8(has256 ? table[256] : 0);
+  int64_t e = 0;
+  for (; e + 64 <= n; e += 64) {
+    const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16),
+                  i2 = _mm512_loadu_si512(idx + e + 32), i3 = _mm512_loadu_si512(idx + e + 48);
+    const __m256i b01 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(i0)),
+                                                _mm512_cvtepi32_epi8(i1), 1);
+    const __m256i b23 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(i2)),
+                                                _mm512_cvtepi32_epi8(i3), 1);
+    const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(b01), b23, 1);   // idx mod 256
+    const __m512i lo = _mm512_permutex2var_epi8(t0, b, t1), hi = _mm512_permutex2var_epi8(t2, b, t3);
+    __m512i r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(b), lo, hi);
+    if (has256) {
+      const __mmask64 m = static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i0, v256)) |
+                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i1, v256)) << 16) |
+                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i2, v256)) << 32) |
+                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i3, v256)) << 48);
+      r = _mm512_mask_blend_epi8(m, r, last);
+    }
+    _mm512_storeu_si512(o + e, r);
+  }
+  for (; e < n; ++e) o[e] = table[idx[e]];
+}
 #endif
 
 // idx[e] in [0, L) (checked by the caller)
@@ -417,6 +465,8 @@ void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t n,
                   bool vector) {
 #ifdef FQVIT_HAVE_AVX512
   if (vector && L <= 32 && cpu_has_avx512()) return gather_plane32_avx512(table, L, idx, n, o);
+  if (vector && L <= 257 && cpu_has_avx512_vbmi())
+    return gather_plane256_avx512(table, L, idx, n, o);
 #endif
   gather_plane_scalar(table, idx, n, o);
 }
@@ -743,8 +793,7 @@ at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Te
       }
       for (int64_t c = 0; c < C3; c += d) {
         const int64_t p = c / (heads * d), h = (c / d) % heads;
-        int8_t* dst = o + p * part + ((b * heads + h) * N + n) * d;
-        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<int8_t>(row[c + e]);
+        to_int8_span(row.data() + c, d, o + p * part + ((b * heads + h) * N + n) * d);
       }
     }
   });
@@ -1315,6 +1364,19 @@ at::Tensor bucket_codes(const at::Tensor& x, double delta, const at::Tensor& bas
 }
 
 // a/d for every a by div_rn (int_layernorm's division by a per-call constant; for tests)
+// table[idx] (int8) by the route attention_pow2 takes for a table of that length (for tests)
+at::Tensor gather_table(const at::Tensor& table, const at::Tensor& idx, bool vector) {
+  const char* who = "gather_table";
+  check_cpu(table, at::kChar, 1, who, "table");
+  check_cpu(idx, at::kInt, 1, who, "idx");
+  const int64_t L = table.numel(), n = idx.numel();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  for (int64_t e = 0; e < n; ++e) TORCH_CHECK(ip[e] >= 0 && ip[e] < L, who, ": index outside the table");
+  auto out = at::empty({n}, table.options());
+  gather_plane(table.data_ptr<int8_t>(), L, ip, n, out.data_ptr<int8_t>(), vector);
+  return out;
+}
+
 at::Tensor quotients(const at::Tensor& a, double d) {
   check_cpu(a, at::kDouble, 1, "quotients", "a");
   auto out = at::empty_like(a);
@@ -1379,6 +1441,35 @@ at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_i
   return out;
 }
 
+// fc1's int32 accumulator → float (acc + b_int)·Δ[c] + bias[c] → rational GELU → PTQ4ViT's
+// twin-uniform operand rows of fc2, [positive rows; negative rows] (2M, N) int8: rescale,
+// rational_gelu_ and twin_operands in one pass over a row (the same float steps)
+at::Tensor rescale_gelu_twin(const at::Tensor& acc, const at::Tensor& bias_int,
+                             const at::Tensor& acc_scale, const at::Tensor& bias_float,
+                             double d_neg, double d_pos, int64_t h) {
+  const char* who = "rescale_gelu_twin";
+  check_cpu(acc, at::kInt, 2, who, "acc");
+  TORCH_CHECK(h >= 1 && h <= 128, who, ": h in [1, 128]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  check_rescale_params(bias_int, acc_scale, bias_float, N, who);
+  auto out = at::empty({2 * M, N}, acc.options().dtype(at::kChar));
+  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
+  const float dn = static_cast<float>(d_neg), dp = static_cast<float>(d_pos);
+  const float hf = static_cast<float>(h);
+  int8_t* op = out.data_ptr<int8_t>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                   [=](int64_t begin, int64_t end) {
+    std::vector<float> row(N);
+    for (int64_t m = begin; m < end; ++m) {
+      rescale_float(ap + m * N, bi, sc, bf, N, row.data());
+      rational_gelu_span(row.data(), N);
+      twin_split(row.data(), N, dn, dp, hf, op + m * N, op + (M + m) * N);
+    }
+  });
+  return out;
+}
+
 at::Tensor rational_gelu_(const at::Tensor& x) {
   check_cpu(x, at::kFloat, -1, "rational_gelu_", "x");
   float* xp = x.data_ptr<float>();
@@ -1415,6 +1506,7 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("prob_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(prob_codes)));
   m.def("bucket_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(bucket_codes)));
   m.def("quotients", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(quotients)));
+  m.def("gather_table", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(gather_table)));
   m.def("qkv_int8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(qkv_int8)));
   m.def("bmm_int8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(bmm_int8)));
   m.def("attention_pow2", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(attention_pow2)));
@@ -1428,15 +1520,16 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("rescale", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale)));
   m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rational_gelu_)));
   m.def("rescale_gelu_quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_quantize)));
+  m.def("rescale_gelu_twin", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_twin)));
 }
 
 // CPU kernels (not catch-all ones, which would run as decompositions above the Python dispatch
 // key) without autograd formulas: under no_grad the ops fall through the Autograd key to the
 // Python key like ATen's ops do (fqvit_det.integer.recording records them there).
 TORCH_LIBRARY_IMPL(fqvit_int, Autograd, m) {
-  for (const char* op : {"prob_codes", "bucket_codes", "quotients", "qkv_int8", "bmm_int8",
+  for (const char* op : {"prob_codes", "bucket_codes", "quotients", "gather_table", "qkv_int8", "bmm_int8",
                          "attention_pow2", "attention_lis", "int_layernorm", "twin_operands",
                          "fake_quant", "twin_rescale", "quantize", "rescale", "rational_gelu_",
-                         "rescale_gelu_quantize"})
+                         "rescale_gelu_quantize", "rescale_gelu_twin"})
     m.impl(op, torch::CppFunction::makeFallthrough());
 }

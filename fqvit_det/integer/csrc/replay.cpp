@@ -13,6 +13,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -141,6 +142,19 @@ class ReplayProgram : public torch::CustomClassHolder {
   // The outputs' tensors, or an empty list where a guard differs from the recorded value.
   std::vector<at::Tensor> run(std::vector<at::Tensor> inputs, std::vector<int64_t> in_slots,
                               std::vector<int64_t> out_slots) {
+    return execute(std::move(inputs), in_slots, out_slots, nullptr);
+  }
+
+  // Seconds each step took in one run (for per-op profiles without profiler overhead).
+  std::vector<double> step_seconds(std::vector<at::Tensor> inputs, std::vector<int64_t> in_slots) {
+    std::vector<double> sec(steps_.size(), 0.0);
+    execute(std::move(inputs), in_slots, {}, &sec);
+    return sec;
+  }
+
+ private:
+  std::vector<at::Tensor> execute(std::vector<at::Tensor> inputs, const std::vector<int64_t>& in_slots,
+                                  const std::vector<int64_t>& out_slots, std::vector<double>* sec) {
     TORCH_CHECK(inputs.size() == in_slots.size(), "ReplayProgram.run: one slot per input");
     std::vector<at::Tensor> slots = base_;
     for (size_t i = 0; i < inputs.size(); ++i) slots.at(in_slots[i]) = std::move(inputs[i]);
@@ -169,7 +183,9 @@ class ReplayProgram : public torch::CustomClassHolder {
           }
         }
       }
+      const auto t0 = sec ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       st.op->callBoxed(&stack);
+      if (sec) (*sec)[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       size_t o = 0, g = 0;
       for (auto& r : stack) {
         if (r.isTensor()) {
@@ -200,7 +216,6 @@ class ReplayProgram : public torch::CustomClassHolder {
     return out;
   }
 
- private:
   int64_t check_slot(int64_t s, const std::string& who) const {
     TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(base_.size()), who, ": slot ", s,
                 " outside [0, ", base_.size(), ")");
@@ -222,5 +237,6 @@ TORCH_LIBRARY_FRAGMENT(fqvit_int, m) {
       .def("add_step", &ReplayProgram::add_step)
       .def("num_steps", &ReplayProgram::num_steps)
       .def("failed_step", &ReplayProgram::failed_step)
-      .def("run", &ReplayProgram::run);
+      .def("run", &ReplayProgram::run)
+      .def("step_seconds", &ReplayProgram::step_seconds);
 }
