@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The compiled CPU kernels change no number: the integer DeiT-Tiny's logits with the kernels on
-and off (``fqvit_det.integer.kernels.set_backend``), compared bit for bit on val1300 images.
+and off (``fqvit_det.integer.kernels.set_backend``), and replayed from C++
+(``fqvit_det.integer.replay``), compared bit for bit on val1300 images.
 
     python benchmarks/integer_kernels_identity.py [--presets repq_w4a4,fqvit_884,ptq4vit_w6a6]
         [--states work_dirs/integer_states] [--val-images 1300]
@@ -31,7 +32,7 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=1300)
     p.add_argument('--batch', type=int, default=50)
     args = p.parse_args(argv)
-    from fqvit_det.integer import kernels, to_integer
+    from fqvit_det.integer import kernels, replay, to_integer
     from results_md import machine_info, save_result
     presets = chosen_presets(args)
     kernels.set_backend('cpp')          # fails here, before any work, where they do not build
@@ -40,9 +41,10 @@ def main(argv=None):
         sim, _, _ = build_simulated(pr, args.states, args.data)
         model = to_integer(sim)
         del sim
-        n = same = 0
+        replayed = replay(model)
+        n = same = same_replayed = 0
         max_diff = 0.0
-        t = {'cpp': 0.0, 'torch': 0.0}
+        t = {'cpp': 0.0, 'torch': 0.0, 'replay': 0.0}
         with torch.inference_mode():
             for x, _ in load_images(args.data, args.val_images, args.batch):
                 out = {}
@@ -51,16 +53,29 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     out[backend] = model(x)
                     t[backend] += time.perf_counter() - t0
+                kernels.set_backend('cpp')
+                while replayed.stats['recorded'] == 0 and not replayed.stats['declined']:
+                    replayed(x)                      # a new shape: eager, then recorded
+                t0 = time.perf_counter()
+                out['replay'] = replayed(x)
+                t['replay'] += time.perf_counter() - t0
                 d = (out['cpp'] - out['torch']).abs().amax(dim=1)
                 same += int((d == 0).sum())
+                same_replayed += int((out['replay'] == out['cpp']).all(dim=1).sum())
                 max_diff = max(max_diff, float(d.max()))
                 n += x.shape[0]
         kernels.set_backend('cpp')
+        st = replayed.stats
         rows.append(dict(preset=pr, config=PRESETS[pr], images=n, identical_images=same,
                          max_logit_diff=max_diff, seconds_compiled=t['cpp'],
-                         seconds_torch_ops=t['torch']))
+                         seconds_torch_ops=t['torch'], identical_images_replayed=same_replayed,
+                         replayed_batches=st['replays'], replay_fallbacks=st['fallbacks'],
+                         replay_declined=st['declined'], seconds_replayed=t['replay']))
         print(f'{pr}: {same}/{n} images with identical logits, max |diff| {max_diff}; '
-              f'{t["cpp"]:.1f} s compiled vs {t["torch"]:.1f} s torch ops', flush=True)
+              f'replayed: {same_replayed}/{n} identical to eager ({st["replays"]} batches '
+              f'replayed, {st["fallbacks"]} fallbacks, declined: {st["declined"] or "none"}); '
+              f'{t["cpp"]:.1f} s compiled vs {t["torch"]:.1f} s torch ops vs '
+              f'{t["replay"]:.1f} s replayed', flush=True)
     save_result('integer_kernels_identity.json', dict(
         command='python benchmarks/integer_kernels_identity.py ' + ' '.join(sys.argv[1:]),
         machine=machine_info(), date=datetime.date.today().isoformat(), rows=rows))

@@ -167,7 +167,7 @@ def main(argv=None):
             print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
         if not args.no_profile:
             for n in names:
-                if n.endswith(')'):
+                if n.endswith(')') and not n.endswith('(replayed)'):
                     continue
                 profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
     name = 'integer_speed.json' if args.allocator == 'default' else 'integer_speed_tuned.json'

@@ -129,10 +129,15 @@ def integer_section(doc):
     if ident:
         out += ['', '### Compiled CPU kernels vs torch ops: the same logits', '',
                 f'Command: `{ident["command"]}`  ', f'Machine: {ident["machine"]}; date {ident["date"]}', '',
-                '| preset | images | identical logits | max abs logit diff | compiled s | torch ops s |',
-                '|---|---|---|---|---|---|']
+                '| preset | images | identical logits | max abs logit diff | compiled s | torch ops s '
+                '| replayed: identical to eager | replayed batches (fallbacks) | replayed s |',
+                '|---|---|---|---|---|---|---|---|---|']
         out += [f'| {r["preset"]} | {r["images"]} | {r["identical_images"]} | {r["max_logit_diff"]:g} '
-                f'| {r["seconds_compiled"]:.1f} | {r["seconds_torch_ops"]:.1f} |' for r in ident['rows']]
+                f'| {r["seconds_compiled"]:.1f} | {r["seconds_torch_ops"]:.1f} '
+                f'| {r.get("identical_images_replayed", "–")} '
+                f'| {r.get("replayed_batches", "–")} ({r.get("replay_fallbacks", "–")}) '
+                + (f'| {r["seconds_replayed"]:.1f} |' if 'seconds_replayed' in r else '| – |')
+                for r in ident['rows']]
     for name in ('integer_speed.json', 'integer_speed_tuned.json'):
         speed = load_result(name)
         if speed:

@@ -488,11 +488,11 @@ FQVIT_CLONES void twin_rows(const float* __restrict x, int64_t count, float s, f
 FQVIT_CLONES void twin_split(const float* __restrict x, int64_t n, float dn, float dp, float h,
                              int8_t* __restrict pos, int8_t* __restrict neg) {
   for (int64_t j = 0; j < n; ++j) {
+    // one division per value: by Δ_neg where x < 0, by Δ_pos elsewhere (the other is unused)
     const bool negative = x[j] < 0.0f;
-    float a = std::nearbyint(x[j] / dn);
-    a = a < -h ? -h : (a > 0.0f ? 0.0f : a);
-    float b = std::nearbyint(x[j] / dp);
-    b = b < 0.0f ? 0.0f : (b > h - 1.0f ? h - 1.0f : b);
+    const float v = std::nearbyint(x[j] / (negative ? dn : dp));
+    const float a = v < -h ? -h : (v > 0.0f ? 0.0f : v);
+    const float b = v < 0.0f ? 0.0f : (v > h - 1.0f ? h - 1.0f : v);
     neg[j] = static_cast<int8_t>(negative ? a : 0.0f);
     pos[j] = static_cast<int8_t>(negative ? 0.0f : b);
   }
