@@ -168,18 +168,18 @@ FQVIT_CLONES void logits_row(const int32_t* __restrict a, const int64_t* __restr
 }
 
 // P·V planes into a class accumulator: s = Σ P·z_v − r (the zero-point form), shifted
-FQVIT_CLONES void pv_accumulate_exact(const int32_t* __restrict r, int64_t zs, int64_t sh,
+static inline __attribute__((always_inline)) void pv_accumulate_exact(const int32_t* __restrict r, int64_t zs, int64_t sh,
                                       int64_t n, int64_t* __restrict acc) {
   for (int64_t k = 0; k < n; ++k) acc[k] += (zs - r[k]) << sh;
 }
 
-FQVIT_CLONES void pv_accumulate_float(const int32_t* __restrict r, int64_t zs, double f, int64_t n,
+static inline __attribute__((always_inline)) void pv_accumulate_float(const int32_t* __restrict r, int64_t zs, double f, int64_t n,
                                       double* __restrict acc) {
   for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<double>(zs - r[k]) * f;
 }
 
 // y = Σ_c float64(acc_c)·m_c in class order (first: y = term)
-FQVIT_CLONES void pv_combine_exact(const int64_t* __restrict acc, double m, bool first, int64_t n,
+static inline __attribute__((always_inline)) void pv_combine_exact(const int64_t* __restrict acc, double m, bool first, int64_t n,
                                    double* __restrict y) {
   for (int64_t k = 0; k < n; ++k) {
     const double t = static_cast<double>(acc[k]) * m;
@@ -187,7 +187,7 @@ FQVIT_CLONES void pv_combine_exact(const int64_t* __restrict acc, double m, bool
   }
 }
 
-FQVIT_CLONES void pv_combine_float(const double* __restrict acc, double m, bool first, int64_t n,
+static inline __attribute__((always_inline)) void pv_combine_float(const double* __restrict acc, double m, bool first, int64_t n,
                                    double* __restrict y) {
   for (int64_t k = 0; k < n; ++k) {
     const double t = acc[k] * m;
@@ -196,7 +196,16 @@ FQVIT_CLONES void pv_combine_float(const double* __restrict acc, double m, bool 
 }
 
 // codes clamp(⌊float32(y)/Δ⌉ + z, lo, hi) per channel
-FQVIT_CLONES void requant_codes(const double* __restrict y, const float* __restrict s,
+static inline __attribute__((always_inline)) void requant_codes_1(
+    const double* __restrict y, float s, float z, float lo, float hi, int64_t n,
+    int32_t* __restrict o) {
+  for (int64_t k = 0; k < n; ++k) {
+    float q = std::nearbyint(static_cast<float>(y[k]) / s) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    o[k] = static_cast<int32_t>(q);
+  }
+}
+static inline __attribute__((always_inline)) void requant_codes(const double* __restrict y, const float* __restrict s,
                                 const float* __restrict z, float lo, float hi, int64_t n,
                                 int32_t* __restrict o) {
   for (int64_t k = 0; k < n; ++k) {
@@ -548,11 +557,16 @@ struct PvScratch {
 
 // rows[i]: the (d + 1)-long product row of plane pid[i]; mult[c]: the class multipliers of this
 // matrix; h: its head (per-channel output parameters); o: the d output codes
-void pv_row(const PvConsts& k, PvScratch& s, const int32_t* const* rows, const int64_t* pid,
-            int64_t nplanes, int64_t z, const double* mult, int64_t h, int32_t* o) {
+// one pass per row, compiled per ISA with its small loops inlined (d = 64: the calls and the
+// scratch fills of a non-inlined version cost as much as the arithmetic)
+FQVIT_CLONES void pv_row(const PvConsts& k, PvScratch& s, const int32_t* const* rows,
+                         const int64_t* pid, int64_t nplanes, int64_t z, const double* mult,
+                         int64_t h, int32_t* o) {
   const int64_t d = k.d;
-  std::fill(s.iacc.begin(), s.iacc.end(), 0);
-  std::fill(s.facc.begin(), s.facc.end(), 0.0);
+  int64_t* __restrict ia = s.iacc.data();
+  double* __restrict fa = s.facc.data();
+  for (int64_t e = 0; e < k.C * d; ++e) ia[e] = 0;
+  for (int64_t e = 0; e < k.C * d; ++e) fa[e] = 0.0;
   for (int64_t i = 0; i < nplanes; ++i) {
     const int32_t* rr = rows[i];
     const int64_t p = pid[i], c = k.pc[p];
@@ -569,18 +583,10 @@ void pv_row(const PvConsts& k, PvScratch& s, const int32_t* const* rows, const i
     else
       pv_combine_float(s.facc.data() + c * d, mult[c], c == 0, d, s.y.data());
   }
-  const float* so = k.sp;
-  const float* zo = k.zp;
-  if (k.nq == 1) {
-    std::fill(s.sc.begin(), s.sc.end(), k.sp[0]);
-    std::fill(s.zc.begin(), s.zc.end(), k.zp[0]);
-    so = s.sc.data();
-    zo = s.zc.data();
-  } else {
-    so += h * d;
-    zo += h * d;
-  }
-  requant_codes(s.y.data(), so, zo, k.lo, k.hi, d, o);
+  if (k.nq == 1)
+    requant_codes_1(s.y.data(), k.sp[0], k.zp[0], k.lo, k.hi, d, o);
+  else
+    requant_codes(s.y.data(), k.sp + h * d, k.zp + h * d, k.lo, k.hi, d, o);
 }
 
 // clamp(⌊x/Δ⌉ + z, qmin, qmax) (float32 steps: x/Δ, round half to even, + z, clamp) → dtype
