@@ -1,4 +1,5 @@
-"""Compiled CPU kernels of the integer model (``csrc/int8_kernels.cpp``), built on first use.
+"""Compiled CPU kernels of the integer model (``csrc/int8_kernels.cpp``) and its replay program
+(``csrc/replay.cpp``, used by ``recording.py``), built on first use.
 
 ``torch.utils.cpp_extension.load`` compiles the file once per machine and torch build (cached in
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute on 2 cores) and
