@@ -898,16 +898,80 @@ QkRows qk_rows(const at::Tensor& qa, const at::Tensor& ka, int64_t g, int64_t i0
 // Steps 3–4 of a task: the operand planes of its R rows, stacked by rows in ``operands``
 // (np planes, ids pid), times the value operands with their ones column ``vaug`` (N × (d + 1))
 // in one int8 GEMM, then each row's requantization into out_row(i).
+#ifdef FQVIT_HAVE_AVX512
+// pv_row where every class accumulates exactly (int64) and there are at most 8 classes: the
+// class sums of 8 outputs at a time stay in registers across the planes (no scratch arrays),
+// then the same steps: t_c = double(acc_c)·m_c summed in class order, float32(y)/Δ rounded to
+// nearest even, + z, clamped (8 lanes; masked loads and stores for d not a multiple of 8)
+__attribute__((target("avx512f,avx512dq,avx512vl"))) void pv_row_exact_avx512(
+    const PvConsts& k, const int32_t* const* rows, const int64_t* pid, int64_t nplanes, int64_t z,
+    const double* mult, int64_t h, int32_t* o) {
+  const int64_t d = k.d;
+  int64_t zs[64];
+  int64_t cls[64];
+  __m128i sh[64];
+  for (int64_t i = 0; i < nplanes; ++i) {
+    zs[i] = static_cast<int64_t>(rows[i][d]) * z;
+    cls[i] = k.pc[pid[i]];
+    sh[i] = _mm_cvtsi64_si128(k.ps[pid[i]]);
+  }
+  const bool per_channel = k.nq != 1;
+  const float* sp = per_channel ? k.sp + h * d : nullptr;
+  const float* zp = per_channel ? k.zp + h * d : nullptr;
+  const __m256 lo = _mm256_set1_ps(k.lo), hi = _mm256_set1_ps(k.hi);
+  for (int64_t e = 0; e < d; e += 8) {
+    const __mmask8 m = d - e >= 8 ? static_cast<__mmask8>(0xFF)
+                                  : static_cast<__mmask8>((1u << (d - e)) - 1u);
+    __m512i acc[8];
+    for (int64_t c = 0; c < k.C; ++c) acc[c] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < nplanes; ++i) {
+      const __m512i r = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(m, rows[i] + e));
+      const __m512i t = _mm512_sll_epi64(_mm512_sub_epi64(_mm512_set1_epi64(zs[i]), r), sh[i]);
+      acc[cls[i]] = _mm512_add_epi64(acc[cls[i]], t);
+    }
+    __m512d y = _mm512_mul_pd(_mm512_cvtepi64_pd(acc[0]), _mm512_set1_pd(mult[0]));
+    for (int64_t c = 1; c < k.C; ++c)
+      y = _mm512_add_pd(y, _mm512_mul_pd(_mm512_cvtepi64_pd(acc[c]), _mm512_set1_pd(mult[c])));
+    const __m256 s = per_channel ? _mm256_maskz_loadu_ps(m, sp + e) : _mm256_set1_ps(k.sp[0]);
+    const __m256 zz = per_channel ? _mm256_maskz_loadu_ps(m, zp + e) : _mm256_set1_ps(k.zp[0]);
+    // a masked-off lane divides 0 by 0: its NaN is never stored
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm512_cvtpd_ps(y), s),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_add_ps(q, zz);
+    q = _mm256_blendv_ps(q, lo, _mm256_cmp_ps(q, lo, _CMP_LT_OQ));
+    q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));
+    _mm256_mask_storeu_epi32(o + e, m, _mm256_cvttps_epi32(q));
+  }
+}
+
+bool cpu_has_avx512_dq_vl() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+#endif
+
 template <typename OutRow>
 void pv_rows(const PvConsts& k, PvScratch& scratch, const at::Tensor& operands, int64_t np,
              const int64_t* pid, int64_t R, const at::Tensor& vaug, int64_t z, const double* mult,
-             int64_t h, std::vector<const int32_t*>& rows, OutRow out_row) {
+             int64_t h, std::vector<const int32_t*>& rows, OutRow out_row, bool vector = true) {
   const int64_t N = vaug.size(0), d = k.d;
   const auto prod = at::_int_mm(
       operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), vaug);
   const int32_t* pp = prod.data_ptr<int32_t>();
+  bool fast = false;
+#ifdef FQVIT_HAVE_AVX512
+  fast = vector && k.C <= 8 && np <= 64 && cpu_has_avx512_dq_vl();
+  for (int64_t c = 0; c < k.C && fast; ++c) fast = k.ex[c];
+#endif
   for (int64_t i = 0; i < R; ++i) {
     for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * (d + 1);
+#ifdef FQVIT_HAVE_AVX512
+    if (fast) {
+      pv_row_exact_avx512(k, rows.data(), pid, np, z, mult, h, out_row(i));
+      continue;
+    }
+#endif
     pv_row(k, scratch, rows.data(), pid, np, z, mult, h, out_row(i));
   }
 }
@@ -1027,7 +1091,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       }
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
       pv_rows(k, scratch, operands, np, pid.data(), R, vaug[g], zvp[g], cm.data(), h, rows,
-              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, vector);
     }
   });
   for (int64_t g = 0; g < G; ++g)
@@ -1107,7 +1171,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
                   ev.data(), ob + i * N, R * N, count16);
       }
       pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
-              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; });
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, vector);
     }
   });
   return out;
