@@ -25,7 +25,8 @@ on CPU tensors with gradients off and needs the compiled kernels (``kernels.nati
 elsewhere the wrapper calls the module. After changing the wrapped model (loading weights,
 switching options) call ``reset()``.
 """
-from typing import Any, Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -84,7 +85,9 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, inputs: List[torch.Tensor]):
         super().__init__()
         self.slot_of: Dict[int, int] = {}
-        self.tensors: List[torch.Tensor] = []       # every slot's tensor (keeps ids unique)
+        # per slot: the constant itself, or a weak reference to a computed tensor (the recording
+        # does not keep a forward's intermediates alive; ids are checked against the referent)
+        self.tensors: List[Any] = []
         self.const = []                              # per slot: True for a constant
         self.const_storages = set()
         self.steps = []           # (name, overload, args, outs, expect, read slots)
@@ -95,17 +98,23 @@ class _Recorder(TorchDispatchMode):
     def _new_slot(self, t: torch.Tensor, const: bool) -> int:
         s = len(self.tensors)
         self.slot_of[id(t)] = s
-        self.tensors.append(t)
+        self.tensors.append(t if const else weakref.ref(t))
         self.const.append(const)
         if const and t.device.type == 'cpu':
             self.const_storages.add(t.untyped_storage().data_ptr())
         return s
 
-    def _slot(self, t: torch.Tensor) -> int:
+    def tensor(self, s: int) -> Optional[torch.Tensor]:
+        return self.tensors[s] if self.const[s] else self.tensors[s]()
+
+    def _known(self, t: torch.Tensor) -> Optional[int]:
+        """The slot of this very tensor, or None."""
         s = self.slot_of.get(id(t))
-        if s is None or self.tensors[s] is not t:
-            s = self._new_slot(t, const=True)
-        return s
+        return s if s is not None and self.tensor(s) is t else None
+
+    def _slot(self, t: torch.Tensor) -> int:
+        s = self._known(t)
+        return self._new_slot(t, const=True) if s is None else s
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -157,22 +166,19 @@ class _Recorder(TorchDispatchMode):
         tensor_rets = [r for r in rets if isinstance(r, torch.Tensor)]
         others = [r for r in rets if not isinstance(r, torch.Tensor) and r is not None]
         if not written and rets and len(tensor_rets) == len(rets) and all(
-                id(r) in self.slot_of and self.tensors[self.slot_of[id(r)]] is r
-                for r in tensor_rets):
+                self._known(r) is not None for r in tensor_rets):
             return                       # returns its inputs: nothing to repeat
         if torch.Tag.nondeterministic_seeded in func.tags:
             raise NotReplayable(f'{who}: a random op')
         if reads and not dynamic and not written:
             for r in tensor_rets:        # computed once: its outputs are constants
-                if not (id(r) in self.slot_of and self.tensors[self.slot_of[id(r)]] is r):
+                if self._known(r) is None:
                     self._new_slot(r, const=True)
             return
         outs = []
         for r in tensor_rets:
-            s = self.slot_of.get(id(r))
-            if s is None or self.tensors[s] is not r:
-                s = self._new_slot(r, const=False)
-            outs.append(s)
+            s = self._known(r)
+            outs.append(self._new_slot(r, const=False) if s is None else s)
         for o in others:
             if not isinstance(o, (bool, int, float)):
                 raise NotReplayable(f'{who} returns {type(o).__name__}')

@@ -143,3 +143,22 @@ def test_replay_runs_eager_with_gradients_or_without_the_compiled_kernels(backen
     with torch.inference_mode():
         _calls(rep, x, 3)
     assert rep.stats['recorded'] == 2
+
+
+def test_recording_does_not_keep_intermediates_alive():
+    """The recorder refers to computed tensors weakly: recording a forward costs the memory of
+    that forward, not of all its intermediates at once."""
+    import gc
+
+    from fqvit_det.integer.recording import _Recorder
+    m = _Composite()
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        rec = _Recorder([x])
+        with rec:
+            out = m(x)
+        computed = [s for s in range(len(rec.tensors)) if not rec.const[s]]
+        assert len(computed) > 5 and rec.error is None
+        del out
+        gc.collect()
+        assert [s for s in computed if rec.tensor(s) is not None] == [0]     # the input only
