@@ -1223,18 +1223,23 @@ FQVIT_CLONES void ln_codes(const float* __restrict x, const float* __restrict s,
   sums[1] = s2;
 }
 
-// |a| = Δ_1/σ·|γ|/Δ_out (/C), 2^n = 2^(d−1)/2^⌊log2|a|⌋ clamped to [1, 2^31], M = ⌊|a|·2^n⌋,
-// and 2^−n (the division by 2^n below as an exact product). 1/2^⌊log2|a|⌋ is formed from the
-// exponent bits (exact, no division); returns the number of channels where that or the bound
-// |a|·2^n ∈ [2^(d−1), 2^d) (with margin) does not hold: such rows take the reference route.
-// |a| = 0 (a zero γ_c; real DeiT-Tiny LayerNorms have one) is the reference's literal route
-// exactly: ⌊log2(tiny)⌋ = −1022 clamps n to 31, M = 0; the exponent bits give the same 2^31,
-// 2^−31 and M (E = 0), so such a channel is not flagged.
-template <bool DivC>
-FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_abs,
-                                    double delta_out, double Cd, double top, int64_t n,
-                                    double* __restrict two_n, double* __restrict inv_two_n,
-                                    double* __restrict m) {
+// Per channel: |a| = Δ_1/σ·|γ|/Δ_out (/C), 2^n = 2^(d−1)/2^⌊log2|a|⌋ clamped to [1, 2^31],
+// M = ⌊|a|·2^n⌋ and 2^−n (the division by 2^n below as an exact product); 1/2^⌊log2|a|⌋ is
+// formed from the exponent bits (exact, no division). A channel where that or the bound
+// |a|·2^n ∈ [2^(d−1), 2^d) (with margin) does not hold is counted: such rows take the reference
+// route. |a| = 0 (a zero γ_c; real DeiT-Tiny LayerNorms have one) is the reference's literal
+// route exactly: ⌊log2(tiny)⌋ = −1022 clamps n to 31, M = 0; the exponent bits give the same
+// 2^31, 2^−31 and M (E = 0), so such a channel is not counted. Then the output
+// y = ⌊(B + M·x_in)/2^n⌉ + 0 (B rounded), clamped to the output codes, times Δ_out (float32).
+// One pass over the channels; returns the number of channels whose multiplier bound fails, in
+// which case the row's outputs are discarded by the caller (the reference recomputes the row).
+template <bool FoldMean>
+FQVIT_CLONES int64_t ln_fused(double ds, const double* __restrict gamma_abs, double delta_out,
+                              double Cd, double top, const double* __restrict codes,
+                              const double* __restrict gamma, const double* __restrict beta,
+                              const double* __restrict beta_out, const double* __restrict sign,
+                              double mu_sigma, double s1, double lo_out, double hi_out,
+                              double s_out, int64_t n, float* __restrict o) {
   int64_t bad = 0;
   const double lo = top / 2.0 * (1.0 + kEdge), hi = top * (1.0 - kEdge), half = top / 2.0;
   const double inv_half = 2.0 / top;
@@ -1242,62 +1247,45 @@ FQVIT_CLONES int64_t ln_multipliers(double ds, const double* __restrict gamma_ab
   for (int64_t c = 0; c < n; ++c) {
     double a = ds * gamma_abs[c];
     a = div_rn(a, delta_out, inv_out);
-    if (DivC) a = div_rn(a, Cd, inv_c);
+    if (!FoldMean) a = div_rn(a, Cd, inv_c);
     uint64_t bits;
     std::memcpy(&bits, &a, 8);
     const uint64_t E = (bits >> 52) & 0x7FF;
-    const uint64_t rbits = (2046 - E) << 52;          // 1/2^(E − 1023), E in [1, 2045]
+    const uint64_t rbits = (2046 - E) << 52;
     double r, e;
     std::memcpy(&r, &rbits, 8);
     const uint64_t ebits = E << 52;
     std::memcpy(&e, &ebits, 8);
     double t = r * half;
     t = t < 1.0 ? 1.0 : (t > 2147483648.0 ? 2147483648.0 : t);
-    double it = e * inv_half;                          // 1/t, the same clamp
+    double it = e * inv_half;
     it = it > 1.0 ? 1.0 : (it < 4.656612873077393e-10 ? 4.656612873077393e-10 : it);
     const double mm = a * t;
     bad += 1 - ((static_cast<int64_t>(E >= 1) & static_cast<int64_t>(E <= 2045) &
                  static_cast<int64_t>(mm >= lo) & static_cast<int64_t>(mm <= hi)) |
                 static_cast<int64_t>(a == 0.0));
-    two_n[c] = t;
-    inv_two_n[c] = it;
-    m[c] = std::floor(mm);
-  }
-  return bad;
-}
-
-// y = ⌊(B + M·x_in)/2^n⌉ + 0 (B rounded; the division by a power of two as the exact product
-// by 2^−n), clamped to the output codes, times Δ_out (float32)
-template <bool FoldMean>
-FQVIT_CLONES void ln_output(const double* __restrict codes, const double* __restrict two_n,
-                            const double* __restrict inv_two_n, const double* __restrict m,
-                            const double* __restrict gamma, const double* __restrict beta,
-                            const double* __restrict beta_out, const double* __restrict sign,
-                            double mu_sigma, double delta_out, double Cd, double s1,
-                            double lo, double hi, double s_out, int64_t n, float* __restrict o) {
-  const double inv_out = 1.0 / delta_out;
-  for (int64_t c = 0; c < n; ++c) {
+    const double m = std::floor(mm);
     double bb, xin;
     if (FoldMean) {
       bb = mu_sigma * gamma[c];
       bb = beta[c] - bb;
       bb = div_rn(bb, delta_out, inv_out);
-      bb = bb * two_n[c];
+      bb = bb * t;
       xin = codes[c];
     } else {
-      bb = beta_out[c] * two_n[c];
+      bb = beta_out[c] * t;
       xin = codes[c] * Cd - s1;
     }
     bb = std::nearbyint(bb);
-    const double mc = m[c] * sign[c];
-    double y = std::nearbyint((bb + mc * xin) * inv_two_n[c]) + 0.0;
-    y = y < lo ? lo : (y > hi ? hi : y);
+    const double mc = m * sign[c];
+    double y = std::nearbyint((bb + mc * xin) * it) + 0.0;
+    y = y < lo_out ? lo_out : (y > hi_out ? hi_out : y);
     o[c] = static_cast<float>(y * s_out);
   }
+  return bad;
 }
 
-bool ln_row(const LnConsts& k, const float* x, double* codes, double* two_n, double* inv_two_n,
-            double* m, const double* sign, float* o) {
+bool ln_row(const LnConsts& k, const float* x, double* codes, const double* sign, float* o) {
   const int64_t C = k.C;
   const double Cd = static_cast<double>(C);
   double sums[2];
@@ -1320,14 +1308,10 @@ bool ln_row(const LnConsts& k, const float* x, double* codes, double* two_n, dou
         kExactLimit))
     return false;
   const double ds = k.delta1 / sigma;
-  const int64_t bad = k.fold_mean
-      ? ln_multipliers<false>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m)
-      : ln_multipliers<true>(ds, k.gamma_abs, k.delta_out, Cd, k.top, C, two_n, inv_two_n, m);
-  if (bad) return false;
-  (k.fold_mean ? ln_output<true> : ln_output<false>)(
-      codes, two_n, inv_two_n, m, k.gamma, k.beta, k.beta_out, sign, mu_sigma, k.delta_out, Cd,
-      s1, k.lo_out, k.hi_out, k.s_out, C, o);
-  return true;
+  const int64_t bad = (k.fold_mean ? ln_fused<true> : ln_fused<false>)(
+      ds, k.gamma_abs, k.delta_out, Cd, k.top, codes, k.gamma, k.beta, k.beta_out, sign,
+      mu_sigma, s1, k.lo_out, k.hi_out, k.s_out, C, o);
+  return bad == 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> int_layernorm(
@@ -1369,9 +1353,9 @@ std::tuple<at::Tensor, at::Tensor> int_layernorm(
   std::vector<double> ones(C, 1.0);     // sign(γ) when all γ ≥ 0
   const double* sg = k.sign != nullptr ? k.sign : ones.data();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> codes(C), two_n(C), inv_two_n(C), m(C);
+    std::vector<double> codes(C);
     for (int64_t r = begin; r < end; ++r)
-      okp[r] = ln_row(k, xp + r * C, codes.data(), two_n.data(), inv_two_n.data(), m.data(), sg,
+      okp[r] = ln_row(k, xp + r * C, codes.data(), sg,
                       op + r * C);
   });
   return {out, ok};
