@@ -284,6 +284,25 @@ __attribute__((target("avx512f"))) void bucket_rows_avx512(
   for (; j < n; ++j) idx[j] = bucket_row(x[j] / delta, sh, base, inc, thr, top);
 }
 
+// d_j = ymax − y_j and e_j = T[d_j] for the first 8·⌊M/8⌋ logits, with Σ e_j added to *sum (an
+// exact integer sum); the table reads are AVX-512 gathers; returns how many were done
+__attribute__((target("avx512f"))) int64_t lis_exp_gather_avx512(
+    const float* __restrict y, int64_t M, float ymax, const int64_t* tp, int32_t* __restrict dd,
+    int64_t* __restrict ev, int64_t* sum) {
+  const __m256 vmax = _mm256_set1_ps(ymax);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t j = 0;
+  for (; j + 8 <= M; j += 8) {
+    const __m256i d = _mm256_cvttps_epi32(_mm256_sub_ps(vmax, _mm256_loadu_ps(y + j)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dd + j), d);
+    const __m512i e = _mm512_i32gather_epi64(d, tp, 8);
+    _mm512_storeu_si512(ev + j, e);
+    acc = _mm512_add_epi64(acc, e);
+  }
+  *sum += _mm512_reduce_add_epi64(acc);
+  return j;
+}
+
 // code_j = #{k : θ_k ≥ e_j} for K = 16 non-increasing θ (lis_row): a four-step branch-free
 // binary search per lane with θ held in two registers (a two-source permute per probe)
 __attribute__((target("avx512f"))) void lis_codes16_avx512(const int64_t* __restrict e, int64_t n,
@@ -696,8 +715,12 @@ FQVIT_CLONES void lis_row(const int32_t* __restrict a, double rt, const double* 
     ymax = u > ymax ? u : ymax;
   }
   int64_t sum = 0;
+  int64_t j0 = 0;
+#ifdef FQVIT_HAVE_AVX512
+  if (count16) j0 = lis_exp_gather_avx512(y, M, ymax, tp, dd, ev, &sum);
+#endif
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < M; ++j) {
+  for (int64_t j = j0; j < M; ++j) {
     const int32_t d = static_cast<int32_t>(ymax - y[j]);
     dd[j] = d;
     ev[j] = tp[d];
