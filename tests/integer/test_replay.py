@@ -162,3 +162,22 @@ def test_recording_does_not_keep_intermediates_alive():
         del out
         gc.collect()
         assert [s for s in computed if rec.tensor(s) is not None] == [0]     # the input only
+
+
+def test_a_reloaded_integer_model_replays_bit_identically(tmp_path, backend):  # noqa: F811
+    """The README's deployment path: save_integer → load_integer (torch + safetensors only) →
+    replay, equal to the integer model it was saved from."""
+    from fqvit_det.integer import load_integer, save_integer
+
+    from .test_model import ARCH, _calibrated
+    backend('cpp')
+    model, spec, x = _calibrated('fqvit_884', 'cpu')
+    integer = to_integer(model)
+    path = str(tmp_path / 'int.safetensors')
+    save_integer(integer, path, ARCH, spec)
+    fast = replay(load_integer(path))
+    with torch.inference_mode():
+        outs = _calls(fast, x[:2], 4)
+        want = integer(x[:2])
+    assert all(torch.equal(o, want) for o in outs)
+    assert fast.stats['replays'] == 2 and fast.stats['fallbacks'] == 0
