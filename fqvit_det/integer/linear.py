@@ -114,8 +114,8 @@ def _rescale_native(acc, bias_int, acc_scale, bias_float, in_place: bool = False
     if ops is None or acc.dim() != 2:
         return _rescale(acc, bias_int, acc_scale, bias_float)
     # in_place: the caller's fresh accumulator becomes the result (one allocation, not two)
-    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 0, 1.0, 0, 0, 0,
-                       in_place)
+    op = ops.rescale_ if in_place else ops.rescale
+    return op(acc.contiguous(), bias_int, acc_scale, bias_float, 0, 1.0, 0, 0, 0)
 
 
 def _rescale_requantize_native(acc, bias_int, acc_scale, bias_float, out_scale, zo: int, qmin: int,
@@ -124,8 +124,20 @@ def _rescale_requantize_native(acc, bias_int, acc_scale, bias_float, out_scale, 
     if ops is None or acc.dim() != 2:
         return _rescale_requantize(acc, bias_int, acc_scale, bias_float, out_scale, zo, qmin, qmax,
                                    codes)
-    return ops.rescale(acc.contiguous(), bias_int, acc_scale, bias_float, 2 if codes else 1,
-                       float(out_scale), zo, qmin, qmax, in_place)
+    op = ops.rescale_ if in_place else ops.rescale
+    return op(acc.contiguous(), bias_int, acc_scale, bias_float, 2 if codes else 1,
+              float(out_scale), zo, qmin, qmax)
+
+
+def twin_operand_rows(x: torch.Tensor, d_neg, d_pos, h: int) -> torch.Tensor:
+    """Rows [positive levels; negative levels] (int8) of x on PTQ4ViT's post-GELU twin grid:
+    the two operands of an integer GEMM on twin-uniform inputs (compiled where it applies)."""
+    from ..quantizers.twin import twin_gelu_levels
+    ops = _native_ops(x, torch.float32) if x.dim() == 2 else None
+    if ops is not None:       # the same levels in one compiled pass
+        return ops.twin_operands(x.contiguous(), float(d_neg), float(d_pos), h)
+    neg, pos = twin_gelu_levels(x, d_neg, d_pos, h)
+    return torch.cat([pos, neg], 0).to(torch.int8)
 
 
 NATIVE = dict(quantize=_quantize_native, rescale=_rescale_native,
@@ -346,16 +358,11 @@ class IntegerLinear(nn.Module):
     def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code
         (x: float rows, or the operand pair of a fused previous layer, returned as rows)."""
-        from ..quantizers.twin import twin_gelu_levels, twin_gelu_steps
+        from ..quantizers.twin import twin_gelu_steps
         if x.dtype == torch.int8:
             return x.reshape(-1, self.in_features)
-        h = 2 ** (self.in_bits - 1)
         d_neg, d_pos = twin_gelu_steps(self.twin_m, self.in_bits, x.device)
-        ops = _native_ops(x, torch.float32) if x.dim() == 2 else None
-        if ops is not None:       # the same levels in one compiled pass
-            return ops.twin_operands(x.contiguous(), float(d_neg), float(d_pos), h)
-        neg, pos = twin_gelu_levels(x, d_neg, d_pos, h)
-        return torch.cat([pos, neg], 0).to(torch.int8)
+        return twin_operand_rows(x, d_neg, d_pos, 2 ** (self.in_bits - 1))
 
     def accumulate(self, x2: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """int32 (or int64 for twin inputs) accumulators in units of Δ_x·Δ_w[c], with the bias
@@ -482,20 +489,17 @@ class IntegerLinear(nn.Module):
         if self.out_mode != 'float' or next_linear.in_kind != 'twin_gelu':
             raise ValueError('fuse_gelu_twin: a float-output layer and a twin-uniform-input one')
         d_neg, d_pos = twin_gelu_steps(next_linear.twin_m, next_linear.in_bits, 'cpu')
-        self.gelu_twin = (float(d_neg), float(d_pos), 2 ** (next_linear.in_bits - 1),
-                          next_linear.twin_m)
+        self.gelu_twin = (float(d_neg), float(d_pos), 2 ** (next_linear.in_bits - 1))
 
     def _rescale_gelu_twin(self, acc: torch.Tensor) -> torch.Tensor:
         from ..nn.exact import rational_gelu
-        from ..quantizers.twin import twin_gelu_levels
-        d_neg, d_pos, h, _ = self.gelu_twin
+        d_neg, d_pos, h = self.gelu_twin
         ops = _native_ops(acc, torch.int32)
         if ops is not None and acc.dim() == 2:
             return ops.rescale_gelu_twin(acc.contiguous(), self.bias_int, self.acc_scale,
                                          self.bias_float, d_neg, d_pos, h)
         y = rational_gelu(_rescale(acc, self.bias_int, self.acc_scale, self.bias_float))
-        neg, pos = twin_gelu_levels(y, torch.tensor(d_neg), torch.tensor(d_pos), h)
-        return torch.cat([pos, neg], 0).to(torch.int8)
+        return twin_operand_rows(y, torch.tensor(d_neg), torch.tensor(d_pos), h)
 
     def _rescale_gelu_codes(self, acc: torch.Tensor) -> torch.Tensor:
         from ..nn.exact import rational_gelu

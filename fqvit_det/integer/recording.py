@@ -26,12 +26,14 @@ elsewhere the wrapper calls the module. After changing the wrapped model (loadin
 switching options) call ``reset()``.
 """
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from . import kernels
 
 __all__ = ['ReplayedModule', 'replay', 'NotReplayable']
 
@@ -44,19 +46,33 @@ _MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1,
 _VALUE, _SLOT, _SLOT_LIST, _OPT_SLOT_LIST = 0, 1, 2, 3
 
 
+class _Step(NamedTuple):
+    name: str                     # operator, e.g. 'aten::add'
+    overload: str
+    args: tuple                   # (kind, payload) per schema argument
+    outs: List[int]               # slot of each returned tensor
+    expect: Optional[tuple]       # the recorded non-tensor returns (guards)
+    reads: List[int]              # slots of the tensor arguments
+
+
+class _Program(NamedTuple):
+    program: Any                  # torch.classes.fqvit_int.ReplayProgram
+    out_slots: List[int]
+    spec: TreeSpec                # the structure of the forward's output
+    names: List[str]              # step names, for fallback messages
+
+
+_SEEN = object()                  # a key called once: the next call records
+
+
 class NotReplayable(RuntimeError):
     """The forward does something the recorded program cannot repeat (the reason says what)."""
 
 
-def _written_args(func, values) -> List[int]:
-    """Indices of the schema arguments the op writes into."""
-    schema = func._schema
-    out = [i for i, a in enumerate(schema.arguments)
-           if a.alias_info is not None and a.alias_info.is_write]
-    # fqvit_int.rescale(in_place=True) reuses the accumulator's storage for its result
-    if schema.name == 'fqvit_int::rescale' and values[-1]:
-        out.append(0)
-    return out
+def _written_args(func) -> List[int]:
+    """Indices of the schema arguments the op writes into (its alias annotations)."""
+    return [i for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write]
 
 
 def _encode_value(v, who: str):
@@ -90,7 +106,7 @@ class _Recorder(TorchDispatchMode):
         self.tensors: List[Any] = []
         self.const = []                              # per slot: True for a constant
         self.const_storages = set()
-        self.steps = []           # (name, overload, args, outs, expect, read slots)
+        self.steps: List[_Step] = []
         self.error: Optional[str] = None
         for t in inputs:
             self._new_slot(t, const=False)
@@ -139,7 +155,7 @@ class _Recorder(TorchDispatchMode):
                 values.append(a.default_value)
             else:
                 raise NotReplayable(f'{who}: argument {a.name} missing')
-        enc, reads, dynamic = [], [], False
+        enc, reads = [], []
         for a, v in zip(schema.arguments, values):
             kind = str(a.type)
             if isinstance(v, torch.Tensor):
@@ -153,7 +169,7 @@ class _Recorder(TorchDispatchMode):
             else:
                 enc.append((_VALUE, _encode_value(v, who)))
         dynamic = any(not self.const[s] for s in reads)
-        written = _written_args(func, values)
+        written = _written_args(func)
         for i in written:
             v = values[i]
             ts = v if isinstance(v, (list, tuple)) else [v]
@@ -182,17 +198,17 @@ class _Recorder(TorchDispatchMode):
         for o in others:
             if not isinstance(o, (bool, int, float)):
                 raise NotReplayable(f'{who} returns {type(o).__name__}')
-        self.steps.append((schema.name, schema.overload_name, tuple(enc), outs,
-                           tuple(others) if others else None, reads))
+        self.steps.append(_Step(schema.name, schema.overload_name, tuple(enc), outs,
+                                tuple(others) if others else None, reads))
 
 
 def _build_program(rec: _Recorder, out_slots: List[int]):
     n = len(rec.tensors)
     last = {}
     for i, st in enumerate(rec.steps):
-        for s in st[5]:
+        for s in st.reads:
             last[s] = i
-        for s in st[3]:
+        for s in st.outs:
             last.setdefault(s, i)
     keep = set(out_slots)
     release: List[List[int]] = [[] for _ in rec.steps]
@@ -205,8 +221,7 @@ def _build_program(rec: _Recorder, out_slots: List[int]):
         if rec.const[s]:
             prog.set_const(s, rec.tensors[s])
     for st, rel in zip(rec.steps, release):
-        name, overload, enc, outs, expect, _ = st
-        prog.add_step(name, overload, enc, outs, expect, rel)
+        prog.add_step(st.name, st.overload, st.args, st.outs, st.expect, rel)
     return prog
 
 
@@ -226,7 +241,7 @@ class ReplayedModule(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self._programs: Dict[tuple, Any] = {}
+        self._programs: Dict[tuple, Any] = {}    # key → _SEEN, a _Program, or None (declined)
         self.stats = dict(replays=0, eager=0, recorded=0, fallbacks=0, declined={},
                           last_fallback=None)
 
@@ -260,12 +275,12 @@ class ReplayedModule(nn.Module):
             out_slots = [rec._slot(t) for t in flat]
             prog = _build_program(rec, out_slots)
             # a check that nothing the outputs depend on escaped the recording
-            again = prog.run(list(args), list(range(len(args))), out_slots)
+            again = prog.run(list(args), out_slots)
             if not (len(again) == len(flat) and all(map(_same_bits, again, flat))):
                 rec.error = 'the recorded program does not reproduce the eager outputs'
         if rec.error is None:
-            names = [f'{st[0]}.{st[1] or "default"}' for st in rec.steps]
-            self._programs[key] = (prog, len(args), out_slots, spec, names)
+            names = [f'{st.name}.{st.overload or "default"}' for st in rec.steps]
+            self._programs[key] = _Program(prog, out_slots, spec, names)
             self.stats['recorded'] += 1
         else:
             self._programs[key] = None
@@ -273,28 +288,26 @@ class ReplayedModule(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
-        from . import kernels
         key = self._key(args, kwargs)
         if key is None or kernels.native() is None:
             return self._eager(args, kwargs)
         if key not in self._programs:
-            self._programs[key] = 'seen'
+            self._programs[key] = _SEEN
             return self._eager(args, kwargs)
         entry = self._programs[key]
-        if entry == 'seen':
+        if entry is _SEEN:
             self.stats['eager'] += 1
             return self._record(key, args)
         if entry is None:
             return self._eager(args, kwargs)
-        prog, n_in, out_slots, spec, names = entry
-        outs = prog.run(list(args), list(range(n_in)), out_slots)
+        outs = entry.program.run(list(args), entry.out_slots)
         if not outs:
             self.stats['fallbacks'] += 1
-            i = prog.failed_step()
-            self.stats['last_fallback'] = f'step {i} ({names[i]}) gave another value'
+            i = entry.program.failed_step()
+            self.stats['last_fallback'] = f'step {i} ({entry.names[i]}) gave another value'
             return self._eager(args, kwargs)
         self.stats['replays'] += 1
-        return tree_unflatten(list(outs), spec)
+        return tree_unflatten(list(outs), entry.spec)
 
 
 def replay(module: nn.Module) -> ReplayedModule:

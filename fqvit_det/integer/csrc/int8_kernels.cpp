@@ -32,7 +32,8 @@
 //   quantize       float32 → the uniform quantizer's codes clamp(⌊x/Δ⌉ + z) (uint8/int8/int32)
 //   rescale_gelu_twin  fc1's accumulator → float → rational GELU → fc2's twin-uniform operand rows
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
-//                  optionally fake-quantized (or coded) by the next quantizer
+//                  optionally fake-quantized (or coded) by the next quantizer; rescale_ writes
+//                  the result into the accumulator's own storage
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -246,18 +247,29 @@ inline int32_t bucket_row(float u, uint32_t sh, const int32_t* base, const int32
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-// AVX-512 routes (code buckets and searches, operand planes, LIS code counts), taken where the
-// CPU has AVX-512F (cpu_has_avx512) and the caller asks for vector loops
+// AVX-512 routes (code buckets and searches, operand planes, LIS code counts, the P·V row), taken
+// where the CPU has the extensions (avx512()) and the caller asks for vector loops
 #define FQVIT_HAVE_AVX512 1
 #endif
 
-bool cpu_has_avx512() {
+// The AVX-512 extensions the vector routes use, read from the CPU once
+struct Avx512 {
+  bool f = false;       // AVX-512F: code searches, gathers, LIS counts, ≤ 32-entry planes
+  bool vbmi = false;    // + BW, VBMI: byte permutes of ≤ 257-entry operand planes
+  bool dq_vl = false;   // + DQ, VL: the exact P·V row in registers
+};
+
+const Avx512& avx512() {
+  static const Avx512 has = [] {
+    Avx512 h;
 #ifdef FQVIT_HAVE_AVX512
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
+    h.f = __builtin_cpu_supports("avx512f");
+    h.vbmi = h.f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi");
+    h.dq_vl = h.f && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
+    return h;
+  }();
+  return has;
 }
 
 #ifdef FQVIT_HAVE_AVX512
@@ -370,7 +382,7 @@ void bucket_rows(const float* __restrict x, int64_t n, float delta, int64_t shif
                  bool vector = true, const float* thr16 = nullptr) {
   const uint32_t sh = static_cast<uint32_t>(shift);
 #ifdef FQVIT_HAVE_AVX512
-  if (vector && cpu_has_avx512()) {
+  if (vector && avx512().f) {
     if (thr16 != nullptr) return search_rows16_avx512(x, n, delta, thr16, top, idx);
     return bucket_rows_avx512(x, n, delta, sh, base, inc, thr, top, idx);
   }
@@ -446,12 +458,6 @@ __attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* tabl
   for (; e < n; ++e) o[e] = table[idx[e]];
 }
 
-bool cpu_has_avx512_vbmi() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vbmi");
-  return has;
-}
-
 // the same for a table of at most 257 entries (codes up to 8 bits, indexed by code + 1): the
 // first 256 entries sit in four registers, each lookup is two two-source byte permutes (low 7
 // index bits) and a blend on bit 7, 64 codes at a time; index 256 is patched from its mask
@@ -492,8 +498,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void gather_plane256_avx5
 void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t n, int8_t* o,
                   bool vector) {
 #ifdef FQVIT_HAVE_AVX512
-  if (vector && L <= 32 && cpu_has_avx512()) return gather_plane32_avx512(table, L, idx, n, o);
-  if (vector && L <= 257 && cpu_has_avx512_vbmi())
+  if (vector && L <= 32 && avx512().f) return gather_plane32_avx512(table, L, idx, n, o);
+  if (vector && L <= 257 && avx512().vbmi)
     return gather_plane256_avx512(table, L, idx, n, o);
 #endif
   gather_plane_scalar(table, idx, n, o);
@@ -570,8 +576,7 @@ struct PvConsts {
 struct PvScratch {
   std::vector<int64_t> iacc;
   std::vector<double> facc, y;
-  std::vector<float> sc, zc;
-  PvScratch(int64_t C, int64_t d) : iacc(C * d), facc(C * d), y(d), sc(d), zc(d) {}
+  PvScratch(int64_t C, int64_t d) : iacc(C * d), facc(C * d), y(d) {}
 };
 
 // rows[i]: the (d + 1)-long product row of plane pid[i]; mult[c]: the class multipliers of this
@@ -628,9 +633,9 @@ at::Tensor quantize(const at::Tensor& x, double scale, int64_t zero, int64_t qmi
 
 // y = float32(acc + b_int[c])·Δ[c] + bias[c] for acc (M, N); mode 0: y; mode 1: the next
 // quantizer's fake quantization (clamp(⌊y/Δ_o⌉ + z_o) − z_o)·Δ_o; mode 2: its codes (int32)
-at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
-                   const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
-                   int64_t qmin, int64_t qmax, bool in_place) {
+at::Tensor rescale_into(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                        const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
+                        int64_t qmin, int64_t qmax, bool in_place) {
   const char* who = "rescale";
   check_cpu(acc, at::kInt, 2, who, "acc");
   const int64_t M = acc.size(0), N = acc.size(1);
@@ -664,6 +669,19 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::
     }
   });
   return out;
+}
+
+at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                   const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
+                   int64_t qmin, int64_t qmax) {
+  return rescale_into(acc, bias_int, acc_scale, bias_float, mode, out_scale, zero, qmin, qmax, false);
+}
+
+// the same, the result in the accumulator's storage (the caller's fresh GEMM output)
+at::Tensor rescale_(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                    const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
+                    int64_t qmin, int64_t qmax) {
+  return rescale_into(acc, bias_int, acc_scale, bias_float, mode, out_scale, zero, qmin, qmax, true);
 }
 
 // ops[g, j] = −((2^(8g+7) >> code_j) & 255): the code's power of two in group g's byte,
@@ -966,12 +984,6 @@ __attribute__((target("avx512f,avx512dq,avx512vl"))) void pv_row_exact_avx512(
     _mm256_mask_storeu_epi32(o + e, m, _mm256_cvttps_epi32(q));
   }
 }
-
-bool cpu_has_avx512_dq_vl() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-}
 #endif
 
 template <typename OutRow>
@@ -984,7 +996,7 @@ void pv_rows(const PvConsts& k, PvScratch& scratch, const at::Tensor& operands, 
   const int32_t* pp = prod.data_ptr<int32_t>();
   bool fast = false;
 #ifdef FQVIT_HAVE_AVX512
-  fast = vector && k.C <= 8 && np <= 64 && cpu_has_avx512_dq_vl();
+  fast = vector && k.C <= 8 && np <= 64 && avx512().dq_vl;
   for (int64_t c = 0; c < k.C && fast; ++c) fast = k.ex[c];
 #endif
   for (int64_t i = 0; i < R; ++i) {
@@ -1165,7 +1177,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     TORCH_CHECK(dp[k] >= 1, who, ": positive threshold denominators expected");
     inv_den[k] = 1.0 / static_cast<double>(dp[k]);
   }
-  const bool count16 = vector && cpu_has_avx512();
+  const bool count16 = vector && avx512().f;
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
@@ -1595,6 +1607,9 @@ TORCH_LIBRARY(fqvit_int, m) {
         "Tensor(a!) out) -> ()", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(twin_rescale)));
   m.def("quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(quantize)));
   m.def("rescale", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale)));
+  m.def("rescale_(Tensor(a!) acc, Tensor bias_int, Tensor acc_scale, Tensor bias_float, int mode, "
+        "float out_scale, int zero, int qmin, int qmax) -> Tensor(a!)",
+        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_)));
   m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rational_gelu_)));
   m.def("rescale_gelu_quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_quantize)));
   m.def("rescale_gelu_twin", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_twin)));
@@ -1606,7 +1621,7 @@ TORCH_LIBRARY(fqvit_int, m) {
 TORCH_LIBRARY_IMPL(fqvit_int, Autograd, m) {
   for (const char* op : {"prob_codes", "bucket_codes", "quotients", "gather_table", "qkv_int8", "bmm_int8",
                          "attention_pow2", "attention_lis", "int_layernorm", "twin_operands",
-                         "fake_quant", "twin_rescale", "quantize", "rescale", "rational_gelu_",
+                         "fake_quant", "twin_rescale", "quantize", "rescale", "rescale_", "rational_gelu_",
                          "rescale_gelu_quantize", "rescale_gelu_twin"})
     m.impl(op, torch::CppFunction::makeFallthrough());
 }

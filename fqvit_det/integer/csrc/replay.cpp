@@ -139,25 +139,25 @@ class ReplayProgram : public torch::CustomClassHolder {
   // the step whose guard stopped the latest run that stopped (-1: none has)
   int64_t failed_step() const { return failed_step_; }
 
-  // The outputs' tensors, or an empty list where a guard differs from the recorded value.
-  std::vector<at::Tensor> run(std::vector<at::Tensor> inputs, std::vector<int64_t> in_slots,
-                              std::vector<int64_t> out_slots) {
-    return execute(std::move(inputs), in_slots, out_slots, nullptr);
+  // The outputs' tensors, or an empty list where a guard differs from the recorded value; the
+  // inputs take slots 0, 1, … in order (the recorder numbers them first).
+  std::vector<at::Tensor> run(std::vector<at::Tensor> inputs, std::vector<int64_t> out_slots) {
+    return execute(std::move(inputs), out_slots, nullptr);
   }
 
   // Seconds each step took in one run (for per-op profiles without profiler overhead).
-  std::vector<double> step_seconds(std::vector<at::Tensor> inputs, std::vector<int64_t> in_slots) {
+  std::vector<double> step_seconds(std::vector<at::Tensor> inputs) {
     std::vector<double> sec(steps_.size(), 0.0);
-    execute(std::move(inputs), in_slots, {}, &sec);
+    execute(std::move(inputs), {}, &sec);
     return sec;
   }
 
  private:
-  std::vector<at::Tensor> execute(std::vector<at::Tensor> inputs, const std::vector<int64_t>& in_slots,
-                                  const std::vector<int64_t>& out_slots, std::vector<double>* sec) {
-    TORCH_CHECK(inputs.size() == in_slots.size(), "ReplayProgram.run: one slot per input");
+  std::vector<at::Tensor> execute(std::vector<at::Tensor> inputs, const std::vector<int64_t>& out_slots,
+                                  std::vector<double>* sec) {
+    TORCH_CHECK(inputs.size() <= base_.size(), "ReplayProgram.run: more inputs than slots");
     std::vector<at::Tensor> slots = base_;
-    for (size_t i = 0; i < inputs.size(); ++i) slots.at(in_slots[i]) = std::move(inputs[i]);
+    for (size_t i = 0; i < inputs.size(); ++i) slots[i] = std::move(inputs[i]);
     torch::jit::Stack stack;
     for (size_t i = 0; i < steps_.size(); ++i) {
       const auto& st = steps_[i];
