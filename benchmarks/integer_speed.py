@@ -2,7 +2,7 @@
 """Integer DeiT-Tiny vs float eager: latency at batch 1 and 32, interleaved rounds, per-op profile.
 
     python benchmarks/integer_speed.py [--presets repq_w4a4,fqvit_884] [--threads 2] [--rounds 7]
-        [--states work_dirs/integer_states] [--compile] [--torch-ops] [--allocator tuned]
+        [--states work_dirs/integer_states] [--compile] [--torch-ops] [--no-amx] [--allocator tuned]
 
 Every round runs each variant (float eager, then each integer preset; the order rotates per round)
 as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
@@ -13,6 +13,8 @@ fused by ``torch.compile`` (``fqvit_det.integer.use_compiled_kernels``; compilin
 model fails in inductor on the attention's data-dependent ops), measured beside eager.
 ``--torch-ops`` adds each integer model with the compiled C++ kernels switched off
 (``fqvit_det.integer.kernels.set_backend('torch')``: the same numbers through torch ops).
+``--no-amx`` adds each integer model (and its replayed run) with the int8 GEMMs through
+``torch._int_mm`` instead of AMX tiles, on CPUs that have AMX (``kernels.set_amx(False)``).
 
 ``--allocator tuned`` re-runs the script with glibc's malloc told to keep freed memory
 (``GLIBC_TUNABLES`` trim / mmap thresholds): with the default settings every large tensor of a
@@ -93,6 +95,9 @@ def main(argv=None):
                    help='also time each integer model replayed from C++ (fqvit_det.integer.replay)')
     p.add_argument('--torch-ops', action='store_true',
                    help='also time the integer models with the compiled kernels off')
+    p.add_argument('--no-amx', action='store_true',
+                   help='also time the integer models (and replayed runs) with their int8 GEMMs '
+                        'through torch._int_mm instead of AMX tiles (where the CPU has AMX)')
     p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
                    help="'tuned': glibc malloc keeps freed memory (see the docstring)")
     p.add_argument('--no-profile', action='store_true')
@@ -121,10 +126,14 @@ def main(argv=None):
         compiled_kernels = dict(int_linear.KERNELS)
         int_linear.KERNELS.update(eager_kernels)
 
-    def with_kernels(model, table, backend='auto'):
+    amx_default = kernels.amx_ops() is not None
+
+    def with_kernels(model, table, backend='auto', amx=amx_default):
         def run(x):
             int_linear.KERNELS.update(table)
             kernels.set_backend(backend)
+            if (kernels.amx_ops() is not None) != amx:
+                kernels.set_amx(amx)
             return model(x)
         return run
     for pr in presets:
@@ -132,6 +141,11 @@ def main(argv=None):
         variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
         if args.replay:
             variants[f'integer {pr} (replayed)'] = with_kernels(replay(model), eager_kernels)
+        if args.no_amx and amx_default:
+            variants[f'integer {pr} (no AMX)'] = with_kernels(model, eager_kernels, amx=False)
+            if args.replay:
+                variants[f'integer {pr} (replayed, no AMX)'] = with_kernels(
+                    replay(model), eager_kernels, amx=False)
         if compiled_kernels is not None:
             variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
         if args.torch_ops:
@@ -148,7 +162,7 @@ def main(argv=None):
         identical = {}
         with torch.inference_mode():      # compile / first-call costs outside the rounds
             for n in names:
-                for _ in range(3 if n.endswith('(replayed)') else 1):   # eager, record, replay
+                for _ in range(3 if '(replayed' in n else 1):   # eager, record, replay
                     out = variants[n](x)
                 if n.endswith(')'):        # a variant of an integer model: same numbers
                     identical[n] = bool(torch.equal(out, variants[n[:n.rindex(' (')]](x)))
@@ -167,7 +181,7 @@ def main(argv=None):
             print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
         if not args.no_profile:
             for n in names:
-                if n.endswith(')') and not n.endswith('(replayed)'):
+                if n.endswith(')') and '(replayed' not in n:
                     continue
                 profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
     name = 'integer_speed.json' if args.allocator == 'default' else 'integer_speed_tuned.json'

@@ -25,10 +25,22 @@ def save_result(name, doc):
     return render()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor())."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
 def machine_info():
     import torch
-    return (f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, '
-            f'{torch.get_num_threads()} threads')
+    return (f'{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, '
+            f'torch {torch.__version__}, {torch.get_num_threads()} threads')
 
 
 def cls_section(doc):

@@ -13,6 +13,11 @@ Which kernels run is chosen by ``set_backend`` or the ``FQVIT_INT_KERNELS`` envi
 * ``'torch'``: torch ops only (``torch._int_mm`` per matrix).
 
 Both paths compute the same exact integers (tests compare them bit for bit).
+
+With the compiled kernels, the int8 GEMMs run on Intel AMX tiles where the CPU has AMX-INT8 and
+Linux grants the tile state (``csrc/amx_gemm.cpp``; the Linear layers' weights are packed once),
+else through ``torch._int_mm``: the same int32 results. ``set_amx(False)`` or ``FQVIT_INT_AMX=0``
+switches AMX off.
 """
 import os
 import os.path as osp
@@ -25,9 +30,9 @@ import torch
 
 BACKENDS = ('auto', 'cpp', 'torch')
 _SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', f)
-            for f in ('int8_kernels.cpp', 'replay.cpp')]
+            for f in ('int8_kernels.cpp', 'amx_gemm.cpp', 'replay.cpp')]
 _lock = threading.Lock()
-_state = dict(backend=None, ops=None, error=None, tried=False)
+_state = dict(backend=None, ops=None, error=None, tried=False, amx=False)
 
 
 def _backend() -> str:
@@ -70,9 +75,12 @@ def _build():
 def _load():
     with _lock:
         if not _state['tried']:
+            want_amx = _amx_env()
             _state['tried'] = True
             try:
-                _state['ops'] = _build()
+                ops = _build()
+                _state['amx'] = bool(ops.amx_config(1 if want_amx else 0))
+                _state['ops'] = ops
             except Exception as e:  # noqa: BLE001 -- reported below, with the reason
                 _state['error'] = f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}'
                 if _backend() == 'auto':
@@ -93,10 +101,39 @@ def native() -> Optional[object]:
 
 
 def info() -> dict:
-    """What runs: the backend, whether the compiled kernels loaded, and a build error if any."""
+    """What runs: the backend, whether the compiled kernels loaded, a build error if any, and
+    whether the int8 GEMMs run on AMX tiles."""
     ops = native()
-    return dict(backend=_backend(), compiled=ops is not None, error=_state['error'])
+    return dict(backend=_backend(), compiled=ops is not None, error=_state['error'],
+                amx=amx_ops() is not None)
 
+
+def _amx_env() -> bool:
+    env = os.environ.get('FQVIT_INT_AMX', '1')
+    if env not in ('0', '1'):
+        raise ValueError(f'FQVIT_INT_AMX={env!r}: expected 0 or 1')
+    return env == '1'
+
+
+def set_amx(enabled: bool) -> bool:
+    """Run the int8 GEMMs on AMX tiles where available (default; ``FQVIT_INT_AMX=0`` starts
+    with them off) or always through ``torch._int_mm``. Returns whether AMX is on now."""
+    ops = native()
+    _state['amx'] = ops is not None and bool(ops.amx_config(1 if enabled else 0))
+    return _state['amx']
+
+
+def amx_available() -> bool:
+    """Whether this CPU has AMX-INT8 and the OS granted the tile state (whatever the setting)."""
+    ops = native()
+    return ops is not None and bool(ops.amx_available())
+
+
+def amx_ops() -> Optional[object]:
+    """``torch.ops.fqvit_int`` when the int8 GEMMs run on AMX tiles, else None (a Python flag:
+    recorded forwards see no configuration calls)."""
+    ops = native()
+    return ops if ops is not None and _state['amx'] else None
 
 
 def args_key(*tensors) -> tuple:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import is_patch_conv
+from . import kernels
 
 INT8_MIN, INT8_MAX = -128, 127
 MULT_BITS = 31
@@ -160,11 +161,21 @@ def use_compiled_kernels(enabled: bool = True) -> None:
 def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int32 = a (M×K, int8 or uint8 on CPU) @ b_t (K×N int8), the backend's integer GEMM.
 
-    CPU (oneDNN, VNNI) takes uint8 or int8 activations of any shape. CUDA's kernel needs int8,
-    M > 16 and K, N multiples of 8: other cases go through an exact int32-in-float64 matmul
-    (every partial sum of int8 products below 2^53)."""
+    CPU: AMX tiles where ``kernels.amx_ops()`` says so (``b_t`` packed once and kept on the
+    tensor, refreshed when its version changes), else oneDNN's VNNI GEMM; uint8 or int8
+    activations of any shape. CUDA's kernel needs int8, M > 16 and K, N multiples of 8: other
+    cases go through an exact int32-in-float64 matmul (every partial sum of int8 products below
+    2^53)."""
     if a.device.type == 'cpu':
-        return torch._int_mm(a, b_t)
+        ops = kernels.amx_ops() if b_t.dtype == torch.int8 and a.dim() == 2 else None
+        if ops is None:
+            return torch._int_mm(a, b_t)
+        cached = getattr(b_t, '_fqvit_amx', None)
+        if cached is None or cached[0] != b_t._version:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (b_t._version, ops.amx_pack(b_t))
+            b_t._fqvit_amx = cached
+        return ops.amx_mm(a, cached[1], b_t.shape[1])
     M, K = a.shape
     N = b_t.shape[1]
     if a.dtype == torch.int8 and M > 16 and K % 8 == 0 and N % 8 == 0:

@@ -1,0 +1,134 @@
+"""int8 GEMMs on Intel AMX tiles (``csrc/amx_gemm.cpp``, ``linear.int_mm``): the tile layout of the
+packed weights against the layout written out here, and, on CPUs with AMX-INT8, the products
+against ``torch._int_mm`` bit for bit (tails in every dimension, int8 and uint8 activations) and
+whole integer ViTs with AMX on and off. Without AMX the route must report itself off and every
+product must go through ``torch._int_mm``."""
+import pytest
+import torch
+
+from fqvit_det.integer import kernels, replay, to_integer
+from fqvit_det.integer.linear import int_mm
+
+from .test_int_attention import calibrated
+from .test_kernels import backend  # noqa: F401  (fixture)
+
+
+def _ops():
+    ops = kernels.native()
+    assert ops is not None, kernels.info()
+    return ops
+
+
+@pytest.fixture
+def amx_setting():
+    """Restores the AMX setting a test switches."""
+    before = kernels.amx_ops() is not None
+    yield kernels.set_amx
+    kernels.set_amx(before)
+
+
+def _reference_tiles(b: torch.Tensor) -> torch.Tensor:
+    """The packed layout from its definition: tiles [t][kb][r][n·4 + i] = B[64kb + 4r + i][16t + n],
+    t over 2·⌈N/32⌉ column tiles, kb over ⌈K/64⌉ slices of K, zero outside B."""
+    K, N = b.shape
+    Kb, Nt = -(-K // 64), 2 * -(-N // 32)
+    padded = torch.zeros(Kb * 64, Nt * 16, dtype=torch.int8)
+    padded[:K, :N] = b
+    t = padded.reshape(Kb, 16, 4, Nt, 16)          # (kb, r, i, t, n)
+    return t.permute(3, 0, 1, 4, 2).reshape(-1)    # (t, kb, r, n, i)
+
+
+@pytest.mark.parametrize('K,N', [(192, 576), (768, 192), (100, 30), (197, 65), (5, 1000), (64, 17)])
+def test_packed_tiles_follow_the_layout(K, N):
+    ops = _ops()
+    g = torch.Generator().manual_seed(K * N)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    for b in (w.t(), w.t().contiguous()):          # K-contiguous (weights) and N-contiguous
+        assert torch.equal(ops.amx_pack(b), _reference_tiles(b))
+
+
+def test_without_amx_the_products_go_through_int_mm(amx_setting):
+    if kernels.amx_available():
+        pytest.skip('this CPU has AMX: the AMX tests below cover the route')
+    assert amx_setting(True) is False and kernels.info()['amx'] is False
+    assert kernels.amx_ops() is None
+    a = torch.randint(-128, 128, (7, 192), dtype=torch.int8)
+    b = torch.randint(-128, 128, (192, 40), dtype=torch.int8)
+    assert torch.equal(int_mm(a, b), torch._int_mm(a, b))
+    assert not hasattr(b, '_fqvit_amx')
+
+
+def _needs_amx():
+    if not kernels.amx_available():
+        pytest.skip('CPU without AMX-INT8 (or the OS refused the tile state): the route does not '
+                    'exist here; test_without_amx_the_products_go_through_int_mm covers this CPU')
+
+
+@pytest.mark.parametrize('M,K,N', [(197, 192, 576), (1, 192, 1000), (33, 768, 192), (394, 768, 192),
+                                   (40, 100, 30), (16, 64, 16), (197, 197, 65), (600, 192, 64)])
+def test_amx_products_equal_int_mm(amx_setting, M, K, N):
+    _needs_amx()
+    amx_setting(True)
+    ops = _ops()
+    g = torch.Generator().manual_seed(M + K + N)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    b = w.t()
+    packed = ops.amx_pack(b)
+    for a in (torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g),
+              torch.randint(0, 256, (M, K), dtype=torch.uint8, generator=g),
+              torch.randint(-128, 128, (M, K + 9), dtype=torch.int8, generator=g)[:, 3:K + 3]):
+        ref = torch._int_mm(a, b)
+        assert torch.equal(ops.amx_mm(a, packed, N), ref)
+        assert torch.equal(int_mm(a, b), ref)      # the Linear layers' route, packing cached
+    # extreme codes: the largest |partial sums| (-128·-128·K) stay exact
+    a = torch.full((M, K), -128, dtype=torch.int8)
+    b = torch.full((K, N), -128, dtype=torch.int8)
+    assert torch.equal(ops.amx_mm(a, ops.amx_pack(b), N), torch._int_mm(a, b))
+
+
+def test_packed_weights_follow_in_place_edits(amx_setting):
+    _needs_amx()
+    amx_setting(True)
+    w = torch.randint(-128, 128, (64, 192), dtype=torch.int8)
+    b = w.t()
+    a = torch.randint(-128, 128, (20, 192), dtype=torch.int8)
+    assert torch.equal(int_mm(a, b), torch._int_mm(a, b))
+    w[3].fill_(7)                                  # bumps the version the cache is keyed on
+    assert torch.equal(int_mm(a, b), torch._int_mm(a, b))
+
+
+def test_bad_arguments_are_named(amx_setting):
+    ops = _ops()
+    with pytest.raises(RuntimeError, match='amx_pack: b must be a 2-D int8'):
+        ops.amx_pack(torch.zeros(4, 4))
+    with pytest.raises(RuntimeError, match='amx_mm: a must be a 2-D int8 or uint8'):
+        ops.amx_mm(torch.zeros(4, 4), torch.zeros(2048, dtype=torch.int8), 4)
+    with pytest.raises(RuntimeError, match="amx_mm: packed must be amx_pack's output"):
+        ops.amx_mm(torch.zeros(4, 64, dtype=torch.int8), torch.zeros(10, dtype=torch.int8), 4)
+
+
+def test_the_setting_is_validated(monkeypatch):
+    monkeypatch.setenv('FQVIT_INT_AMX', 'yes')
+    with pytest.raises(ValueError, match='FQVIT_INT_AMX'):
+        kernels._amx_env()
+    monkeypatch.setenv('FQVIT_INT_AMX', '0')
+    assert kernels._amx_env() is False
+
+
+@pytest.mark.parametrize('method', ['fqvit_lis', 'ptq4vit'])
+def test_integer_vit_with_amx_on_and_off(backend, amx_setting, method):  # noqa: F811
+    _needs_amx()
+    backend('cpp')
+    model, x = calibrated(method, 'cpu')
+    integer = to_integer(model)
+    with torch.inference_mode():
+        amx_setting(False)
+        ref = integer(x)
+        amx_setting(True)
+        assert torch.equal(integer(x), ref)
+        rep = replay(integer)
+        for _ in range(3):
+            out = rep(x)
+        assert torch.equal(out, ref) and rep.stats['replays'] == 1
+        amx_setting(False)                         # a recorded program keeps its route
+        assert torch.equal(rep(x), ref) and rep.stats['replays'] == 2
