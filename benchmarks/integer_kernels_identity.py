@@ -78,7 +78,8 @@ def main(argv=None):
               f'{t["replay"]:.1f} s replayed', flush=True)
     save_result('integer_kernels_identity.json', dict(
         command='python benchmarks/integer_kernels_identity.py ' + ' '.join(sys.argv[1:]),
-        machine=machine_info(), date=datetime.date.today().isoformat(), rows=rows))
+        machine=machine_info(), date=datetime.date.today().isoformat(), kernels=kernels.info(),
+        rows=rows))
 
 
 if __name__ == '__main__':

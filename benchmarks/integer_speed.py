@@ -101,9 +101,14 @@ def main(argv=None):
     p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
                    help="'tuned': glibc malloc keeps freed memory (see the docstring)")
     p.add_argument('--no-profile', action='store_true')
+    p.add_argument('--tag', default='',
+                   help='a name for this machine: results go to integer_speed[_tuned]_<tag>.json, '
+                        'beside those of other machines')
     p.add_argument('--note', default='contended machine (load average ~15-20 on 2 cores): ratios only',
                    help='what the machine was doing (goes into RESULTS.md)')
     args = p.parse_args(argv)
+    if args.tag and not all(c.isalnum() or c in '-_' for c in args.tag):
+        raise SystemExit(f'--tag {args.tag!r}: letters, digits, - and _ only (it names a file)')
     if args.allocator == 'tuned' and os.environ.get('GLIBC_TUNABLES') != TUNED_MALLOC:
         # the allocator reads its settings at process start: run again with them
         os.execve(sys.executable, [sys.executable] + sys.argv,
@@ -184,11 +189,12 @@ def main(argv=None):
                 if n.endswith(')') and '(replayed' not in n:
                     continue
                 profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
-    name = 'integer_speed.json' if args.allocator == 'default' else 'integer_speed_tuned.json'
+    name = 'integer_speed' + ('' if args.allocator == 'default' else '_tuned') \
+        + (f'_{args.tag}' if args.tag else '') + '.json'
     save_result(name, dict(
         command='python benchmarks/integer_speed.py ' + ' '.join(sys.argv[1:]),
         machine=machine_info(), threads=args.threads, date=datetime.date.today().isoformat(),
-        note=args.note, allocator=args.allocator,
+        note=args.note, allocator=args.allocator, tag=args.tag,
         glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernels.info(),
         rows=rows, profiles=profiles))
 

@@ -139,8 +139,11 @@ def integer_section(doc):
     out += notes_md(doc)
     ident = load_result('integer_kernels_identity.json')
     if ident:
+        amx = ident.get('kernels', {}).get('amx')
         out += ['', '### Compiled CPU kernels vs torch ops: the same logits', '',
-                f'Command: `{ident["command"]}`  ', f'Machine: {ident["machine"]}; date {ident["date"]}', '',
+                f'Command: `{ident["command"]}`  ', f'Machine: {ident["machine"]}; date {ident["date"]}'
+                + ('' if amx is None else f'; int8 GEMMs of the compiled path on AMX tiles: '
+                   f'{"yes" if amx else "no"}'), '',
                 '| preset | images | identical logits | max abs logit diff | compiled s | torch ops s '
                 '| replayed: identical to eager | replayed batches (fallbacks) | replayed s |',
                 '|---|---|---|---|---|---|---|---|---|']
@@ -150,10 +153,9 @@ def integer_section(doc):
                 f'| {r.get("replayed_batches", "–")} ({r.get("replay_fallbacks", "–")}) '
                 + (f'| {r["seconds_replayed"]:.1f} |' if 'seconds_replayed' in r else '| – |')
                 for r in ident['rows']]
-    for name in ('integer_speed.json', 'integer_speed_tuned.json'):
-        speed = load_result(name)
-        if speed:
-            out += ['', integer_speed_section(speed)]
+    import glob
+    for path in sorted(glob.glob(osp.join(HERE, 'results', 'integer_speed*.json'))):
+        out += ['', integer_speed_section(load_result(osp.basename(path)))]
     return '\n'.join(out)
 
 
@@ -161,11 +163,14 @@ def integer_speed_section(doc):
     alloc = doc.get('allocator', 'default')
     title = ('glibc malloc keeping freed memory' if alloc == 'tuned' else 'default glibc malloc')
     kern = doc.get('kernels')
-    out = [f'### Integer model speed vs float (DeiT-Tiny, CPU, {title})', '',
+    cpu = f', {doc["tag"]}' if doc.get('tag') else ''
+    out = [f'### Integer model speed vs float (DeiT-Tiny, CPU{cpu}, {title})', '',
            f'Command: `{doc["command"]}`  ', f'Machine: {doc["machine"]}; date {doc["date"]}; '
            f'{doc["threads"]} threads; {doc["note"]}'
            + (f'; GLIBC_TUNABLES={doc["glibc_tunables"]}' if doc.get('glibc_tunables') else '')
-           + (f'; compiled kernels: {"yes" if kern["compiled"] else "no"}' if kern else ''), '',
+           + (f'; compiled kernels: {"yes" if kern["compiled"] else "no"}' if kern else '')
+           + (f'; int8 GEMMs on AMX tiles: {"yes" if kern["amx"] else "no"}'
+              if kern and 'amx' in kern else ''), '',
            '| model | batch | median ms | ratio to float eager (median of per-round ratios) |',
            '|---|---|---|---|']
     for r in doc['rows']:
