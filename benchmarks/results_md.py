@@ -1,4 +1,5 @@
 """Benchmark result files: benchmarks/results/*.json (atomic writes) rendered into RESULTS.md."""
+import glob
 import json
 import os
 import os.path as osp
@@ -153,7 +154,6 @@ def integer_section(doc):
                 f'| {r.get("replayed_batches", "–")} ({r.get("replay_fallbacks", "–")}) '
                 + (f'| {r["seconds_replayed"]:.1f} |' if 'seconds_replayed' in r else '| – |')
                 for r in ident['rows']]
-    import glob
     for path in sorted(glob.glob(osp.join(HERE, 'results', 'integer_speed*.json'))):
         out += ['', integer_speed_section(load_result(osp.basename(path)))]
     return '\n'.join(out)

@@ -260,15 +260,7 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
     set_exact_arithmetic(new)
     new.fqvit_integer_plan = [list(p) for p in plan]
     new.fqvit_integer_attention = attention
-    route = ''
-    if torch.device(device).type == 'cpu':
-        from . import kernels
-        info = kernels.info()
-        route = ('; CPU kernels: compiled, int8 GEMMs ' + ('on AMX tiles' if info['amx'] else
-                                                           'through torch._int_mm')
-                 if info['compiled'] else '; CPU kernels: torch ops')
-    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer '
-                      f'attentions{route}')
+    get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')
     return new.to(device)
 
 

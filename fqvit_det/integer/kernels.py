@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ..log import get_logger
+
 BACKENDS = ('auto', 'cpp', 'torch')
 _SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', f)
             for f in ('int8_kernels.cpp', 'amx_gemm.cpp', 'replay.cpp')]
@@ -79,8 +81,10 @@ def _load():
             _state['tried'] = True
             try:
                 ops = _build()
-                _state['amx'] = bool(ops.amx_config(1 if want_amx else 0))
+                _state['amx'] = want_amx and bool(ops.amx_available())
                 _state['ops'] = ops
+                get_logger().info('fqvit_det.integer: compiled CPU kernels loaded; int8 GEMMs '
+                                  + ('on AMX tiles' if _state['amx'] else 'through torch._int_mm'))
             except Exception as e:  # noqa: BLE001 -- reported below, with the reason
                 _state['error'] = f'{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}'
                 if _backend() == 'auto':
@@ -118,8 +122,7 @@ def _amx_env() -> bool:
 def set_amx(enabled: bool) -> bool:
     """Run the int8 GEMMs on AMX tiles where available (default; ``FQVIT_INT_AMX=0`` starts
     with them off) or always through ``torch._int_mm``. Returns whether AMX is on now."""
-    ops = native()
-    _state['amx'] = ops is not None and bool(ops.amx_config(1 if enabled else 0))
+    _state['amx'] = bool(enabled) and amx_available()
     return _state['amx']
 
 
@@ -130,8 +133,7 @@ def amx_available() -> bool:
 
 
 def amx_ops() -> Optional[object]:
-    """``torch.ops.fqvit_int`` when the int8 GEMMs run on AMX tiles, else None (a Python flag:
-    recorded forwards see no configuration calls)."""
+    """``torch.ops.fqvit_int`` when the int8 GEMMs run on AMX tiles, else None."""
     ops = native()
     return ops if ops is not None and _state['amx'] else None
 

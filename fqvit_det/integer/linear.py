@@ -170,10 +170,11 @@ def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         ops = kernels.amx_ops() if b_t.dtype == torch.int8 and a.dim() == 2 else None
         if ops is None:
             return torch._int_mm(a, b_t)
+        key = kernels.args_key(b_t)
         cached = getattr(b_t, '_fqvit_amx', None)
-        if cached is None or cached[0] != b_t._version:
+        if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                cached = (b_t._version, ops.amx_pack(b_t))
+                cached = (key, ops.amx_pack(b_t))
             b_t._fqvit_amx = cached
         return ops.amx_mm(a, cached[1], b_t.shape[1])
     M, K = a.shape

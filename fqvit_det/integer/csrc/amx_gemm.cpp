@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -36,8 +35,6 @@ namespace {
 constexpr int64_t kTileK = 64;    // bytes per A tile row = K per tile dot product
 constexpr int64_t kTileN = 16;    // int32 columns per C tile
 constexpr int64_t kBlock = 32;    // output block: 2 × 2 tiles
-
-std::atomic<int> g_mode{0};       // 0 off, 1 on where available (amx_config; kernels.py sets it)
 
 #ifdef FQVIT_HAVE_AMX
 bool amx_supported() {
@@ -202,51 +199,12 @@ void gemm_blocks(const int8_t* A, int64_t lda, bool u8, const int8_t* Bp, int64_
 }
 #endif
 
-void check_a(const at::Tensor& a, const char* who) {
-  TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 &&
-                  (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
-              who, ": a must be a 2-D int8 or uint8 CPU tensor");
-}
-
-at::Tensor amx_mm_impl(const at::Tensor& a_in, const int8_t* bp, int64_t N) {
-  const auto a = a_in.stride(1) == 1 && a_in.stride(0) >= a_in.size(1) ? a_in : a_in.contiguous();
-  const int64_t M = a.size(0), K = a.size(1);
-  auto c = at::empty({M, N}, a.options().dtype(at::kInt));
-  if (M == 0 || N == 0) return c;
-  if (K == 0) return c.zero_();
-#ifdef FQVIT_HAVE_AMX
-  const bool u8 = a.scalar_type() == at::kByte;
-  const int8_t* ap = static_cast<const int8_t*>(a.data_ptr());
-  const int64_t lda = a.stride(0);
-  int32_t* cp = c.data_ptr<int32_t>();
-  const int64_t tasks = ((M + kBlock - 1) / kBlock) * ((N + kBlock - 1) / kBlock);
-  auto run = [&](int64_t begin, int64_t end) {
-    load_tiles();
-    gemm_blocks(ap, lda, u8, bp, M, N, K, cp, N, begin, end);
-    release_tiles();
-  };
-  at::parallel_for(0, tasks, 1, run);
-#else
-  TORCH_CHECK(false, "amx_mm: built without AMX support");
-#endif
-  return c;
-}
-
 bool amx_available() {
 #ifdef FQVIT_HAVE_AMX
   return amx_supported();
 #else
   return false;
 #endif
-}
-
-bool amx_on() { return g_mode.load(std::memory_order_relaxed) == 1 && amx_available(); }
-
-// mode: 0 off, 1 on where available; returns whether AMX is on after the call
-bool amx_config(int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, "amx_config: mode 0 (off) or 1 (on) expected, got ", mode);
-  g_mode.store(static_cast<int>(mode));
-  return amx_on();
 }
 
 // b (K, N) int8 → its tiles (a flat int8 tensor; amx_mm takes it with N)
@@ -260,20 +218,38 @@ at::Tensor amx_pack(const at::Tensor& b) {
 }
 
 // a (M, K) int8 / uint8 · the packed (K, N) int8 → (M, N) int32, equal to torch._int_mm
-at::Tensor amx_mm(const at::Tensor& a, const at::Tensor& packed, int64_t n) {
-  check_a(a, "amx_mm");
+at::Tensor amx_mm(const at::Tensor& a_in, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(a_in.device().is_cpu() && a_in.dim() == 2 &&
+                  (a_in.scalar_type() == at::kChar || a_in.scalar_type() == at::kByte),
+              "amx_mm: a must be a 2-D int8 or uint8 CPU tensor");
   TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 1 && packed.scalar_type() == at::kChar &&
-                  packed.is_contiguous() && packed.numel() == packed_bytes(a.size(1), n),
+                  packed.is_contiguous() && packed.numel() == packed_bytes(a_in.size(1), n),
               "amx_mm: packed must be amx_pack's output for a (K, N) with K = a.size(1), N = n");
-  // the hardware, not the on/off setting: a recorded forward keeps the route it was recorded with
   TORCH_CHECK(amx_available(), "amx_mm: AMX is not available on this CPU / OS");
-  return amx_mm_impl(a, packed.data_ptr<int8_t>(), n);
+  const auto a = a_in.stride(1) == 1 && a_in.stride(0) >= a_in.size(1) ? a_in : a_in.contiguous();
+  const int64_t M = a.size(0), K = a.size(1);
+  auto c = at::empty({M, n}, a.options().dtype(at::kInt));
+  if (M == 0 || n == 0) return c;
+  if (K == 0) return c.zero_();
+#ifdef FQVIT_HAVE_AMX
+  const bool u8 = a.scalar_type() == at::kByte;
+  const int8_t* ap = static_cast<const int8_t*>(a.data_ptr());
+  const int8_t* bp = packed.data_ptr<int8_t>();
+  const int64_t lda = a.stride(0);
+  int32_t* cp = c.data_ptr<int32_t>();
+  const int64_t tasks = ((M + kBlock - 1) / kBlock) * ((n + kBlock - 1) / kBlock);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    load_tiles();
+    gemm_blocks(ap, lda, u8, bp, M, n, K, cp, n, begin, end);
+    release_tiles();
+  });
+#endif
+  return c;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fqvit_int, m) {
-  m.def("amx_config(int mode) -> bool", &amx_config);
   m.def("amx_available() -> bool", &amx_available);
   m.def("amx_pack", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(amx_pack)));
   m.def("amx_mm", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(amx_mm)));

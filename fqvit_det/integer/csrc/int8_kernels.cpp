@@ -1286,14 +1286,14 @@ FQVIT_CLONES int64_t ln_fused(double ds, const double* __restrict gamma_abs, dou
     uint64_t bits;
     std::memcpy(&bits, &a, 8);
     const uint64_t E = (bits >> 52) & 0x7FF;
-    const uint64_t rbits = (2046 - E) << 52;
+    const uint64_t rbits = (2046 - E) << 52;          // 1/2^(E − 1023), E in [1, 2045]
     double r, e;
     std::memcpy(&r, &rbits, 8);
     const uint64_t ebits = E << 52;
     std::memcpy(&e, &ebits, 8);
     double t = r * half;
     t = t < 1.0 ? 1.0 : (t > 2147483648.0 ? 2147483648.0 : t);
-    double it = e * inv_half;
+    double it = e * inv_half;                          // 1/t, the same clamp
     it = it > 1.0 ? 1.0 : (it < 4.656612873077393e-10 ? 4.656612873077393e-10 : it);
     const double mm = a * t;
     bad += 1 - ((static_cast<int64_t>(E >= 1) & static_cast<int64_t>(E <= 2045) &
