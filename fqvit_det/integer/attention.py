@@ -825,13 +825,16 @@ class IntegerAttention(nn.Module):
 
     def _compiled_core(self, ops, st, qa, ka, va, B):
         """Steps 1–4 on the int8 operands code − offset of q, k, v ((B·H, N, d) each) in one
-        compiled op: ``attention_lis`` (FQ-ViT) or ``attention_pow2``."""
+        compiled op: ``attention_lis`` (FQ-ViT) or ``attention_pow2``, their int8 GEMMs on AMX
+        tiles where ``kernels.amx_ops()`` says so."""
+        from . import kernels
+        amx = kernels.amx_ops() is not None
         if self.kind == 'lis':
             return ops.attention_lis(qa, ka, va, st['zq'], st['zk'], st['zv'], st['m_sim'],
                                      float(st['logit_scale']), st['lo'], st['hi'], st['table'],
                                      st['odd'], st['den'], len(st['tops']), st['out_step'],
                                      float(st['out_scale']), st['z_out'], *st['out_range'],
-                                     self.num_heads, self.vector_kernels)
+                                     self.num_heads, self.vector_kernels, amx)
         cfg = self.cfg
         c = self._pow2_consts(B, qa.device)
         plan = c['plan']
@@ -841,7 +844,7 @@ class IntegerAttention(nn.Module):
                                   cfg['probs_bits'], plan['table'], plan['classes'],
                                   plan['shifts'], plan['exact'], c['mult'], c['so'], c['zo'],
                                   *cfg['out_range'], self.num_heads,
-                                  *self._code_buckets(mode, r, qq), self.vector_kernels)
+                                  *self._code_buckets(mode, r, qq), self.vector_kernels, amx)
 
     def _code_buckets(self, mode: int, r: float, qq: float):
         """``attention_pow2``'s last arguments for code mode ``mode`` (``_code_mode``): the

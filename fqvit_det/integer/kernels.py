@@ -15,8 +15,9 @@ Which kernels run is chosen by ``set_backend`` or the ``FQVIT_INT_KERNELS`` envi
 Both paths compute the same exact integers (tests compare them bit for bit).
 
 With the compiled kernels, the int8 GEMMs run on Intel AMX tiles where the CPU has AMX-INT8 and
-Linux grants the tile state (``csrc/amx_gemm.cpp``; the Linear layers' weights are packed once),
-else through ``torch._int_mm``: the same int32 results. ``set_amx(False)`` or ``FQVIT_INT_AMX=0``
+Linux grants the tile state (``csrc/amx_gemm.cpp``; the Linear layers' weights are packed once,
+the attention cores' kᵀ and values once per matrix), else through ``torch._int_mm``: the same
+int32 results. ``set_amx(False)`` or ``FQVIT_INT_AMX=0``
 switches AMX off.
 """
 import os

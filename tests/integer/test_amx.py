@@ -1,15 +1,23 @@
-"""int8 GEMMs on Intel AMX tiles (``csrc/amx_gemm.cpp``, ``linear.int_mm``): the tile layout of the
-packed weights against the layout written out here, and, on CPUs with AMX-INT8, the products
-against ``torch._int_mm`` bit for bit (tails in every dimension, int8 and uint8 activations) and
-whole integer ViTs with AMX on and off. Without AMX the route must report itself off and every
-product must go through ``torch._int_mm``."""
+"""int8 GEMMs on Intel AMX tiles (``csrc/amx_gemm.cpp``, ``linear.int_mm`` and the compiled
+attention cores' QKᵀ and P·V): the tile layout of the packed weights against the layout written
+out here, and, on CPUs with AMX-INT8, the products against ``torch._int_mm`` bit for bit (tails in
+every dimension, int8 and uint8 activations), the attention cores of every kind on tiles and off
+(token counts that fill no tile, head dims 64 and 32), and whole integer ViTs with AMX on and off.
+Without AMX the route must report itself off and every product must go through
+``torch._int_mm``."""
 import pytest
+import timm
 import torch
 
+from fqvit_det.calibration import CalibrationRunner
+from fqvit_det.convert import quantize_model
 from fqvit_det.integer import kernels, replay, to_integer
+from fqvit_det.integer.attention import IntegerAttention
 from fqvit_det.integer.linear import int_mm
+from fqvit_det.presets import make_spec
 
-from .test_int_attention import calibrated
+from ..helpers import images
+from .test_int_attention import METHODS, calibrated
 from .test_kernels import backend  # noqa: F401  (fixture)
 
 
@@ -43,7 +51,9 @@ def test_packed_tiles_follow_the_layout(K, N):
     ops = _ops()
     g = torch.Generator().manual_seed(K * N)
     w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
-    for b in (w.t(), w.t().contiguous()):          # K-contiguous (weights) and N-contiguous
+    wide = torch.randint(-128, 128, (K, 2 * N), dtype=torch.int8, generator=g)
+    # K-contiguous (weights), N-contiguous (P·V values) and neither
+    for b in (w.t(), w.t().contiguous(), wide[:, ::2]):
         assert torch.equal(ops.amx_pack(b), _reference_tiles(b))
 
 
@@ -132,3 +142,51 @@ def test_integer_vit_with_amx_on_and_off(backend, amx_setting, method):  # noqa:
         assert torch.equal(out, ref) and rep.stats['replays'] == 1
         amx_setting(False)                         # a recorded program keeps its route
         assert torch.equal(rep(x), ref) and rep.stats['replays'] == 2
+
+
+_HEAD_DIM_32 = {}
+
+
+def _calibrated_head_dim_32(method):
+    """A calibrated one-block ViT with 32-wide heads (96 channels, 3 heads; cached)."""
+    if method not in _HEAD_DIM_32:
+        torch.manual_seed(0)
+        model = timm.create_model('vit_tiny_patch16_224', pretrained=False, depth=1, img_size=64,
+                                  embed_dim=96, num_heads=3, num_classes=10).eval()
+        with torch.no_grad():
+            model.cls_token.normal_(std=0.5)
+            model.pos_embed.normal_(std=0.5)
+        name, w, a, kw = METHODS[method]
+        spec = make_spec(name, w, a, **kw)
+        quantize_model(model, spec)
+        x = images(model, 4)
+        CalibrationRunner(model, spec, progress=False).run([x])
+        _HEAD_DIM_32[method] = model
+    return _HEAD_DIM_32[method]
+
+
+@pytest.mark.parametrize('head_dim', [64, 32])
+@pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4', 'ptq4vit', 'adalog_6'])
+def test_attention_cores_on_tiles_equal_int_mm(backend, amx_setting, method, head_dim):  # noqa: F811
+    """The compiled cores' QKᵀ and P·V on tiles and through torch._int_mm give the same codes,
+    for token counts that fill no 32-row block (17, 50, 197: tails in rows, keys and the P·V K
+    slices) and one image (the row-block tasks) or several; q, k, v as separate tensors, so the
+    last matrix's q rows end at their storage's end (the tiles' copy of them)."""
+    _needs_amx()
+    backend('cpp')
+    model = calibrated(method, 'cpu')[0] if head_dim == 64 else _calibrated_head_dim_32(method)
+    attn = next(m for m in to_integer(model).modules() if isinstance(m, IntegerAttention))
+    assert attn.head_dim == head_dim
+    g = torch.Generator().manual_seed(head_dim)
+    with torch.inference_mode():
+        for B, N in ((1, 17), (3, 50), (1, 197), (2, 197)):
+            codes = []
+            for r in ('q', 'k', 'v'):
+                lo, hi = attn.cfg[f'{r}_range']
+                codes.append(torch.randint(lo, hi + 1, (B, attn.num_heads, N, head_dim),
+                                           generator=g).float())
+            amx_setting(False)
+            ref = attn._compiled_codes(*codes)
+            assert ref is not None, 'the compiled core does not apply'
+            amx_setting(True)
+            assert torch.equal(attn._compiled_codes(*codes), ref), (B, N)

@@ -10,9 +10,11 @@
 //
 // B is packed once into that layout (amx_pack; the Linear layers keep their packed weights). Rows,
 // columns and K that do not fill a tile are zero-padded: A rows through a per-thread copy, B in the
-// packing, C through a per-thread block buffer. The attention cores keep torch._int_mm: their
-// products (K = 64 for QKᵀ, per-image operands that would need packing per call) measured no
-// faster on tiles.
+// packing, C through a per-thread block buffer. The attention cores (int8_kernels.cpp, through
+// amx_gemm.h) pack kᵀ and the values per matrix and call matmul_padded, which skips the copies:
+// they leave readable room after A and C instead.
+#include "amx_gemm.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -123,7 +125,9 @@ void block_any(bool two_m, bool two_n, const int8_t* a, int64_t lda, const int8_
 
 // B (K × N, element (k, n) at b[k·sk + n·sn]) → tiles [Nt][Kb][16][64] with Nt = 2·⌈N/32⌉,
 // Kb = ⌈K/64⌉: tile (t, kb) row r holds, for its 16 columns n, the 4 bytes B[64kb + 4r + i][16t + n]
-// (zero outside B). Two loop orders: contiguous K (weights (N, K) transposed, kᵀ) or contiguous N.
+// (zero outside B). Two loop orders: contiguous K (weights (N, K) transposed, kᵀ: a column's 4
+// bytes are one unaligned 32-bit load) or contiguous N (the values of P·V: a tile row interleaves
+// four rows of B, 16 columns at a time, which GCC vectorizes).
 void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t* out) {
   const int64_t Kb = (K + kTileK - 1) / kTileK, Nt = 2 * ((N + kBlock - 1) / kBlock);
   std::memset(out, 0, static_cast<size_t>(Nt * Kb * 1024));
@@ -132,21 +136,40 @@ void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_
       const int8_t* src = b + col * sn;
       int8_t* dst = out + (col / kTileN) * Kb * 1024 + (col % kTileN) * 4;
       int64_t k = 0;
-      for (; k + 4 <= K; k += 4)                  // 4 consecutive K of one column: one row slot
-        std::memcpy(dst + (k / kTileK) * 1024 + ((k % kTileK) / 4) * 64, src + k, 4);
+      for (; k + 4 <= K; k += 4) {               // 4 consecutive K of one column: one row slot
+        uint32_t v;
+        std::memcpy(&v, src + k, 4);
+        std::memcpy(dst + (k >> 6) * 1024 + ((k & 63) >> 2) * 64, &v, 4);
+      }
       for (; k < K; ++k) dst[(k / kTileK) * 1024 + ((k % kTileK) / 4) * 64 + k % 4] = src[k];
     }
     return;
   }
   for (int64_t k0 = 0; k0 < K; k0 += 4) {         // 4 rows of B: one 4-byte slot per column
     const int64_t nk = std::min<int64_t>(4, K - k0);
-    const int8_t* src = b + k0 * sk;
-    int8_t* dst = out + (k0 / kTileK) * 1024 + ((k0 % kTileK) / 4) * 64;
+    const int8_t* r[4];
+    for (int64_t i = 0; i < 4; ++i) r[i] = b + (k0 + std::min<int64_t>(i, nk - 1)) * sk;
+    const uint32_t keep = nk == 4 ? 0xFFFFFFFFu : (1u << (8 * nk)) - 1u;   // rows past K: 0
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + (k0 / kTileK) * 1024 + ((k0 % kTileK) / 4) * 64);
+    if (sn == 1) {
+      for (int64_t t = 0; t * kTileN < N; ++t) {
+        const int64_t c0 = t * kTileN, cols = std::min<int64_t>(kTileN, N - c0);
+        uint32_t* o = dst + t * Kb * 256;
+        const uint8_t *r0 = reinterpret_cast<const uint8_t*>(r[0]) + c0,
+                      *r1 = reinterpret_cast<const uint8_t*>(r[1]) + c0,
+                      *r2 = reinterpret_cast<const uint8_t*>(r[2]) + c0,
+                      *r3 = reinterpret_cast<const uint8_t*>(r[3]) + c0;
+        for (int64_t n = 0; n < cols; ++n)
+          o[n] = (static_cast<uint32_t>(r0[n]) | static_cast<uint32_t>(r1[n]) << 8 |
+                  static_cast<uint32_t>(r2[n]) << 16 | static_cast<uint32_t>(r3[n]) << 24) & keep;
+      }
+      continue;
+    }
     for (int64_t col = 0; col < N; ++col) {
       uint32_t v = 0;
       for (int64_t i = 0; i < nk; ++i)
-        v |= static_cast<uint32_t>(static_cast<uint8_t>(src[i * sk + col * sn])) << (8 * i);
-      std::memcpy(dst + (col / kTileN) * Kb * 1024 + (col % kTileN) * 4, &v, 4);
+        v |= static_cast<uint32_t>(static_cast<uint8_t>(r[i][col * sn])) << (8 * i);
+      dst[(col / kTileN) * Kb * 256 + col % kTileN] = v;
     }
   }
 }
@@ -248,6 +271,49 @@ at::Tensor amx_mm(const at::Tensor& a_in, const at::Tensor& packed, int64_t n) {
 }
 
 }  // namespace
+
+namespace fqvit_amx {
+
+bool available() { return amx_available(); }
+
+int64_t packed_bytes(int64_t K, int64_t N) { return ::packed_bytes(K, N); }
+
+void pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t* out) {
+  pack_b(b, sk, sn, K, N, out);
+}
+
+void matmul(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
+            int32_t* c, int64_t ldc) {
+  TORCH_CHECK(amx_available(), "fqvit_amx::matmul: AMX is not available on this CPU / OS");
+#ifdef FQVIT_HAVE_AMX
+  if (M == 0 || N == 0) return;
+  load_tiles();
+  gemm_blocks(a, lda, false, packed, M, N, K, c, ldc, 0,
+              ((M + kBlock - 1) / kBlock) * ((N + kBlock - 1) / kBlock));
+  release_tiles();
+#endif
+}
+
+void matmul_padded(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N,
+                   int64_t K, int32_t* c, int64_t ldc) {
+  TORCH_CHECK(amx_available(), "fqvit_amx::matmul_padded: AMX is not available on this CPU / OS");
+  const int64_t Kb = (K + kTileK - 1) / kTileK, nblk = (N + kBlock - 1) / kBlock;
+  TORCH_CHECK(lda >= K && ldc >= nblk * kBlock, "fqvit_amx::matmul_padded: lda ", lda, " / ldc ",
+              ldc, " below K / the padded N");
+#ifdef FQVIT_HAVE_AMX
+  if (M == 0 || N == 0) return;
+  load_tiles();
+  for (int64_t r0 = 0; r0 < M; r0 += kBlock)
+    for (int64_t nb = 0; nb < nblk; ++nb) {
+      const int8_t* b0 = packed + (2 * nb) * Kb * 1024;
+      block<false, true, true>(a + r0 * lda, lda, b0, b0 + Kb * 1024, Kb, c + r0 * ldc + nb * kBlock,
+                               ldc);
+    }
+  release_tiles();
+#endif
+}
+
+}  // namespace fqvit_amx
 
 TORCH_LIBRARY_FRAGMENT(fqvit_int, m) {
   m.def("amx_available() -> bool", &amx_available);

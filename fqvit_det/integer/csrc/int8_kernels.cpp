@@ -34,6 +34,8 @@
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer; rescale_ writes
 //                  the result into the accumulator's own storage
+#include "amx_gemm.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -871,7 +873,8 @@ at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
 // The steps of IntegerAttention's torch path (qk GEMMs → logits → softmax / LIS → operands → P·V GEMMs
 // → requantization), each matrix run start to end by one thread: its intermediates stay in that
 // core's cache and no step waits for the others (a task: one (image, head) matrix, or a block
-// of its query rows when the batch is small). ATen ops called here (torch._int_mm, softmax,
+// of its query rows when the batch is small). The int8 GEMMs run on AMX tiles where the caller
+// asks for them (amx_gemm.h). ATen ops called here (torch._int_mm, softmax,
 // div, log2) are the ones the Python path calls, run single-threaded.
 
 struct QkvOperands {
@@ -922,18 +925,65 @@ int64_t row_blocks(int64_t matrices, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, (want + matrices - 1) / matrices));
 }
 
-// Step 1 of a task: rows [i0, i0 + R) of matrix g's QKᵀ (int8 GEMM) and the operands' row sums
-// (the zero-point terms).
-struct QkRows {
-  at::Tensor acc;                    // (R, N) int32
-  std::vector<int64_t> q_sums, k_sums;
+// The two int8 GEMMs of a task (QKᵀ and P·V): torch._int_mm, or AMX tiles (amx_gemm.h) where the
+// caller asks for them. The tiles read whole 32-row blocks and 64-byte K slices of A; the bytes
+// past K belong to the next rows but meet the packed B's zero rows, so A needs no padded copy,
+// only readable memory: the operand planes get slack, q is copied only at the end of its tensor.
+// The packed kᵀ and values of the last matrix are kept for the next task.
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct TaskGemms {
+  bool amx = false;
+  int64_t k_of = -1, v_of = -1;      // matrices whose packed kᵀ / values are held
+  std::vector<int8_t> kp, vp, qpad;
+  std::vector<int32_t> qk, pv;       // AMX outputs
+  at::Tensor held;                   // torch._int_mm output
+  // P·V operand planes (planes × span rows of N), with the tiles' slack
+  at::Tensor operands(int64_t planes, int64_t span, int64_t N, const at::TensorOptions& o) const {
+    const int64_t slack = amx ? 32 * N + 64 : 0;
+    return at::empty({planes * span * N + slack}, o);
+  }
 };
 
-QkRows qk_rows(const at::Tensor& qa, const at::Tensor& ka, int64_t g, int64_t i0, int64_t R) {
+// Step 1 of a task: rows [i0, i0 + R) of matrix g's QKᵀ (int8 GEMM) and the operands' row sums
+// (the zero-point terms); row(i, acc, sums) gets row i's N int32 products. On tiles the products
+// come in stripes of 32 rows whose outputs stay in the L1 cache until their rows are used.
+struct QkSums {
+  std::vector<int64_t> q, k;
+};
+
+template <typename Row>
+void qk_rows(const at::Tensor& qa, const at::Tensor& ka, int64_t g, int64_t i0, int64_t R,
+             TaskGemms& tg, Row row) {
   const int64_t N = qa.size(1), d = qa.size(2);
-  const auto qrows = qa[g].narrow(0, i0, R);
-  return QkRows{at::_int_mm(qrows, ka[g].t()), row_sums(qrows.data_ptr<int8_t>(), R, d),
-                row_sums(ka[g].data_ptr<int8_t>(), N, d)};
+  const int8_t* qp = qa.data_ptr<int8_t>() + (g * N + i0) * d;
+  const int8_t* kp = ka.data_ptr<int8_t>() + g * N * d;
+  const QkSums sums{row_sums(qp, R, d), row_sums(kp, N, d)};
+  if (!tg.amx) {
+    tg.held = at::_int_mm(qa[g].narrow(0, i0, R), ka[g].t());
+    const int32_t* acc = tg.held.data_ptr<int32_t>();
+    for (int64_t i = 0; i < R; ++i) row(i, acc + i * N, sums);
+    return;
+  }
+  if (tg.k_of != g) {                // kᵀ: K = d (contiguous in a key row), N keys
+    tg.kp.resize(fqvit_amx::packed_bytes(d, N));
+    fqvit_amx::pack(kp, 1, d, d, N, tg.kp.data());
+    tg.k_of = g;
+  }
+  const int64_t Rp = round_up(R, 32), Np = round_up(N, 32);
+  const int8_t* a = qp;
+  const int8_t* end = static_cast<const int8_t*>(qa.storage().data()) + qa.storage().nbytes();
+  if (qp + (Rp - 1) * d + round_up(d, 64) > end) {     // the tiles would read past q's storage
+    tg.qpad.assign(Rp * d + 64, 0);
+    std::memcpy(tg.qpad.data(), qp, R * d);
+    a = tg.qpad.data();
+  }
+  tg.qk.resize(32 * Np);
+  for (int64_t r0 = 0; r0 < R; r0 += 32) {
+    const int64_t rn = std::min<int64_t>(32, R - r0);
+    fqvit_amx::matmul_padded(a + r0 * d, d, tg.kp.data(), rn, N, d, tg.qk.data(), Np);
+    for (int64_t i = 0; i < rn; ++i) row(r0 + i, tg.qk.data() + i * Np, sums);
+  }
 }
 
 // Steps 3–4 of a task: the operand planes of its R rows, stacked by rows in ``operands``
@@ -989,18 +1039,33 @@ __attribute__((target("avx512f,avx512dq,avx512vl"))) void pv_row_exact_avx512(
 template <typename OutRow>
 void pv_rows(const PvConsts& k, PvScratch& scratch, const at::Tensor& operands, int64_t np,
              const int64_t* pid, int64_t R, const at::Tensor& vaug, int64_t z, const double* mult,
-             int64_t h, std::vector<const int32_t*>& rows, OutRow out_row, bool vector = true) {
+             int64_t h, std::vector<const int32_t*>& rows, OutRow out_row, TaskGemms& tg,
+             int64_t g, bool vector = true) {
   const int64_t N = vaug.size(0), d = k.d;
-  const auto prod = at::_int_mm(
-      operands.view({-1}).narrow(0, 0, np * R * N).view({np * R, N}), vaug);
-  const int32_t* pp = prod.data_ptr<int32_t>();
+  const int32_t* pp;
+  int64_t ldp = d + 1;
+  if (tg.amx) {
+    if (tg.v_of != g) {              // values with their ones column: K = N, N' = d + 1
+      tg.vp.resize(fqvit_amx::packed_bytes(N, d + 1));
+      fqvit_amx::pack(vaug.data_ptr<int8_t>(), d + 1, 1, N, d + 1, tg.vp.data());
+      tg.v_of = g;
+    }
+    ldp = round_up(d + 1, 32);
+    tg.pv.resize(round_up(np * R, 32) * ldp);
+    fqvit_amx::matmul_padded(operands.data_ptr<int8_t>(), N, tg.vp.data(), np * R, d + 1, N,
+                             tg.pv.data(), ldp);
+    pp = tg.pv.data();
+  } else {
+    tg.held = at::_int_mm(operands.narrow(0, 0, np * R * N).view({np * R, N}), vaug);
+    pp = tg.held.data_ptr<int32_t>();
+  }
   bool fast = false;
 #ifdef FQVIT_HAVE_AVX512
   fast = vector && k.C <= 8 && np <= 64 && avx512().dq_vl;
   for (int64_t c = 0; c < k.C && fast; ++c) fast = k.ex[c];
 #endif
   for (int64_t i = 0; i < R; ++i) {
-    for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * (d + 1);
+    for (int64_t j = 0; j < np; ++j) rows[j] = pp + (j * R + i) * ldp;
 #ifdef FQVIT_HAVE_AVX512
     if (fast) {
       pv_row_exact_avx512(k, rows.data(), pid, np, z, mult, h, out_row(i));
@@ -1020,8 +1085,10 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
                           const at::Tensor& out_scale, const at::Tensor& out_zero, int64_t qmin,
                           int64_t qmax, int64_t heads, const at::Tensor& bucket_base,
                           const at::Tensor& bucket_inc, const at::Tensor& bucket_thr,
-                          int64_t bucket_shift, const at::Tensor& code_thresholds, bool vector) {
+                          int64_t bucket_shift, const at::Tensor& code_thresholds, bool vector,
+                          bool amx) {
   const char* who = "attention_pow2";
+  TORCH_CHECK(!amx || fqvit_amx::available(), who, ": amx=True but AMX is not available");
   const QkvOperands x = check_operands(who, qa, ka, va, heads);
   const Buckets bk = check_buckets(who, bucket_base, bucket_inc, bucket_thr, bucket_shift);
   const float* thr16 = check_thresholds16(who, code_thresholds, bk, bits);
@@ -1071,25 +1138,24 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
   at::parallel_for(0, G * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(C, d);
+    TaskGemms tg;
+    tg.amx = amx;
     std::vector<const int32_t*> rows(P);
     std::vector<int64_t> pid(P);
     std::vector<double> cm(C);
     std::vector<int32_t> idx(span * N);
     auto logits = at::empty({span, N}, qa.options().dtype(at::kFloat));
-    auto operands = at::empty({P, span, N}, qa.options());
+    const auto operands = tg.operands(P, span, N, qa.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
       const int64_t R = std::min(span, N - i0);
       if (R <= 0) continue;
       auto lgt = logits.narrow(0, 0, R);
       float* lg = lgt.data_ptr<float>();
-      {
-        const QkRows qk = qk_rows(qa, ka, g, i0, R);
-        const int32_t* ap = qk.acc.data_ptr<int32_t>();
-        for (int64_t i = 0; i < R; ++i)
-          logits_row(ap + i * N, qk.k_sums.data(), d * zqp[g] * zkp[g] - qk.q_sums[i] * zkp[g],
-                     zqp[g], mp[g], N, lg + i * N);
-      }
+      qk_rows(qa, ka, g, i0, R, tg, [&](int64_t i, const int32_t* acc, const QkSums& sums) {
+        logits_row(acc, sums.k.data(), d * zqp[g] * zkp[g] - sums.q[i] * zkp[g], zqp[g], mp[g], N,
+                   lg + i * N);
+      });
       auto l = at::_softmax(lgt, -1, false);
       if (mode == 3) {
         twin_rows(l.data_ptr<float>(), R * N, sf, rf, qf, static_cast<float>((1 << (bits - 1)) - 1),
@@ -1126,7 +1192,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       }
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
       pv_rows(k, scratch, operands, np, pid.data(), R, vaug[g], zvp[g], cm.data(), h, rows,
-              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, vector);
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, tg, g, vector);
     }
   });
   for (int64_t g = 0; g < G; ++g)
@@ -1139,8 +1205,9 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
                          double lo, double hi, const at::Tensor& table, const at::Tensor& odd,
                          const at::Tensor& den, int64_t groups, double out_step,
                          double out_scale, double out_zero, int64_t qmin, int64_t qmax,
-                         int64_t heads, bool vector) {
+                         int64_t heads, bool vector, bool amx) {
   const char* who = "attention_lis";
+  TORCH_CHECK(!amx || fqvit_amx::available(), who, ": amx=True but AMX is not available");
   const QkvOperands x = check_operands(who, qa, ka, va, heads);
   const int64_t B = x.B, H = x.H, N = x.N, d = x.d;
   check_cpu(table, at::kLong, 1, who, "table");
@@ -1181,6 +1248,8 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
   at::parallel_for(0, B * H * nb, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     PvScratch scratch(1, d);
+    TaskGemms tg;
+    tg.amx = amx;
     std::vector<const int32_t*> rows(groups);
     std::vector<int64_t> pid(groups);
     for (int64_t gr = 0; gr < groups; ++gr) pid[gr] = gr;
@@ -1188,25 +1257,25 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     std::vector<float> y(N);
     std::vector<int32_t> dd(N), code(N), lut(levels + 1);
     std::vector<int64_t> D(K), theta(K), ev(N);
-    auto operands = at::empty({groups, span, N}, qa.options());
+    const auto operands = tg.operands(groups, span, N, qa.options());
     int8_t* ob = operands.data_ptr<int8_t>();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
       const int64_t R = std::min(span, N - i0);
       if (R <= 0) continue;
-      {
-        const QkRows qk = qk_rows(qa, ka, g, i0, R);
-        for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(qk.k_sums[j] * -zq);
-        const int32_t* ap = qk.acc.data_ptr<int32_t>();
-        for (int64_t i = 0; i < R; ++i)
-          lis_row(ap + i * N, static_cast<double>(qk.q_sums[i] * -zk + d * zq * zk), col.data(),
-                  N, m, ls, lo, hi, tp, levels, halves.data(),
-                  static_cast<int64_t>(halves.size()), opd, dp, inv_den.data(), K, groups,
-                  y.data(), dd.data(), code.data(), lut.data(), D.data(), theta.data(),
-                  ev.data(), ob + i * N, R * N, count16);
-      }
+      bool first = true;
+      qk_rows(qa, ka, g, i0, R, tg, [&](int64_t i, const int32_t* acc, const QkSums& sums) {
+        if (first) {
+          for (int64_t j = 0; j < N; ++j) col[j] = static_cast<double>(sums.k[j] * -zq);
+          first = false;
+        }
+        lis_row(acc, static_cast<double>(sums.q[i] * -zk + d * zq * zk), col.data(), N, m, ls, lo,
+                hi, tp, levels, halves.data(), static_cast<int64_t>(halves.size()), opd, dp,
+                inv_den.data(), K, groups, y.data(), dd.data(), code.data(), lut.data(), D.data(),
+                theta.data(), ev.data(), ob + i * N, R * N, count16);
+      });
       pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
-              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, vector);
+              [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, tg, g, vector);
     }
   });
   return out;

@@ -1,0 +1,29 @@
+// The AMX int8 GEMM of amx_gemm.cpp for the other kernels of this extension (the attention
+// cores): single-threaded calls on raw pointers, the tile state configured and released per call.
+#pragma once
+#include <cstdint>
+
+namespace fqvit_amx {
+
+// whether the CPU has AMX-INT8 and Linux granted the tile state (always false off x86-64 Linux)
+bool available();
+
+// bytes of pack()'s output for a K × N matrix B
+int64_t packed_bytes(int64_t K, int64_t N);
+
+// B (K × N, element (k, n) at b[k·sk + n·sn]) → the tile layout matmul() reads
+void pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t* out);
+
+// C (M × N, row stride ldc) = A (M × K int8, row stride lda) · packed B, exact int32, on the
+// calling thread; only where available()
+void matmul(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
+            int32_t* c, int64_t ldc);
+
+// the same without copies, for callers that leave room: the tiles read ⌈M/32⌉·32 rows of A at
+// stride lda, ⌈K/64⌉·64 bytes each (the bytes past column K, whatever they hold, meet the packed
+// B's zero rows); C has room for ⌈M/32⌉·32 rows of ⌈N/32⌉·32 columns (ldc ≥ that), the rows and
+// columns past M, N written with values the caller ignores
+void matmul_padded(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N,
+                   int64_t K, int32_t* c, int64_t ldc);
+
+}  // namespace fqvit_amx
