@@ -170,9 +170,14 @@ class IntegerTimmAttention(nn.Module):
         setup = self.core._compiled_setup(x.shape[1], x.device)
         if setup is None:
             return None
-        acc = lin.accumulate(x.reshape(-1, x.shape[-1]), bias=False)
-        return self.core._fused_forward(acc.view(x.shape[0], x.shape[1], -1),
-                                        rescale=(lin.bias_int, lin.acc_scale, lin.bias_float),
+        x2 = x.reshape(-1, x.shape[-1])
+        rescale = (lin.bias_int, lin.acc_scale, lin.bias_float)
+        tiles = lin.tile_operands(x2)
+        if tiles is not None:      # the product computed on AMX tiles inside the coding pass
+            return self.core._fused_forward(tiles, rescale=rescale, setup=setup,
+                                            batch=x.shape[0])
+        acc = lin.accumulate(x2, bias=False)
+        return self.core._fused_forward(acc.view(x.shape[0], x.shape[1], -1), rescale=rescale,
                                         setup=setup)
 
 

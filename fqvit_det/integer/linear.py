@@ -167,21 +167,36 @@ def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     cases go through an exact int32-in-float64 matmul (every partial sum of int8 products below
     2^53)."""
     if a.device.type == 'cpu':
-        ops = kernels.amx_ops() if b_t.dtype == torch.int8 and a.dim() == 2 else None
-        if ops is None:
+        tiles = tile_product(a, b_t)
+        if tiles is None:
             return torch._int_mm(a, b_t)
-        key = kernels.args_key(b_t)
-        cached = getattr(b_t, '_fqvit_amx', None)
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                cached = (key, ops.amx_pack(b_t))
-            b_t._fqvit_amx = cached
-        return ops.amx_mm(a, cached[1], b_t.shape[1])
+        ops, packed = tiles
+        return ops.amx_mm(a, packed, b_t.shape[1])
     M, K = a.shape
     N = b_t.shape[1]
     if a.dtype == torch.int8 and M > 16 and K % 8 == 0 and N % 8 == 0:
         return torch._int_mm(a, b_t)
     return (a.to(torch.float64) @ b_t.to(torch.float64)).to(torch.int32)
+
+
+def tile_product(a: torch.Tensor, b_t: torch.Tensor):
+    """(compiled ops, packed b_t) where a @ b_t runs on AMX tiles (``kernels.amx_ops()``; CPU,
+    2-D int8 / uint8 a, int8 b_t), else None. The packed weight is kept on ``b_t`` and refreshed
+    when its version changes. The ``tiles_*`` ops take (a, packed, N) in place of the int32
+    product and compute it block by block inside their epilogue."""
+    if a.device.type != 'cpu' or a.dim() != 2 or b_t.dtype != torch.int8 \
+            or a.dtype not in (torch.int8, torch.uint8):
+        return None
+    ops = kernels.amx_ops()
+    if ops is None:
+        return None
+    key = kernels.args_key(b_t)
+    cached = getattr(b_t, '_fqvit_amx', None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, ops.amx_pack(b_t))
+        b_t._fqvit_amx = cached
+    return ops, cached[1]
 
 
 def dyadic(real: torch.Tensor, bits: int = MULT_BITS):
@@ -407,7 +422,11 @@ class IntegerLinear(nn.Module):
         """Dyadic / requant mode: the next quantizer's codes (int32) instead of their values."""
         shape = x.shape
         if self.out_mode == 'requant':
-            acc = self.accumulate(x.reshape(-1, shape[-1]), bias=False)
+            x2 = x.reshape(-1, shape[-1])
+            q = self._tiles_output(x2, codes=True)
+            if q is not None:
+                return q.reshape(*shape[:-1], self.out_features)
+            acc = self.accumulate(x2, bias=False)
             q = KERNELS['rescale_requantize'](acc, self.bias_int, self.acc_scale, self.bias_float,
                                               self.out_scale, self._zo, self.out_qmin,
                                               self.out_qmax, True, in_place=True)
@@ -424,16 +443,22 @@ class IntegerLinear(nn.Module):
         if ops is None or self.in_kind != 'twin_gelu' or self.out_mode != 'float' \
                 or self.has_offset:
             return None
+        def rescale(a2, out):
+            tiles = tile_product(a2, self._b_t)
+            if tiles is None:
+                ops.twin_rescale(int_mm(a2, self._b_t), self.twin_m, self.bias_int,
+                                 self.acc_scale, self.bias_float, out)
+            else:
+                tiles[0].tiles_twin_rescale(a2, tiles[1], self.out_features, self.twin_m,
+                                            self.bias_int, self.acc_scale, self.bias_float, out)
+
         if pairs:
             y = torch.empty((x2.shape[0] // 2, self.out_features), dtype=torch.float32)
-            ops.twin_rescale(int_mm(x2, self._b_t), self.twin_m, self.bias_int, self.acc_scale,
-                             self.bias_float, y)
+            rescale(x2, y)
             return y
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         for i in range(0, x2.shape[0], TWIN_ROWS):
-            acc2 = int_mm(self._twin_operands(x2[i:i + TWIN_ROWS]), self._b_t)
-            ops.twin_rescale(acc2, self.twin_m, self.bias_int, self.acc_scale, self.bias_float,
-                             y[i:i + TWIN_ROWS])
+            rescale(self._twin_operands(x2[i:i + TWIN_ROWS]), y[i:i + TWIN_ROWS])
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,6 +475,11 @@ class IntegerLinear(nn.Module):
                 y = self._float_output(self.accumulate(x2, bias=False))
             return y.reshape(*shape[:-1], self.out_features)
         shape = x.shape
+        y = self._tiles_output(x.reshape(-1, shape[-1]))
+        if y is not None:
+            if self.gelu_twin is not None:
+                return y.reshape(2, *shape[:-1], self.out_features)
+            return y.reshape(*shape[:-1], self.out_features)
         if not x.is_floating_point() and self.in_kind == 'uniform':
             a = x.reshape(-1, shape[-1]).to(self._code_dtype)
             acc = int_mm(a, self._b_t)
@@ -465,6 +495,40 @@ class IntegerLinear(nn.Module):
         if self.gelu_twin is not None:
             return y.reshape(2, *shape[:-1], self.out_features)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def tile_operands(self, x2: torch.Tensor):
+        """(ops, a, packed) where this layer's product of the rows x2 (float values or input
+        codes) runs on AMX tiles inside a ``tiles_*`` epilogue: uniform inputs without a weight
+        offset, the compiled kernels on with AMX; else None."""
+        if self.in_kind != 'uniform' or self.has_offset or x2.device.type != 'cpu' \
+                or kernels.amx_ops() is None:
+            return None
+        a = self.input_codes(x2) if x2.is_floating_point() else x2.to(self._code_dtype)
+        tiles = tile_product(a, self._b_t)
+        return None if tiles is None else (tiles[0], a, tiles[1])
+
+    def _tiles_output(self, x2: torch.Tensor, codes: bool = False):
+        """``_float_output`` (``codes``: the requant codes of ``forward_codes``) with the int32
+        product computed block by block inside the epilogue op on AMX tiles (``tile_operands``);
+        None where that route does not apply (dyadic outputs, offsets, no AMX)."""
+        if self.out_mode == 'dyadic' or KERNELS['rescale'] is not _rescale_native:
+            return None
+        route = self.tile_operands(x2)
+        if route is None:
+            return None
+        ops, a, packed = route
+        n, params = self.out_features, (self.bias_int, self.acc_scale, self.bias_float)
+        if self.out_mode == 'requant':
+            return ops.tiles_rescale(a, packed, n, *params, 2 if codes else 1,
+                                     float(self.out_scale), self._zo, self.out_qmin,
+                                     self.out_qmax)
+        if codes:
+            return None
+        if self.gelu_codes is not None:
+            return ops.tiles_rescale_gelu_quantize(a, packed, n, *params, *self.gelu_codes)
+        if self.gelu_twin is not None:
+            return ops.tiles_rescale_gelu_twin(a, packed, n, *params, *self.gelu_twin)
+        return ops.tiles_rescale(a, packed, n, *params, 0, 1.0, 0, 0, 0)
 
     def _float_output(self, acc: torch.Tensor) -> torch.Tensor:
         """The output of the int32 accumulator (no bias added yet) by ``out_mode``."""

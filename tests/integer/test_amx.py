@@ -125,7 +125,7 @@ def test_the_setting_is_validated(monkeypatch):
     assert kernels._amx_env() is False
 
 
-@pytest.mark.parametrize('method', ['fqvit_lis', 'ptq4vit'])
+@pytest.mark.parametrize('method', ['fqvit_lis', 'ptq4vit', 'repq_w4a4', 'adalog_6'])
 def test_integer_vit_with_amx_on_and_off(backend, amx_setting, method):  # noqa: F811
     _needs_amx()
     backend('cpp')
@@ -190,3 +190,65 @@ def test_attention_cores_on_tiles_equal_int_mm(backend, amx_setting, method, hea
             assert ref is not None, 'the compiled core does not apply'
             amx_setting(True)
             assert torch.equal(attn._compiled_codes(*codes), ref), (B, N)
+
+
+def _rescale_params(N, g):
+    return (torch.randint(-5000, 5000, (N,), dtype=torch.int32, generator=g),
+            (torch.rand(N, generator=g) + 0.5) * 1e-4, torch.randn(N, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize('M,K,N', [(197, 192, 576), (5, 64, 10), (70, 100, 1000), (130, 768, 33)])
+def test_epilogues_on_tiles_equal_the_stored_products(amx_setting, M, K, N):
+    """Every ``tiles_*`` epilogue (the int32 product computed block by block inside it) gives
+    the bits of the same epilogue on the stored ``torch._int_mm`` product: row, column and K
+    tails, uint8 and int8 activations, strided rows."""
+    _needs_amx()
+    ops = _ops()
+    g = torch.Generator().manual_seed(M + K + N)
+    w = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=g)
+    packed = ops.amx_pack(w)
+    params = _rescale_params(N, g)
+    for dtype in (torch.uint8, torch.int8):
+        lo, hi = (0, 256) if dtype == torch.uint8 else (-128, 128)
+        wide = torch.randint(lo, hi, (M, K + 3), dtype=dtype, generator=g)
+        for a in (wide[:, :K].contiguous(), wide[:, 3:]):       # contiguous and strided rows
+            acc = torch._int_mm(a.contiguous(), w)
+            for mode in (0, 1, 2):
+                ref = ops.rescale(acc, *params, mode, 0.05, 3, -7, 9)
+                assert torch.equal(ops.tiles_rescale(a, packed, N, *params, mode, 0.05, 3, -7, 9),
+                                   ref), (dtype, mode)
+            for codes in (torch.uint8, torch.int8):
+                args = (0.02, 7, 0, 15, codes) if codes == torch.uint8 else (0.02, 0, -8, 7, codes)
+                assert torch.equal(ops.tiles_rescale_gelu_quantize(a, packed, N, *params, *args),
+                                   ops.rescale_gelu_quantize(acc, *params, *args))
+            assert torch.equal(ops.tiles_rescale_gelu_twin(a, packed, N, *params, 0.01, 0.08, 8),
+                               ops.rescale_gelu_twin(acc, *params, 0.01, 0.08, 8))
+    a2 = torch.randint(-128, 128, (2 * M, K), dtype=torch.int8, generator=g)
+    for m in (3, -2):
+        ref = torch.empty(M, N)
+        ops.twin_rescale(torch._int_mm(a2, w), m, *params, ref)
+        out = torch.full((M, N), float('nan'))
+        ops.tiles_twin_rescale(a2, packed, N, m, *params, out)
+        assert torch.equal(out, ref), m
+
+
+def test_qkv_coding_on_tiles_equals_the_stored_product(amx_setting):
+    _needs_amx()
+    ops = _ops()
+    g = torch.Generator().manual_seed(3)
+    B, T, K, H, d = 2, 50, 64, 3, 32
+    C3 = 3 * H * d
+    w = torch.randint(-128, 128, (K, C3), dtype=torch.int8, generator=g)
+    a = torch.randint(0, 256, (B * T, K), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(C3, generator=g) + 0.5) * 0.05
+    zero = torch.zeros(C3)
+    lo, hi, off = torch.full((C3,), -8.), torch.full((C3,), 7.), torch.zeros(C3)
+    params = _rescale_params(C3, g)
+    acc = torch._int_mm(a, w).view(B, T, C3)
+    ref = ops.qkv_int8(acc, scale, zero, lo, hi, off, H, *params)
+    out = ops.tiles_qkv_int8(a, ops.amx_pack(w), C3, B, scale, zero, lo, hi, off, H, *params)
+    assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match='tiles_qkv_int8: 100 rows are not 3 images'):
+        ops.tiles_qkv_int8(a, ops.amx_pack(w), C3, 3, scale, zero, lo, hi, off, H, *params)
+    with pytest.raises(RuntimeError, match="tiles_rescale: packed must be amx_pack's output"):
+        ops.tiles_rescale(a, ops.amx_pack(w[:, :10]), C3, *params, 0, 1.0, 0, 0, 0)

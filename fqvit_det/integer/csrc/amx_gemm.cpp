@@ -282,13 +282,13 @@ void pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t*
   pack_b(b, sk, sn, K, N, out);
 }
 
-void matmul(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
-            int32_t* c, int64_t ldc) {
+void matmul(const int8_t* a, int64_t lda, bool u8, const int8_t* packed, int64_t M, int64_t N,
+            int64_t K, int32_t* c, int64_t ldc) {
   TORCH_CHECK(amx_available(), "fqvit_amx::matmul: AMX is not available on this CPU / OS");
 #ifdef FQVIT_HAVE_AMX
   if (M == 0 || N == 0) return;
   load_tiles();
-  gemm_blocks(a, lda, false, packed, M, N, K, c, ldc, 0,
+  gemm_blocks(a, lda, u8, packed, M, N, K, c, ldc, 0,
               ((M + kBlock - 1) / kBlock) * ((N + kBlock - 1) / kBlock));
   release_tiles();
 #endif

@@ -14,10 +14,10 @@ int64_t packed_bytes(int64_t K, int64_t N);
 // B (K × N, element (k, n) at b[k·sk + n·sn]) → the tile layout matmul() reads
 void pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int8_t* out);
 
-// C (M × N, row stride ldc) = A (M × K int8, row stride lda) · packed B, exact int32, on the
-// calling thread; only where available()
-void matmul(const int8_t* a, int64_t lda, const int8_t* packed, int64_t M, int64_t N, int64_t K,
-            int32_t* c, int64_t ldc);
+// C (M × N, row stride ldc) = A (M × K int8, or uint8 where u8, row stride lda) · packed B, exact
+// int32, on the calling thread; only where available()
+void matmul(const int8_t* a, int64_t lda, bool u8, const int8_t* packed, int64_t M, int64_t N,
+            int64_t K, int32_t* c, int64_t ldc);
 
 // the same without copies, for callers that leave room: the tiles read ⌈M/32⌉·32 rows of A at
 // stride lda, ⌈K/64⌉·64 bytes each (the bytes past column K, whatever they hold, meet the packed

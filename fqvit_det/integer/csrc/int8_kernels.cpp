@@ -78,6 +78,74 @@ void check_rescale_params(const at::Tensor& bias_int, const at::Tensor& acc_scal
               ": one bias / scale per output channel (", n, ")");
 }
 
+// The int32 rows of an integer Linear's product for its epilogue (rescale, GELU, requantization):
+// stored (the GEMM's output tensor), or computed on AMX tiles here, a block of rows at a time into
+// a buffer of the thread that then runs the epilogue on them (amx_gemm.h): the product never
+// leaves that core's cache, where a stored one is written to memory and read back (at batch 32,
+// tens of MB per layer).
+struct AccRows {
+  int64_t M = 0, N = 0;
+  const int32_t* stored = nullptr;   // (M, N), row-major
+  at::Tensor a;                      // tiles: A (M, K) int8 / uint8, rows contiguous
+  const int8_t* packed = nullptr;    // B (K, N) packed by amx_pack
+  int64_t K = 0;
+  bool u8 = false;
+
+  static AccRows of(const at::Tensor& acc, const char* who) {
+    check_cpu(acc, at::kInt, 2, who, "acc");
+    AccRows r;
+    r.M = acc.size(0);
+    r.N = acc.size(1);
+    r.stored = acc.data_ptr<int32_t>();
+    return r;
+  }
+
+  static AccRows tiles(const at::Tensor& a, const at::Tensor& packed, int64_t n, const char* who) {
+    TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 &&
+                    (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
+                who, ": a must be a 2-D int8 or uint8 CPU tensor");
+    TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 1 &&
+                    packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                    packed.numel() == fqvit_amx::packed_bytes(a.size(1), n),
+                who, ": packed must be amx_pack's output for a (K, N) with K = a.size(1), N = n");
+    TORCH_CHECK(fqvit_amx::available(), who, ": AMX is not available on this CPU / OS");
+    AccRows r;
+    r.a = a.stride(1) == 1 && a.stride(0) >= a.size(1) ? a : a.contiguous();
+    r.M = a.size(0);
+    r.N = n;
+    r.K = a.size(1);
+    r.packed = packed.data_ptr<int8_t>();
+    r.u8 = a.scalar_type() == at::kByte;
+    return r;
+  }
+
+  // body(begin, end, rows, ld) for blocks of rows in parallel: row m at rows + (m − begin)·ld
+  template <typename Body>
+  void for_rows(Body body) const {
+    if (stored) {
+      const int32_t* sp = stored;
+      const int64_t n = N;
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
+                       [&](int64_t begin, int64_t end) { body(begin, end, sp + begin * n, n); });
+      return;
+    }
+    constexpr int64_t kRows = 64;
+    const int8_t* ap = static_cast<const int8_t*>(a.data_ptr());
+    const int64_t lda = a.stride(0);
+    at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<int32_t> buf(kRows * N);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t r0 = c * kRows, r1 = std::min(M, r0 + kRows);
+        if (K == 0)
+          std::fill(buf.begin(), buf.end(), 0);
+        else
+          fqvit_amx::matmul(ap + r0 * lda, lda, u8, packed, r1 - r0, N, K, buf.data(), N);
+        body(r0, r1, buf.data(), N);
+      }
+    });
+  }
+};
+
 // The hot loops are plain functions of restrict pointers and values (a lambda's by-reference
 // captures would be reloaded every iteration and keep the loops scalar).
 template <typename T>
@@ -635,30 +703,31 @@ at::Tensor quantize(const at::Tensor& x, double scale, int64_t zero, int64_t qmi
 
 // y = float32(acc + b_int[c])·Δ[c] + bias[c] for acc (M, N); mode 0: y; mode 1: the next
 // quantizer's fake quantization (clamp(⌊y/Δ_o⌉ + z_o) − z_o)·Δ_o; mode 2: its codes (int32)
-at::Tensor rescale_into(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
-                        const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
-                        int64_t qmin, int64_t qmax, bool in_place) {
+at::Tensor rescale_rows(const AccRows& src, const at::Tensor& bias_int,
+                        const at::Tensor& acc_scale, const at::Tensor& bias_float, int64_t mode,
+                        double out_scale, int64_t zero, int64_t qmin, int64_t qmax,
+                        const at::Tensor* in_place, const at::TensorOptions& options) {
   const char* who = "rescale";
-  check_cpu(acc, at::kInt, 2, who, "acc");
-  const int64_t M = acc.size(0), N = acc.size(1);
+  const int64_t M = src.M, N = src.N;
   check_rescale_params(bias_int, acc_scale, bias_float, N, who);
   TORCH_CHECK(mode >= 0 && mode <= 2, who, ": mode 0, 1 or 2");
   const auto dtype = mode == 2 ? at::kInt : at::kFloat;
   // in place: the result overwrites the accumulator's storage (same element size), row by row
   // through a copy of the row, so the caller's GEMM output is the only allocation
-  at::Tensor out = in_place ? (mode == 2 ? acc : acc.view(at::kFloat)) : at::empty({M, N}, acc.options().dtype(dtype));
-  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  at::Tensor out = in_place ? (mode == 2 ? *in_place : in_place->view(at::kFloat))
+                            : at::empty({M, N}, options.dtype(dtype));
+  const int32_t* bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   const float so = static_cast<float>(out_scale), zo = static_cast<float>(zero);
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   float* of = mode == 2 ? nullptr : out.data_ptr<float>();
   int32_t* oi = mode == 2 ? out.data_ptr<int32_t>() : nullptr;
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [=](int64_t begin, int64_t end) {
-    std::vector<int32_t> row(in_place ? N : 0);
+  const bool copy = in_place != nullptr;
+  src.for_rows([=](int64_t begin, int64_t end, const int32_t* rows, int64_t ld) {
+    std::vector<int32_t> row(copy ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
-      const int32_t* a = ap + m * N;
-      if (in_place) {
+      const int32_t* a = rows + (m - begin) * ld;
+      if (copy) {
         std::memcpy(row.data(), a, N * sizeof(int32_t));
         a = row.data();
       }
@@ -676,14 +745,26 @@ at::Tensor rescale_into(const at::Tensor& acc, const at::Tensor& bias_int, const
 at::Tensor rescale(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
                    const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
                    int64_t qmin, int64_t qmax) {
-  return rescale_into(acc, bias_int, acc_scale, bias_float, mode, out_scale, zero, qmin, qmax, false);
+  return rescale_rows(AccRows::of(acc, "rescale"), bias_int, acc_scale, bias_float, mode,
+                      out_scale, zero, qmin, qmax, nullptr, acc.options());
 }
 
 // the same, the result in the accumulator's storage (the caller's fresh GEMM output)
 at::Tensor rescale_(const at::Tensor& acc, const at::Tensor& bias_int, const at::Tensor& acc_scale,
                     const at::Tensor& bias_float, int64_t mode, double out_scale, int64_t zero,
                     int64_t qmin, int64_t qmax) {
-  return rescale_into(acc, bias_int, acc_scale, bias_float, mode, out_scale, zero, qmin, qmax, true);
+  return rescale_rows(AccRows::of(acc, "rescale"), bias_int, acc_scale, bias_float, mode,
+                      out_scale, zero, qmin, qmax, &acc, acc.options());
+}
+
+// the same for the product a · packed B computed on AMX tiles block by block (AccRows)
+at::Tensor tiles_rescale(const at::Tensor& a, const at::Tensor& packed, int64_t n,
+                         const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                         const at::Tensor& bias_float, int64_t mode, double out_scale,
+                         int64_t zero, int64_t qmin, int64_t qmax) {
+  return rescale_rows(AccRows::tiles(a, packed, n, "tiles_rescale"), bias_int, acc_scale,
+                      bias_float, mode, out_scale, zero, qmin, qmax, nullptr,
+                      a.options().dtype(at::kInt));
 }
 
 // ops[g, j] = −((2^(8g+7) >> code_j) & 255): the code's power of two in group g's byte,
@@ -803,50 +884,86 @@ std::vector<int64_t> search_halves(int64_t n) {
 // minus the operand offset off_c, where x is the float32 qkv output, or the int32 accumulator
 // of the qkv GEMM (``acc_scale`` non-empty: x = float32(acc + b_int)·Δ + bias, the integer
 // Linear's own rescale, never stored); int32 input without acc_scale: already codes
-at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Tensor& zero,
-                    const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& offset,
-                    int64_t heads, const at::Tensor& bias_int, const at::Tensor& acc_scale,
-                    const at::Tensor& bias_float) {
-  const char* who = "qkv_int8";
-  const bool ints = qkv.scalar_type() == at::kInt;
+// qkv (B, N, C3): float32 values, or int32 (codes, or with acc_scale the accumulator) stored or
+// computed on tiles (src, rows b·N + n)
+at::Tensor qkv_int8_rows(const char* who, const at::Tensor* qkv, const AccRows* src, int64_t B,
+                         int64_t N, int64_t C3, const at::Tensor& scale, const at::Tensor& zero,
+                         const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& offset,
+                         int64_t heads, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                         const at::Tensor& bias_float, const at::TensorOptions& options) {
+  const bool ints = src != nullptr || qkv->scalar_type() == at::kInt;
   const bool acc = ints && acc_scale.numel() > 0;
-  check_cpu(qkv, ints ? at::kInt : at::kFloat, 3, who, "qkv");
+  TORCH_CHECK(src == nullptr || acc, who, ": products on tiles need the rescale parameters");
   for (const auto* t : {&scale, &zero, &lo, &hi, &offset}) check_cpu(*t, at::kFloat, 1, who, "per-channel parameter");
-  const int64_t B = qkv.size(0), N = qkv.size(1), C3 = qkv.size(2);
   TORCH_CHECK(heads >= 1 && C3 % (3 * heads) == 0, who, ": last dim ", C3, " is not 3·heads·d");
   for (const auto* t : {&scale, &zero, &lo, &hi, &offset})
     TORCH_CHECK(t->numel() == C3, who, ": per-channel parameters of length ", C3, " expected");
   if (acc) check_rescale_params(bias_int, acc_scale, bias_float, C3, who);
   const int64_t d = C3 / (3 * heads);
-  auto out = at::empty({3, B * heads, N, d}, qkv.options().dtype(at::kChar));
+  auto out = at::empty({3, B * heads, N, d}, options.dtype(at::kChar));
   const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>(), *lp = lo.data_ptr<float>(),
               *hp = hi.data_ptr<float>(), *op = offset.data_ptr<float>();
-  const float* xf = ints ? nullptr : qkv.data_ptr<float>();
-  const int32_t* xi = ints ? qkv.data_ptr<int32_t>() : nullptr;
+  const float* xf = ints ? nullptr : qkv->data_ptr<float>();
   const int32_t* bi = acc ? bias_int.data_ptr<int32_t>() : nullptr;
   const float* sc = acc ? acc_scale.data_ptr<float>() : nullptr;
   const float* bf = acc ? bias_float.data_ptr<float>() : nullptr;
   int8_t* o = out.data_ptr<int8_t>();
   const int64_t part = B * heads * N * d;
+  // one row r = b·N + n: its C3 values (x: float32 values or int32 accumulator / codes)
+  auto row_out = [=](int64_t r, const float* x, const int32_t* xi, float* row, float* y) {
+    const int64_t b = r / N, n = r % N;
+    if (acc) {
+      rescale_float(xi, bi, sc, bf, C3, y);
+      quantize_offset(y, sp, zp, lp, hp, op, C3, row);
+    } else if (ints) {
+      codes_offset(xi, op, C3, row);
+    } else {
+      quantize_offset(x, sp, zp, lp, hp, op, C3, row);
+    }
+    for (int64_t c = 0; c < C3; c += d) {
+      const int64_t p = c / (heads * d), h = (c / d) % heads;
+      to_int8_span(row + c, d, o + p * part + ((b * heads + h) * N + n) * d);
+    }
+  };
+  if (src != nullptr) {
+    src->for_rows([&](int64_t begin, int64_t end, const int32_t* rows, int64_t ld) {
+      std::vector<float> row(C3), y(C3);
+      for (int64_t r = begin; r < end; ++r)
+        row_out(r, nullptr, rows + (r - begin) * ld, row.data(), y.data());
+    });
+    return out;
+  }
+  const int32_t* xi = ints ? qkv->data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, B * N, 16, [=](int64_t begin, int64_t end) {
     std::vector<float> row(C3), y(acc ? C3 : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / N, n = r % N;
-      if (acc) {
-        rescale_float(xi + r * C3, bi, sc, bf, C3, y.data());
-        quantize_offset(y.data(), sp, zp, lp, hp, op, C3, row.data());
-      } else if (ints) {
-        codes_offset(xi + r * C3, op, C3, row.data());
-      } else {
-        quantize_offset(xf + r * C3, sp, zp, lp, hp, op, C3, row.data());
-      }
-      for (int64_t c = 0; c < C3; c += d) {
-        const int64_t p = c / (heads * d), h = (c / d) % heads;
-        to_int8_span(row.data() + c, d, o + p * part + ((b * heads + h) * N + n) * d);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      row_out(r, xf ? xf + r * C3 : nullptr, xi ? xi + r * C3 : nullptr, row.data(), y.data());
   });
   return out;
+}
+
+at::Tensor qkv_int8(const at::Tensor& qkv, const at::Tensor& scale, const at::Tensor& zero,
+                    const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& offset,
+                    int64_t heads, const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                    const at::Tensor& bias_float) {
+  const char* who = "qkv_int8";
+  check_cpu(qkv, qkv.scalar_type() == at::kInt ? at::kInt : at::kFloat, 3, who, "qkv");
+  return qkv_int8_rows(who, &qkv, nullptr, qkv.size(0), qkv.size(1), qkv.size(2), scale, zero, lo,
+                       hi, offset, heads, bias_int, acc_scale, bias_float, qkv.options());
+}
+
+// the same for the qkv GEMM's product a · packed B (rows b·N + n of `batch` images) computed on
+// AMX tiles block by block (AccRows), with its rescale
+at::Tensor tiles_qkv_int8(const at::Tensor& a, const at::Tensor& packed, int64_t n, int64_t batch,
+                          const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& lo,
+                          const at::Tensor& hi, const at::Tensor& offset, int64_t heads,
+                          const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                          const at::Tensor& bias_float) {
+  const char* who = "tiles_qkv_int8";
+  const AccRows src = AccRows::tiles(a, packed, n, who);
+  TORCH_CHECK(batch >= 1 && src.M % batch == 0, who, ": ", src.M, " rows are not ", batch, " images");
+  return qkv_int8_rows(who, nullptr, &src, batch, src.M / batch, n, scale, zero, lo, hi, offset,
+                       heads, bias_int, acc_scale, bias_float, a.options());
 }
 
 at::Tensor bmm_int8(const at::Tensor& a, const at::Tensor& b) {
@@ -1570,26 +1687,24 @@ FQVIT_CLONES void rational_gelu_span(float* __restrict x, int64_t n) {
 // fc1's epilogue fused with GELU and fc2's input quantizer: the codes clamp(⌊gelu(y)/Δ⌉ + z)
 // (uint8 / int8) of y = float32(acc + b_int)·Δ_acc + bias, the values of rescale → rational_gelu_
 // → quantize
-at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_int,
-                                 const at::Tensor& acc_scale, const at::Tensor& bias_float,
-                                 double scale, int64_t zero, int64_t qmin, int64_t qmax,
-                                 at::ScalarType dtype) {
-  const char* who = "rescale_gelu_quantize";
-  check_cpu(acc, at::kInt, 2, who, "acc");
+at::Tensor rescale_gelu_quantize_rows(const char* who, const AccRows& src,
+                                      const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                                      const at::Tensor& bias_float, double scale, int64_t zero,
+                                      int64_t qmin, int64_t qmax, at::ScalarType dtype,
+                                      const at::TensorOptions& options) {
   TORCH_CHECK(dtype == at::kByte || dtype == at::kChar, who, ": uint8 or int8 codes");
-  const int64_t M = acc.size(0), N = acc.size(1);
+  const int64_t M = src.M, N = src.N;
   check_rescale_params(bias_int, acc_scale, bias_float, N, who);
-  auto out = at::empty({M, N}, acc.options().dtype(dtype));
-  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  auto out = at::empty({M, N}, options.dtype(dtype));
+  const int32_t* bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   const float s = static_cast<float>(scale), z = static_cast<float>(zero);
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   auto rows = [&](auto* op) {
     using T = std::remove_pointer_t<decltype(op)>;
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                     [=](int64_t begin, int64_t end) {
+    src.for_rows([=](int64_t begin, int64_t end, const int32_t* ap, int64_t ld) {
       for (int64_t m = begin; m < end; ++m)
-        rescale_requant<T, true>(ap + m * N, bi, sc, bf, N, s, z, lo, hi, op + m * N);
+        rescale_requant<T, true>(ap + (m - begin) * ld, bi, sc, bf, N, s, z, lo, hi, op + m * N);
     });
   };
   if (dtype == at::kByte)
@@ -1599,33 +1714,66 @@ at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_i
   return out;
 }
 
+at::Tensor rescale_gelu_quantize(const at::Tensor& acc, const at::Tensor& bias_int,
+                                 const at::Tensor& acc_scale, const at::Tensor& bias_float,
+                                 double scale, int64_t zero, int64_t qmin, int64_t qmax,
+                                 at::ScalarType dtype) {
+  const char* who = "rescale_gelu_quantize";
+  return rescale_gelu_quantize_rows(who, AccRows::of(acc, who), bias_int, acc_scale, bias_float,
+                                    scale, zero, qmin, qmax, dtype, acc.options());
+}
+
+at::Tensor tiles_rescale_gelu_quantize(const at::Tensor& a, const at::Tensor& packed, int64_t n,
+                                       const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                                       const at::Tensor& bias_float, double scale, int64_t zero,
+                                       int64_t qmin, int64_t qmax, at::ScalarType dtype) {
+  const char* who = "tiles_rescale_gelu_quantize";
+  return rescale_gelu_quantize_rows(who, AccRows::tiles(a, packed, n, who), bias_int, acc_scale,
+                                    bias_float, scale, zero, qmin, qmax, dtype, a.options());
+}
+
 // fc1's int32 accumulator → float (acc + b_int)·Δ[c] + bias[c] → rational GELU → PTQ4ViT's
 // twin-uniform operand rows of fc2, [positive rows; negative rows] (2M, N) int8: rescale,
 // rational_gelu_ and twin_operands in one pass over a row (the same float steps)
-at::Tensor rescale_gelu_twin(const at::Tensor& acc, const at::Tensor& bias_int,
-                             const at::Tensor& acc_scale, const at::Tensor& bias_float,
-                             double d_neg, double d_pos, int64_t h) {
-  const char* who = "rescale_gelu_twin";
-  check_cpu(acc, at::kInt, 2, who, "acc");
+at::Tensor rescale_gelu_twin_rows(const char* who, const AccRows& src, const at::Tensor& bias_int,
+                                  const at::Tensor& acc_scale, const at::Tensor& bias_float,
+                                  double d_neg, double d_pos, int64_t h,
+                                  const at::TensorOptions& options) {
   TORCH_CHECK(h >= 1 && h <= 128, who, ": h in [1, 128]");
-  const int64_t M = acc.size(0), N = acc.size(1);
+  const int64_t M = src.M, N = src.N;
   check_rescale_params(bias_int, acc_scale, bias_float, N, who);
-  auto out = at::empty({2 * M, N}, acc.options().dtype(at::kChar));
-  const int32_t *ap = acc.data_ptr<int32_t>(), *bi = bias_int.data_ptr<int32_t>();
+  auto out = at::empty({2 * M, N}, options.dtype(at::kChar));
+  const int32_t* bi = bias_int.data_ptr<int32_t>();
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   const float dn = static_cast<float>(d_neg), dp = static_cast<float>(d_pos);
   const float hf = static_cast<float>(h);
   int8_t* op = out.data_ptr<int8_t>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                   [=](int64_t begin, int64_t end) {
+  src.for_rows([=](int64_t begin, int64_t end, const int32_t* ap, int64_t ld) {
     std::vector<float> row(N);
     for (int64_t m = begin; m < end; ++m) {
-      rescale_float(ap + m * N, bi, sc, bf, N, row.data());
+      rescale_float(ap + (m - begin) * ld, bi, sc, bf, N, row.data());
       rational_gelu_span(row.data(), N);
       twin_split(row.data(), N, dn, dp, hf, op + m * N, op + (M + m) * N);
     }
   });
   return out;
+}
+
+at::Tensor rescale_gelu_twin(const at::Tensor& acc, const at::Tensor& bias_int,
+                             const at::Tensor& acc_scale, const at::Tensor& bias_float,
+                             double d_neg, double d_pos, int64_t h) {
+  const char* who = "rescale_gelu_twin";
+  return rescale_gelu_twin_rows(who, AccRows::of(acc, who), bias_int, acc_scale, bias_float,
+                                d_neg, d_pos, h, acc.options());
+}
+
+at::Tensor tiles_rescale_gelu_twin(const at::Tensor& a, const at::Tensor& packed, int64_t n,
+                                   const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                                   const at::Tensor& bias_float, double d_neg, double d_pos,
+                                   int64_t h) {
+  const char* who = "tiles_rescale_gelu_twin";
+  return rescale_gelu_twin_rows(who, AccRows::tiles(a, packed, n, who), bias_int, acc_scale,
+                                bias_float, d_neg, d_pos, h, a.options());
 }
 
 at::Tensor rational_gelu_(const at::Tensor& x) {
@@ -1658,6 +1806,41 @@ void twin_rescale(const at::Tensor& acc2, int64_t m, const at::Tensor& bias_int,
   });
 }
 
+// the same for the products of the operand rows a2 = [positive; negative] with packed B computed
+// on AMX tiles: row r's two products, rows r and M + r of a2, in two blocks of one thread
+void tiles_twin_rescale(const at::Tensor& a2, const at::Tensor& packed, int64_t n, int64_t m,
+                        const at::Tensor& bias_int, const at::Tensor& acc_scale,
+                        const at::Tensor& bias_float, const at::Tensor& out) {
+  const char* who = "tiles_twin_rescale";
+  const AccRows src = AccRows::tiles(a2, packed, n, who);
+  TORCH_CHECK(!src.u8 && src.M % 2 == 0 && m > -32 && m < 32, who,
+              ": int8 (2M, K) operand rows, |m| < 32");
+  const int64_t M = src.M / 2, N = n, K = src.K;
+  check_rescale_params(bias_int, acc_scale, bias_float, N, who);
+  check_cpu(out, at::kFloat, 2, who, "out");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, who, ": out of shape (", M, ", ", N, ") expected");
+  const int8_t* ap = static_cast<const int8_t*>(src.a.data_ptr());
+  const int64_t lda = src.a.stride(0);
+  const int32_t* bi = bias_int.data_ptr<int32_t>();
+  const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int8_t* bp = src.packed;
+  constexpr int64_t kRows = 64;
+  at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<int32_t> pos(kRows * N, 0), neg(kRows * N, 0);
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t r0 = c * kRows, rows = std::min(M, r0 + kRows) - r0;
+      if (K > 0) {
+        fqvit_amx::matmul(ap + r0 * lda, lda, false, bp, rows, N, K, pos.data(), N);
+        fqvit_amx::matmul(ap + (M + r0) * lda, lda, false, bp, rows, N, K, neg.data(), N);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        twin_rescale_row(pos.data() + r * N, neg.data() + r * N, m, bi, sc, bf, N,
+                         op + (r0 + r) * N);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fqvit_int, m) {
@@ -1682,6 +1865,16 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("rational_gelu_(Tensor(a!) x) -> Tensor(a!)", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rational_gelu_)));
   m.def("rescale_gelu_quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_quantize)));
   m.def("rescale_gelu_twin", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(rescale_gelu_twin)));
+  // the epilogues on a product computed on AMX tiles block by block (a, amx_pack's B, N)
+  m.def("tiles_rescale", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(tiles_rescale)));
+  m.def("tiles_rescale_gelu_quantize",
+        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(tiles_rescale_gelu_quantize)));
+  m.def("tiles_rescale_gelu_twin",
+        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(tiles_rescale_gelu_twin)));
+  m.def("tiles_qkv_int8", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(tiles_qkv_int8)));
+  m.def("tiles_twin_rescale(Tensor a2, Tensor packed, int n, int m, Tensor bias_int, "
+        "Tensor acc_scale, Tensor bias_float, Tensor(a!) out) -> ()",
+        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(tiles_twin_rescale)));
 }
 
 // CPU kernels (not catch-all ones, which would run as decompositions above the Python dispatch
@@ -1691,6 +1884,8 @@ TORCH_LIBRARY_IMPL(fqvit_int, Autograd, m) {
   for (const char* op : {"prob_codes", "bucket_codes", "quotients", "gather_table", "qkv_int8", "bmm_int8",
                          "attention_pow2", "attention_lis", "int_layernorm", "twin_operands",
                          "fake_quant", "twin_rescale", "quantize", "rescale", "rescale_", "rational_gelu_",
-                         "rescale_gelu_quantize", "rescale_gelu_twin"})
+                         "rescale_gelu_quantize", "rescale_gelu_twin", "tiles_rescale",
+                         "tiles_rescale_gelu_quantize", "tiles_rescale_gelu_twin", "tiles_qkv_int8",
+                         "tiles_twin_rescale"})
     m.impl(op, torch::CppFunction::makeFallthrough());
 }
