@@ -150,7 +150,7 @@ class IntegerTimmAttention(nn.Module):
         links = getattr(self, '_code_links_cache', None)
         if links is None:
             links = self._code_links_cache = self._code_links()
-        out = self._fused(x) if not links[0] else None
+        out = self._fused(x, links[0])
         if out is None:
             qkv = self.qkv.forward_codes(x) if links[0] else self.qkv(x)
             out = self.core(qkv, dequantize=not links[1])
@@ -158,14 +158,22 @@ class IntegerTimmAttention(nn.Module):
             out = self.core.dequantize_out(out)
         return self.proj_drop(self.proj(out))
 
-    def _fused(self, x):
-        """A float-output integer qkv GEMM straight into the compiled core: its accumulator is
-        rescaled and coded for q, k, v in one pass (the same values as ``self.qkv(x)`` then the
-        core's quantizers); None where that path does not apply."""
+    def _fused(self, x, codes_link: bool):
+        """An integer qkv GEMM straight into the compiled core: its accumulator is rescaled and
+        coded for q, k, v in one pass (the same values as ``self.qkv(x)`` then the core's
+        quantizers); None where that path does not apply. A float-output qkv, or (on AMX tiles,
+        whose product is never stored) a requant qkv handing its codes to the core
+        (``codes_link``: FQ-ViT's shared qkv quantizer, whose grid and range are the core's, so
+        its requantization is the core's coding of the rescaled product)."""
         lin = self.qkv
-        if not (isinstance(lin, IntegerLinear) and lin.out_mode == 'float'
-                and lin.in_kind == 'uniform' and x.device.type == 'cpu' and x.dim() == 3
-                and not self.core.cfg['shared_qkv']):
+        if not (isinstance(lin, IntegerLinear) and lin.in_kind == 'uniform'
+                and x.device.type == 'cpu' and x.dim() == 3):
+            return None
+        if codes_link:
+            if lin.out_mode != 'requant' or \
+                    tuple(self.core.cfg['q_range']) != (lin.out_qmin, lin.out_qmax):
+                return None
+        elif lin.out_mode != 'float' or self.core.cfg['shared_qkv']:
             return None
         setup = self.core._compiled_setup(x.shape[1], x.device)
         if setup is None:
@@ -176,6 +184,8 @@ class IntegerTimmAttention(nn.Module):
         if tiles is not None:      # the product computed on AMX tiles inside the coding pass
             return self.core._fused_forward(tiles, rescale=rescale, setup=setup,
                                             batch=x.shape[0])
+        if codes_link:
+            return None
         acc = lin.accumulate(x2, bias=False)
         return self.core._fused_forward(acc.view(x.shape[0], x.shape[1], -1), rescale=rescale,
                                         setup=setup)
