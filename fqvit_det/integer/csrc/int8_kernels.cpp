@@ -34,6 +34,12 @@
 //   rescale        an integer Linear's int32 accumulator → float32 (acc + b_int)·Δ_xΔ_w[c] + bias[c],
 //                  optionally fake-quantized (or coded) by the next quantizer; rescale_ writes
 //                  the result into the accumulator's own storage
+//   tiles_rescale, tiles_rescale_gelu_quantize, tiles_rescale_gelu_twin, tiles_qkv_int8,
+//   tiles_twin_rescale
+//                  the same epilogues given the GEMM's codes and amx_pack's weight instead of the
+//                  int32 product, which they compute on AMX tiles a block of rows at a time
+//                  inside the epilogue's thread (AccRows)
+// The attention cores' QKᵀ and P·V run on AMX tiles as well where the caller asks (amx=True).
 #include "amx_gemm.h"
 
 #include <ATen/ATen.h>
