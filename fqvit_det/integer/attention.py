@@ -878,25 +878,13 @@ class IntegerAttention(nn.Module):
         return self._compiled_core(*setup, *operands, B)
 
     @torch.no_grad()
-    def _fused_forward(self, qkv, rescale=None, setup=None, batch: int = 0):
+    def _fused_forward(self, qkv: torch.Tensor, rescale=None, setup=None):
         """The compiled path from the qkv output itself: one pass codes q, k, v as int8 GEMM
         operands in head-major layout (instead of quantize → split → offset copies); None where
         it does not apply. ``rescale`` = (bias_int, acc_scale, bias_float): ``qkv`` is the qkv
         GEMM's int32 accumulator and its float output float32(acc + b_int)·Δ + bias is formed
-        inside the same pass (``IntegerLinear``'s rescale, never stored); or ``qkv`` is the
-        GEMM's (ops, a, packed) on AMX tiles (``IntegerLinear.tile_operands``, ``batch`` images
-        of a's rows), whose product the pass computes block by block. ``setup``: the caller's
-        ``_compiled_setup`` result, if it already has one."""
-        if isinstance(qkv, tuple):
-            ops, a, packed = qkv
-            N = a.shape[0] // batch
-            setup = setup or self._compiled_setup(N, a.device)
-            if setup is None or rescale is None:
-                return None
-            operands = ops.tiles_qkv_int8(a, packed, rescale[0].numel(), batch,
-                                          *self._qkv_operand_params(a.device), self.num_heads,
-                                          *rescale)
-            return self._compiled_core(*setup, *operands.unbind(0), batch)
+        inside the same pass (``IntegerLinear``'s rescale, never stored). ``setup``: the
+        caller's ``_compiled_setup`` result, if it already has one."""
         if qkv.device.type != 'cpu' or qkv.dim() != 3 or \
                 qkv.dtype not in (torch.float32, torch.int32):
             return None
@@ -910,6 +898,17 @@ class IntegerAttention(nn.Module):
         operands = setup[0].qkv_int8(qkv.contiguous(), *self._qkv_operand_params(qkv.device),
                                      self.num_heads, *(rescale or (empty, empty, empty)))
         return self._compiled_core(*setup, *operands.unbind(0), B)
+
+    @torch.no_grad()
+    def _tiles_forward(self, tiles, rescale, setup, batch: int):
+        """``_fused_forward`` for a qkv GEMM on AMX tiles: ``tiles`` = (ops, a, packed) of
+        ``IntegerLinear.tile_operands`` (``batch`` images of a's rows), whose product the coding
+        pass computes block by block with the rescale ``rescale``; ``setup`` as there."""
+        ops, a, packed = tiles
+        operands = ops.tiles_qkv_int8(a, packed, rescale[0].numel(), batch,
+                                      *self._qkv_operand_params(a.device), self.num_heads,
+                                      *rescale)
+        return self._compiled_core(*setup, *operands.unbind(0), batch)
 
     def dequantize_out(self, codes: torch.Tensor) -> torch.Tensor:
         """``proj_input`` codes → values, as ``UniformQuantizer.dequantize``."""

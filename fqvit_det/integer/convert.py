@@ -182,8 +182,7 @@ class IntegerTimmAttention(nn.Module):
         rescale = (lin.bias_int, lin.acc_scale, lin.bias_float)
         tiles = lin.tile_operands(x2)
         if tiles is not None:      # the product computed on AMX tiles inside the coding pass
-            return self.core._fused_forward(tiles, rescale=rescale, setup=setup,
-                                            batch=x.shape[0])
+            return self.core._tiles_forward(tiles, rescale, setup, x.shape[0])
         if codes_link:
             return None
         acc = lin.accumulate(x2, bias=False)

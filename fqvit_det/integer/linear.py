@@ -511,7 +511,8 @@ class IntegerLinear(nn.Module):
         """``_float_output`` (``codes``: the requant codes of ``forward_codes``) with the int32
         product computed block by block inside the epilogue op on AMX tiles (``tile_operands``);
         None where that route does not apply (dyadic outputs, offsets, no AMX)."""
-        if self.out_mode == 'dyadic' or KERNELS['rescale'] is not _rescale_native:
+        if self.out_mode == 'dyadic' or (codes and self.out_mode != 'requant') \
+                or KERNELS['rescale'] is not _rescale_native:
             return None
         route = self.tile_operands(x2)
         if route is None:
@@ -522,8 +523,6 @@ class IntegerLinear(nn.Module):
             return ops.tiles_rescale(a, packed, n, *params, 2 if codes else 1,
                                      float(self.out_scale), self._zo, self.out_qmin,
                                      self.out_qmax)
-        if codes:
-            return None
         if self.gelu_codes is not None:
             return ops.tiles_rescale_gelu_quantize(a, packed, n, *params, *self.gelu_codes)
         if self.gelu_twin is not None:

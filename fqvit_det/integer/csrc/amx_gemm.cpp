@@ -240,16 +240,43 @@ at::Tensor amx_pack(const at::Tensor& b) {
   return out;
 }
 
+#ifdef FQVIT_HAVE_AMX
+// blocks [begin, end) of gemm_blocks on the calling thread, the tiles configured around them
+void run_blocks(const int8_t* a, int64_t lda, bool u8, const int8_t* bp, int64_t M, int64_t N,
+                int64_t K, int32_t* c, int64_t ldc, int64_t begin, int64_t end) {
+  load_tiles();
+  gemm_blocks(a, lda, u8, bp, M, N, K, c, ldc, begin, end);
+  release_tiles();
+}
+#endif
+
+int64_t block_count(int64_t M, int64_t N) {
+  return ((M + kBlock - 1) / kBlock) * ((N + kBlock - 1) / kBlock);
+}
+
+}  // namespace
+
+namespace fqvit_amx {
+
+at::Tensor product_operand(const at::Tensor& a, const at::Tensor& packed, int64_t n,
+                           const char* who) {
+  TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 &&
+                  (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
+              who, ": a must be a 2-D int8 or uint8 CPU tensor");
+  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 1 && packed.scalar_type() == at::kChar &&
+                  packed.is_contiguous() && packed.numel() == ::packed_bytes(a.size(1), n),
+              who, ": packed must be amx_pack's output for a (K, N) with K = a.size(1), N = n");
+  TORCH_CHECK(amx_available(), who, ": AMX is not available on this CPU / OS");
+  return a.stride(1) == 1 && a.stride(0) >= a.size(1) ? a : a.contiguous();
+}
+
+}  // namespace fqvit_amx
+
+namespace {
+
 // a (M, K) int8 / uint8 · the packed (K, N) int8 → (M, N) int32, equal to torch._int_mm
 at::Tensor amx_mm(const at::Tensor& a_in, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(a_in.device().is_cpu() && a_in.dim() == 2 &&
-                  (a_in.scalar_type() == at::kChar || a_in.scalar_type() == at::kByte),
-              "amx_mm: a must be a 2-D int8 or uint8 CPU tensor");
-  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 1 && packed.scalar_type() == at::kChar &&
-                  packed.is_contiguous() && packed.numel() == packed_bytes(a_in.size(1), n),
-              "amx_mm: packed must be amx_pack's output for a (K, N) with K = a.size(1), N = n");
-  TORCH_CHECK(amx_available(), "amx_mm: AMX is not available on this CPU / OS");
-  const auto a = a_in.stride(1) == 1 && a_in.stride(0) >= a_in.size(1) ? a_in : a_in.contiguous();
+  const auto a = fqvit_amx::product_operand(a_in, packed, n, "amx_mm");
   const int64_t M = a.size(0), K = a.size(1);
   auto c = at::empty({M, n}, a.options().dtype(at::kInt));
   if (M == 0 || n == 0) return c;
@@ -260,11 +287,8 @@ at::Tensor amx_mm(const at::Tensor& a_in, const at::Tensor& packed, int64_t n) {
   const int8_t* bp = packed.data_ptr<int8_t>();
   const int64_t lda = a.stride(0);
   int32_t* cp = c.data_ptr<int32_t>();
-  const int64_t tasks = ((M + kBlock - 1) / kBlock) * ((n + kBlock - 1) / kBlock);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    load_tiles();
-    gemm_blocks(ap, lda, u8, bp, M, n, K, cp, n, begin, end);
-    release_tiles();
+  at::parallel_for(0, block_count(M, n), 1, [&](int64_t begin, int64_t end) {
+    run_blocks(ap, lda, u8, bp, M, n, K, cp, n, begin, end);
   });
 #endif
   return c;
@@ -287,10 +311,7 @@ void matmul(const int8_t* a, int64_t lda, bool u8, const int8_t* packed, int64_t
   TORCH_CHECK(amx_available(), "fqvit_amx::matmul: AMX is not available on this CPU / OS");
 #ifdef FQVIT_HAVE_AMX
   if (M == 0 || N == 0) return;
-  load_tiles();
-  gemm_blocks(a, lda, u8, packed, M, N, K, c, ldc, 0,
-              ((M + kBlock - 1) / kBlock) * ((N + kBlock - 1) / kBlock));
-  release_tiles();
+  run_blocks(a, lda, u8, packed, M, N, K, c, ldc, 0, block_count(M, N));
 #endif
 }
 

@@ -1,12 +1,20 @@
 // The AMX int8 GEMM of amx_gemm.cpp for the other kernels of this extension (the attention
-// cores): single-threaded calls on raw pointers, the tile state configured and released per call.
+// cores, the tiles_* epilogues): single-threaded calls on raw pointers, the tile state configured
+// and released per call.
 #pragma once
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 
 namespace fqvit_amx {
 
 // whether the CPU has AMX-INT8 and Linux granted the tile state (always false off x86-64 Linux)
 bool available();
+
+// a (M, K) int8 / uint8 and amx_pack's output for a (K, n) B, checked (errors name ``who``; AMX
+// must be available): a with contiguous rows (a itself, or a copy)
+at::Tensor product_operand(const at::Tensor& a, const at::Tensor& packed, int64_t n,
+                           const char* who);
 
 // bytes of pack()'s output for a K × N matrix B
 int64_t packed_bytes(int64_t K, int64_t N);

@@ -107,16 +107,8 @@ struct AccRows {
   }
 
   static AccRows tiles(const at::Tensor& a, const at::Tensor& packed, int64_t n, const char* who) {
-    TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 &&
-                    (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
-                who, ": a must be a 2-D int8 or uint8 CPU tensor");
-    TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 1 &&
-                    packed.scalar_type() == at::kChar && packed.is_contiguous() &&
-                    packed.numel() == fqvit_amx::packed_bytes(a.size(1), n),
-                who, ": packed must be amx_pack's output for a (K, N) with K = a.size(1), N = n");
-    TORCH_CHECK(fqvit_amx::available(), who, ": AMX is not available on this CPU / OS");
     AccRows r;
-    r.a = a.stride(1) == 1 && a.stride(0) >= a.size(1) ? a : a.contiguous();
+    r.a = fqvit_amx::product_operand(a, packed, n, who);
     r.M = a.size(0);
     r.N = n;
     r.K = a.size(1);
