@@ -265,17 +265,28 @@ def to_integer(model: nn.Module, attention: bool = True, requant: str = 'float')
                 # the norm's own fake quantization would be a second pass over the same values.
                 norm.out_quantizer = None
         _set_child(new, path, _integer_linear(mod, in_q, requant))
-    # what stays simulated (convolutions other than patch embeddings, Swin attention) computes
-    # its GEMMs on the codes too, so the whole model is the integer-exact simulation's arithmetic
-    fuse_inplace_activations(new)
-    compile_integer_layernorms(new)
-    compile_ptf_quantizers(new)
-    from ..nn.exact import set_exact_arithmetic
-    set_exact_arithmetic(new)
+    finish_integer(new)
     new.fqvit_integer_plan = [list(p) for p in plan]
     new.fqvit_integer_attention = attention
     get_logger().info(f'to_integer: {len(plan)} integer GEMM modules, {len(attention)} integer attentions')
     return new.to(device)
+
+
+def finish_integer(model: nn.Module) -> None:
+    """The last steps of ``to_integer`` and ``load_integer`` on a model whose integer modules are
+    in place: GELUs fused into fc1's epilogue, the compiled integer LayerNorms and PTF
+    quantizers, the integer ViT blocks (``blocks.py``: the residual sum joined to its quantizer,
+    each integer LayerNorm handing codes to its Linear), and the integer-exact arithmetic for
+    what stays simulated."""
+    from ..nn.exact import set_exact_arithmetic
+    from .blocks import install_integer_blocks
+    fuse_inplace_activations(model)
+    compile_integer_layernorms(model)
+    compile_ptf_quantizers(model)
+    install_integer_blocks(model)
+    # what stays simulated (convolutions other than patch embeddings, Swin attention) computes
+    # its GEMMs on the codes too, so the whole model is the integer-exact simulation's arithmetic
+    set_exact_arithmetic(model)
 
 
 class InPlaceRationalGELU(RationalGELU):

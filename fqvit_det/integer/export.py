@@ -21,8 +21,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .convert import adopt_norm_targets, fuse_inplace_activations, install_integer_attention
-from .layernorm import compile_integer_layernorms, compile_ptf_quantizers
+from .convert import adopt_norm_targets, finish_integer, install_integer_attention
 from .linear import IntegerLinear, IntegerPatchEmbed
 
 FORMAT = 'fqvit-det-integer/3'
@@ -361,11 +360,7 @@ def load_integer(path: str, device='cpu') -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, IntegerLinear):
             mod.derive_constants()
-    fuse_inplace_activations(model)
-    compile_integer_layernorms(model)
-    compile_ptf_quantizers(model)
-    from ..nn.exact import set_exact_arithmetic
-    set_exact_arithmetic(model)          # as to_integer: what stays simulated computes on codes
+    finish_integer(model)                # as to_integer
     model.fqvit_integer_plan = [[e['path'], e['kind'], e['norm']] for e in plan]
     model.fqvit_integer_attention = attention
     return model.to(device)

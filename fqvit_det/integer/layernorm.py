@@ -192,22 +192,50 @@ class CompiledIntLayerNorm(QuantLayerNorm):
         self._args_cache = (key, args)
         return args
 
-    def forward(self, x):
-        from ..quantizers.ptf import int_layernorm_fake_quant
+    def _compiled(self, x):
+        """(ops, the integer pair, the kernel's arguments), or None where the kernel does not
+        apply."""
         from . import kernels
         pair = self._integer_pair()
         ops = kernels.native() if pair is not None and x.device.type == 'cpu' \
             and x.dtype == torch.float32 and x.dim() >= 1 and x.numel() > 0 else None
         args = self._kernel_args(pair, x) if ops is not None else None
-        if args is None:
+        return None if args is None else (ops, pair, args)
+
+    def _reference_rows(self, x2, bad_rows, pair):
+        from ..quantizers.ptf import int_layernorm_fake_quant
+        return int_layernorm_fake_quant(x2[bad_rows], pair[0], self.weight, self.bias, pair[1],
+                                        eps=self.eps)
+
+    def forward(self, x):
+        route = self._compiled(x)
+        if route is None:
             return super().forward(x)
+        ops, pair, args = route
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out, ok = ops.int_layernorm(x2, *args)
-        if not bool(ok.all()):
+        out, ok, nbad = ops.int_layernorm(x2, *args)
+        if nbad:
             bad = (~ok).nonzero().reshape(-1)
-            out[bad] = int_layernorm_fake_quant(x2[bad], pair[0], self.weight, self.bias,
-                                                pair[1], eps=self.eps)
+            out[bad] = self._reference_rows(x2, bad, pair)
         return out.reshape(x.shape)
+
+    def forward_codes(self, x, grid):
+        """The codes clamp(⌊y/Δ⌉ + z, q_min, q_max) (``grid`` = (Δ, z, q_min, q_max, dtype), a
+        uniform quantizer's) of this norm's output values y, which are never stored as floats
+        where the compiled kernel runs: the input codes of the Linear it feeds."""
+        from .linear import KERNELS
+        scale, z, qmin, qmax, dtype = grid
+        route = self._compiled(x)
+        if route is None:
+            return KERNELS['quantize'](self(x), scale, z, qmin, qmax, dtype)
+        ops, pair, args = route
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        codes, ok, nbad = ops.int_layernorm_codes(x2, *args, float(scale), z, qmin, qmax, dtype)
+        if nbad:
+            bad = (~ok).nonzero().reshape(-1)
+            codes[bad] = KERNELS['quantize'](self._reference_rows(x2, bad, pair), scale, z, qmin,
+                                             qmax, dtype)
+        return codes.reshape(x.shape)
 
 
 def compile_integer_layernorms(model: nn.Module) -> int:
@@ -242,7 +270,8 @@ class CompiledPTFQuantizer(PTFQuantizer):
         self._args_cache = (key, args)
         return args
 
-    def fake_quant(self, x):
+    def _compiled(self, x):
+        """(ops, the kernel's arguments) where the compiled loop applies to x, else None."""
         from ..quantizers.base import needs_autograd
         from . import kernels
         ops = kernels.native() if (x.device.type == 'cpu' and x.dtype == torch.float32
@@ -250,9 +279,26 @@ class CompiledPTFQuantizer(PTFQuantizer):
                                    and self.ch_axis % x.dim() == x.dim() - 1
                                    and not needs_autograd(x, self.base_scale)) else None
         args = self._kernel_args() if ops is not None else None
-        if args is None or args[0].numel() != x.shape[-1]:
+        return None if args is None or args[0].numel() != x.shape[-1] else (ops, args)
+
+    def fake_quant(self, x):
+        route = self._compiled(x)
+        if route is None:
             return super().fake_quant(x)
+        ops, args = route
         return ops.fake_quant(x.reshape(-1, x.shape[-1]).contiguous(), *args).reshape(x.shape)
+
+    def add_fake_quant(self, a, b):
+        """``self(a + b)`` in one pass where the compiled loop applies (the quantized residual
+        sum: the same float32 sum, then the same fake quantization)."""
+        route = self._compiled(a) if self.mode == 'quant' and a.shape == b.shape \
+            and b.dtype == a.dtype and b.device == a.device else None
+        if route is None:
+            return self(a + b)
+        ops, args = route
+        C = a.shape[-1]
+        return ops.add_fake_quant(a.reshape(-1, C).contiguous(), b.reshape(-1, C).contiguous(),
+                                  *args).reshape(a.shape)
 
 
 def compile_ptf_quantizers(model: nn.Module) -> int:

@@ -378,9 +378,16 @@ class IntegerLinear(nn.Module):
         return out
 
     # --- forward ------------------------------------------------------------------------------
+    def input_grid(self):
+        """(Δ_x, z_x, q_min, q_max, code dtype) of a uniform input: what ``input_codes`` uses."""
+        return self.in_scale, self._z, self._qmin, self._qmax, self._code_dtype
+
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Uniform: clamp(⌊x/Δ_x⌉ + z_x) as uint8 / int8, the simulated quantizer's codes."""
-        return KERNELS['quantize'](x, self.in_scale, self._z, self._qmin, self._qmax, self._code_dtype)
+        """Uniform: clamp(⌊x/Δ_x⌉ + z_x) as uint8 / int8, the simulated quantizer's codes (an
+        integer x is already codes)."""
+        if not x.is_floating_point():
+            return x.to(self._code_dtype)
+        return KERNELS['quantize'](x, *self.input_grid())
 
     def _twin_operands(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [positive levels; negative levels] (int8), the two halves of a twin-uniform code

@@ -155,9 +155,9 @@ def test_compiled_integer_layernorm_equals_the_torch_route(backend):
             backend('cpp')
             assert torch.equal(norm(xin), ref0)
             ops = kernels.native()
-            _, ok = ops.int_layernorm(xin.reshape(-1, xin.shape[-1]).contiguous(),
-                                      *norm._kernel_args(norm._integer_pair(), xin))
-            assert bool(ok.all())
+            _, ok, nbad = ops.int_layernorm(xin.reshape(-1, xin.shape[-1]).contiguous(),
+                                            *norm._kernel_args(norm._integer_pair(), xin))
+            assert bool(ok.all()) and nbad == 0
             norm.weight[3] = float('inf')                         # a bound fails: reference
             backend('torch')
             ref_inf = norm(xin)
@@ -205,6 +205,101 @@ def test_compiled_ptf_fake_quant_equals_the_torch_route(backend):
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
     assert torch.equal(torch.signbit(out[~out.isnan()]), torch.signbit(ref[~ref.isnan()]))
+
+
+def test_add_fake_quant_is_the_sum_then_the_quantizer(backend):
+    """The residual sum and its PTF quantizer in one pass: the bits of ``q(a + b)`` (clamping,
+    −0.0, ±inf, NaN included), with the torch route where the kernel does not apply."""
+    import copy
+
+    from fqvit_det.integer.layernorm import compile_ptf_quantizers
+    model, _ = calibrated('fqvit_lis', 'cpu')
+    q = copy.deepcopy(model.blocks[0].attn_residual_quantizer)
+    compile_ptf_quantizers(q)
+    C = q.alpha.numel()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 3, 40, C, generator=g) * 4
+    a[0, 0, :5] = torch.tensor([-1e-30, float('inf'), float('-inf'), 1e6, 0.0])
+    b[0, 0, :5] = torch.tensor([0.0, 1.0, 2.0, 1e6, -0.0])
+    backend('cpp')
+    with torch.no_grad():
+        assert q._compiled(a) is not None
+        ref, out = q(a + b), q.add_fake_quant(a, b)
+        backend('torch')
+        assert q._compiled(a) is None
+        out_torch = q.add_fake_quant(a, b)
+    for o in (out, out_torch):
+        assert o.shape == a.shape and torch.equal(o.isnan(), ref.isnan())
+        assert torch.equal(o.nan_to_num(), ref.nan_to_num())
+        assert torch.equal(torch.signbit(o[~o.isnan()]), torch.signbit(ref[~ref.isnan()]))
+    backend('cpp')
+    ops = kernels.native()
+    with pytest.raises(RuntimeError, match='add_fake_quant: a and b of the same shape'):
+        ops.add_fake_quant(a[0], b[0, :3], *q._kernel_args())
+
+
+def test_integer_layernorm_codes_are_the_next_linears_codes(backend):
+    """``forward_codes``: the codes the integer Linear's own input quantization gives the norm's
+    output values, for rows the kernel computes and rows it hands back to the reference."""
+    import copy
+
+    from fqvit_det.integer.layernorm import compile_integer_layernorms
+    from fqvit_det.integer.linear import KERNELS
+    model, x = calibrated('fqvit_lis', 'cpu')
+    norm = copy.deepcopy(model.blocks[1].norm1)
+    compile_integer_layernorms(norm)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():          # PTF values on the norm's input grid, some of them clamped
+        xin = norm._integer_pair()[0].quantizer(torch.randn(2, 30, norm.weight.numel(),
+                                                            generator=g) * 3)
+    oq = norm.out_quantizer
+    grids = [(oq.scale.reshape(()), int(oq.zero_point), 0, 255, torch.uint8),
+             (oq.scale.reshape(()) * 1.37, int(oq.zero_point) - 128, -128, 127, torch.int8),
+             (oq.scale.reshape(()), 3, 0, 15, torch.int32)]
+    backend('cpp')
+    ops = kernels.native()
+    with torch.no_grad():
+        for inf in (False, True):
+            if inf:
+                norm.weight[3] = 1e30          # the multiplier bound fails: the reference's rows
+            args = norm._kernel_args(norm._integer_pair(), xin)
+            *_, nbad = ops.int_layernorm_codes(xin.reshape(-1, xin.shape[-1]).contiguous(),
+                                               *args, 1.0, 0, 0, 255, torch.uint8)
+            assert (nbad > 0) == inf
+            for grid in grids:
+                backend('cpp')
+                ours = norm.forward_codes(xin, grid)
+                ref = KERNELS['quantize'](norm(xin), *grid)
+                assert ours.dtype == grid[-1] and torch.equal(ours, ref)
+                backend('torch')
+                assert torch.equal(norm.forward_codes(xin, grid), ref)
+
+
+@pytest.mark.parametrize('method', ['fqvit_lis', 'repq_w4a4'])
+def test_integer_blocks_equal_the_unfused_blocks(backend, method):
+    """The integer model's ``IntegerTimmBlock`` (residual sum + quantizer in one pass, integer
+    LayerNorm → Linear codes) computes what ``QuantTimmBlock`` does with the same modules."""
+    from fqvit_det.convert.timm_vit import QuantTimmBlock
+    from fqvit_det.integer import to_integer
+    from fqvit_det.integer.blocks import IntegerTimmBlock
+    model, x = calibrated(method, 'cpu')
+    integer = to_integer(model)
+    blocks = list(integer.blocks)
+    assert all(type(b) is IntegerTimmBlock for b in blocks)
+    links = [b._code_links() for b in blocks]
+    assert all(lin is not None for pair in links for lin in pair) == (method == 'fqvit_lis')
+    with torch.no_grad():
+        for be in ('cpp', 'torch'):
+            backend(be)
+            for xb in (x[:1], x[:3]):
+                fused = integer(xb)
+                for b in blocks:
+                    b.__class__ = QuantTimmBlock
+                try:
+                    assert torch.equal(integer(xb), fused)
+                finally:
+                    for b in blocks:
+                        b.__class__ = IntegerTimmBlock
 
 
 def test_compiled_rational_gelu_is_the_torch_formula(backend):

@@ -22,10 +22,14 @@
 //                  int8 GEMM operands code − offset of q, k, v, laid out (3, B·H, N, d)
 //   int_layernorm  FQ-ViT's integer LayerNorm on PTF codes (the exact-float64 route of
 //                  quantizers/ptf.py's int_layernorm_fake_quant), rows flagged where a bound fails
+//                  (and counted: the count is a value, which replay checks as a guard)
+//   int_layernorm_codes  the same with the next Linear's input quantization as its epilogue:
+//                  the codes clamp(⌊y/Δ⌉ + z) of the output values y, never stored as floats
 //   twin_operands  PTQ4ViT's twin-uniform post-GELU codes split into the positive and negative
 //                  int8 operand rows of one GEMM
 //   fake_quant     a per-channel (last dim) uniform fake quantization with an integral zero point
 //                  (quantizers/uniform.py's fake_quant_chunked: PTF residual-stream quantizers)
+//   add_fake_quant the same of a + b (the residual sum and its quantizer in one pass)
 //   twin_rescale   the int32 products of twin_operands' two row blocks → the float output
 //                  float32((pos << m) + neg + b_int)·Δ[c] + bias[c] (int64 sum, as the torch
 //                  path), written into a given block of rows
@@ -623,6 +627,19 @@ FQVIT_CLONES void fake_quant_row(const float* __restrict x, const float* __restr
     q = q < lo ? lo : (q > hi ? hi : q);
     const float r = q * s[c];
     o[c] = r - 0.0f * x[c];
+  }
+}
+
+// fake_quant_row of the float32 sums a + b (the same two IEEE steps as torch's add, then it)
+FQVIT_CLONES void add_fake_quant_row(const float* __restrict a, const float* __restrict b,
+                                     const float* __restrict s, float lo, float hi, int64_t n,
+                                     float* __restrict o) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float x = a[c] + b[c];
+    float q = std::nearbyint(x / s[c]);
+    q = q < lo ? lo : (q > hi ? hi : q);
+    const float r = q * s[c];
+    o[c] = r - 0.0f * x;
   }
 }
 
@@ -1547,14 +1564,17 @@ bool ln_row(const LnConsts& k, const float* x, double* codes, const double* sign
   return bad == 0;
 }
 
-std::tuple<at::Tensor, at::Tensor> int_layernorm(
-    const at::Tensor& x, const at::Tensor& s_in, const at::Tensor& factor, double lo_in,
-    double hi_in, const at::Tensor& gamma, const at::Tensor& gamma_abs, const at::Tensor& beta,
-    const at::Tensor& beta_out, const at::Tensor& sign, double delta1, double delta_out,
-    double eps, int64_t dyadic_bits, bool fold_mean, double lo_out, double hi_out, double s_out) {
-  const char* who = "int_layernorm";
+// The checked arguments of int_layernorm / int_layernorm_codes as LnConsts (sign: γ's signs,
+// or ones held in ``ones`` when all γ ≥ 0)
+LnConsts layernorm_consts(const char* who, const at::Tensor& x, const at::Tensor& s_in,
+                          const at::Tensor& factor, double lo_in, double hi_in,
+                          const at::Tensor& gamma, const at::Tensor& gamma_abs,
+                          const at::Tensor& beta, const at::Tensor& beta_out,
+                          const at::Tensor& sign, double delta1, double delta_out, double eps,
+                          int64_t dyadic_bits, bool fold_mean, double lo_out, double hi_out,
+                          double s_out, std::vector<double>& ones) {
   check_cpu(x, at::kFloat, 2, who, "x");
-  const int64_t rows = x.size(0), C = x.size(1);
+  const int64_t C = x.size(1);
   check_cpu(s_in, at::kFloat, 1, who, "s_in");
   for (const auto* t : {&factor, &gamma, &gamma_abs, &beta, &beta_out})
     check_cpu(*t, at::kDouble, 1, who, "per-channel parameter");
@@ -1573,25 +1593,91 @@ std::tuple<at::Tensor, at::Tensor> int_layernorm(
     bmax = std::max(bmax, std::fabs(be[c]));
     bomax = std::max(bomax, std::fabs(bo[c]));
   }
-  const LnConsts k{C, s_in.data_ptr<float>(), factor.data_ptr<double>(), lo_in, hi_in, delta1,
-                   delta_out, eps, std::ldexp(1.0, static_cast<int>(dyadic_bits)), gmax, bmax,
-                   bomax, gamma.data_ptr<double>(), ga, be, bo,
-                   sign.numel() ? sign.data_ptr<double>() : nullptr, fold_mean, lo_out, hi_out,
-                   s_out};
-  auto out = at::empty({rows, C}, x.options());
-  auto ok = at::empty({rows}, x.options().dtype(at::kBool));
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  bool* okp = ok.data_ptr<bool>();
-  std::vector<double> ones(C, 1.0);     // sign(γ) when all γ ≥ 0
-  const double* sg = k.sign != nullptr ? k.sign : ones.data();
+  ones.assign(sign.numel() ? 0 : C, 1.0);
+  return LnConsts{C, s_in.data_ptr<float>(), factor.data_ptr<double>(), lo_in, hi_in, delta1,
+                  delta_out, eps, std::ldexp(1.0, static_cast<int>(dyadic_bits)), gmax, bmax,
+                  bomax, gamma.data_ptr<double>(), ga, be, bo,
+                  sign.numel() ? sign.data_ptr<double>() : ones.data(), fold_mean, lo_out,
+                  hi_out, s_out};
+}
+
+// ln_row over every row of x: the values go to dest(r, buf) (the output row itself, or the
+// thread's buffer buf), then done(r, values) runs for each row whose bounds held; ok[r] says
+// which did; returns how many did not
+template <typename Dest, typename Done>
+int64_t layernorm_rows(const LnConsts& k, const float* xp, int64_t rows, bool* okp, Dest dest,
+                       Done done) {
+  const int64_t C = k.C;
+  std::vector<int64_t> bad(static_cast<size_t>(at::get_num_threads()), 0);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<double> codes(C);
-    for (int64_t r = begin; r < end; ++r)
-      okp[r] = ln_row(k, xp + r * C, codes.data(), sg,
-                      op + r * C);
+    std::vector<float> buf(C);
+    int64_t n = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      float* o = dest(r, buf.data());
+      okp[r] = ln_row(k, xp + r * C, codes.data(), k.sign, o);
+      if (okp[r]) done(r, o);
+      n += !okp[r];
+    }
+    bad[static_cast<size_t>(at::get_thread_num())] += n;
   });
-  return {out, ok};
+  int64_t n = 0;
+  for (int64_t v : bad) n += v;
+  return n;
+}
+
+std::tuple<at::Tensor, at::Tensor, int64_t> int_layernorm(
+    const at::Tensor& x, const at::Tensor& s_in, const at::Tensor& factor, double lo_in,
+    double hi_in, const at::Tensor& gamma, const at::Tensor& gamma_abs, const at::Tensor& beta,
+    const at::Tensor& beta_out, const at::Tensor& sign, double delta1, double delta_out,
+    double eps, int64_t dyadic_bits, bool fold_mean, double lo_out, double hi_out, double s_out) {
+  std::vector<double> ones;
+  const LnConsts k = layernorm_consts("int_layernorm", x, s_in, factor, lo_in, hi_in, gamma,
+                                      gamma_abs, beta, beta_out, sign, delta1, delta_out, eps,
+                                      dyadic_bits, fold_mean, lo_out, hi_out, s_out, ones);
+  const int64_t rows = x.size(0), C = k.C;
+  auto out = at::empty({rows, C}, x.options());
+  auto ok = at::empty({rows}, x.options().dtype(at::kBool));
+  float* op = out.data_ptr<float>();
+  const int64_t nbad = layernorm_rows(k, x.data_ptr<float>(), rows, ok.data_ptr<bool>(),
+                                      [&](int64_t r, float*) { return op + r * C; },
+                                      [](int64_t, const float*) {});
+  return {out, ok, nbad};
+}
+
+// int_layernorm → the codes clamp(⌊y/Δ⌉ + z) of its output values y (quantize's formula), a
+// row at a time while the row is in the cache; rows whose bounds fail are left for the caller
+std::tuple<at::Tensor, at::Tensor, int64_t> int_layernorm_codes(
+    const at::Tensor& x, const at::Tensor& s_in, const at::Tensor& factor, double lo_in,
+    double hi_in, const at::Tensor& gamma, const at::Tensor& gamma_abs, const at::Tensor& beta,
+    const at::Tensor& beta_out, const at::Tensor& sign, double delta1, double delta_out,
+    double eps, int64_t dyadic_bits, bool fold_mean, double lo_out, double hi_out, double s_out,
+    double scale, int64_t zero, int64_t qmin, int64_t qmax, at::ScalarType dtype) {
+  const char* who = "int_layernorm_codes";
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kChar || dtype == at::kInt, who,
+              ": uint8, int8 or int32 codes");
+  std::vector<double> ones;
+  const LnConsts k = layernorm_consts(who, x, s_in, factor, lo_in, hi_in, gamma, gamma_abs, beta,
+                                      beta_out, sign, delta1, delta_out, eps, dyadic_bits,
+                                      fold_mean, lo_out, hi_out, s_out, ones);
+  const int64_t rows = x.size(0), C = k.C;
+  auto out = at::empty({rows, C}, x.options().dtype(dtype));
+  auto ok = at::empty({rows}, x.options().dtype(at::kBool));
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  int64_t nbad = 0;
+  const float* xp = x.data_ptr<float>();
+  bool* okp = ok.data_ptr<bool>();
+  auto run = [&](auto* op) {
+    nbad = layernorm_rows(k, xp, rows, okp, [](int64_t, float* buf) { return buf; },
+                          [&](int64_t r, const float* v) {
+                            quantize_span(v, C, s, z, lo, hi, op + r * C);
+                          });
+  };
+  if (dtype == at::kByte) run(out.data_ptr<uint8_t>());
+  else if (dtype == at::kChar) run(out.data_ptr<int8_t>());
+  else run(out.data_ptr<int32_t>());
+  return {out, ok, nbad};
 }
 
 // (M, K) float32 → (2M, K) int8: rows [positive levels; negative levels]
@@ -1688,6 +1774,29 @@ at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, double lo, d
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [=](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) fake_quant_row(xp + m * C, sp, l, h, C, op + m * C);
+  });
+  return out;
+}
+
+// fake_quant(a + b) in one pass (a, b: (M, C) float32)
+at::Tensor add_fake_quant(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          double lo, double hi) {
+  const char* who = "add_fake_quant";
+  check_cpu(a, at::kFloat, 2, who, "a");
+  check_cpu(b, at::kFloat, 2, who, "b");
+  check_cpu(scale, at::kFloat, 1, who, "scale");
+  TORCH_CHECK(a.sizes() == b.sizes(), who, ": a and b of the same shape expected, got ", a.sizes(),
+              " and ", b.sizes());
+  const int64_t M = a.size(0), C = a.size(1);
+  TORCH_CHECK(scale.numel() == C, who, ": one scale per channel (", C, ") expected");
+  auto out = at::empty({M, C}, a.options());
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float l = static_cast<float>(lo), h = static_cast<float>(hi);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [=](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      add_fake_quant_row(ap + m * C, bp + m * C, sp, l, h, C, op + m * C);
   });
   return out;
 }
@@ -1866,6 +1975,9 @@ TORCH_LIBRARY(fqvit_int, m) {
   m.def("int_layernorm", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(int_layernorm)));
   m.def("twin_operands", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(twin_operands)));
   m.def("fake_quant", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(fake_quant)));
+  m.def("add_fake_quant", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(add_fake_quant)));
+  m.def("int_layernorm_codes",
+        torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(int_layernorm_codes)));
   m.def("twin_rescale(Tensor acc2, int m, Tensor bias_int, Tensor acc_scale, Tensor bias_float, "
         "Tensor(a!) out) -> ()", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(twin_rescale)));
   m.def("quantize", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(quantize)));
@@ -1893,8 +2005,8 @@ TORCH_LIBRARY(fqvit_int, m) {
 // Python key like ATen's ops do (fqvit_det.integer.recording records them there).
 TORCH_LIBRARY_IMPL(fqvit_int, Autograd, m) {
   for (const char* op : {"prob_codes", "bucket_codes", "quotients", "gather_table", "qkv_int8", "bmm_int8",
-                         "attention_pow2", "attention_lis", "int_layernorm", "twin_operands",
-                         "fake_quant", "twin_rescale", "quantize", "rescale", "rescale_", "rational_gelu_",
+                         "attention_pow2", "attention_lis", "int_layernorm", "int_layernorm_codes",
+                         "twin_operands", "fake_quant", "add_fake_quant", "twin_rescale", "quantize", "rescale", "rescale_", "rational_gelu_",
                          "rescale_gelu_quantize", "rescale_gelu_twin", "tiles_rescale",
                          "tiles_rescale_gelu_quantize", "tiles_rescale_gelu_twin", "tiles_qkv_int8",
                          "tiles_twin_rescale"})
