@@ -12,7 +12,8 @@ values:
 """
 from typing import Optional, Tuple
 
-from ..convert.timm_vit import QuantTimmBlock
+from torch import nn
+
 from ..nn.modules import _apply
 from .layernorm import CompiledIntLayerNorm, CompiledPTFQuantizer
 from .linear import IntegerLinear
@@ -34,8 +35,9 @@ def _fed_linear(norm, linear) -> Optional[IntegerLinear]:
     return linear
 
 
-class IntegerTimmBlock(QuantTimmBlock):
-    """``QuantTimmBlock`` with the fused passes of the module docstring."""
+class _FusedBlockForward(nn.Module):
+    """The forward of ``IntegerTimmBlock``: ``QuantTimmBlock``'s with the fused passes of the
+    module docstring (a base class of its own, so that this module imports without timm)."""
 
     def _code_links(self) -> Tuple[Optional[IntegerLinear], Optional[IntegerLinear]]:
         """(the Linear norm1 hands codes to, the one norm2 does), None where a norm does not."""
@@ -60,11 +62,46 @@ class IntegerTimmBlock(QuantTimmBlock):
         return residual_sum(self.mlp_residual_quantizer, x, self.drop_path2(self.ls2(self.mlp(h))))
 
 
+_BLOCK_CLASS = None
+
+
+def _integer_block_class():
+    """``IntegerTimmBlock``: a ``QuantTimmBlock`` with ``_FusedBlockForward``'s forward, made on
+    first use (timm is imported then, not when this module is)."""
+    global _BLOCK_CLASS
+    if _BLOCK_CLASS is None:
+        from ..convert.timm_vit import QuantTimmBlock
+
+        class IntegerTimmBlock(_FusedBlockForward, QuantTimmBlock):
+            """``QuantTimmBlock`` of an integer model: see the module docstring."""
+
+        IntegerTimmBlock.__module__ = __name__
+        IntegerTimmBlock.__qualname__ = 'IntegerTimmBlock'
+        _BLOCK_CLASS = IntegerTimmBlock
+    return _BLOCK_CLASS
+
+
+def __getattr__(name):
+    # ``fqvit_det.integer.blocks.IntegerTimmBlock`` (imports, pickling) without importing timm
+    # before it is asked for
+    if name == 'IntegerTimmBlock':
+        return _integer_block_class()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 def install_integer_blocks(model) -> int:
-    """Make every ``QuantTimmBlock`` an ``IntegerTimmBlock`` (same state); returns how many."""
+    """Make every ``QuantTimmBlock`` an ``IntegerTimmBlock`` (same state); returns how many
+    (none without timm, where no such block can exist)."""
+    try:
+        from ..convert.timm_vit import QuantTimmBlock
+    except ModuleNotFoundError as err:
+        if err.name != 'timm':
+            raise
+        return 0
+    cls = _integer_block_class()
     n = 0
     for mod in model.modules():
         if type(mod) is QuantTimmBlock:
-            mod.__class__ = IntegerTimmBlock
+            mod.__class__ = cls
             n += 1
     return n

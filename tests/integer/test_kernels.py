@@ -279,6 +279,8 @@ def test_integer_layernorm_codes_are_the_next_linears_codes(backend):
 def test_integer_blocks_equal_the_unfused_blocks(backend, method):
     """The integer model's ``IntegerTimmBlock`` (residual sum + quantizer in one pass, integer
     LayerNorm → Linear codes) computes what ``QuantTimmBlock`` does with the same modules."""
+    import pickle
+
     from fqvit_det.convert.timm_vit import QuantTimmBlock
     from fqvit_det.integer import to_integer
     from fqvit_det.integer.blocks import IntegerTimmBlock
@@ -300,6 +302,11 @@ def test_integer_blocks_equal_the_unfused_blocks(backend, method):
                 finally:
                     for b in blocks:
                         b.__class__ = IntegerTimmBlock
+    if method == 'fqvit_lis':      # (RepQ's percentile-search observers hold a lambda: no pickle)
+        again = pickle.loads(pickle.dumps(integer))       # the block class pickles by name
+        assert all(type(b) is IntegerTimmBlock for b in again.blocks)
+        with torch.no_grad():
+            assert torch.equal(again(x[:2]), integer(x[:2]))
 
 
 def test_compiled_rational_gelu_is_the_torch_formula(backend):

@@ -63,6 +63,39 @@ def test_a_different_tensor_value_falls_back_to_eager(backend):  # noqa: F811
         assert torch.equal(rep(x * 0.5), x * 0.5 @ m.w * 2) and rep.stats['replays'] == 2
 
 
+class _FlaggedRows(nn.Module):
+    """The integer LayerNorm kernel returns how many rows failed its exactness bounds (an int):
+    the forward branches on it as ``CompiledIntLayerNorm`` does."""
+
+    def __init__(self, C):
+        super().__init__()
+        f64 = dict(dtype=torch.float64)
+        gamma = torch.ones(C, **f64)
+        gamma[3] = 2.0 ** -20          # |a| = Δ_1/σ·|γ_3|: below the 8-bit multiplier's range when σ is large
+        self.args = (torch.ones(C), torch.ones(C, **f64), 0.0, 255.0, gamma, gamma.abs(),
+                     torch.zeros(C, **f64), torch.zeros(C, **f64), torch.empty(0, **f64), 1.0,
+                     1.0, 1e-5, 8, True, -128.0, 127.0, 1.0)
+
+    def forward(self, x):
+        out, ok, nbad = kernels.native().int_layernorm(x, *self.args)
+        return out - 1000.0 * (~ok)[:, None] if nbad else out
+
+
+def test_an_integer_count_returned_by_a_kernel_is_a_guard(backend):  # noqa: F811
+    backend('cpp')
+    m = _FlaggedRows(16)
+    rep = replay(m)
+    narrow = 100.0 + torch.arange(16.0).remainder(2).repeat(5, 1)      # σ ≈ 0.5: every row fits
+    wide = narrow.clone()
+    wide[2] = torch.linspace(0, 255, 16)                               # σ ≈ 78: this row does not
+    with torch.inference_mode():
+        assert kernels.native().int_layernorm(wide, *m.args)[2] == 1
+        _calls(rep, narrow, 2)
+        assert torch.equal(rep(narrow), m(narrow)) and rep.stats['replays'] == 1
+        assert torch.equal(rep(wide), m(wide))                          # another count: eager
+        assert rep.stats['fallbacks'] == 1 and rep.stats['replays'] == 1
+
+
 class _Counter(nn.Module):
     def __init__(self):
         super().__init__()
