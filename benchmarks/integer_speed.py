@@ -2,7 +2,8 @@
 """Integer DeiT-Tiny vs float eager: latency at batch 1 and 32, interleaved rounds, per-op profile.
 
     python benchmarks/integer_speed.py [--presets repq_w4a4,fqvit_884] [--threads 2] [--rounds 7]
-        [--states work_dirs/integer_states] [--compile] [--torch-ops] [--no-amx] [--allocator tuned]
+        [--states work_dirs/integer_states] [--compile] [--torch-ops] [--no-amx] [--unfused-blocks]
+        [--allocator tuned]
 
 Every round runs each variant (float eager, then each integer preset; the order rotates per round)
 as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
@@ -13,7 +14,8 @@ fused by ``torch.compile`` (``fqvit_det.integer.use_compiled_kernels``; compilin
 model fails in inductor on the attention's data-dependent ops), measured beside eager.
 ``--torch-ops`` adds each integer model with the compiled C++ kernels switched off
 (``fqvit_det.integer.kernels.set_backend('torch')``: the same numbers through torch ops).
-``--no-amx`` adds each integer model (and its replayed run) with the int8 GEMMs through
+``--unfused-blocks`` adds each integer model replayed with its ViT blocks unfused (the A/B of
+``fqvit_det/integer/blocks.py``'s fused passes). ``--no-amx`` adds each integer model (and its replayed run) with the int8 GEMMs through
 ``torch._int_mm`` instead of AMX tiles, on CPUs that have AMX (``kernels.set_amx(False)``).
 
 ``--allocator tuned`` re-runs the script with glibc's malloc told to keep freed memory
@@ -54,6 +56,20 @@ def float_model(data):
     model = timm.create_model(MODEL)
     model.load_state_dict(load_weights(osp.join(data, 'deit_tiny', f'{MODEL}.safetensors')))
     return model.eval()
+
+
+def unfused_blocks(model):
+    """A copy of an integer model whose ``IntegerTimmBlock``s are plain ``QuantTimmBlock``s (the
+    same modules and numbers, the passes of ``fqvit_det/integer/blocks.py`` unfused)."""
+    import copy
+
+    from fqvit_det.convert.timm_vit import QuantTimmBlock
+    from fqvit_det.integer.blocks import IntegerTimmBlock
+    model = copy.deepcopy(model)
+    for mod in model.modules():
+        if type(mod) is IntegerTimmBlock:
+            mod.__class__ = QuantTimmBlock
+    return model
 
 
 def time_block(fn, x, warmup, calls):
@@ -98,6 +114,10 @@ def main(argv=None):
     p.add_argument('--no-amx', action='store_true',
                    help='also time the integer models (and replayed runs) with their int8 GEMMs '
                         'through torch._int_mm instead of AMX tiles (where the CPU has AMX)')
+    p.add_argument('--unfused-blocks', action='store_true',
+                   help='also time each integer model replayed with its ViT blocks unfused '
+                        '(QuantTimmBlock: the residual sum, its quantizer, the integer LayerNorm '
+                        'and the next Linear\'s input quantization as separate passes)')
     p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
                    help="'tuned': glibc malloc keeps freed memory (see the docstring)")
     p.add_argument('--no-profile', action='store_true')
@@ -146,6 +166,9 @@ def main(argv=None):
         variants[f'integer {pr}'] = with_kernels(model, eager_kernels)
         if args.replay:
             variants[f'integer {pr} (replayed)'] = with_kernels(replay(model), eager_kernels)
+        if args.unfused_blocks:
+            variants[f'integer {pr} (replayed, unfused blocks)'] = with_kernels(
+                replay(unfused_blocks(model)), eager_kernels)
         if args.no_amx and amx_default:
             variants[f'integer {pr} (no AMX)'] = with_kernels(model, eager_kernels, amx=False)
             if args.replay:
@@ -155,7 +178,8 @@ def main(argv=None):
             variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
         if args.torch_ops:
             variants[f'integer {pr} (torch ops)'] = with_kernels(model, eager_kernels, 'torch')
-    print('compiled CPU kernels:', kernels.info(), flush=True)
+    kernel_info = kernels.info()          # before the no-AMX variants switch AMX off
+    print('compiled CPU kernels:', kernel_info, flush=True)
     x32, _ = next(load_images(args.data, 32, 32))
     rows, profiles = [], []
     for bs in [int(b) for b in args.batches.split(',')]:
@@ -195,7 +219,7 @@ def main(argv=None):
         command='python benchmarks/integer_speed.py ' + ' '.join(sys.argv[1:]),
         machine=machine_info(), threads=args.threads, date=datetime.date.today().isoformat(),
         note=args.note, allocator=args.allocator, tag=args.tag,
-        glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernels.info(),
+        glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernel_info,
         rows=rows, profiles=profiles))
 
 
