@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 from torch import nn
 
 from ..nn.modules import _apply
-from .layernorm import CompiledIntLayerNorm, CompiledPTFQuantizer
+from .layernorm import CompiledIntLayerNorm, CompiledPTFQuantizer, retype_modules
 from .linear import IntegerLinear
 
 
@@ -98,10 +98,4 @@ def install_integer_blocks(model) -> int:
         if err.name != 'timm':
             raise
         return 0
-    cls = _integer_block_class()
-    n = 0
-    for mod in model.modules():
-        if type(mod) is QuantTimmBlock:
-            mod.__class__ = cls
-            n += 1
-    return n
+    return retype_modules(model, QuantTimmBlock, _integer_block_class())

@@ -238,15 +238,22 @@ class CompiledIntLayerNorm(QuantLayerNorm):
         return codes.reshape(x.shape)
 
 
+def retype_modules(model: nn.Module, old: type, new: type, where=None) -> int:
+    """Give every module of exactly class ``old`` (and ``where(module)``, if given) the class
+    ``new``, a subclass with the same state; returns how many."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is old and (where is None or where(mod)):
+            mod.__class__ = new
+            n += 1
+    return n
+
+
 def compile_integer_layernorms(model: nn.Module) -> int:
     """Turn every ``QuantLayerNorm`` that runs FQ-ViT's integer LayerNorm into a
     ``CompiledIntLayerNorm`` (same module state)."""
-    n = 0
-    for mod in model.modules():
-        if type(mod) is QuantLayerNorm and mod._integer_pair() is not None:
-            mod.__class__ = CompiledIntLayerNorm
-            n += 1
-    return n
+    return retype_modules(model, QuantLayerNorm, CompiledIntLayerNorm,
+                          lambda m: m._integer_pair() is not None)
 
 
 class CompiledPTFQuantizer(PTFQuantizer):
@@ -303,9 +310,4 @@ class CompiledPTFQuantizer(PTFQuantizer):
 
 def compile_ptf_quantizers(model: nn.Module) -> int:
     """Turn every ``PTFQuantizer`` into a ``CompiledPTFQuantizer`` (same state)."""
-    n = 0
-    for mod in model.modules():
-        if type(mod) is PTFQuantizer:
-            mod.__class__ = CompiledPTFQuantizer
-            n += 1
-    return n
+    return retype_modules(model, PTFQuantizer, CompiledPTFQuantizer)

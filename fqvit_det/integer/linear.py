@@ -488,7 +488,7 @@ class IntegerLinear(nn.Module):
                 return y.reshape(2, *shape[:-1], self.out_features)
             return y.reshape(*shape[:-1], self.out_features)
         if not x.is_floating_point() and self.in_kind == 'uniform':
-            a = x.reshape(-1, shape[-1]).to(self._code_dtype)
+            a = self.input_codes(x.reshape(-1, shape[-1]))
             acc = int_mm(a, self._b_t)
             if self.has_offset:
                 acc += a.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_offset
@@ -510,7 +510,7 @@ class IntegerLinear(nn.Module):
         if self.in_kind != 'uniform' or self.has_offset or x2.device.type != 'cpu' \
                 or kernels.amx_ops() is None:
             return None
-        a = self.input_codes(x2) if x2.is_floating_point() else x2.to(self._code_dtype)
+        a = self.input_codes(x2)
         tiles = tile_product(a, self._b_t)
         return None if tiles is None else (tiles[0], a, tiles[1])
 
