@@ -55,6 +55,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -87,6 +88,22 @@ void check_rescale_params(const at::Tensor& bias_int, const at::Tensor& acc_scal
   TORCH_CHECK(bias_int.numel() == n && acc_scale.numel() == n && bias_float.numel() == n, who,
               ": one bias / scale per output channel (", n, ")");
 }
+
+// A thread's scratch memory, reused between calls and not initialized: a std::vector resized
+// afresh zeroes it on every call (the GEMM epilogues' buffers: ~200 KB per thread per Linear,
+// about 3 % of a batch-1 forward in memset). Held by thread_local objects, one per use site.
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) {
+      p.reset(new T[n]);
+      cap = n;
+    }
+    return p.get();
+  }
+};
 
 // The int32 rows of an integer Linear's product for its epilogue (rescale, GELU, requantization):
 // stored (the GEMM's output tensor), or computed on AMX tiles here, a block of rows at a time into
@@ -133,13 +150,13 @@ struct AccRows {
     }
     const int8_t* ap = static_cast<const int8_t*>(a.data_ptr());
     const int64_t lda = a.stride(0);
-    for_row_blocks(M, [&](int64_t r0, int64_t r1, std::vector<int32_t>& buf) {
-      buf.resize(kRows * N);
+    for_row_blocks(M, [&](int64_t r0, int64_t r1, Scratch<int32_t>& buf) {
+      int32_t* acc = buf.get(kRows * N);
       if (K == 0)
-        std::fill(buf.begin(), buf.end(), 0);
+        std::fill(acc, acc + kRows * N, 0);
       else
-        fqvit_amx::matmul(ap + r0 * lda, lda, u8, packed, r1 - r0, N, K, buf.data(), N);
-      body(r0, r1, buf.data(), N);
+        fqvit_amx::matmul(ap + r0 * lda, lda, u8, packed, r1 - r0, N, K, acc, N);
+      body(r0, r1, acc, N);
     });
   }
 
@@ -153,7 +170,7 @@ struct AccRows {
     const int64_t per = std::max<int64_t>(32, M / T / 32 * 32);
     const int64_t tasks = std::min(T, (M + per - 1) / per);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-      std::vector<int32_t> buf;
+      thread_local Scratch<int32_t> buf;
       for (int64_t t = tb; t < te; ++t) {
         const int64_t end = t == tasks - 1 ? M : (t + 1) * per;
         for (int64_t r0 = t * per; r0 < end; r0 += kRows) block(r0, std::min(end, r0 + kRows), buf);
@@ -1289,7 +1306,8 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
     std::vector<const int32_t*> rows(P);
     std::vector<int64_t> pid(P);
     std::vector<double> cm(C);
-    std::vector<int32_t> idx(span * N);
+    thread_local Scratch<int32_t> idx_buf;
+    int32_t* const idx = idx_buf.get(span * N);
     auto logits = at::empty({span, N}, qa.options().dtype(at::kFloat));
     const auto operands = tg.operands(P, span, N, qa.options());
     for (int64_t t = begin; t < end; ++t) {
@@ -1305,14 +1323,14 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
       auto l = at::_softmax(lgt, -1, false);
       if (mode == 3) {
         twin_rows(l.data_ptr<float>(), R * N, sf, rf, qf, static_cast<float>((1 << (bits - 1)) - 1),
-                  idx.data());
+                  idx);
       } else if (bk.on) {
         bucket_rows(l.data_ptr<float>(), R * N, delta, bk.shift, bk.base, bk.inc, bk.thr,
-                    static_cast<int32_t>(top), idx.data(), vector, thr16);
+                    static_cast<int32_t>(top), idx, vector, thr16);
       } else {
         l.div_(probs_delta);
         at::log2_out(l, l);
-        log_rows(l.data_ptr<float>(), R * N, mode, rf, qf, top, idx.data());
+        log_rows(l.data_ptr<float>(), R * N, mode, rf, qf, top, idx);
       }
       int32_t lo = static_cast<int32_t>(L), hi = -1;
       for (int64_t e = 0; e < R * N; ++e) {
@@ -1328,7 +1346,7 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        gather_plane(tp + p * L, L, idx.data(), R * N,
+        gather_plane(tp + p * L, L, idx, R * N,
                      operands.data_ptr<int8_t>() + np * R * N, vector);   // stacked by rows
         pid[np++] = p;
       }
@@ -1946,12 +1964,12 @@ void tiles_twin_rescale(const at::Tensor& a2, const at::Tensor& packed, int64_t 
   const float *sc = acc_scale.data_ptr<float>(), *bf = bias_float.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int8_t* bp = src.packed;
-  AccRows::for_row_blocks(M, [&](int64_t r0, int64_t r1, std::vector<int32_t>& buf) {
+  AccRows::for_row_blocks(M, [&](int64_t r0, int64_t r1, Scratch<int32_t>& buf) {
     const int64_t rows = r1 - r0;
-    buf.resize(2 * AccRows::kRows * N);                   // [positive block; negative block]
-    int32_t *pos = buf.data(), *neg = buf.data() + AccRows::kRows * N;
+    int32_t* pos = buf.get(2 * AccRows::kRows * N);      // [positive block; negative block]
+    int32_t* neg = pos + AccRows::kRows * N;
     if (K == 0) {
-      std::fill(buf.begin(), buf.end(), 0);
+      std::fill(pos, pos + 2 * AccRows::kRows * N, 0);
     } else {
       fqvit_amx::matmul(ap + r0 * lda, lda, false, bp, rows, N, K, pos, N);
       fqvit_amx::matmul(ap + (M + r0) * lda, lda, false, bp, rows, N, K, neg, N);
