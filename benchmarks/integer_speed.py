@@ -3,7 +3,7 @@
 
     python benchmarks/integer_speed.py [--presets repq_w4a4,fqvit_884] [--threads 2] [--rounds 7]
         [--states work_dirs/integer_states] [--compile] [--torch-ops] [--no-amx] [--unfused-blocks]
-        [--allocator tuned]
+        [--peers] [--allocator tuned]
 
 Every round runs each variant (float eager, then each integer preset; the order rotates per round)
 as a block: warm-up calls, then timed calls (batch 1: 10, batch 32: 2); a variant's time in a
@@ -17,6 +17,10 @@ model fails in inductor on the attention's data-dependent ops), measured beside 
 ``--unfused-blocks`` adds each integer model replayed with its ViT blocks unfused (the A/B of
 ``fqvit_det/integer/blocks.py``'s fused passes). ``--no-amx`` adds each integer model (and its replayed run) with the int8 GEMMs through
 ``torch._int_mm`` instead of AMX tiles, on CPUs that have AMX (``kernels.set_amx(False)``).
+
+``--peers`` adds onnxruntime's own int8 models of the float DeiT-Tiny (``ort_peers.py``: fp32,
+static QDQ int8, dynamic int8) to the same rounds, so their ratios to float eager come from the
+same machine and minutes as ours.
 
 ``--allocator tuned`` re-runs the script with glibc's malloc told to keep freed memory
 (``GLIBC_TUNABLES`` trim / mmap thresholds): with the default settings every large tensor of a
@@ -118,6 +122,10 @@ def main(argv=None):
                    help='also time each integer model replayed with its ViT blocks unfused '
                         '(QuantTimmBlock: the residual sum, its quantizer, the integer LayerNorm '
                         'and the next Linear\'s input quantization as separate passes)')
+    p.add_argument('--peers', action='store_true',
+                   help='also time the onnxruntime peers of ort_peers.py (fp32, static and dynamic '
+                        'int8; built in --peer-dir where missing) in the same rounds')
+    p.add_argument('--peer-dir', default=osp.join(ROOT, 'work_dirs', 'ort_peers'))
     p.add_argument('--allocator', choices=('default', 'tuned'), default='default',
                    help="'tuned': glibc malloc keeps freed memory (see the docstring)")
     p.add_argument('--no-profile', action='store_true')
@@ -178,6 +186,16 @@ def main(argv=None):
             variants[f'integer {pr} (compiled kernels)'] = with_kernels(model, compiled_kernels)
         if args.torch_ops:
             variants[f'integer {pr} (torch ops)'] = with_kernels(model, eager_kernels, 'torch')
+    peer_files = {}
+    if args.peers:
+        from ort_peers import PEERS, OrtModel, build_peers
+        paths, _ = build_peers(args.data, args.peer_dir)
+        for name in PEERS:
+            # onnxruntime's idle pool threads spin by default; on 2 vCPUs that took the second
+            # core from the torch models timed after them (replayed RepQ W4A4 at batch 1:
+            # 0.38 -> 0.53x float), while onnxruntime's own times were the same either way
+            variants[name] = OrtModel(paths[name], args.threads, spin=False)
+            peer_files[name] = osp.basename(paths[name])
     kernel_info = kernels.info()          # before the no-AMX variants switch AMX off
     print('compiled CPU kernels:', kernel_info, flush=True)
     x32, _ = next(load_images(args.data, 32, 32))
@@ -210,7 +228,7 @@ def main(argv=None):
             print(f'batch {bs}: {n}: median {rows[-1]["median_ms"]:.1f} ms, ratio {rows[-1]["ratio"]:.3f}')
         if not args.no_profile:
             for n in names:
-                if n.endswith(')') and '(replayed' not in n:
+                if (n.endswith(')') and '(replayed' not in n) or n in peer_files:
                     continue
                 profiles.append(dict(variant=n, batch=bs, ops=profile(variants[n], x, 5 if bs == 1 else 1)))
     name = 'integer_speed' + ('' if args.allocator == 'default' else '_tuned') \
@@ -219,7 +237,7 @@ def main(argv=None):
         command='python benchmarks/integer_speed.py ' + ' '.join(sys.argv[1:]),
         machine=machine_info(), threads=args.threads, date=datetime.date.today().isoformat(),
         note=args.note, allocator=args.allocator, tag=args.tag,
-        glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernel_info,
+        glibc_tunables=os.environ.get('GLIBC_TUNABLES'), kernels=kernel_info, peer_files=peer_files,
         rows=rows, profiles=profiles))
 
 

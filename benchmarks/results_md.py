@@ -154,8 +154,24 @@ def integer_section(doc):
                 f'| {r.get("replayed_batches", "–")} ({r.get("replay_fallbacks", "–")}) '
                 + (f'| {r["seconds_replayed"]:.1f} |' if 'seconds_replayed' in r else '| – |')
                 for r in ident['rows']]
+    peers = load_result('ort_peers.json')
+    if peers:
+        out += ['', ort_peers_section(peers)]
     for path in sorted(glob.glob(osp.join(HERE, 'results', 'integer_speed*.json'))):
         out += ['', integer_speed_section(load_result(osp.basename(path)))]
+    return '\n'.join(out)
+
+
+def ort_peers_section(doc):
+    r = doc['recipe']
+    out = ['### onnxruntime int8 peers built on this machine', '',
+           f'Command: `{doc["command"]}`  ', f'Machine: {doc["machine"]}; date {doc["date"]}; '
+           f'onnxruntime {doc["onnxruntime"]}. timm\'s float DeiT-Tiny exported to ONNX, then '
+           f'{r["static"]} ({r["calib_images"]} images, {r["calib_order"]}); {r["dynamic"]}. '
+           'Their latency is in the integer speed sections run with `--peers`.', '',
+           '| peer | top-1 (val1300) | images | file MB |', '|---|---|---|---|']
+    out += [f'| {x["peer"]} | {x["top1"]:.2f} | {x["images"]} | {x["file_bytes"] / 1e6:.2f} |'
+            for x in doc['rows']]
     return '\n'.join(out)
 
 
