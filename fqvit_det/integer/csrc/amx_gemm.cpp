@@ -185,8 +185,8 @@ void gemm_blocks(const int8_t* A, int64_t lda, bool u8, const int8_t* Bp, int64_
                  int64_t K, int32_t* C, int64_t ldc, int64_t begin, int64_t end) {
   const int64_t Kb = (K + kTileK - 1) / kTileK, nblk = (N + kBlock - 1) / kBlock;
   const int64_t Kp = Kb * kTileK;
-  std::vector<int8_t> abuf;
-  std::vector<int32_t> cbuf;
+  fqvit_amx::AlignedVector<int8_t> abuf;
+  fqvit_amx::AlignedVector<int32_t> cbuf;
   int64_t copied = -1;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t mb = t / nblk, nb = t % nblk;

@@ -55,7 +55,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -89,19 +88,19 @@ void check_rescale_params(const at::Tensor& bias_int, const at::Tensor& acc_scal
               ": one bias / scale per output channel (", n, ")");
 }
 
-// A thread's scratch memory, reused between calls and not initialized: a std::vector resized
-// afresh zeroes it on every call (the GEMM epilogues' buffers: ~200 KB per thread per Linear,
-// about 3 % of a batch-1 forward in memset). Held by thread_local objects, one per use site.
+using fqvit_amx::AlignedVector;
+using fqvit_amx::CacheLineAllocator;
+
+// A thread's scratch memory, cache-line aligned and reused between calls (zeroed only when it
+// grows): a std::vector made afresh zeroes it on every call (the GEMM epilogues' buffers: ~200 KB
+// per thread per Linear, about 3 % of a batch-1 forward in memset). Held by thread_local
+// objects, one per use site.
 template <typename T>
 struct Scratch {
-  std::unique_ptr<T[]> p;
-  size_t cap = 0;
+  AlignedVector<T> p;
   T* get(size_t n) {
-    if (n > cap) {
-      p.reset(new T[n]);
-      cap = n;
-    }
-    return p.get();
+    if (n > p.size()) p = AlignedVector<T>(n, T(), CacheLineAllocator<T>());   // zeroed once
+    return p.data();
   }
 };
 
@@ -536,11 +535,13 @@ const float* check_thresholds16(const char* who, const at::Tensor& t, const Buck
   return p;
 }
 
-// o[e] = table[idx[e]]: one int8 operand plane of the probability codes
+// o[r·ldo + e] = table[idx[r·n + e]] for rows r < rows, e < n: one int8 operand plane of the
+// probability codes (its rows at stride ldo)
 FQVIT_CLONES void gather_plane_scalar(const int8_t* __restrict table,
-                                      const int32_t* __restrict idx, int64_t n,
-                                      int8_t* __restrict o) {
-  for (int64_t e = 0; e < n; ++e) o[e] = table[idx[e]];
+                                      const int32_t* __restrict idx, int64_t rows, int64_t n,
+                                      int8_t* __restrict o, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < n; ++e) o[r * ldo + e] = table[idx[r * n + e]];
 }
 
 #ifdef FQVIT_HAVE_AVX512
@@ -548,64 +549,71 @@ FQVIT_CLONES void gather_plane_scalar(const int8_t* __restrict table,
 // sits in two registers and each lookup is a two-source permute, 16 codes at a time
 __attribute__((target("avx512f"))) void gather_plane32_avx512(const int8_t* table, int64_t L,
                                                               const int32_t* __restrict idx,
-                                                              int64_t n, int8_t* __restrict o) {
+                                                              int64_t rows, int64_t n,
+                                                              int8_t* __restrict o, int64_t ldo) {
   alignas(64) int32_t t[32] = {0};
   for (int64_t c = 0; c < L; ++c) t[c] = table[c];
   const __m512i t_lo = _mm512_load_si512(t), t_hi = _mm512_load_si512(t + 16);
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16) {
-    const __m512i i = _mm512_loadu_si512(idx + e);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + e),
-                     _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(t_lo, i, t_hi)));
+  for (int64_t r = 0; r < rows; ++r, idx += n, o += ldo) {
+    int64_t e = 0;
+    for (; e + 16 <= n; e += 16) {
+      const __m512i i = _mm512_loadu_si512(idx + e);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + e),
+                       _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(t_lo, i, t_hi)));
+    }
+    for (; e < n; ++e) o[e] = table[idx[e]];
   }
-  for (; e < n; ++e) o[e] = table[idx[e]];
 }
 
 // the same for a table of at most 257 entries (codes up to 8 bits, indexed by code + 1): the
 // first 256 entries sit in four registers, each lookup is two two-source byte permutes (low 7
 // index bits) and a blend on bit 7, 64 codes at a time; index 256 is patched from its mask
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void gather_plane256_avx512(
-    const int8_t* table, int64_t L, const int32_t* __restrict idx, int64_t n,
-    int8_t* __restrict o) {
+    const int8_t* table, int64_t L, const int32_t* __restrict idx, int64_t rows, int64_t n,
+    int8_t* __restrict o, int64_t ldo) {
   alignas(64) int8_t t[256] = {0};
   for (int64_t c = 0; c < std::min<int64_t>(L, 256); ++c) t[c] = table[c];
   const __m512i t0 = _mm512_load_si512(t), t1 = _mm512_load_si512(t + 64),
                 t2 = _mm512_load_si512(t + 128), t3 = _mm512_load_si512(t + 192);
   const bool has256 = L > 256;
   const __m512i v256 = _mm512_set1_epi32(256), last = _mm512_set1_epi8(has256 ? table[256] : 0);
-  int64_t e = 0;
-  for (; e + 64 <= n; e += 64) {
-    const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16),
-                  i2 = _mm512_loadu_si512(idx + e + 32), i3 = _mm512_loadu_si512(idx + e + 48);
-    const __m256i b01 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(i0)),
-                                                _mm512_cvtepi32_epi8(i1), 1);
-    const __m256i b23 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(i2)),
-                                                _mm512_cvtepi32_epi8(i3), 1);
-    const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(b01), b23, 1);   // idx mod 256
-    const __m512i lo = _mm512_permutex2var_epi8(t0, b, t1), hi = _mm512_permutex2var_epi8(t2, b, t3);
-    __m512i r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(b), lo, hi);
-    if (has256) {
-      const __mmask64 m = static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i0, v256)) |
-                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i1, v256)) << 16) |
-                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i2, v256)) << 32) |
-                          (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i3, v256)) << 48);
-      r = _mm512_mask_blend_epi8(m, r, last);
+  for (int64_t row = 0; row < rows; ++row, idx += n, o += ldo) {
+    int64_t e = 0;
+    for (; e + 64 <= n; e += 64) {
+      const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16),
+                    i2 = _mm512_loadu_si512(idx + e + 32), i3 = _mm512_loadu_si512(idx + e + 48);
+      const __m256i b01 = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm512_cvtepi32_epi8(i0)), _mm512_cvtepi32_epi8(i1), 1);
+      const __m256i b23 = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm512_cvtepi32_epi8(i2)), _mm512_cvtepi32_epi8(i3), 1);
+      const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(b01), b23, 1);   // idx mod 256
+      const __m512i lo = _mm512_permutex2var_epi8(t0, b, t1),
+                    hi = _mm512_permutex2var_epi8(t2, b, t3);
+      __m512i r = _mm512_mask_blend_epi8(_mm512_movepi8_mask(b), lo, hi);
+      if (has256) {
+        const __mmask64 m = static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i0, v256)) |
+                            (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i1, v256)) << 16) |
+                            (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i2, v256)) << 32) |
+                            (static_cast<__mmask64>(_mm512_cmpeq_epi32_mask(i3, v256)) << 48);
+        r = _mm512_mask_blend_epi8(m, r, last);
+      }
+      _mm512_storeu_si512(o + e, r);
     }
-    _mm512_storeu_si512(o + e, r);
+    for (; e < n; ++e) o[e] = table[idx[e]];
   }
-  for (; e < n; ++e) o[e] = table[idx[e]];
 }
 #endif
 
 // idx[e] in [0, L) (checked by the caller)
-void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t n, int8_t* o,
-                  bool vector) {
+void gather_plane(const int8_t* table, int64_t L, const int32_t* idx, int64_t rows, int64_t n,
+                  int8_t* o, int64_t ldo, bool vector) {
 #ifdef FQVIT_HAVE_AVX512
-  if (vector && L <= 32 && avx512().f) return gather_plane32_avx512(table, L, idx, n, o);
+  if (vector && L <= 32 && avx512().f)
+    return gather_plane32_avx512(table, L, idx, rows, n, o, ldo);
   if (vector && L <= 257 && avx512().vbmi)
-    return gather_plane256_avx512(table, L, idx, n, o);
+    return gather_plane256_avx512(table, L, idx, rows, n, o, ldo);
 #endif
-  gather_plane_scalar(table, idx, n, o);
+  gather_plane_scalar(table, idx, rows, n, o, ldo);
 }
 
 // table rows (code + 1) of PTQ4ViT twin-uniform softmax codes from the probabilities x:
@@ -1098,13 +1106,15 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct TaskGemms {
   bool amx = false;
   int64_t k_of = -1, v_of = -1;      // matrices whose packed kᵀ / values are held
-  std::vector<int8_t> kp, vp, qpad;
-  std::vector<int32_t> qk, pv;       // AMX outputs
+  AlignedVector<int8_t> kp, vp, qpad;
+  AlignedVector<int32_t> qk, pv;     // AMX outputs
   at::Tensor held;                   // torch._int_mm output
-  // P·V operand planes (planes × span rows of N), with the tiles' slack
+  // P·V operand planes: planes × span rows of N codes at row stride ld(N) (on tiles a whole
+  // number of cache lines: rows that straddle lines load slower), with the tiles' slack
+  int64_t ld(int64_t N) const { return amx ? round_up(N, 64) : N; }
   at::Tensor operands(int64_t planes, int64_t span, int64_t N, const at::TensorOptions& o) const {
-    const int64_t slack = amx ? 32 * N + 64 : 0;
-    return at::empty({planes * span * N + slack}, o);
+    const int64_t slack = amx ? 32 * ld(N) + 64 : 0;
+    return at::empty({planes * span * ld(N) + slack}, o);
   }
 };
 
@@ -1215,8 +1225,8 @@ void pv_rows(const PvConsts& k, PvScratch& scratch, const at::Tensor& operands, 
     }
     ldp = round_up(d + 1, 32);
     tg.pv.resize(round_up(np * R, 32) * ldp);
-    fqvit_amx::matmul_padded(operands.data_ptr<int8_t>(), N, tg.vp.data(), np * R, d + 1, N,
-                             tg.pv.data(), ldp);
+    fqvit_amx::matmul_padded(operands.data_ptr<int8_t>(), tg.ld(N), tg.vp.data(), np * R, d + 1,
+                             N, tg.pv.data(), ldp);
     pp = tg.pv.data();
   } else {
     tg.held = at::_int_mm(operands.narrow(0, 0, np * R * N).view({np * R, N}), vaug);
@@ -1342,17 +1352,18 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         continue;
       }
       int64_t np = 0;                      // planes with a non-zero entry in the codes' range
+      const int64_t ldo = tg.ld(N);
+      int8_t* const ob = operands.data_ptr<int8_t>();
       for (int64_t p = 0; p < P; ++p) {
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
         if (!any) continue;
-        gather_plane(tp + p * L, L, idx, R * N,
-                     operands.data_ptr<int8_t>() + np * R * N, vector);   // stacked by rows
+        gather_plane(tp + p * L, L, idx, R, N, ob + np * R * ldo, ldo, vector);   // stacked by rows
         pid[np++] = p;
       }
       if (np == 0) {                       // every probability is the zero code: P·V = 0
         pid[np++] = 0;
-        std::memset(operands.data_ptr<int8_t>(), 0, R * N);
+        std::memset(ob, 0, R * ldo);
       }
       for (int64_t c = 0; c < C; ++c) cm[c] = mu[c * G + g];
       pv_rows(k, scratch, operands, np, pid.data(), R, vaug[g], zvp[g], cm.data(), h, rows,
@@ -1423,6 +1434,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
     std::vector<int64_t> D(K), theta(K), ev(N);
     const auto operands = tg.operands(groups, span, N, qa.options());
     int8_t* ob = operands.data_ptr<int8_t>();
+    const int64_t ldo = tg.ld(N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
       const int64_t R = std::min(span, N - i0);
@@ -1436,7 +1448,7 @@ at::Tensor attention_lis(const at::Tensor& qa, const at::Tensor& ka, const at::T
         lis_row(acc, static_cast<double>(sums.q[i] * -zk + d * zq * zk), col.data(), N, m, ls, lo,
                 hi, tp, levels, halves.data(), static_cast<int64_t>(halves.size()), opd, dp,
                 inv_den.data(), K, groups, y.data(), dd.data(), code.data(), lut.data(), D.data(),
-                theta.data(), ev.data(), ob + i * N, R * N, count16);
+                theta.data(), ev.data(), ob + i * ldo, R * ldo, count16);
       });
       pv_rows(k, scratch, operands, groups, pid.data(), R, vaug[g], zv, &out_step, h, rows,
               [&](int64_t i) { return op + (b * N + i0 + i) * H * d + h * d; }, tg, g, vector);
@@ -1764,7 +1776,7 @@ at::Tensor gather_table(const at::Tensor& table, const at::Tensor& idx, bool vec
   const int32_t* ip = idx.data_ptr<int32_t>();
   for (int64_t e = 0; e < n; ++e) TORCH_CHECK(ip[e] >= 0 && ip[e] < L, who, ": index outside the table");
   auto out = at::empty({n}, table.options());
-  gather_plane(table.data_ptr<int8_t>(), L, ip, n, out.data_ptr<int8_t>(), vector);
+  gather_plane(table.data_ptr<int8_t>(), L, ip, 1, n, out.data_ptr<int8_t>(), n, vector);
   return out;
 }
 
