@@ -303,6 +303,12 @@ class OMSEObserver(MinMaxObserver):
         return best_min, best_max
 
 
+def _samples_per_channel(t: torch.Tensor) -> int:
+    """A pooled batch's samples per channel (its last dimension); a module-level function, not
+    a lambda, so that models holding the observer pickle."""
+    return t.shape[-1]
+
+
 @register_observer()
 class PercentileSearchObserver(Observer):
     """RepQ-ViT: clip to the (1 − p, p) quantiles (as ``torch.quantile``) for
@@ -318,7 +324,7 @@ class PercentileSearchObserver(Observer):
         super().__init__(ch_axis)
         self.percentiles = check_percentiles(self, percentiles)
         self.max_samples = check_int(self, 'max_samples', max_samples, 1)
-        self._pool = BatchPool(self.max_samples, size=lambda t: t.shape[-1])
+        self._pool = BatchPool(self.max_samples, size=_samples_per_channel)
 
     def reset_stats(self):
         super().reset_stats()

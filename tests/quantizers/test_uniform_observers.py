@@ -441,6 +441,22 @@ def test_percentile_search_per_channel_rows_of_a_few_hundred():
         assert bool((hi < w.amax(-1)).all()) and bool((lo > w.amin(-1)).all())
 
 
+def test_percentile_search_observer_pickles_with_its_pooled_samples():
+    """A quantizer mid-calibration (samples pooled, not finalized) pickles and, unpickled,
+    finalizes to the same scale: RepQ models can be saved with ``torch.save`` / pickle."""
+    import pickle
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 40, generator=g) for _ in range(2)]
+    q = UniformQuantizer(4, ch_axis=0, observer=dict(type='PercentileSearchObserver'))
+    q.set_mode('observe')
+    q(xs[0])
+    again = pickle.loads(pickle.dumps(q))
+    for quant in (q, again):
+        quant(xs[1])
+        quant.finalize()
+    assert torch.equal(again.scale, q.scale) and torch.equal(again.zero_point, q.zero_point)
+
+
 @pytest.mark.parametrize('observer', ['MinMaxObserver', 'EMAObserver', 'PercentileObserver',
                                       'OMSEObserver', 'PercentileSearchObserver'])
 def test_per_channel_aggregates_different_spatial_shapes(observer):
