@@ -42,8 +42,10 @@ FILES = {'onnxruntime fp32': 'deit_tiny_fp32.onnx',
 
 
 def _replace_when_done(build, path):
-    """Run ``build(tmp)`` and move its output to ``path`` only once it is complete."""
-    tmp = path + '.tmp.onnx'
+    """Run ``build(tmp)`` and move its output to ``path`` only once it is complete (``tmp``
+    keeps the extension, which onnxruntime's tools read)."""
+    root, ext = osp.splitext(path)
+    tmp = root + '.tmp' + ext
     build(tmp)
     os.replace(tmp, path)
 
@@ -99,10 +101,10 @@ def build_peers(data, work_dir, calib=256):
     stamp = osp.join(work_dir, 'recipe.json')
     if osp.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f) != recipe:        # other settings: build again
-                for p in paths.values():
-                    if osp.isfile(p):
-                        os.remove(p)
+            if json.load(f) != recipe:        # other settings: quantize again
+                for name in ('onnxruntime static int8', 'onnxruntime dynamic int8'):
+                    if osp.isfile(paths[name]):
+                        os.remove(paths[name])
     fp32 = paths['onnxruntime fp32']
     if not osp.isfile(fp32):
         export_float(data, fp32)
@@ -121,9 +123,10 @@ def build_peers(data, work_dir, calib=256):
         _replace_when_done(lambda tmp: quantize_dynamic(
             prepared, tmp, per_channel=True, weight_type=QuantType.QInt8),
             paths['onnxruntime dynamic int8'])
-    with open(stamp + '.tmp', 'w') as f:
-        json.dump(recipe, f, indent=1)
-    os.replace(stamp + '.tmp', stamp)
+    def write_stamp(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(recipe, f, indent=1)
+    _replace_when_done(write_stamp, stamp)
     return paths, recipe
 
 

@@ -1320,6 +1320,8 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
     int32_t* const idx = idx_buf.get(span * N);
     auto logits = at::empty({span, N}, qa.options().dtype(at::kFloat));
     const auto operands = tg.operands(P, span, N, qa.options());
+    int8_t* const ob = operands.data_ptr<int8_t>();
+    const int64_t ldo = tg.ld(N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nb, i0 = (t % nb) * span, b = g / H, h = g % H;
       const int64_t R = std::min(span, N - i0);
@@ -1352,8 +1354,6 @@ at::Tensor attention_pow2(const at::Tensor& qa, const at::Tensor& ka, const at::
         continue;
       }
       int64_t np = 0;                      // planes with a non-zero entry in the codes' range
-      const int64_t ldo = tg.ld(N);
-      int8_t* const ob = operands.data_ptr<int8_t>();
       for (int64_t p = 0; p < P; ++p) {
         bool any = false;
         for (int64_t c = lo; c <= hi; ++c) any = any || tp[p * L + c] != 0;
